@@ -1,0 +1,315 @@
+"""Command lines: ``train_main(argv)`` and ``predict_main(argv)`` (absl flags -> config -> library).
+
+Each command has its own ``FlagValues``, so both can live in one process (tests call them in turn).
+Every hyperparameter flag is generated from ``LTNetConfig``; precedence is
+preset < ``--config`` JSON < explicit flags. Errors print one line and return exit code 1.
+"""
+from __future__ import annotations
+
+from ltnet_tf import compat  # noqa: F401
+
+import csv
+import dataclasses
+import json
+import os
+import sys
+import time
+import typing
+
+from absl import flags, logging
+
+from ltnet_tf.config import PRESETS, ConfigError, LTNetConfig
+
+_RESOLVED_FIELDS = ("atlas_shape", "label_ids")  # set from the data, not by flags
+
+
+# ------------------------------------------------------------------------------- flag plumbing
+def _define_config_flags(flag_values: flags.FlagValues) -> None:
+    hints = typing.get_type_hints(LTNetConfig)
+    defaults = LTNetConfig()
+    for f in dataclasses.fields(LTNetConfig):
+        if f.name in _RESOLVED_FIELDS:
+            continue
+        default = getattr(defaults, f.name)
+        text = f"{f.metadata['help']} (default: {default})"
+        hint = hints[f.name]
+        if hint is bool:
+            flags.DEFINE_bool(f.name, None, text, flag_values=flag_values)
+        elif hint is int:
+            flags.DEFINE_integer(f.name, None, text, flag_values=flag_values)
+        elif hint is float:
+            flags.DEFINE_float(f.name, None, text, flag_values=flag_values)
+        elif hint is str:
+            flags.DEFINE_string(f.name, None, text, flag_values=flag_values)
+        else:
+            flags.DEFINE_list(f.name, None, text + " Comma-separated integers.",
+                              flag_values=flag_values)
+
+
+def _config_from_flags(flag_values: flags.FlagValues) -> LTNetConfig:
+    config = LTNetConfig().replace(**PRESETS[flag_values.preset])
+    if flag_values.config:
+        file_config = LTNetConfig.load(flag_values.config).to_dict()
+        config = config.replace(**{k: v for k, v in file_config.items() if k not in _RESOLVED_FIELDS})
+    changes = {}
+    for f in dataclasses.fields(LTNetConfig):
+        if f.name in _RESOLVED_FIELDS or flag_values[f.name].value is None:
+            continue
+        value = flag_values[f.name].value
+        if isinstance(value, list):
+            try:
+                value = [int(v) for v in value]
+            except ValueError:
+                raise ConfigError(f"--{f.name} must be comma-separated integers, got {value}") from None
+        changes[f.name] = value
+    return config.replace(**changes)
+
+
+def _parse(flag_values: flags.FlagValues, argv, usage: str):
+    """Parse argv; returns None after printing help (then exit 0)."""
+    argv = list(argv if argv is not None else sys.argv)
+    if any(a in ("--help", "--helpfull", "-h", "--helpshort") for a in argv[1:]):
+        print(usage)
+        print(flag_values.get_help())
+        return None
+    try:
+        rest = flag_values(argv)
+    except flags.Error as e:
+        raise ConfigError(str(e)) from None
+    if len(rest) > 1:
+        raise ConfigError(f"unexpected arguments: {' '.join(rest[1:])}")
+    return flag_values
+
+
+def _run_command(body, flag_values, argv, usage) -> int:
+    from ltnet_tf.data import DataError
+    from ltnet_tf.modeldir import ModelDirError
+    from ltnet_tf.training import TrainingError
+
+    try:
+        parsed = _parse(flag_values, argv, usage)
+        if parsed is None:
+            return 0
+        logging.set_verbosity(logging.INFO)
+        return body(parsed)
+    except (ConfigError, DataError, ModelDirError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+# ------------------------------------------------------------------------------- train
+TRAIN_USAGE = ("Train LT-Net on one labelled atlas and a folder of unlabelled scans.\n"
+               "usage: python train.py --atlas ATLAS.nii.gz [--atlas_labels LABELS.nii.gz] "
+               "--unlabeled DIR --model_dir models/RUN [flags]")
+
+
+def _train_flags() -> flags.FlagValues:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("atlas", None, "The labelled scan (NIfTI/MGZ).", flag_values=fv)
+    flags.DEFINE_string("atlas_labels", None, "Its label map; default: ATLAS_labels.nii.gz or "
+                        "atlas_labels.nii.gz beside the atlas.", flag_values=fv)
+    flags.DEFINE_string("unlabeled", None, "Folder (or comma-separated files) of unlabelled scans, "
+                        "affinely pre-aligned to the atlas and on its grid.", flag_values=fv)
+    flags.DEFINE_string("model_dir", None, "Run folder to create (or continue with --resume).",
+                        flag_values=fv)
+    flags.DEFINE_string("val_images", None, "Optional labelled validation scans (folder/files).",
+                        flag_values=fv)
+    flags.DEFINE_string("val_labels", None, "Their label maps, matched by file name.", flag_values=fv)
+    flags.DEFINE_string("config", None, "JSON config to start from (e.g. another run's config.json).",
+                        flag_values=fv)
+    flags.DEFINE_enum("preset", "ltnet", list(PRESETS), "Ablation preset: which loss terms are on.",
+                      flag_values=fv)
+    flags.DEFINE_bool("resume", False, "Continue the run in --model_dir from its last checkpoint.",
+                      flag_values=fv)
+    flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                      "tf.distribute strategy: one device, all local GPUs, or workers from TF_CONFIG.",
+                      flag_values=fv)
+    flags.DEFINE_bool("export", True, "Export the SavedModel and generator.h5 at the end.",
+                      flag_values=fv)
+    _define_config_flags(fv)
+    return fv
+
+
+def default_atlas_labels(atlas_path: str):
+    from ltnet_tf.data import scan_name
+    folder = os.path.dirname(os.path.abspath(atlas_path))
+    for candidate in (f"{scan_name(atlas_path)}_labels.nii.gz", f"{scan_name(atlas_path)}_labels.mgz",
+                      "atlas_labels.nii.gz"):
+        path = os.path.join(folder, candidate)
+        if os.path.isfile(path) and os.path.abspath(path) != os.path.abspath(atlas_path):
+            return path
+    return None
+
+
+def _train(fv: flags.FlagValues) -> int:
+    from ltnet_tf import distribute, training
+
+    for name in ("atlas", "unlabeled", "model_dir"):
+        if not fv[name].value:
+            raise ConfigError(f"--{name} is required (see --helpfull)")
+    if bool(fv.val_images) != bool(fv.val_labels):
+        raise ConfigError("--val_images and --val_labels go together")
+    atlas_labels = fv.atlas_labels or default_atlas_labels(fv.atlas)
+    if atlas_labels is None:
+        raise ConfigError(f"{fv.atlas}: --atlas_labels not given and no "
+                          f"<atlas>_labels.nii.gz / atlas_labels.nii.gz beside it")
+    strategy = distribute.create_strategy(fv.strategy)
+    config = _config_from_flags(fv)
+    model_dir = training.train(config, fv.atlas, atlas_labels, fv.unlabeled, fv.model_dir,
+                               val_images=fv.val_images, val_labels=fv.val_labels,
+                               resume=fv.resume, strategy=strategy, export=fv.export)
+    print(f"model written to {model_dir.path}")
+    return 0
+
+
+def train_main(argv=None) -> int:
+    return _run_command(_train, _train_flags(), argv, TRAIN_USAGE)
+
+
+# ------------------------------------------------------------------------------- predict
+PREDICT_USAGE = ("Segment scans with a trained LT-Net run folder.\n"
+                 "usage: python predict.py --model_dir models/RUN --images DIR_OR_FILES "
+                 "--output_dir OUT [--labels DIR]")
+
+
+def _predict_flags() -> flags.FlagValues:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("model_dir", None, "A run folder written by train.py.", flag_values=fv)
+    flags.DEFINE_string("images", None, "Scans to segment: folder, file, or comma-separated files.",
+                        flag_values=fv)
+    flags.DEFINE_string("output_dir", None, "Where <scan>_seg.nii.gz files are written.",
+                        flag_values=fv)
+    flags.DEFINE_string("labels", None, "Optional reference label maps (matched by file name): "
+                        "writes dice.csv and dice.json.", flag_values=fv)
+    flags.DEFINE_enum("source", "auto", ["auto", "saved_model", "checkpoint"],
+                      "Run the exported SavedModel (auto: if present; what TF Serving runs) or "
+                      "rebuild G_F from a checkpoint.", flag_values=fv)
+    flags.DEFINE_enum("checkpoint", "auto", ["auto", "best", "last"],
+                      "With --source checkpoint: best validation checkpoint or last.", flag_values=fv)
+    flags.DEFINE_bool("save_warped_atlas", False, "Also write <scan>_warped_atlas.nii.gz.",
+                      flag_values=fv)
+    flags.DEFINE_bool("save_flow", False, "Also write <scan>_flow.nii.gz (displacement, voxels).",
+                      flag_values=fv)
+    return fv
+
+
+def _prepare_output_dir(path: str) -> str:
+    from ltnet_tf.data import DataError
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{path}: cannot create output folder ({e.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DataError(f"{path}: output folder is not writable")
+    return path
+
+
+def _write_json(payload, path: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def write_dice_reports(per_scan: dict, label_ids, output_dir: str) -> dict:
+    """dice.csv (one row per scan and structure) and dice.json (also per-structure means)."""
+    from ltnet_tf import evaluation
+    from ltnet_tf.labels import BENCHMARK_LABELS, structure_name
+
+    mean_labels = evaluation.evaluation_labels(label_ids, BENCHMARK_LABELS)
+    labels = [int(i) for i in label_ids if int(i) != 0]
+    rows, report = [], {"mean_over_labels": mean_labels, "scans": {}, "structures": {}}
+    for scan, scores in per_scan.items():
+        scan_mean = evaluation.mean_dice(scores, mean_labels)
+        report["scans"][scan] = {"mean_dice": scan_mean,
+                                 "dice": {str(k): v for k, v in scores.items()}}
+        for label in labels:
+            rows.append([scan, label, structure_name(label), scores.get(label, float("nan"))])
+        rows.append([scan, "mean", f"mean of {len(mean_labels)} structures", scan_mean])
+    for label in labels:
+        values = [s[label] for s in per_scan.values() if label in s and s[label] == s[label]]
+        report["structures"][str(label)] = {"name": structure_name(label),
+                                            "mean_dice": float(sum(values) / len(values))
+                                            if values else None}
+    means = [v["mean_dice"] for v in report["scans"].values()]
+    report["mean_dice"] = float(sum(means) / len(means)) if means else None
+    csv_path = os.path.join(output_dir, "dice.csv")
+    with open(csv_path + ".tmp", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["scan", "label", "structure", "dice"])
+        for row in rows:
+            writer.writerow([*row[:3], f"{row[3]:.6f}"])
+    os.replace(csv_path + ".tmp", csv_path)
+    _write_json(report, os.path.join(output_dir, "dice.json"))
+    return report
+
+
+def predict_files(model_dir, images, output_dir, labels=None, *, source="auto", checkpoint="auto",
+                  save_warped_atlas=False, save_flow=False) -> dict:
+    """Library form of predict.py; returns {'outputs': {scan: path}, 'dice': report or None}."""
+    from ltnet_tf import data, evaluation
+    from ltnet_tf.inference import Predictor
+
+    if labels:
+        pairs = data.pair_images_and_labels(images, labels)
+    else:
+        pairs = [(path, None) for path in data.list_images(images)]
+    _prepare_output_dir(output_dir)
+    predictor = Predictor(model_dir, source=source, checkpoint=checkpoint)
+    label_ids = predictor.config.label_ids
+    outputs, per_scan = {}, {}
+    for number, (image_path, label_path) in enumerate(pairs, start=1):
+        start = time.time()
+        scan = data.load_scan(image_path)
+        reference = data.load_label_map(label_path) if label_path else None
+        if reference is not None:
+            data.check_same_grid(scan, reference, strict=False)
+        result = predictor.segment(scan)
+        name = data.scan_name(image_path)
+        path = os.path.join(output_dir, f"{name}_seg.nii.gz")
+        data.save_nifti(result["segmentation"], scan.affine, path, header=scan.header)
+        if save_warped_atlas:
+            data.save_nifti(result["warped_atlas"][..., 0], scan.affine,
+                            os.path.join(output_dir, f"{name}_warped_atlas.nii.gz"),
+                            dtype="float32")
+        if save_flow:
+            data.save_nifti(result["flow"], scan.affine,
+                            os.path.join(output_dir, f"{name}_flow.nii.gz"), dtype="float32")
+        outputs[name] = path
+        message = f"[{number}/{len(pairs)}] {name}: {time.time() - start:.1f} s"
+        if reference is not None:
+            per_scan[name] = evaluation.dice_per_label(result["segmentation"], reference.data,
+                                                       label_ids)
+            message += f", mean Dice {evaluation.mean_dice(per_scan[name], [l for l in per_scan[name]]):.3f}"
+        print(message, flush=True)
+    report = write_dice_reports(per_scan, label_ids, output_dir) if per_scan else None
+    _write_json({"model_dir": predictor.model_dir.path, "source": predictor.source,
+                 "images": [p for p, _ in pairs], "labels": labels, "outputs": outputs,
+                 "mean_dice": report["mean_dice"] if report else None},
+                os.path.join(output_dir, "prediction.json"))
+    return {"outputs": outputs, "dice": report}
+
+
+def _predict(fv: flags.FlagValues) -> int:
+    for name in ("model_dir", "images", "output_dir"):
+        if not fv[name].value:
+            raise ConfigError(f"--{name} is required (see --helpfull)")
+    result = predict_files(fv.model_dir, fv.images, fv.output_dir, fv.labels, source=fv.source,
+                           checkpoint=fv.checkpoint, save_warped_atlas=fv.save_warped_atlas,
+                           save_flow=fv.save_flow)
+    print(f"{len(result['outputs'])} segmentations written to {os.path.abspath(fv.output_dir)}")
+    if result["dice"] is not None:
+        print(f"mean Dice {result['dice']['mean_dice']:.4f} (dice.csv, dice.json)")
+    return 0
+
+
+def predict_main(argv=None) -> int:
+    return _run_command(_predict, _predict_flags(), argv, PREDICT_USAGE)
+
+
+def train_entry():  # console script
+    sys.exit(train_main(sys.argv))
+
+
+def predict_entry():  # console script
+    sys.exit(predict_main(sys.argv))

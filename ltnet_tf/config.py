@@ -1,0 +1,186 @@
+"""Every hyperparameter of a run, in one dataclass that is saved as ``config.json`` in the run folder.
+
+The command-line flags of ``train.py`` are generated from these fields (``ltnet_tf.cli``), so a
+default lives here and nowhere else. A loss weight of 0 switches its term off; when every term that
+needs a network is off, that network is not built (see ``LTNetConfig.uses_*``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class LTNetConfig:
+    # --- grid (filled in from the atlas when training starts) ---
+    atlas_shape: Optional[list] = _help("Full-resolution atlas grid (D, H, W); set from the atlas.",
+                                        default=None)
+    label_ids: Optional[list] = _help("Atlas label IDs, background first; set from the atlas labels.",
+                                      default=None)
+    downsample: int = _help("Working-resolution factor: the networks run on the grid shrunk by this "
+                            "integer factor; predictions are put back on the full grid.", default=1)
+
+    # --- networks ---
+    enc_features: list = _help("U-Net encoder features (VoxelMorph default).",
+                               default_factory=lambda: [16, 32, 32, 32])
+    dec_features: list = _help("U-Net decoder features (VoxelMorph default).",
+                               default_factory=lambda: [32, 32, 32, 32, 32, 16, 16])
+    int_steps: int = _help("Scaling-and-squaring steps; 0 predicts the displacement directly (as in "
+                           "the paper), >0 makes it diffeomorphic.", default=0)
+    disc_features: list = _help("Discriminator features per stride-2 3D conv.",
+                                default_factory=lambda: [16, 32, 64])
+
+    # --- losses (weight 0 switches a term off) ---
+    ncc_window: int = _help("Local NCC window n (n x n x n voxels).", default=9)
+    weight_sim: float = _help("L_sim: 1 - local NCC between scan and warped atlas.", default=1.0)
+    weight_smooth: float = _help("L_smooth: first-order smoothness of the forward displacement.",
+                                 default=1.0)
+    weight_adv: float = _help("Adversarial term for G_F (0 = no GAN, no discriminator).", default=0.05)
+    weight_cyc_img: float = _help("Image cycle: L1 between atlas and atlas warped forward+backward.",
+                                  default=1.0)
+    weight_cyc_label: float = _help("Label cycle: soft Dice loss of atlas labels warped forward+back.",
+                                    default=1.0)
+    weight_cyc_flow: float = _help("Transformation cycle: composed forward/backward displacement ~ 0.",
+                                   default=0.05)
+    weight_back_sim: float = _help("G_B similarity: 1 - local NCC between atlas and its cycle image.",
+                                   default=1.0)
+    weight_back_smooth: float = _help("G_B smoothness of the backward displacement.", default=1.0)
+    gan_mode: str = _help("Adversarial loss: 'lsgan' (least squares) or 'bce' (non-saturating).",
+                          default="lsgan")
+
+    # --- optimisation ---
+    g_learning_rate: float = _help("Adam learning rate of the generators.", default=1e-4)
+    d_learning_rate: float = _help("Adam learning rate of the discriminator.", default=1e-4)
+    batch_size: int = _help("Scans per step (global batch, across replicas).", default=1)
+    steps: int = _help("Training steps in total.", default=1500)
+    checkpoint_every: int = _help("Save a checkpoint (and validate) every this many steps.",
+                                  default=100)
+    seed: int = _help("Random seed for weights and data order.", default=0)
+
+    # --- speed ---
+    jit_compile: bool = _help("XLA-compile the training step.", default=False)
+    mixed_precision: bool = _help("float16 compute on GPU (variables stay float32).", default=False)
+    label_chunk: int = _help("Labels warped at once during label transfer (memory vs speed).",
+                             default=16)
+
+    # ---------------------------------------------------------------- derived facts
+    @property
+    def uses_discriminator(self) -> bool:
+        return self.weight_adv > 0
+
+    @property
+    def uses_backward_generator(self) -> bool:
+        return any(w > 0 for w in (self.weight_cyc_img, self.weight_cyc_label, self.weight_cyc_flow,
+                                   self.weight_back_sim, self.weight_back_smooth))
+
+    @property
+    def grid_multiple(self) -> int:
+        """The full grid is padded to a multiple of this so that the U-Net's poolings divide it."""
+        return self.downsample * 2 ** len(self.enc_features)
+
+    def padded_shape(self, shape=None) -> tuple:
+        shape = shape if shape is not None else self.atlas_shape
+        m = self.grid_multiple
+        return tuple(int(math.ceil(s / m) * m) for s in shape)
+
+    def working_shape(self, shape=None) -> tuple:
+        return tuple(s // self.downsample for s in self.padded_shape(shape))
+
+    # ---------------------------------------------------------------- validation and I/O
+    def validate(self) -> "LTNetConfig":
+        positive_ints = ("downsample", "batch_size", "steps", "checkpoint_every", "label_chunk",
+                         "ncc_window")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"config field '{name}' must be a positive integer, got {value!r}")
+        if self.ncc_window % 2 == 0:
+            raise ConfigError(f"config field 'ncc_window' must be odd, got {self.ncc_window}")
+        if self.int_steps < 0:
+            raise ConfigError(f"config field 'int_steps' must be >= 0, got {self.int_steps}")
+        for f in dataclasses.fields(self):
+            if f.name.startswith("weight_"):
+                value = getattr(self, f.name)
+                if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                    raise ConfigError(f"config field '{f.name}' must be a finite number >= 0, "
+                                      f"got {value!r}")
+        for name in ("g_learning_rate", "d_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"config field '{name}' must be > 0, got {getattr(self, name)!r}")
+        if self.gan_mode not in ("lsgan", "bce"):
+            raise ConfigError(f"config field 'gan_mode' must be 'lsgan' or 'bce', got {self.gan_mode!r}")
+        if len(self.dec_features) < len(self.enc_features):
+            raise ConfigError("config field 'dec_features' needs at least as many entries as "
+                              "'enc_features'")
+        if self.atlas_shape is not None and len(self.atlas_shape) != 3:
+            raise ConfigError(f"config field 'atlas_shape' must have 3 entries, got {self.atlas_shape}")
+        return self
+
+    def replace(self, **changes) -> "LTNetConfig":
+        """A validated copy; configs are never mutated in place."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes).validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LTNetConfig":
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        return cls(**values).validate()
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "LTNetConfig":
+        try:
+            with open(path) as f:
+                values = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a JSON object of config fields")
+        try:
+            return cls.from_dict(values)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+
+# The ablation of the paper: each is a set of weights over the same code.
+PRESETS = {
+    "voxelmorph": dict(weight_adv=0.0, weight_cyc_img=0.0, weight_cyc_label=0.0, weight_cyc_flow=0.0,
+                       weight_back_sim=0.0, weight_back_smooth=0.0),
+    "voxelmorph_gan": dict(weight_cyc_img=0.0, weight_cyc_label=0.0, weight_cyc_flow=0.0,
+                           weight_back_sim=0.0, weight_back_smooth=0.0),
+    "voxelmorph_cycle": dict(weight_adv=0.0),
+    "ltnet": dict(),
+}
+
+
+def preset(name: str, **changes) -> LTNetConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return LTNetConfig().replace(**PRESETS[name], **changes)

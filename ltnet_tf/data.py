@@ -1,0 +1,402 @@
+"""NIfTI in/out (header affine kept), input checks, intensity normalisation, padding, the working grid,
+one-hot atlas labels and the streaming tf.data pipeline of unlabelled scans.
+
+Every bad input raises ``DataError`` with a one-line message that names the file, so the command-line
+tools can print it as is. The TensorFlow functions use only standard ops on [batch, D, H, W, C]
+tensors because they run inside training, inference and the exported SavedModel.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import nibabel as nib
+import numpy as np
+from absl import logging
+
+from ltnet_tf import compat  # noqa: F401  (before TensorFlow)
+import tensorflow as tf  # noqa: E402
+
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mgz")
+AFFINE_TOLERANCE = 1e-3
+
+
+class DataError(ValueError):
+    """An input file is missing, unreadable or not what the method needs; the message names the file."""
+
+
+@dataclass
+class Volume:
+    data: np.ndarray
+    affine: np.ndarray
+    path: str
+    header: Any = None  # the source header, so outputs can be written with the scan's own header
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape)
+
+
+# --------------------------------------------------------------------------------------- file names
+def _has_image_extension(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def scan_name(path: str) -> str:
+    """The file name without its image extension: ``/x/sub-01.nii.gz`` -> ``sub-01``."""
+    name = os.path.basename(os.fspath(path))
+    for extension in IMAGE_EXTENSIONS:
+        if name.lower().endswith(extension):
+            return name[: -len(extension)]
+    return name
+
+
+def _split_paths(paths) -> list:
+    if isinstance(paths, (str, os.PathLike)):
+        path = os.fspath(paths)
+        # A comma-separated list, unless the string itself names an existing path.
+        if "," in path and not os.path.exists(path):
+            return [p.strip() for p in path.split(",") if p.strip()]
+        return [path]
+    return [os.fspath(p) for p in paths]
+
+
+def list_images(paths) -> list:
+    """Expand a folder, a file, a list of them or a comma-separated string into image files.
+
+    Folders give their sorted ``.nii``/``.nii.gz``/``.mgz`` files; hidden files (such as the temporary
+    files of ``save_nifti``) and other files in a folder are skipped.
+    """
+    images = []
+    for path in _split_paths(paths):
+        if os.path.isdir(path):
+            found = sorted(
+                os.path.join(path, name) for name in os.listdir(path)
+                if not name.startswith(".") and _has_image_extension(name)
+                and os.path.isfile(os.path.join(path, name)))
+            if not found:
+                raise DataError(f"{path}: no NIfTI/MGZ images in folder")
+            images.extend(found)
+        elif not os.path.exists(path):
+            raise DataError(f"{path}: file not found")
+        elif not _has_image_extension(path):
+            raise DataError(f"{path}: not a NIfTI/MGZ image (expected .nii, .nii.gz or .mgz)")
+        else:
+            images.append(path)
+    if not images:
+        raise DataError("no image files given")
+    return images
+
+
+# --------------------------------------------------------------------------------------- loading
+def _load_image(path) -> nib.spatialimages.SpatialImage:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    if os.path.isdir(path) or not _has_image_extension(path):
+        raise DataError(f"{path}: not a NIfTI/MGZ image (expected .nii, .nii.gz or .mgz)")
+    try:
+        return nib.load(path)
+    except Exception as e:  # nibabel raises many types for corrupt files
+        raise DataError(f"{path}: not a NIfTI/MGZ image ({type(e).__name__}: {e})".replace("\n", " ")) \
+            from None
+
+
+def _as_3d(data: np.ndarray, path: str) -> np.ndarray:
+    """Squeeze trailing singleton dimensions (4D/5D NIfTI with one frame) or reject the volume."""
+    shape = data.shape
+    if len(shape) < 3:
+        raise DataError(f"{path}: is {len(shape)}D with shape {shape}; expected a 3D volume")
+    if any(s != 1 for s in shape[3:]):
+        if len(shape) == 4:
+            raise DataError(f"{path}: is 4D with {shape[3]} frames; expected a 3D volume")
+        raise DataError(f"{path}: is {len(shape)}D with shape {shape}; expected a 3D volume")
+    return data.reshape(shape[:3])
+
+
+def _read_data(image, path: str, dtype=np.float32) -> np.ndarray:
+    """The voxel values as ``dtype``, or in the file's own dtype (scaling applied) when None."""
+    try:
+        if dtype is None:
+            return np.asanyarray(image.dataobj)
+        return image.get_fdata(dtype=dtype)
+    except Exception as e:  # truncated or corrupt file
+        raise DataError(f"{path}: not a NIfTI/MGZ image ({type(e).__name__}: {e})".replace("\n", " ")) \
+            from None
+
+
+def _check_finite(data: np.ndarray, path: str) -> None:
+    n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if n_bad:
+        raise DataError(f"{path}: contains {n_bad} NaN/Inf voxels")
+
+
+def load_scan(path) -> Volume:
+    """Read a scan as float32; reject what no registration could use (NaN, empty, constant)."""
+    path = os.fspath(path)
+    image = _load_image(path)
+    data = _as_3d(_read_data(image, path, np.float32), path)
+    if data.size == 0:
+        raise DataError(f"{path}: is empty/constant (it has no voxels, shape {data.shape})")
+    _check_finite(data, path)
+    low, high = float(data.min()), float(data.max())
+    if low == high:
+        raise DataError(f"{path}: is empty/constant (every voxel is {low:g})")
+    return Volume(data=data, affine=np.asarray(image.affine, dtype=np.float64), path=path,
+                  header=image.header)
+
+
+def load_label_map(path) -> Volume:
+    """Read a label map as int32 label IDs; non-integer values mean the file is not a label map."""
+    path = os.fspath(path)
+    image = _load_image(path)
+    raw = _as_3d(_read_data(image, path, dtype=None), path)  # native dtype, scaling applied
+    if raw.size == 0:
+        raise DataError(f"{path}: is empty (it has no voxels, shape {raw.shape})")
+    if raw.dtype.kind not in "iub":
+        raw = raw.astype(np.float64, copy=False)
+        _check_finite(raw, path)
+        n_fractional = int(np.count_nonzero(raw != np.round(raw)))
+        if n_fractional:
+            raise DataError(f"{path}: label values are not integers ({n_fractional} voxels have "
+                            "fractional values; is this an image rather than a label map?)")
+    info = np.iinfo(np.int32)
+    if raw.size and (raw.min() < info.min or raw.max() > info.max):
+        raise DataError(f"{path}: label values do not fit in int32")
+    labels = raw.astype(np.int32)
+    if not np.any(labels):
+        raise DataError(f"{path}: label map has no non-zero labels")
+    return Volume(data=labels, affine=np.asarray(image.affine, dtype=np.float64), path=path,
+                  header=image.header)
+
+
+def check_same_grid(reference: Volume, other: Volume, *, strict: bool) -> None:
+    """Shapes must match; a different affine is an error only when ``strict``, else a warning."""
+    if tuple(reference.shape) != tuple(other.shape):
+        raise DataError(f"{other.path}: shape {tuple(other.shape)} differs from the shape "
+                        f"{tuple(reference.shape)} of {reference.path}")
+    difference = float(np.max(np.abs(np.asarray(reference.affine) - np.asarray(other.affine))))
+    if difference > AFFINE_TOLERANCE:
+        message = (f"{other.path}: header affine differs from that of {reference.path} by up to "
+                   f"{difference:.4g}")
+        if strict:
+            raise DataError(message)
+        logging.warning("%s; assuming the scan is affinely pre-aligned to the atlas (voxel grids "
+                        "correspond); the output uses the scan's own header", message)
+
+
+# --------------------------------------------------------------------------------------- saving
+def _output_dtype(data: np.ndarray, dtype):
+    if dtype is not None:
+        return np.dtype(dtype)
+    if data.dtype.kind in "iub":  # a label map
+        if data.size == 0:
+            return np.dtype(np.int16)
+        low, high = int(data.min()), int(data.max())
+        info = np.iinfo(np.int16)
+        return np.dtype(np.int16 if info.min <= low and high <= info.max else np.int32)
+    return np.dtype(np.float32)
+
+
+def save_nifti(data: np.ndarray, affine: np.ndarray, path, *, header=None, dtype=None) -> None:
+    """Write a NIfTI atomically (temporary file then rename) so a crash never leaves half a file.
+
+    Integer data (label maps) is stored as int16 when it fits, else int32; float data as float32.
+    """
+    path = os.fspath(path)
+    lower = path.lower()
+    if lower.endswith(".nii.gz"):
+        extension = ".nii.gz"
+    elif lower.endswith(".nii"):
+        extension = ".nii"
+    else:
+        raise DataError(f"{path}: output file name must end in .nii or .nii.gz")
+    data = np.asarray(data)
+    out_dtype = _output_dtype(data, dtype)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{folder}: cannot create output folder ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK):
+        raise DataError(f"{folder}: output folder is not writable")
+
+    image = nib.Nifti1Image(data.astype(out_dtype, copy=False), np.asarray(affine, np.float64),
+                            header=header)
+    image.set_data_dtype(out_dtype)
+    tmp_path = os.path.join(folder, f".{scan_name(path)}.tmp-{os.getpid()}{extension}")
+    try:
+        nib.save(image, tmp_path)
+        os.replace(tmp_path, path)
+    except OSError as e:
+        raise DataError(f"{folder}: cannot write {os.path.basename(path)} ({e.strerror or e})") \
+            from None
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+# --------------------------------------------------------------------------------------- label IDs
+def labels_to_indices(label_map: np.ndarray, label_ids: Sequence[int]) -> np.ndarray:
+    """Map label IDs to their position in ``label_ids`` (0 = background); unknown IDs become 0."""
+    label_ids = np.asarray(label_ids, dtype=np.int64)
+    if label_ids.size == 0 or label_ids[0] != 0:
+        raise ValueError(f"label_ids must start with 0 (background), got {label_ids.tolist()[:5]}")
+    label_map = np.asarray(label_map)
+    order = np.argsort(label_ids, kind="stable")
+    sorted_ids = label_ids[order]
+    position = np.clip(np.searchsorted(sorted_ids, label_map), 0, len(sorted_ids) - 1)
+    known = sorted_ids[position] == label_map
+    return np.where(known, order[position], 0).astype(np.int32)
+
+
+def indices_to_labels(indices: np.ndarray, label_ids: Sequence[int]) -> np.ndarray:
+    """The inverse of ``labels_to_indices``: positions back to label IDs."""
+    return np.asarray(label_ids, dtype=np.int32)[np.asarray(indices)]
+
+
+# --------------------------------------------------------------------------------------- TF graph ops
+def normalize_intensity(scan: tf.Tensor) -> tf.Tensor:
+    """Per-scan min-max to [0, 1]; a constant scan gives zeros rather than NaN."""
+    scan = tf.convert_to_tensor(scan)
+    if not scan.dtype.is_floating:
+        scan = tf.cast(scan, tf.float32)
+    axes = list(range(1, scan.shape.rank))
+    low = tf.reduce_min(scan, axis=axes, keepdims=True)
+    high = tf.reduce_max(scan, axis=axes, keepdims=True)
+    return tf.math.divide_no_nan(scan - low, high - low)
+
+
+def pad_to_shape(volume: tf.Tensor, shape: Sequence[int]) -> tf.Tensor:
+    """Zero-pad the end of each spatial axis, so voxel (0, 0, 0) and the affine stay put."""
+    volume = tf.convert_to_tensor(volume)
+    spatial = volume.shape[1:-1].as_list()
+    if any(s is None for s in spatial):
+        raise ValueError(f"pad_to_shape needs static spatial shapes, got {volume.shape}")
+    if any(s > t for s, t in zip(spatial, shape)) or len(spatial) != len(shape):
+        raise ValueError(f"cannot pad spatial shape {tuple(spatial)} to {tuple(shape)}")
+    if tuple(spatial) == tuple(shape):
+        return volume
+    paddings = [[0, 0]] + [[0, int(t) - int(s)] for s, t in zip(spatial, shape)] + [[0, 0]]
+    return tf.pad(volume, paddings)
+
+
+def to_working_grid(volume: tf.Tensor, config) -> tf.Tensor:
+    """Pad to the U-Net-divisible grid, then average-pool by ``config.downsample``.
+
+    On one-hot label maps the pooling gives the fraction of each label in a working voxel.
+    """
+    volume = tf.convert_to_tensor(volume)
+    spatial = volume.shape[1:-1].as_list()
+    volume = pad_to_shape(volume, config.padded_shape(spatial))
+    factor = int(config.downsample)
+    if factor == 1:
+        return volume
+    return tf.nn.avg_pool3d(volume, ksize=factor, strides=factor, padding="VALID")
+
+
+def preprocess_scan(data: np.ndarray, config) -> np.ndarray:
+    """One full-resolution scan [D, H, W] -> the network input [*working_shape, 1] float32."""
+    scan = tf.convert_to_tensor(np.asarray(data, dtype=np.float32)[None, ..., None])
+    return to_working_grid(normalize_intensity(scan), config)[0].numpy()
+
+
+def atlas_onehot_working(label_indices: np.ndarray, n_labels: int, config) -> np.ndarray:
+    """The atlas one-hot labels at working resolution [*working_shape, L] (soft label fractions).
+
+    Padding counts as background, so the fractions sum to 1 in every working voxel. Labels are
+    pooled ``config.label_chunk`` at a time so memory is never n_labels full volumes.
+    """
+    label_indices = np.asarray(label_indices)
+    padded = np.zeros(config.padded_shape(label_indices.shape), dtype=np.int32)
+    padded[tuple(slice(0, s) for s in label_indices.shape)] = label_indices
+    padded = tf.convert_to_tensor(padded[None])
+    chunk = max(1, int(getattr(config, "label_chunk", 16)))
+    fractions = []
+    for start in range(0, n_labels, chunk):
+        channels = tf.range(start, min(start + chunk, n_labels), dtype=tf.int32)
+        onehot = tf.cast(tf.equal(padded[..., None], channels), tf.float32)
+        fractions.append(to_working_grid(onehot, config)[0].numpy())
+    return np.concatenate(fractions, axis=-1)
+
+
+# --------------------------------------------------------------------------------------- tf.data
+def _image_shape(path: str) -> tuple:
+    return tuple(int(s) for s in _load_image(path).shape[:3])
+
+
+def make_training_dataset(scan_paths, config, *, shuffle: bool = True, repeat: bool = True,
+                          skip_batches: int = 0) -> tf.data.Dataset:
+    """Stream batches [batch_size, *working_shape, 1] of unlabelled scans, read from disk as needed.
+
+    Only the file names are shuffled, so memory holds a few scans, never the whole set. Every scan
+    must be on the atlas grid (``config.atlas_shape``, else the first scan's shape).
+    """
+    paths = list_images(scan_paths)
+    full_shape = tuple(config.atlas_shape) if config.atlas_shape else _image_shape(paths[0])
+
+    def load(path_bytes):
+        path = path_bytes.decode() if isinstance(path_bytes, bytes) else str(path_bytes)
+        scan = load_scan(path)
+        if scan.shape != full_shape:
+            raise DataError(f"{path}: shape {scan.shape} differs from the atlas shape {full_shape}")
+        return scan.data
+
+    def load_and_preprocess(path):
+        scan = tf.numpy_function(load, [path], tf.float32, stateful=False)
+        scan.set_shape(full_shape)
+        # Same ops as preprocess_scan, but in the graph so parallel calls need no Python.
+        return to_working_grid(normalize_intensity(scan[None, ..., None]), config)[0]
+
+    dataset = tf.data.Dataset.from_tensor_slices(paths)
+    if shuffle:
+        dataset = dataset.shuffle(len(paths), seed=config.seed, reshuffle_each_iteration=True)
+    if repeat:
+        dataset = dataset.repeat()
+    if skip_batches:
+        # A resumed run continues the seeded order where it stopped; file names are skipped
+        # before loading, so nothing is read twice.
+        dataset = dataset.skip(skip_batches * config.batch_size)
+    dataset = dataset.map(load_and_preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.batch(config.batch_size, drop_remainder=True)
+    dataset = dataset.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+# --------------------------------------------------------------------------------------- validation
+def pair_images_and_labels(image_paths, label_paths) -> list:
+    """Match scans to label maps by ``scan_name``; [(image_path, label_path)] in scan order."""
+    images = list_images(image_paths)
+    labels = list_images(label_paths)
+
+    def by_name(paths):
+        named = {}
+        for path in paths:
+            name = scan_name(path)
+            if name in named:
+                raise DataError(f"{path}: same scan name '{name}' as {named[name]}")
+            named[name] = path
+        return named
+
+    labels_by_name = by_name(labels)
+    images_by_name = by_name(images)
+    for name, path in images_by_name.items():
+        if name not in labels_by_name:
+            raise DataError(f"{path}: no label map named '{name}' among the validation labels")
+    for name, path in labels_by_name.items():
+        if name not in images_by_name:
+            raise DataError(f"{path}: no scan named '{name}' among the validation images")
+    return [(path, labels_by_name[scan_name(path)]) for path in images]
+
+
+def load_validation_pairs(image_paths, label_paths) -> list:
+    """Load the validation set as [(scan Volume, label Volume)], each label map on its scan's grid."""
+    pairs = []
+    for image_path, label_path in pair_images_and_labels(image_paths, label_paths):
+        scan, labels = load_scan(image_path), load_label_map(label_path)
+        check_same_grid(scan, labels, strict=False)
+        pairs.append((scan, labels))
+    return pairs

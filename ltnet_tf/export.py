@@ -1,0 +1,305 @@
+"""Export a trained run folder for TF Serving (SavedModel) and for VoxelMorph scripts (``.h5``).
+
+    RUN/saved_model/<version>/                     TF Serving layout: --model_base_path=RUN/saved_model
+    RUN/saved_model/<version>/assets.extra/ltnet_serving.json   what a client sends and gets back
+    RUN/generator.h5                               G_F: vxm.networks.VxmDense.load(path)
+
+The SavedModel is ``LabelTransfer`` (``ltnet_tf.inference``) with the atlas baked in as constants,
+so the serving side needs TensorFlow only: no ltnet_tf, VoxelMorph or neurite. Signatures:
+
+    serving_default(scan [B, D, H, W, 1] float32)
+        -> segmentation [B, D, H, W] int32 label IDs, flow [B, D, H, W, 3], warped_atlas [B, D, H, W, 1]
+    register(atlas [D, H, W] float32, atlas_labels [D, H, W] int32, scan [B, D, H, W, 1] float32)
+        -> the same outputs, for another atlas on the same grid
+
+Scans are raw intensities on the atlas grid (D, H, W) = config.atlas_shape; min-max normalisation,
+padding and downsampling happen inside the signature. Library functions raise ``ModelDirError`` or
+``DataError`` with a one-line message; ``main`` prints it and exits with status 1.
+
+    python -m ltnet_tf.export --model_dir models/RUN [--checkpoint best] [--version 3]
+"""
+from __future__ import annotations
+
+from ltnet_tf import compat  # noqa: F401  (before TensorFlow)
+
+import contextlib
+import json
+import logging as pylogging
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+import tensorflow as tf
+from absl import flags, logging
+
+import ltnet_tf
+from ltnet_tf.data import DataError
+from ltnet_tf.inference import LabelTransfer
+from ltnet_tf.labels import structure_name
+from ltnet_tf.modeldir import ModelDir, ModelDirError
+
+SERVING_SIGNATURE = "serving_default"
+REGISTER_SIGNATURE = "register"
+SCAN_INPUT = "scan"
+OUTPUTS = ("segmentation", "flow", "warped_atlas")
+# TF Serving ignores assets.extra/, so metadata there travels with the version without being served.
+METADATA_PATH = os.path.join("assets.extra", "ltnet_serving.json")
+METADATA_FORMAT = "ltnet_serving/1"
+
+
+class _Untracked:
+    """Holds an object out of TensorFlow's dependency tracking."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+class ServingModule(tf.Module):
+    """``LabelTransfer`` behind two ``tf.function`` signatures with static spatial shapes.
+
+    Only G_F's variables are tracked, not the Keras model itself: ``tf.saved_model.save`` would
+    otherwise also serialise Keras metadata and trace every layer, which is slower and of no use to
+    a server that loads the signatures with plain TensorFlow.
+    """
+
+    def __init__(self, label_transfer: LabelTransfer, name: str = "ltnet_serving"):
+        super().__init__(name=name)
+        self._label_transfer = _Untracked(label_transfer)
+        self.generator_variables = list(label_transfer.forward_generator.variables)
+        grid = list(label_transfer.full_shape)
+        scan = tf.TensorSpec([None, *grid, 1], tf.float32, name=SCAN_INPUT)
+        self.serve = tf.function(self._serve, input_signature=[scan])
+        self.register = tf.function(self._register, input_signature=[
+            tf.TensorSpec(grid, tf.float32, name="atlas"),
+            tf.TensorSpec(grid, tf.int32, name="atlas_labels"),
+            scan])
+
+    @property
+    def label_transfer(self) -> LabelTransfer:
+        return self._label_transfer.value
+
+    def _serve(self, scan):
+        return self.label_transfer.transfer(scan)
+
+    def _register(self, atlas, atlas_labels, scan):
+        return self.label_transfer.transfer_with_atlas(atlas, atlas_labels, scan)
+
+    def signatures(self) -> dict:
+        return {SERVING_SIGNATURE: self.serve.get_concrete_function(),
+                REGISTER_SIGNATURE: self.register.get_concrete_function()}
+
+
+# ------------------------------------------------------------------------------- reading the run
+def _as_model_dir(model_dir) -> ModelDir:
+    return (model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)).check()
+
+
+def _restore(model_dir: ModelDir, which: str):
+    """(config, G_F, checkpoint path), loud when the checkpoint does not fit the config."""
+    if which not in ("auto", "best", "last"):
+        raise ModelDirError(f"checkpoint must be auto, best or last, got {which!r}")
+    config = model_dir.load_config()
+    checkpoint = model_dir.checkpoint(which)
+    generator = model_dir.restore_forward_generator(config, which)
+    return config, generator, checkpoint
+
+
+def _load_atlas(model_dir: ModelDir, config):
+    atlas, atlas_labels = model_dir.load_atlas()
+    for volume in (atlas, atlas_labels):
+        if tuple(volume.shape) != tuple(config.atlas_shape):
+            raise ModelDirError(f"{volume.path}: shape {tuple(volume.shape)} differs from "
+                                f"atlas_shape {list(config.atlas_shape)} in {model_dir.config_path}")
+    unknown = sorted(set(np.unique(atlas_labels.data).tolist()) - set(config.label_ids))
+    if unknown:
+        raise ModelDirError(f"{atlas_labels.path}: label IDs {unknown[:10]} are not in label_ids of "
+                            f"{model_dir.config_path}")
+    return atlas, atlas_labels
+
+
+# ------------------------------------------------------------------------------- SavedModel
+def _spec_json(spec) -> dict:
+    return {"dtype": spec.dtype.name, "shape": spec.shape.as_list()}
+
+
+def _signature_json(concrete_function) -> dict:
+    inputs, _ = concrete_function.structured_input_signature
+    return {
+        "inputs": {spec.name: _spec_json(spec) for spec in inputs},
+        "outputs": {name: _spec_json(tensor)
+                    for name, tensor in sorted(concrete_function.structured_outputs.items())},
+    }
+
+
+def serving_metadata(config, signatures: dict, checkpoint: str, version: int) -> dict:
+    """The JSON a client reads to know what to send: grid, signatures, label IDs and names.
+
+    ``signatures``: name -> concrete function; ``checkpoint``: where the weights came from.
+    """
+    return {
+        "format": METADATA_FORMAT,
+        "version": version,
+        "atlas_shape": [int(s) for s in config.atlas_shape],
+        "working_shape": [int(s) for s in config.working_shape()],
+        "downsample": int(config.downsample),
+        "intensities": "raw; per-scan min-max normalisation to [0, 1] is inside the signatures",
+        "signatures": {name: _signature_json(fn) for name, fn in signatures.items()},
+        "label_ids": [int(i) for i in config.label_ids],
+        "structure_names": {str(int(i)): structure_name(i) for i in config.label_ids},
+        "checkpoint": checkpoint,
+        "ltnet_tf_version": ltnet_tf.__version__,
+        "tensorflow_version": tf.__version__,
+        "ltnet_config": config.to_dict(),
+    }
+
+
+def _next_version(model_dir: ModelDir, version) -> int:
+    existing = model_dir.saved_model_versions()
+    if version is None:
+        return existing[-1] + 1 if existing else 1
+    if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 1:
+        raise ModelDirError(f"SavedModel version must be a positive integer, got {version!r}")
+    if int(version) in existing or os.path.exists(os.path.join(model_dir.saved_model_base,
+                                                               str(version))):
+        raise ModelDirError(f"{os.path.join(model_dir.saved_model_base, str(version))}: version "
+                            f"{version} exists; refusing to overwrite it (choose another --version)")
+    return int(version)
+
+
+def _write_saved_model(model_dir: ModelDir, config, generator, checkpoint: str, version) -> str:
+    version = _next_version(model_dir, version)
+    atlas, atlas_labels = _load_atlas(model_dir, config)
+    module = ServingModule(LabelTransfer(generator, config, atlas.data, atlas_labels.data))
+    signatures = module.signatures()
+    os.makedirs(model_dir.saved_model_base, exist_ok=True)
+    # Written under a non-numeric name, then renamed: TF Serving only loads numeric folders, so it
+    # never sees a half-written version.
+    staging = tempfile.mkdtemp(prefix=".export-", dir=model_dir.saved_model_base)
+    os.chmod(staging, 0o755)  # mkdtemp makes it private; the server may run as another user
+    final = os.path.join(model_dir.saved_model_base, str(version))
+    try:
+        tf.saved_model.save(module, staging, signatures=signatures)
+        metadata_path = os.path.join(staging, METADATA_PATH)
+        os.makedirs(os.path.dirname(metadata_path), exist_ok=True)
+        with open(metadata_path, "w") as f:
+            json.dump(serving_metadata(config, signatures, os.path.relpath(checkpoint, model_dir.path),
+                                       version), f, indent=2)
+            f.write("\n")
+        if os.path.exists(final):
+            raise ModelDirError(f"{final}: appeared during the export; refusing to overwrite it")
+        os.rename(staging, final)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+    logging.info("wrote SavedModel %s (from %s)", final, checkpoint)
+    return final
+
+
+def export_saved_model(model_dir, *, which: str = "auto", version=None) -> str:
+    """Write ``RUN/saved_model/<version>/`` (next free version unless given); returns its path."""
+    model_dir = _as_model_dir(model_dir)
+    config, generator, checkpoint = _restore(model_dir, which)
+    return _write_saved_model(model_dir, config, generator, checkpoint, version)
+
+
+# ------------------------------------------------------------------------------- VoxelMorph .h5
+@contextlib.contextmanager
+def _without_tf_log(prefix: str):
+    """Drop TensorFlow log records that start with ``prefix`` (noise that would alarm a user)."""
+    class Drop(pylogging.Filter):
+        def filter(self, record):
+            return not str(record.getMessage()).startswith(prefix)
+
+    drop = Drop()
+    tf.get_logger().addFilter(drop)
+    try:
+        yield
+    finally:
+        tf.get_logger().removeFilter(drop)
+
+
+def _write_generator_h5(model_dir: ModelDir, generator) -> str:
+    path = model_dir.generator_h5_path
+    staging = os.path.join(model_dir.path, f".generator.tmp-{os.getpid()}.h5")
+    try:
+        # HDF5 is "legacy" to Keras but it is VoxelMorph's format; and G_F is saved uncompiled.
+        with warnings.catch_warnings(), _without_tf_log("Compiled the loaded model"):
+            warnings.filterwarnings("ignore", message=".*HDF5 file via `model.save\\(\\)`")
+            generator.save(staging, save_format="h5", include_optimizer=False)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+    logging.info("wrote %s", path)
+    return path
+
+
+def export_generator_h5(model_dir, *, which: str = "auto") -> str:
+    """Write G_F as ``RUN/generator.h5`` for ``vxm.networks.VxmDense.load``; returns its path."""
+    model_dir = _as_model_dir(model_dir)
+    _, generator, _ = _restore(model_dir, which)
+    return _write_generator_h5(model_dir, generator)
+
+
+def export_all(model_dir, which: str = "auto", *, version=None) -> dict:
+    """Both exports from one restore: {'saved_model', 'generator_h5', 'checkpoint'} paths."""
+    model_dir = _as_model_dir(model_dir)
+    config, generator, checkpoint = _restore(model_dir, which)
+    return {
+        "saved_model": _write_saved_model(model_dir, config, generator, checkpoint, version),
+        "generator_h5": _write_generator_h5(model_dir, generator),
+        "checkpoint": checkpoint,
+    }
+
+
+# ------------------------------------------------------------------------------- command line
+def _flag_values() -> flags.FlagValues:
+    # Own FlagValues: the training CLI defines --model_dir on the global FLAGS too.
+    fv = flags.FlagValues()
+    flags.DEFINE_string("model_dir", None, "Run folder written by train.py.", flag_values=fv)
+    flags.DEFINE_enum("checkpoint", "auto", ["auto", "best", "last"],
+                      "Checkpoint to export: best (validation Dice), last, or best if any else last.",
+                      flag_values=fv)
+    flags.DEFINE_integer("version", None, "SavedModel version folder (default: newest + 1).",
+                         lower_bound=1, flag_values=fv)
+    return fv
+
+
+def main(argv=None) -> int:
+    """``python -m ltnet_tf.export --model_dir RUN``; returns the exit status."""
+    argv = list(sys.argv if argv is None else argv)
+    fv = _flag_values()
+    if any(arg in ("-h", "--help", "-help") for arg in argv[1:]):
+        print(f"usage: python -m ltnet_tf.export --model_dir RUN [--checkpoint auto|best|last] "
+              f"[--version N]\n\n{fv.get_help()}")
+        return 0
+    try:
+        extra = fv(argv)[1:]
+        if extra:
+            raise flags.Error(f"unexpected arguments: {' '.join(extra)}")
+        if not fv.model_dir:
+            raise flags.Error("--model_dir is required")
+    except flags.Error as e:
+        print(f"ltnet_tf.export: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    try:
+        paths = export_all(fv.model_dir, fv.checkpoint, version=fv.version)
+    except (ModelDirError, DataError) as e:
+        print(f"ltnet_tf.export: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              file=sys.stderr)
+        return 1
+    print(f"SavedModel: {paths['saved_model']}\nVoxelMorph G_F: {paths['generator_h5']}\n"
+          f"from checkpoint: {paths['checkpoint']}")
+    return 0
+
+
+def entry():
+    """Console script ``ltnet-export``."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,62 @@
+"""The three networks of LT-Net: G_F and G_B (VoxelMorph U-Nets) and the 3D discriminator D.
+
+G_F and G_B subclass ``vxm.networks.VxmDense`` without adding constructor arguments, so the
+``.h5`` that Keras writes for them is rebuilt by VoxelMorph's own ``VxmDense.load(path)``.
+Both return ``[warped_source, displacement]``: the displacement is the full-resolution one that
+warps the source (``reg_field='warp'``), which is what every LT-Net loss is defined on.
+"""
+from ltnet_tf import compat  # noqa: F401
+
+import tensorflow as tf
+import voxelmorph as vxm
+
+from ltnet_tf.config import LTNetConfig
+
+KL = tf.keras.layers
+
+
+def _vxm_arguments(config: LTNetConfig, name: str) -> dict:
+    return dict(
+        inshape=tuple(config.working_shape()),
+        nb_unet_features=[list(config.enc_features), list(config.dec_features)],
+        int_steps=config.int_steps,
+        reg_field="warp",
+        name=name,
+    )
+
+
+class ForwardGenerator(vxm.networks.VxmDense):
+    """G_F: (atlas x, scan u) -> (warped atlas x∘Δp_F, forward displacement Δp_F).
+
+    ``x∘Δp_F(p) = x(p + Δp_F(p))``: VoxelMorph's ``SpatialTransformer`` convention.
+    """
+
+    @classmethod
+    def from_ltnet_config(cls, config: LTNetConfig) -> "ForwardGenerator":
+        return cls(**_vxm_arguments(config, "forward_generator"))
+
+
+class BackwardGenerator(vxm.networks.VxmDense):
+    """G_B: (warped atlas ū, atlas x) -> (cycled atlas ū∘Δp_B, backward displacement Δp_B)."""
+
+    @classmethod
+    def from_ltnet_config(cls, config: LTNetConfig) -> "BackwardGenerator":
+        return cls(**_vxm_arguments(config, "backward_generator"))
+
+
+def build_discriminator(config: LTNetConfig, name: str = "discriminator") -> tf.keras.Model:
+    """A 3D PatchGAN: stride-2 convolutions ending in one real/fake logit per patch.
+
+    Patch logits (rather than one per volume) keep the adversarial signal local, which suits
+    registration: it rewards realistic local anatomy in the warped atlas.
+    """
+    scan = tf.keras.Input(shape=(*config.working_shape(), 1), name=f"{name}_input")
+    features = scan
+    for level, nb_features in enumerate(config.disc_features):
+        features = KL.Conv3D(nb_features, 4, strides=2, padding="same",
+                             name=f"{name}_conv_{level}")(features)
+        features = KL.LeakyReLU(0.2, name=f"{name}_lrelu_{level}")(features)
+    logits = KL.Conv3D(1, 3, padding="same", name=f"{name}_logits")(features)
+    # float32 logits even under mixed precision, so the losses are computed in float32.
+    logits = KL.Activation("linear", dtype="float32", name=f"{name}_float32")(logits)
+    return tf.keras.Model(scan, logits, name=name)

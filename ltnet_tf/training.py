@@ -1,0 +1,247 @@
+"""Training a run: inputs checked, config resolved and saved, fit with checkpoints, validation,
+TensorBoard and progress, then export and a QC picture. ``cli.train_main`` is a thin layer on this.
+"""
+from __future__ import annotations
+
+from ltnet_tf import compat  # noqa: F401
+
+import json
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from ltnet_tf import data, evaluation, labels as label_names
+from ltnet_tf.config import LTNetConfig
+from ltnet_tf.inference import LabelTransfer
+from ltnet_tf.model import LTNet
+from ltnet_tf.modeldir import ModelDir, ModelDirError
+
+
+class TrainingError(ValueError):
+    """The run cannot start as asked (e.g. folder already holds a run); one-line message."""
+
+
+# ------------------------------------------------------------------------------- distribution
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == "chief" or (
+        resolver.task_type == "worker" and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def _writable_dir(path: str, chief: bool) -> str:
+    """Chief writes to ``path``; other workers write their (identical) copies to a temp folder,
+    because multi-worker checkpoint saving is collective: every worker must take part."""
+    if chief:
+        return path
+    return tempfile.mkdtemp(prefix="ltnet_worker_")
+
+
+# ------------------------------------------------------------------------------- inputs
+def check_inputs(atlas_path, atlas_labels_path, scan_paths):
+    """Load atlas + labels, list and check every scan's grid and values (one at a time)."""
+    atlas = data.load_scan(atlas_path)
+    atlas_labels = data.load_label_map(atlas_labels_path)
+    data.check_same_grid(atlas, atlas_labels, strict=True)
+    paths = data.list_images(scan_paths)
+    for path in paths:
+        scan = data.load_scan(path)  # values checked: finite, 3D, not constant
+        data.check_same_grid(atlas, scan, strict=False)
+    return atlas, atlas_labels, paths
+
+
+def resolve_config(config: LTNetConfig, atlas: data.Volume, atlas_labels: data.Volume) -> LTNetConfig:
+    label_ids = sorted(int(i) for i in np.unique(atlas_labels.data))
+    if label_ids[0] != 0:
+        label_ids = [0, *label_ids]
+    return config.replace(atlas_shape=list(atlas.shape), label_ids=label_ids)
+
+
+# ------------------------------------------------------------------------------- callbacks
+class StopAtStep(tf.keras.callbacks.Callback):
+    def __init__(self, optimizer, steps):
+        super().__init__()
+        self.optimizer, self.steps = optimizer, steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.optimizer.iterations.numpy()) >= self.steps:
+            self.model.stop_training = True
+
+
+class Checkpointing(tf.keras.callbacks.Callback):
+    """Every ``checkpoint_every`` steps (one Keras epoch): validate, checkpoint, keep the best."""
+
+    def __init__(self, manager, best_manager, step_variable, validator=None):
+        super().__init__()
+        self.manager, self.best_manager = manager, best_manager
+        self.step_variable, self.validator = step_variable, validator
+        self.best_record = os.path.join(best_manager.directory, "best.json")
+        self.best_dice = -1.0
+        if os.path.isfile(self.best_record):  # resumed run: beat the best so far, not -1
+            with open(self.best_record) as f:
+                self.best_dice = json.load(f)["val_dice"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = int(self.step_variable.numpy())
+        if self.validator is not None:
+            dice = self.validator()
+            logs["val_dice"] = dice
+            logging.info("step %d: validation mean Dice %.4f", step, dice)
+            if dice > self.best_dice:
+                self.best_dice = dice
+                self.best_manager.save(checkpoint_number=step)
+                with open(self.best_record + ".tmp", "w") as f:
+                    json.dump({"step": step, "val_dice": dice}, f)
+                os.replace(self.best_record + ".tmp", self.best_record)
+        if self.manager.latest_checkpoint != os.path.join(self.manager.directory, f"ckpt-{step}"):
+            self.manager.save(checkpoint_number=step)
+
+
+class Validator:
+    """Mean Dice of full-resolution label transfer on labelled validation scans."""
+
+    def __init__(self, label_transfer: LabelTransfer, pairs, config: LTNetConfig):
+        self.label_transfer = label_transfer
+        self.pairs = pairs
+        self.labels = evaluation.evaluation_labels(config.label_ids, label_names.BENCHMARK_LABELS)
+
+    def __call__(self) -> float:
+        scores = []
+        for scan, reference in self.pairs:
+            segmentation = self.label_transfer(scan.data[None, ..., None])["segmentation"][0].numpy()
+            per_label = evaluation.dice_per_label(segmentation, reference.data, self.labels)
+            scores.append(evaluation.mean_dice(per_label, self.labels))
+        return float(np.mean(scores))
+
+
+# ------------------------------------------------------------------------------- the run
+def build_model(config: LTNetConfig, atlas: data.Volume, atlas_labels: data.Volume) -> LTNet:
+    atlas_working = data.preprocess_scan(atlas.data, config)[None]
+    indices = data.labels_to_indices(atlas_labels.data, config.label_ids)
+    onehot = data.atlas_onehot_working(indices, len(config.label_ids), config)[None]
+    model = LTNet(config, atlas_working, onehot)
+    model.compile(jit_compile=config.jit_compile)
+    return model
+
+
+def make_checkpoint(model: LTNet) -> tf.train.Checkpoint:
+    """Flat keys, so G_F alone can be restored with ``Checkpoint(forward_generator=...)``."""
+    parts = dict(forward_generator=model.forward_generator, g_optimizer=model.g_optimizer)
+    if model.backward_generator is not None:
+        parts["backward_generator"] = model.backward_generator
+    if model.discriminator is not None:
+        parts.update(discriminator=model.discriminator, d_optimizer=model.d_optimizer)
+    return tf.train.Checkpoint(**parts)
+
+
+def prepare_run_folder(config: LTNetConfig, model_dir: ModelDir, atlas, atlas_labels,
+                       resume: bool) -> LTNetConfig:
+    """New run: write config and atlas copies. Resume: the saved config wins (steps may grow)."""
+    if resume:
+        model_dir.check()
+        saved = model_dir.load_config()
+        if saved.atlas_shape != config.atlas_shape or saved.label_ids != config.label_ids:
+            raise TrainingError(f"{model_dir.path}: --resume with a different atlas than the run's")
+        config = saved.replace(steps=config.steps)
+        config.save(model_dir.config_path)
+        return config
+    if os.path.exists(model_dir.config_path):
+        raise TrainingError(f"{model_dir.path}: folder already holds a run; pass --resume to "
+                            f"continue it or choose another --model_dir")
+    try:
+        os.makedirs(model_dir.path, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(f"{model_dir.path}: cannot create model folder ({e.strerror})") from None
+    if not os.access(model_dir.path, os.W_OK):
+        raise TrainingError(f"{model_dir.path}: model folder is not writable")
+    data.save_nifti(atlas.data, atlas.affine, model_dir.atlas_path, header=atlas.header)
+    data.save_nifti(atlas_labels.data, atlas_labels.affine, model_dir.atlas_labels_path,
+                    header=atlas_labels.header)
+    config.save(model_dir.config_path)
+    return config
+
+
+def train(config: LTNetConfig, atlas_path, atlas_labels_path, scan_paths, model_dir, *,
+          val_images=None, val_labels=None, resume: bool = False, strategy=None,
+          export: bool = True, verbose: int = 1) -> ModelDir:
+    """Train LT-Net; returns the run folder. Raises DataError / TrainingError on bad input."""
+    strategy = strategy or tf.distribute.get_strategy()
+    chief = is_chief(strategy)
+    model_dir = ModelDir(model_dir)
+    atlas, atlas_labels, scan_paths = check_inputs(atlas_path, atlas_labels_path, scan_paths)
+    pairs = data.load_validation_pairs(val_images, val_labels) if val_images else []
+    for scan, _ in pairs:
+        data.check_same_grid(atlas, scan, strict=False)
+    config = resolve_config(config, atlas, atlas_labels)
+    if chief:
+        config = prepare_run_folder(config, model_dir, atlas, atlas_labels, resume)
+    elif resume:
+        config = model_dir.load_config().replace(steps=config.steps)
+    tf.keras.utils.set_random_seed(config.seed)
+    if config.mixed_precision:
+        tf.keras.mixed_precision.set_global_policy("mixed_float16")
+
+    with strategy.scope():
+        model = build_model(config, atlas, atlas_labels)
+        checkpoint = make_checkpoint(model)
+    steps_done = 0
+    manager = tf.train.CheckpointManager(checkpoint, _writable_dir(model_dir.checkpoint_dir, chief),
+                                         max_to_keep=3)
+    best_manager = tf.train.CheckpointManager(
+        checkpoint, _writable_dir(model_dir.best_checkpoint_dir, chief), max_to_keep=1)
+    if resume:
+        latest = tf.train.latest_checkpoint(model_dir.checkpoint_dir)
+        if latest is None:
+            raise ModelDirError(f"{model_dir.path}: nothing to resume (no checkpoint)")
+        checkpoint.restore(latest).assert_existing_objects_matched()
+        steps_done = int(model.g_optimizer.iterations.numpy())
+        logging.info("resuming %s at step %d", model_dir.path, steps_done)
+    if steps_done >= config.steps:
+        logging.info("run already has %d >= %d steps; nothing to train", steps_done, config.steps)
+    else:
+        _fit(model, config, scan_paths, pairs, atlas, atlas_labels, model_dir, manager,
+             best_manager, steps_done, strategy, chief, verbose)
+    if chief and export:
+        finish_run(model_dir, config, pairs, scan_paths)
+    return model_dir
+
+
+def _fit(model, config, scan_paths, pairs, atlas, atlas_labels, model_dir, manager, best_manager,
+         steps_done, strategy, chief, verbose):
+    dataset = data.make_training_dataset(scan_paths, config, skip_batches=steps_done)
+    validator = None
+    if pairs:
+        label_transfer = LabelTransfer(model.forward_generator, config, atlas.data, atlas_labels.data)
+        validator = Validator(label_transfer, pairs, config)
+    callbacks = [StopAtStep(model.g_optimizer, config.steps),
+                 Checkpointing(manager, best_manager, model.g_optimizer.iterations, validator)]
+    if chief:
+        callbacks.append(tf.keras.callbacks.TensorBoard(model_dir.log_dir, update_freq=10))
+    every = config.checkpoint_every
+    start = time.time()
+    model.fit(dataset, steps_per_epoch=every, epochs=math.ceil(config.steps / every),
+              initial_epoch=steps_done // every, callbacks=callbacks, verbose=verbose)
+    logging.info("trained %d steps in %.0f s", config.steps - steps_done, time.time() - start)
+    step = int(model.g_optimizer.iterations.numpy())
+    if manager.latest_checkpoint != os.path.join(manager.directory, f"ckpt-{step}"):
+        manager.save(checkpoint_number=step)
+
+
+def finish_run(model_dir: ModelDir, config: LTNetConfig, pairs, scan_paths) -> None:
+    """Export (SavedModel + VoxelMorph .h5) and draw the QC picture from the exported model."""
+    from ltnet_tf import export, qc  # heavy imports only at the end of a run
+    export.export_all(model_dir)
+    generator = model_dir.restore_forward_generator(config)
+    atlas, atlas_labels = model_dir.load_atlas()
+    label_transfer = LabelTransfer(generator, config, atlas.data, atlas_labels.data)
+    scan = pairs[0][0] if pairs else data.load_scan(scan_paths[0])
+    segmentation = label_transfer(scan.data[None, ..., None])["segmentation"][0].numpy()
+    qc.save_qc_png(scan.data, segmentation, model_dir.qc_path,
+                   title=f"{os.path.basename(scan.path)}: transferred atlas labels")

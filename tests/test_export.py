@@ -1,0 +1,463 @@
+"""Tests of ltnet_tf.export: the TF Serving SavedModel, its clients, and G_F as a VoxelMorph .h5.
+
+Two tiny run folders are written by hand in the layout of ``ltnet_tf.modeldir`` (downsample 1 and 2,
+grids that are neither cubic nor U-Net divisible) and exported once for the whole module.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from ltnet_tf import data, export, labels
+from ltnet_tf.config import LTNetConfig
+from ltnet_tf.inference import LabelTransfer
+from ltnet_tf.modeldir import ModelDir, ModelDirError
+from ltnet_tf.networks import ForwardGenerator
+
+import tensorflow as tf  # noqa: E402  (after ltnet_tf, which selects Keras 2)
+
+LABEL_IDS = [0, 2, 3, 17, 53]
+GRIDS = {1: (18, 16, 14), 2: (20, 18, 16)}  # downsample -> atlas grid
+AFFINE = np.array([[-1.0, 0, 0, 9.0], [0, 1, 0, -8.0], [0, 0, 1, -7.0], [0, 0, 0, 1]])
+SUBPROCESS_TIMEOUT = 240
+
+
+# ------------------------------------------------------------------------------- a tiny trained run
+def phantom(shape, seed):
+    """(image with raw intensities, FreeSurfer label map): a head with WM, cortex, two hippocampi."""
+    rng = np.random.default_rng(seed)
+    axes = [(np.arange(s) - (s - 1) / 2) / (s / 2) for s in shape]
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    radius = np.sqrt(x ** 2 + y ** 2 + z ** 2)
+    label_map = np.zeros(shape, np.int32)
+    label_map[radius < 0.85] = 3
+    label_map[radius < 0.6] = 2
+    label_map[np.sqrt((x - 0.3) ** 2 + y ** 2 + (z + 0.2) ** 2) < 0.22] = 17
+    label_map[np.sqrt((x + 0.3) ** 2 + y ** 2 + (z + 0.2) ** 2) < 0.22] = 53
+    intensity = {0: 0.0, 2: 0.8, 3: 0.5, 17: 0.6, 53: 0.6}
+    image = np.vectorize(intensity.get)(label_map) + 0.05 * rng.standard_normal(shape)
+    return (1000 * image).astype(np.float32), label_map
+
+
+def make_run(path, downsample: int, seed: int = 0) -> ModelDir:
+    """A run folder as training leaves it: config, atlas copies and a checkpoint of G_F."""
+    model_dir = ModelDir(path)
+    os.makedirs(model_dir.path)
+    config = LTNetConfig().replace(atlas_shape=list(GRIDS[downsample]), label_ids=LABEL_IDS,
+                                   downsample=downsample, enc_features=[8, 8],
+                                   dec_features=[8, 8, 8, 8], seed=seed)
+    config.save(model_dir.config_path)
+    atlas, atlas_labels = phantom(GRIDS[downsample], seed)
+    data.save_nifti(atlas, AFFINE, model_dir.atlas_path)
+    data.save_nifti(atlas_labels, AFFINE, model_dir.atlas_labels_path)
+
+    tf.keras.utils.set_random_seed(seed)
+    generator = ForwardGenerator.from_ltnet_config(config)
+    # An untrained G_F predicts a displacement of ~0; make it a few voxels and spatially varying.
+    flow_layer = generator.get_layer("forward_generator_flow")
+    kernel, bias = flow_layer.get_weights()
+    rng = np.random.default_rng(seed)
+    flow_layer.set_weights([rng.normal(0.0, 0.3, kernel.shape).astype(np.float32),
+                            rng.uniform(-1.5, 1.5, bias.shape).astype(np.float32)])
+    tf.train.CheckpointManager(tf.train.Checkpoint(forward_generator=generator),
+                               model_dir.checkpoint_dir, max_to_keep=3).save()
+    return model_dir
+
+
+def scans_for(shape, seed=1) -> np.ndarray:
+    """Two scans [2, D, H, W, 1]: the phantom shifted and with another intensity range."""
+    first, _ = phantom(shape, seed)
+    second, _ = phantom(shape, seed + 1)
+    scans = np.stack([np.roll(first, 1, axis=0) * 0.3 + 20, np.roll(second, -1, axis=2) * 2 - 50])
+    return scans[..., None].astype(np.float32)
+
+
+@dataclass
+class Run:
+    model_dir: ModelDir
+    config: LTNetConfig
+    paths: dict  # from export_all
+    generator: tf.keras.Model
+    atlas: np.ndarray
+    atlas_labels: np.ndarray
+    scans: np.ndarray
+    expected: dict  # in-process LabelTransfer on `scans`
+    other_atlas: np.ndarray
+    other_labels: np.ndarray
+    expected_register: dict  # in-process transfer_with_atlas(other atlas)
+
+    @property
+    def saved_model(self) -> str:
+        return self.paths["saved_model"]
+
+
+def numpy_outputs(outputs) -> dict:
+    return {name: np.asarray(value) for name, value in outputs.items()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    runs = {}
+    for downsample, shape in GRIDS.items():
+        model_dir = make_run(tmp_path_factory.mktemp("runs") / f"RUN{downsample}", downsample)
+        paths = export.export_all(model_dir)
+        config = model_dir.load_config()
+        generator = model_dir.restore_forward_generator(config)
+        atlas, atlas_labels = model_dir.load_atlas()
+        label_transfer = LabelTransfer(generator, config, atlas.data, atlas_labels.data)
+        scans = scans_for(shape)
+        other_atlas, other_labels = (np.flip(a, axis=1).copy() for a in (atlas.data, atlas_labels.data))
+        runs[downsample] = Run(
+            model_dir=model_dir, config=config, paths=paths, generator=generator,
+            atlas=atlas.data, atlas_labels=atlas_labels.data, scans=scans,
+            expected=numpy_outputs(label_transfer(tf.constant(scans))),
+            other_atlas=other_atlas, other_labels=other_labels,
+            expected_register=numpy_outputs(label_transfer.transfer_with_atlas(
+                other_atlas, other_labels, tf.constant(scans))))
+    return runs
+
+
+def assert_outputs_match(actual: dict, expected: dict):
+    assert sorted(actual) == sorted(export.OUTPUTS)
+    np.testing.assert_array_equal(actual["segmentation"], expected["segmentation"])
+    assert actual["segmentation"].dtype == np.int32
+    np.testing.assert_allclose(actual["flow"], expected["flow"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(actual["warped_atlas"], expected["warped_atlas"], rtol=0, atol=1e-4)
+
+
+def run_quietly(command, **kwargs):
+    result = subprocess.run(command, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
+                            **kwargs)
+    assert result.returncode == 0, f"{command[:3]} failed:\n{result.stdout[-3000:]}\n" \
+                                   f"{result.stderr[-3000:]}"
+    return result
+
+
+def serving_environment() -> dict:
+    """The environment of a server: nothing of this project, and Keras left at TF's default."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TF_USE_LEGACY_KERAS")}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    return env
+
+
+# ------------------------------------------------------------------------------- the run folder
+def test_fixture_model_is_not_trivial(runs):
+    for run in runs.values():
+        assert np.abs(run.expected["flow"]).max() > 0.5
+        moved = run.expected["segmentation"] != run.atlas_labels[None]
+        assert 0 < moved.mean() < 0.9
+        assert set(np.unique(run.expected["segmentation"])) <= set(LABEL_IDS)
+
+
+def test_layout_version_folder_and_metadata(runs):
+    run = runs[2]
+    base = run.model_dir.saved_model_base
+    assert run.saved_model == os.path.join(base, "1")
+    assert run.paths["generator_h5"] == run.model_dir.generator_h5_path
+    assert run.paths["checkpoint"] == run.model_dir.checkpoint("auto")
+    assert os.listdir(base) == ["1"]  # no staging folder left behind
+    assert not [n for n in os.listdir(run.model_dir.path) if n.startswith(".")]
+    for name in ("saved_model.pb", "variables", export.METADATA_PATH):
+        assert os.path.exists(os.path.join(run.saved_model, name))
+
+    with open(os.path.join(run.saved_model, export.METADATA_PATH)) as f:
+        metadata = json.load(f)
+    assert metadata["atlas_shape"] == list(GRIDS[2])
+    assert metadata["working_shape"] == list(run.config.working_shape()) == [12, 12, 8]
+    assert metadata["downsample"] == 2
+    assert metadata["label_ids"] == LABEL_IDS
+    assert metadata["structure_names"] == {"0": "background", "2": "Left-Cerebral-White-Matter",
+                                           "3": "Left-Cerebral-Cortex", "17": "Left-Hippocampus",
+                                           "53": "Right-Hippocampus"}
+    assert LTNetConfig.from_dict(metadata["ltnet_config"]) == run.config
+    assert metadata["checkpoint"] == os.path.join("checkpoints", "ckpt-1")
+    grid = list(GRIDS[2])
+    assert metadata["signatures"]["serving_default"] == {
+        "inputs": {"scan": {"dtype": "float32", "shape": [None, *grid, 1]}},
+        "outputs": {"flow": {"dtype": "float32", "shape": [None, *grid, 3]},
+                    "segmentation": {"dtype": "int32", "shape": [None, *grid]},
+                    "warped_atlas": {"dtype": "float32", "shape": [None, *grid, 1]}}}
+    assert metadata["signatures"]["register"]["inputs"] == {
+        "atlas": {"dtype": "float32", "shape": grid},
+        "atlas_labels": {"dtype": "int32", "shape": grid},
+        "scan": {"dtype": "float32", "shape": [None, *grid, 1]}}
+
+
+# ------------------------------------------------------------------------------- clean process
+CHILD = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+
+    for case in json.loads(sys.argv[1]):
+        model = tf.saved_model.load(case["saved_model"])
+        inputs = np.load(case["inputs"])
+        outputs = model.signatures["serving_default"](scan=tf.constant(inputs["scan"]))
+        registered = model.signatures["register"](
+            atlas=tf.constant(inputs["atlas"]), atlas_labels=tf.constant(inputs["atlas_labels"]),
+            scan=tf.constant(inputs["scan"]))
+        np.savez(case["outputs"], **{k: v.numpy() for k, v in outputs.items()},
+                 **{"register_" + k: v.numpy() for k, v in registered.items()})
+
+    project = sorted(m for m in sys.modules if m.split(".")[0] in ("ltnet_tf", "voxelmorph", "neurite"))
+    assert not project, f"serving process imported {project}"
+    print("CHILD_OK")
+""")
+
+
+def test_saved_model_in_clean_process_matches_in_process_model(runs, tmp_path):
+    cases = []
+    for downsample, run in runs.items():
+        inputs = tmp_path / f"inputs{downsample}.npz"
+        np.savez(inputs, scan=run.scans, atlas=run.other_atlas, atlas_labels=run.other_labels)
+        cases.append({"saved_model": run.saved_model, "inputs": str(inputs),
+                      "outputs": str(tmp_path / f"outputs{downsample}.npz")})
+    # cwd outside the repository, no PYTHONPATH: the project cannot even be imported by accident.
+    result = run_quietly([sys.executable, "-c", CHILD, json.dumps(cases)], cwd=tmp_path,
+                         env=serving_environment())
+    assert "CHILD_OK" in result.stdout
+    for case, run in zip(cases, runs.values()):
+        outputs = dict(np.load(case["outputs"]))
+        assert_outputs_match({k: outputs[k] for k in export.OUTPUTS}, run.expected)
+        assert_outputs_match({k: outputs["register_" + k] for k in export.OUTPUTS},
+                             run.expected_register)
+
+
+def test_register_with_the_baked_in_atlas_equals_serving_default(runs):
+    run = runs[1]
+    model = tf.saved_model.load(run.saved_model)
+    registered = model.signatures["register"](atlas=tf.constant(run.atlas),
+                                              atlas_labels=tf.constant(run.atlas_labels),
+                                              scan=tf.constant(run.scans))
+    assert_outputs_match(numpy_outputs(registered), run.expected)
+
+
+# ------------------------------------------------------------------------------- saved_model_cli
+def saved_model_cli():
+    path = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    return [path] if os.path.exists(path) else [sys.executable, "-m",
+                                                 "tensorflow.python.tools.saved_model_cli"]
+
+
+def parse_show_all(text: str) -> dict:
+    """``saved_model_cli show --all`` -> {signature: {'inputs'|'outputs': {name: (dtype, shape)}}}."""
+    signatures = {}
+    blocks = re.split(r"^signature_def\['([^']+)'\]:$", text, flags=re.M)
+    for name, block in zip(blocks[1::2], blocks[2::2]):
+        tensors = {"inputs": {}, "outputs": {}}
+        for kind, key, dtype, shape in re.findall(
+                r"(inputs|outputs)\['([^']+)'\] tensor_info:\s+dtype: (\w+)\s+shape: \(([^)]*)\)",
+                block):
+            tensors[kind][key] = (dtype, tuple(int(s) for s in shape.replace(" ", "").split(",") if s))
+        signatures[name] = tensors
+    return signatures
+
+
+def test_saved_model_cli_show_and_run(runs, tmp_path):
+    run = runs[2]
+    grid = GRIDS[2]
+    shown = run_quietly(saved_model_cli() + ["show", "--dir", run.saved_model, "--all"],
+                        env=serving_environment()).stdout
+    signatures = parse_show_all(shown)
+    assert signatures["serving_default"] == {
+        "inputs": {"scan": ("DT_FLOAT", (-1, *grid, 1))},
+        "outputs": {"segmentation": ("DT_INT32", (-1, *grid)),
+                    "flow": ("DT_FLOAT", (-1, *grid, 3)),
+                    "warped_atlas": ("DT_FLOAT", (-1, *grid, 1))}}
+    assert signatures["register"]["inputs"] == {
+        "atlas": ("DT_FLOAT", grid), "atlas_labels": ("DT_INT32", grid),
+        "scan": ("DT_FLOAT", (-1, *grid, 1))}
+    assert signatures["register"]["outputs"] == signatures["serving_default"]["outputs"]
+    assert "PyFunc" not in shown and "EagerPyFunc" not in shown
+
+    scan_path, out_dir = tmp_path / "scan.npy", tmp_path / "out"
+    np.save(scan_path, run.scans[:1])
+    run_quietly(saved_model_cli() + ["run", "--dir", run.saved_model, "--tag_set", "serve",
+                                     "--signature_def", "serving_default",
+                                     "--inputs", f"scan={scan_path}", "--outdir", str(out_dir)],
+                env=serving_environment())
+    written = {name: np.load(out_dir / f"{name}.npy") for name in export.OUTPUTS}
+    assert_outputs_match(written, {k: v[:1] for k, v in run.expected.items()})
+
+
+# ------------------------------------------------------------------------------- TF Serving clients
+@pytest.fixture(scope="module")
+def served(runs):
+    """The serving_default signature of the downsample-2 export, loaded as a server would."""
+    run = runs[2]
+    return run, tf.saved_model.load(run.saved_model).signatures["serving_default"]
+
+
+def check_accepts(signature, array: np.ndarray):
+    """The signature's declared input accepts exactly this tensor; returns its outputs."""
+    args, kwargs = signature.structured_input_signature
+    assert not args and list(kwargs) == [export.SCAN_INPUT]
+    spec = kwargs[export.SCAN_INPUT]
+    assert array.dtype == spec.dtype.as_numpy_dtype
+    assert spec.is_compatible_with(tf.TensorSpec.from_tensor(tf.constant(array)))
+    return numpy_outputs(signature(**{export.SCAN_INPUT: tf.constant(array)}))
+
+
+def test_rest_request_bodies(served):
+    run, signature = served
+    scan = run.scans[0]  # one scan [D, H, W, 1], raw intensities
+    bodies = {
+        # row form: one instance per scan, without the batch axis
+        "instances": json.dumps({"signature_name": "serving_default", "instances": [scan.tolist()]}),
+        # columnar form: named inputs, with the batch axis
+        "inputs": json.dumps({"signature_name": "serving_default",
+                              "inputs": {"scan": scan[None].tolist()}}),
+    }
+    for form, body in bodies.items():
+        request = json.loads(body)
+        assert request["signature_name"] == export.SERVING_SIGNATURE
+        values = request[form] if form == "instances" else request[form][export.SCAN_INPUT]
+        array = np.asarray(values, dtype=np.float32)
+        np.testing.assert_array_equal(array, scan[None])  # JSON round trip is exact for float32
+        outputs = check_accepts(signature, array)
+        assert_outputs_match(outputs, {k: v[:1] for k, v in run.expected.items()})
+        json.dumps({"predictions": [{k: v[0].tolist() for k, v in outputs.items()}]})
+
+
+def test_grpc_predict_request(served):
+    from tensorflow_serving.apis import predict_pb2
+
+    run, signature = served
+    scan = run.scans[:1]
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "ltnet"
+    request.model_spec.signature_name = "serving_default"
+    request.inputs["scan"].CopyFrom(tf.make_tensor_proto(scan))
+    request.output_filter.append("segmentation")
+
+    received = predict_pb2.PredictRequest.FromString(request.SerializeToString())
+    assert received.inputs["scan"].dtype == tf.float32.as_datatype_enum
+    assert [d.size for d in received.inputs["scan"].tensor_shape.dim] == [1, *GRIDS[2], 1]
+    outputs = check_accepts(signature, tf.make_ndarray(received.inputs["scan"]))
+    assert_outputs_match(outputs, {k: v[:1] for k, v in run.expected.items()})
+
+    response = predict_pb2.PredictResponse()
+    for name in received.output_filter:
+        response.outputs[name].CopyFrom(tf.make_tensor_proto(outputs[name]))
+    response = predict_pb2.PredictResponse.FromString(response.SerializeToString())
+    segmentation = tf.make_ndarray(response.outputs["segmentation"])[0]
+    np.testing.assert_array_equal(segmentation, run.expected["segmentation"][0])
+    assert list(response.outputs) == ["segmentation"]
+
+
+# ------------------------------------------------------------------------------- VoxelMorph .h5
+def working_grid_numpy(volume: np.ndarray, working_shape, factor: int) -> np.ndarray:
+    """The recipe of docs/serving.md for VoxelMorph users: [0, 1], zero-pad at the end, mean-pool."""
+    volume = (volume - volume.min()) / (volume.max() - volume.min())
+    padded = np.zeros([s * factor for s in working_shape], np.float32)
+    padded[:volume.shape[0], :volume.shape[1], :volume.shape[2]] = volume
+    d, h, w = working_shape
+    return padded.reshape(d, factor, h, factor, w, factor).mean(axis=(1, 3, 5))[None, ..., None]
+
+
+@pytest.mark.parametrize("downsample", sorted(GRIDS))
+def test_generator_h5_loads_in_voxelmorph(runs, downsample):
+    import voxelmorph as vxm
+
+    run = runs[downsample]
+    model = vxm.networks.VxmDense.load(run.paths["generator_h5"])
+    assert type(model) is vxm.networks.VxmDense
+    assert tuple(model.inputs[0].shape[1:-1]) == run.config.working_shape()
+
+    to_working = lambda volume: data.to_working_grid(  # noqa: E731
+        data.normalize_intensity(tf.constant(volume[None, ..., None])), run.config).numpy()
+    atlas, scan = to_working(run.atlas), to_working(run.scans[0, ..., 0])
+    warped, flow = model([atlas, scan])
+    expected_warped, expected_flow = run.generator([atlas, scan])
+    np.testing.assert_array_equal(flow.numpy(), expected_flow.numpy())
+    np.testing.assert_array_equal(warped.numpy(), expected_warped.numpy())
+    assert np.abs(flow.numpy()).max() > 0.1
+
+    # What docs/serving.md shows: numpy preprocessing, model.register, SpatialTransformer.
+    factor, working_shape = run.config.downsample, run.config.working_shape()
+    atlas_np = working_grid_numpy(run.atlas, working_shape, factor)
+    scan_np = working_grid_numpy(run.scans[0, ..., 0], working_shape, factor)
+    np.testing.assert_allclose(atlas_np, atlas, atol=1e-6)
+    np.testing.assert_allclose(scan_np, scan, atol=1e-6)
+    flow_np = model.register(atlas_np, scan_np)
+    np.testing.assert_allclose(flow_np, expected_flow.numpy(), atol=1e-4)
+    warped_np = vxm.layers.SpatialTransformer()([atlas_np, flow_np]).numpy()
+    np.testing.assert_allclose(warped_np, expected_warped.numpy(), atol=1e-4)
+    if factor == 1:  # labels on the working grid need no pooling when it is the atlas grid
+        labels_np = np.zeros(working_shape, np.float32)
+        labels_np[tuple(slice(0, s) for s in run.atlas_labels.shape)] = run.atlas_labels
+        warped_labels = vxm.layers.SpatialTransformer(interp_method="nearest")(
+            [labels_np[None, ..., None], flow_np]).numpy()
+        assert set(np.unique(warped_labels).astype(int)) <= set(LABEL_IDS)
+
+
+# ------------------------------------------------------------------------------- failures and CLI
+@pytest.fixture
+def run_copy(runs, tmp_path):
+    """A private copy of the downsample-1 run, which a test may change."""
+    path = tmp_path / "RUN"
+    shutil.copytree(runs[1].model_dir.path, path)
+    return ModelDir(path)
+
+
+@pytest.mark.parametrize("enc_features", [[16, 16], [8, 8, 8]])
+def test_checkpoint_not_matching_config_fails_loudly(run_copy, capsys, enc_features):
+    config = run_copy.load_config().replace(enc_features=enc_features)
+    config.save(run_copy.config_path)
+    with pytest.raises(ModelDirError) as error:
+        export.export_saved_model(run_copy)
+    message = str(error.value)
+    assert "\n" not in message and "does not match" in message and "config.json" in message
+    assert run_copy.saved_model_versions() == [1]
+    assert sorted(os.listdir(run_copy.saved_model_base)) == ["1"]
+
+    assert export.main(["ltnet-export", "--model_dir", run_copy.path]) == 1
+    stderr = capsys.readouterr().err.strip()
+    assert stderr.count("\n") == 0 and "does not match" in stderr
+
+
+def test_versions_and_command_line(run_copy, capsys):
+    base = run_copy.saved_model_base
+    assert export.main(["ltnet-export", "--model_dir", run_copy.path, "--checkpoint", "last"]) == 0
+    assert f"SavedModel: {os.path.join(base, '2')}" in capsys.readouterr().out
+    assert run_copy.saved_model_versions() == [1, 2]
+    assert export.main(["ltnet-export", "--model_dir", run_copy.path, "--version", "7"]) == 0
+    assert run_copy.latest_saved_model() == os.path.join(base, "7")
+
+    with pytest.raises(ModelDirError, match="refusing to overwrite"):
+        export.export_saved_model(run_copy, version=2)
+    assert export.main(["ltnet-export", "--model_dir", run_copy.path, "--version", "7"]) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert sorted(os.listdir(base)) == ["1", "2", "7"]  # nothing half-written left
+
+    for argv in (["--model_dir", str(run_copy.path) + "-missing"], [], ["--checkpoint", "newest"],
+                 ["--model_dir", run_copy.path, "--checkpoint", "best"]):
+        assert export.main(["ltnet-export", *argv]) == 1, argv
+        stderr = capsys.readouterr().err.strip()
+        assert stderr.startswith("ltnet_tf.export: error:") and "\n" not in stderr, stderr
+
+
+def test_bad_atlas_copy_is_a_one_line_error(run_copy, capsys):
+    with open(run_copy.atlas_path, "wb") as f:
+        f.write(b"not a nifti")
+    assert export.main(["ltnet-export", "--model_dir", run_copy.path]) == 1
+    stderr = capsys.readouterr().err.strip()
+    assert "atlas.nii.gz" in stderr and "\n" not in stderr
+    assert sorted(os.listdir(run_copy.saved_model_base)) == ["1"]
+    assert not [n for n in os.listdir(run_copy.path) if n.startswith(".")]
+
+
+def test_structure_names():
+    assert len(labels.BENCHMARK_LABELS) == len(set(labels.BENCHMARK_LABELS)) == 28
+    assert all(i in labels.FREESURFER_NAMES for i in labels.BENCHMARK_LABELS)
+    assert labels.structure_name(0) == "background"
+    assert labels.structure_name(17) == "Left-Hippocampus"
+    assert labels.structure_name(np.int32(60)) == "Right-VentralDC"
+    assert labels.structure_name(9999) == "label 9999"

@@ -1,0 +1,185 @@
+"""LTNet (ltnet_tf.model): training on a synthetic pair, update isolation, presets, logs, hard Dice."""
+import numpy as np
+import pytest
+
+from ltnet_tf import config as ltnet_config  # noqa: I001  (before TensorFlow: sets TF_USE_LEGACY_KERAS)
+from ltnet_tf.model import LTNet, hard_dice
+import tensorflow as tf
+
+GRID = 16
+SLIM = dict(atlas_shape=[GRID] * 3, label_ids=[0, 1], enc_features=[8, 8], dec_features=[8, 8, 8, 8],
+            disc_features=[4, 8])
+ALL_TERMS = {"sim", "smooth", "adv", "cyc_img", "cyc_label", "cyc_flow", "back_sim", "back_smooth"}
+CYCLE_TERMS = {"cyc_img", "cyc_label", "cyc_flow", "back_sim", "back_smooth"}
+# What each preset of the paper's ablation logs during training, written out rather than derived.
+EXPECTED_LOGS = {
+    "voxelmorph": {"sim", "smooth", "g_loss"},
+    "voxelmorph_gan": {"sim", "smooth", "adv", "g_loss", "d_loss"},
+    "voxelmorph_cycle": {"sim", "smooth", *CYCLE_TERMS, "g_loss"},
+    "ltnet": {*ALL_TERMS, "g_loss", "d_loss"},
+}
+
+
+def _blob(center, radius=4.5):
+    """A soft-edged sphere image [1, G, G, G, 1] and its label map as one-hot [1, G, G, G, 2]."""
+    grid = np.stack(np.meshgrid(*[np.arange(GRID)] * 3, indexing="ij"), axis=-1)
+    distance = np.linalg.norm(grid - np.asarray(center), axis=-1)
+    image = 1.0 / (1.0 + np.exp(distance - radius))
+    labels = (distance <= radius).astype(np.int64)
+    return (image[None, ..., None].astype(np.float32),
+            np.eye(2, dtype=np.float32)[labels][None])
+
+
+CENTRE = np.full(3, GRID / 2 - 0.5)
+ATLAS, ATLAS_ONEHOT = _blob(CENTRE)
+SCAN, SCAN_ONEHOT = _blob(CENTRE + [2.5, -2.0, 2.0])  # the same blob moved by ~4 voxels
+
+
+def _model(preset: str, run_eagerly: bool = False, **changes) -> LTNet:
+    """run_eagerly skips tracing the step (tens of seconds on CPU), for tests of one or two steps."""
+    tf.keras.utils.set_random_seed(0)
+    model = LTNet(ltnet_config.preset(preset, **{**SLIM, **changes}), ATLAS, ATLAS_ONEHOT)
+    model.compile(run_eagerly=run_eagerly)
+    return model
+
+
+def _fit(model: LTNet, steps: int) -> dict:
+    scans = tf.data.Dataset.from_tensors(SCAN).repeat(steps)
+    return model.fit(scans, epochs=1, verbose=0).history
+
+
+def _evaluate(model: LTNet) -> dict:
+    return model.evaluate(SCAN, SCAN_ONEHOT, batch_size=1, verbose=0, return_dict=True)
+
+
+def numpy_hard_dice(reference_onehot, predicted_onehot):
+    """Mean Dice over the foreground labels present in the reference, after argmax, per example."""
+    reference = reference_onehot.argmax(-1)
+    predicted = predicted_onehot.argmax(-1)
+    scores = []
+    for ref, pred in zip(reference, predicted):
+        dices = [2 * np.sum((ref == label) & (pred == label)) / (np.sum(ref == label)
+                                                                 + np.sum(pred == label))
+                 for label in range(1, reference_onehot.shape[-1]) if np.any(ref == label)]
+        scores.append(np.mean(dices))
+    return np.array(scores)
+
+
+def _snapshot(variables):
+    return [v.numpy().copy() for v in variables]
+
+
+# ---------------------------------------------------------------------------------------- training
+def test_training_registers_the_shifted_blob():
+    model = _model("voxelmorph", g_learning_rate=1e-2)
+    before = _evaluate(model)
+    # The freshly initialised G_F is close to the identity: Dice is the unregistered overlap.
+    np.testing.assert_allclose(before["dice"], numpy_hard_dice(SCAN_ONEHOT, ATLAS_ONEHOT)[0],
+                               atol=1e-3)
+
+    history = _fit(model, steps=20)
+    after = _evaluate(model)
+
+    assert np.all(np.isfinite(history["g_loss"]))
+    assert after["sim"] < 0.5 * before["sim"], (before, after)
+    assert after["dice"] > before["dice"] + 0.3, (before, after)
+
+
+def test_ltnet_preset_trains_without_nan():
+    model = _model("ltnet", g_learning_rate=1e-3, d_learning_rate=1e-3)
+    history = _fit(model, steps=8)
+    after = _evaluate(model)
+    assert set(history) == EXPECTED_LOGS["ltnet"]
+    for name, values in history.items():
+        assert np.all(np.isfinite(values)), name
+    for name, value in after.items():
+        assert np.isfinite(value), name
+
+
+# ---------------------------------------------------------------------------- update isolation
+@pytest.fixture(scope="module")
+def ltnet_model():
+    return _model("ltnet", run_eagerly=True)
+
+
+def test_generator_step_updates_only_the_generators(ltnet_model):
+    model = ltnet_model
+    generators = model.forward_generator.variables + model.backward_generator.variables
+    discriminator_before = _snapshot(model.discriminator.variables)
+    generators_before = _snapshot(generators)
+
+    model.generator_step(tf.constant(SCAN))
+
+    for variable, before in zip(model.discriminator.variables, discriminator_before):
+        assert np.array_equal(variable.numpy(), before), variable.name
+    for variable, before in zip(generators, generators_before):
+        assert not np.array_equal(variable.numpy(), before), f"{variable.name} was not trained"
+
+
+def test_discriminator_step_updates_only_the_discriminator(ltnet_model):
+    model = ltnet_model
+    generators = model.forward_generator.variables + model.backward_generator.variables
+    warped_atlas, _ = model(tf.constant(SCAN))
+    discriminator_before = _snapshot(model.discriminator.variables)
+    generators_before = _snapshot(generators)
+
+    d_loss = model.discriminator_step(tf.constant(SCAN), warped_atlas)
+
+    assert d_loss.shape == (1,) and np.all(d_loss.numpy() > 0)
+    for variable, before in zip(generators, generators_before):
+        assert np.array_equal(variable.numpy(), before), variable.name
+    for variable, before in zip(model.discriminator.variables, discriminator_before):
+        assert not np.array_equal(variable.numpy(), before), f"{variable.name} was not trained"
+
+
+# ----------------------------------------------------------------------------- presets and logs
+def test_expected_logs_cover_every_preset():
+    assert set(ltnet_config.PRESETS) == set(EXPECTED_LOGS)
+
+
+def _check_logs(model: LTNet, history: dict, expected_names: set):
+    assert set(history) == expected_names
+    logs = {name: values[-1] for name, values in history.items()}
+    for name, value in logs.items():
+        assert np.isfinite(value) and value >= 0, (name, value)
+    # g_loss is the weighted sum of the generator terms (one step, one scan: no averaging across).
+    config = model.ltnet_config
+    weighted = sum(getattr(config, f"weight_{name}") * logs[name] for name in logs
+                   if name in ALL_TERMS)
+    np.testing.assert_allclose(logs["g_loss"], weighted, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset", sorted(EXPECTED_LOGS))
+def test_preset_builds_and_trains_one_step(preset):
+    model = _model(preset, run_eagerly=True)
+    expected = EXPECTED_LOGS[preset]
+    assert (model.backward_generator is not None) == bool(expected & CYCLE_TERMS)
+    assert (model.discriminator is not None) == ("adv" in expected)
+    assert (model.d_optimizer is not None) == ("adv" in expected)
+
+    _check_logs(model, _fit(model, steps=1), expected)
+
+
+@pytest.mark.parametrize("weight, removed", [
+    ("weight_cyc_flow", {"cyc_flow"}),
+    ("weight_adv", {"adv", "d_loss"}),
+])
+def test_zero_weight_removes_its_term_from_the_logs(weight, removed):
+    model = _model("ltnet", run_eagerly=True, **{weight: 0.0})
+    if weight == "weight_adv":
+        assert model.discriminator is None
+    _check_logs(model, _fit(model, steps=1), EXPECTED_LOGS["ltnet"] - removed)
+
+
+# -------------------------------------------------------------------------------------- hard Dice
+def test_hard_dice_matches_numpy():
+    rng = np.random.default_rng(0)
+    n_labels = 4
+    reference = np.eye(n_labels, dtype=np.float32)[rng.integers(0, n_labels, (2, 6, 6, 6))]
+    reference[1, ..., 3] = 0  # label 3 absent from the second reference: left out of its mean
+    reference[1, ..., 0] = 1 - reference[1, ..., 1:].sum(-1)
+    predicted = rng.dirichlet(np.ones(n_labels), size=(2, 6, 6, 6)).astype(np.float32)
+
+    expected = numpy_hard_dice(reference, predicted)
+    np.testing.assert_allclose(hard_dice(reference, predicted).numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(hard_dice(reference, reference).numpy(), 1.0)

@@ -1,0 +1,6 @@
+import sys
+
+from ltnet_tf.cli import train_main
+
+if __name__ == "__main__":
+    sys.exit(train_main(sys.argv))
