@@ -11,7 +11,10 @@ from ltnet_tf import compat  # noqa: F401
 import csv
 import dataclasses
 import json
+import logging as pylogging
+import math
 import os
+import re
 import sys
 import time
 import typing
@@ -81,19 +84,54 @@ def _parse(flag_values: flags.FlagValues, argv, usage: str):
     return flag_values
 
 
-def _run_command(body, flag_values, argv, usage) -> int:
+def _user_error(error: Exception):
+    """The one-line message of an error caused by the user's input, or None for a bug."""
+    if isinstance(error, ConfigError):
+        return str(error)
+    # Imported here, not at the top: --helpfull and flag errors must not wait for TensorFlow.
     from ltnet_tf.data import DataError
     from ltnet_tf.modeldir import ModelDirError
     from ltnet_tf.training import TrainingError
+    import tensorflow as tf
 
+    if isinstance(error, (DataError, ModelDirError, TrainingError)):
+        return str(error)
+    if isinstance(error, tf.errors.OpError):
+        # A scan that turned bad while tf.data was reading it: TF wraps our DataError in its own
+        # error, with the Python traceback in the message; keep our line.
+        found = re.search(r"\bDataError: ([^\n]+)", str(error))
+        if found:
+            return found.group(1).strip()
+    return None
+
+
+class _LtnetInfoOnly(pylogging.Filter):
+    """absl INFO records from ltnet_tf pass; TensorFlow's own INFO chatter (checkpoint sharding,
+    SavedModel tensor renaming, fingerprints) would bury the progress lines."""
+
+    def filter(self, record):
+        return record.levelno >= pylogging.WARNING or _PACKAGE_DIR in os.path.abspath(record.pathname)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_INFO_FILTER = _LtnetInfoOnly()
+
+
+def _run_command(body, flag_values, argv, usage) -> int:
     try:
         parsed = _parse(flag_values, argv, usage)
         if parsed is None:
             return 0
         logging.set_verbosity(logging.INFO)
+        if _INFO_FILTER not in logging.get_absl_logger().filters:
+            logging.get_absl_logger().addFilter(_INFO_FILTER)
         return body(parsed)
-    except (ConfigError, DataError, ModelDirError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001  (re-raised unless it is the user's input)
+        message = _user_error(e)
+        if message is None:
+            raise
+        first_line = (message.strip().splitlines() or [type(e).__name__])[0]
+        print(f"error: {first_line}", file=sys.stderr)
         return 1
 
 
@@ -143,21 +181,33 @@ def default_atlas_labels(atlas_path: str):
 
 def _train(fv: flags.FlagValues) -> int:
     from ltnet_tf import distribute, training
+    from ltnet_tf.data import DataError
+    from ltnet_tf.modeldir import ModelDir
 
     for name in ("atlas", "unlabeled", "model_dir"):
         if not fv[name].value:
             raise ConfigError(f"--{name} is required (see --helpfull)")
     if bool(fv.val_images) != bool(fv.val_labels):
         raise ConfigError("--val_images and --val_labels go together")
+    if not os.path.exists(fv.atlas):
+        raise DataError(f"{fv.atlas}: file not found")
     atlas_labels = fv.atlas_labels or default_atlas_labels(fv.atlas)
     if atlas_labels is None:
         raise ConfigError(f"{fv.atlas}: --atlas_labels not given and no "
                           f"<atlas>_labels.nii.gz / atlas_labels.nii.gz beside it")
-    strategy = distribute.create_strategy(fv.strategy)
     config = _config_from_flags(fv)
+    saved_config = ModelDir(fv.model_dir).config_path
+    if fv.resume and fv["steps"].value is None and os.path.isfile(saved_config):
+        # A plain --resume finishes the run as planned, not at the default number of steps.
+        config = config.replace(steps=LTNetConfig.load(saved_config).steps)
+    strategy = distribute.create_strategy(fv.strategy)
+    # Keras's progress bar redraws with carriage returns: one line per checkpoint interval
+    # reads better in a log file or a CI job.
+    verbose = 1 if sys.stdout.isatty() else 2
     model_dir = training.train(config, fv.atlas, atlas_labels, fv.unlabeled, fv.model_dir,
                                val_images=fv.val_images, val_labels=fv.val_labels,
-                               resume=fv.resume, strategy=strategy, export=fv.export)
+                               resume=fv.resume, strategy=strategy, export=fv.export,
+                               verbose=verbose)
     print(f"model written to {model_dir.path}")
     return 0
 
@@ -206,13 +256,28 @@ def _prepare_output_dir(path: str) -> str:
 
 def _write_json(payload, path: str) -> None:
     with open(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=2)
+        json.dump(payload, f, indent=2, allow_nan=False)
         f.write("\n")
     os.replace(path + ".tmp", path)
 
 
+def _finite_or_none(value):
+    """JSON has no NaN: a Dice that is undefined (structure in neither map) is written as null."""
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _nan_mean(values) -> float:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
 def write_dice_reports(per_scan: dict, label_ids, output_dir: str) -> dict:
-    """dice.csv (one row per scan and structure) and dice.json (also per-structure means)."""
+    """dice.csv (one row per scan and structure, then the scan's mean) and dice.json.
+
+    dice.json: ``scans`` {scan: {mean_dice, dice {label ID: Dice}}}, ``structures`` {label ID:
+    {name, mean_dice}}, ``mean_dice`` (mean over scans) and ``mean_over_labels`` (the structures a
+    scan's mean is taken over). Undefined Dice values are ``nan`` in the CSV and null in the JSON.
+    """
     from ltnet_tf import evaluation
     from ltnet_tf.labels import BENCHMARK_LABELS, structure_name
 
@@ -221,18 +286,17 @@ def write_dice_reports(per_scan: dict, label_ids, output_dir: str) -> dict:
     rows, report = [], {"mean_over_labels": mean_labels, "scans": {}, "structures": {}}
     for scan, scores in per_scan.items():
         scan_mean = evaluation.mean_dice(scores, mean_labels)
-        report["scans"][scan] = {"mean_dice": scan_mean,
-                                 "dice": {str(k): v for k, v in scores.items()}}
+        report["scans"][scan] = {"mean_dice": _finite_or_none(scan_mean),
+                                 "dice": {str(k): _finite_or_none(v) for k, v in scores.items()}}
         for label in labels:
             rows.append([scan, label, structure_name(label), scores.get(label, float("nan"))])
         rows.append([scan, "mean", f"mean of {len(mean_labels)} structures", scan_mean])
     for label in labels:
-        values = [s[label] for s in per_scan.values() if label in s and s[label] == s[label]]
-        report["structures"][str(label)] = {"name": structure_name(label),
-                                            "mean_dice": float(sum(values) / len(values))
-                                            if values else None}
-    means = [v["mean_dice"] for v in report["scans"].values()]
-    report["mean_dice"] = float(sum(means) / len(means)) if means else None
+        report["structures"][str(label)] = {
+            "name": structure_name(label),
+            "mean_dice": _finite_or_none(_nan_mean(s.get(label) for s in per_scan.values()))}
+    report["mean_dice"] = _finite_or_none(_nan_mean(v["mean_dice"]
+                                                    for v in report["scans"].values()))
     csv_path = os.path.join(output_dir, "dice.csv")
     with open(csv_path + ".tmp", "w", newline="") as f:
         writer = csv.writer(f)
@@ -244,26 +308,53 @@ def write_dice_reports(per_scan: dict, label_ids, output_dir: str) -> dict:
     return report
 
 
+def _check_scans(pairs, atlas_shape, model_path: str) -> None:
+    """Read every scan (and reference label map) once before anything is written, so a bad file
+    stops the run with its own message instead of leaving part of the outputs behind."""
+    from ltnet_tf import data
+
+    names = {}
+    for image_path, label_path in pairs:
+        name = data.scan_name(image_path)
+        if name in names:
+            raise data.DataError(f"{image_path}: same scan name '{name}' as {names[name]} (both "
+                                 f"would be written to {name}_seg.nii.gz)")
+        names[name] = image_path
+        scan = data.load_scan(image_path)
+        if tuple(scan.shape) != tuple(atlas_shape):
+            raise data.DataError(f"{image_path}: shape {tuple(scan.shape)} differs from the atlas "
+                                 f"grid {tuple(atlas_shape)} of the model {model_path} (resample "
+                                 f"scans on the atlas grid)")
+        if label_path:
+            data.check_same_grid(scan, data.load_label_map(label_path), strict=False)
+
+
 def predict_files(model_dir, images, output_dir, labels=None, *, source="auto", checkpoint="auto",
                   save_warped_atlas=False, save_flow=False) -> dict:
-    """Library form of predict.py; returns {'outputs': {scan: path}, 'dice': report or None}."""
+    """Library form of predict.py; returns {'outputs': {scan: path}, 'dice': report or None}.
+
+    Inputs and the model are all checked before the output folder is created or written to.
+    """
     from ltnet_tf import data, evaluation
     from ltnet_tf.inference import Predictor
+    from ltnet_tf.labels import BENCHMARK_LABELS
+    from ltnet_tf.modeldir import ModelDir
 
     if labels:
         pairs = data.pair_images_and_labels(images, labels)
     else:
         pairs = [(path, None) for path in data.list_images(images)]
-    _prepare_output_dir(output_dir)
+    # Cheap checks first (the model folder's config, every scan), then the model itself.
+    model_config = ModelDir(model_dir).check().load_config()
+    _check_scans(pairs, model_config.atlas_shape, ModelDir(model_dir).path)
     predictor = Predictor(model_dir, source=source, checkpoint=checkpoint)
+    _prepare_output_dir(output_dir)
     label_ids = predictor.config.label_ids
+    mean_labels = evaluation.evaluation_labels(label_ids, BENCHMARK_LABELS)
     outputs, per_scan = {}, {}
     for number, (image_path, label_path) in enumerate(pairs, start=1):
         start = time.time()
         scan = data.load_scan(image_path)
-        reference = data.load_label_map(label_path) if label_path else None
-        if reference is not None:
-            data.check_same_grid(scan, reference, strict=False)
         result = predictor.segment(scan)
         name = data.scan_name(image_path)
         path = os.path.join(output_dir, f"{name}_seg.nii.gz")
@@ -276,15 +367,19 @@ def predict_files(model_dir, images, output_dir, labels=None, *, source="auto", 
             data.save_nifti(result["flow"], scan.affine,
                             os.path.join(output_dir, f"{name}_flow.nii.gz"), dtype="float32")
         outputs[name] = path
-        message = f"[{number}/{len(pairs)}] {name}: {time.time() - start:.1f} s"
-        if reference is not None:
+        message = f"[{number}/{len(pairs)}] {name}_seg.nii.gz ({time.time() - start:.1f} s)"
+        if label_path:
+            reference = data.load_label_map(label_path)
             per_scan[name] = evaluation.dice_per_label(result["segmentation"], reference.data,
                                                        label_ids)
-            message += f", mean Dice {evaluation.mean_dice(per_scan[name], [l for l in per_scan[name]]):.3f}"
+            scan_mean = evaluation.mean_dice(per_scan[name], mean_labels)
+            message += f": mean Dice {scan_mean:.3f} over {len(mean_labels)} structures"
         print(message, flush=True)
     report = write_dice_reports(per_scan, label_ids, output_dir) if per_scan else None
     _write_json({"model_dir": predictor.model_dir.path, "source": predictor.source,
-                 "images": [p for p, _ in pairs], "labels": labels, "outputs": outputs,
+                 "images": [os.path.abspath(p) for p, _ in pairs],
+                 "labels": [os.path.abspath(p) for _, p in pairs] if labels else None,
+                 "outputs": outputs,
                  "mean_dice": report["mean_dice"] if report else None},
                 os.path.join(output_dir, "prediction.json"))
     return {"outputs": outputs, "dice": report}
@@ -299,7 +394,8 @@ def _predict(fv: flags.FlagValues) -> int:
                            save_flow=fv.save_flow)
     print(f"{len(result['outputs'])} segmentations written to {os.path.abspath(fv.output_dir)}")
     if result["dice"] is not None:
-        print(f"mean Dice {result['dice']['mean_dice']:.4f} (dice.csv, dice.json)")
+        mean = result["dice"]["mean_dice"]
+        print(f"mean Dice {'n/a' if mean is None else f'{mean:.4f}'} (dice.csv, dice.json)")
     return 0
 
 

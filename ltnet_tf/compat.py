@@ -14,6 +14,8 @@ import os
 import sys
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+# TensorFlow's C++ INFO lines (CUDA stubs, CPU features) drown the training progress; warnings stay.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 if os.environ["TF_USE_LEGACY_KERAS"] not in ("1", "true", "True"):
     raise ImportError("ltnet_tf needs Keras 2: unset TF_USE_LEGACY_KERAS or set it to 1")
 

@@ -385,10 +385,10 @@ def pair_images_and_labels(image_paths, label_paths) -> list:
     images_by_name = by_name(images)
     for name, path in images_by_name.items():
         if name not in labels_by_name:
-            raise DataError(f"{path}: no label map named '{name}' among the validation labels")
+            raise DataError(f"{path}: no label map named '{name}' among the label maps")
     for name, path in labels_by_name.items():
         if name not in images_by_name:
-            raise DataError(f"{path}: no scan named '{name}' among the validation images")
+            raise DataError(f"{path}: no scan named '{name}' among the scans")
     return [(path, labels_by_name[scan_name(path)]) for path in images]
 
 

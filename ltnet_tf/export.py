@@ -1,14 +1,15 @@
 """Export a trained run folder for TF Serving (SavedModel) and for VoxelMorph scripts (``.h5``).
 
-    RUN/saved_model/<version>/                     TF Serving layout: --model_base_path=RUN/saved_model
-    RUN/saved_model/<version>/assets.extra/ltnet_serving.json   what a client sends and gets back
-    RUN/generator.h5                               G_F: vxm.networks.VxmDense.load(path)
+    RUN/saved_model/<version>/      TF Serving's layout: --model_base_path=RUN/saved_model
+    RUN/saved_model/<version>/assets.extra/ltnet_serving.json   what a client sends, gets back
+    RUN/generator.h5                G_F: vxm.networks.VxmDense.load(path)
 
 The SavedModel is ``LabelTransfer`` (``ltnet_tf.inference``) with the atlas baked in as constants,
 so the serving side needs TensorFlow only: no ltnet_tf, VoxelMorph or neurite. Signatures:
 
     serving_default(scan [B, D, H, W, 1] float32)
-        -> segmentation [B, D, H, W] int32 label IDs, flow [B, D, H, W, 3], warped_atlas [B, D, H, W, 1]
+        -> segmentation [B, D, H, W] int32 label IDs, flow [B, D, H, W, 3],
+           warped_atlas [B, D, H, W, 1]
     register(atlas [D, H, W] float32, atlas_labels [D, H, W] int32, scan [B, D, H, W, 1] float32)
         -> the same outputs, for another atlas on the same grid
 
@@ -112,11 +113,12 @@ def _load_atlas(model_dir: ModelDir, config):
     for volume in (atlas, atlas_labels):
         if tuple(volume.shape) != tuple(config.atlas_shape):
             raise ModelDirError(f"{volume.path}: shape {tuple(volume.shape)} differs from "
-                                f"atlas_shape {list(config.atlas_shape)} in {model_dir.config_path}")
+                                f"atlas_shape {list(config.atlas_shape)} in "
+                                f"{model_dir.config_path}")
     unknown = sorted(set(np.unique(atlas_labels.data).tolist()) - set(config.label_ids))
     if unknown:
-        raise ModelDirError(f"{atlas_labels.path}: label IDs {unknown[:10]} are not in label_ids of "
-                            f"{model_dir.config_path}")
+        raise ModelDirError(f"{atlas_labels.path}: label IDs {unknown[:10]} are not in "
+                            f"label_ids of {model_dir.config_path}")
     return atlas, atlas_labels
 
 
@@ -165,7 +167,8 @@ def _next_version(model_dir: ModelDir, version) -> int:
     if int(version) in existing or os.path.exists(os.path.join(model_dir.saved_model_base,
                                                                str(version))):
         raise ModelDirError(f"{os.path.join(model_dir.saved_model_base, str(version))}: version "
-                            f"{version} exists; refusing to overwrite it (choose another --version)")
+                            f"{version} exists; refusing to overwrite it (choose another "
+                            f"--version)")
     return int(version)
 
 
@@ -174,19 +177,24 @@ def _write_saved_model(model_dir: ModelDir, config, generator, checkpoint: str, 
     atlas, atlas_labels = _load_atlas(model_dir, config)
     module = ServingModule(LabelTransfer(generator, config, atlas.data, atlas_labels.data))
     signatures = module.signatures()
-    os.makedirs(model_dir.saved_model_base, exist_ok=True)
     # Written under a non-numeric name, then renamed: TF Serving only loads numeric folders, so it
     # never sees a half-written version.
-    staging = tempfile.mkdtemp(prefix=".export-", dir=model_dir.saved_model_base)
-    os.chmod(staging, 0o755)  # mkdtemp makes it private; the server may run as another user
+    try:
+        os.makedirs(model_dir.saved_model_base, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".export-", dir=model_dir.saved_model_base)
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; the server may run as another user
+    except OSError as e:
+        raise ModelDirError(f"{model_dir.saved_model_base}: cannot write ({e.strerror or e})") \
+            from None
     final = os.path.join(model_dir.saved_model_base, str(version))
     try:
         tf.saved_model.save(module, staging, signatures=signatures)
         metadata_path = os.path.join(staging, METADATA_PATH)
         os.makedirs(os.path.dirname(metadata_path), exist_ok=True)
         with open(metadata_path, "w") as f:
-            json.dump(serving_metadata(config, signatures, os.path.relpath(checkpoint, model_dir.path),
-                                       version), f, indent=2)
+            metadata = serving_metadata(config, signatures,
+                                        os.path.relpath(checkpoint, model_dir.path), version)
+            json.dump(metadata, f, indent=2)
             f.write("\n")
         if os.path.exists(final):
             raise ModelDirError(f"{final}: appeared during the export; refusing to overwrite it")
@@ -224,6 +232,9 @@ def _without_tf_log(prefix: str):
 def _write_generator_h5(model_dir: ModelDir, generator) -> str:
     path = model_dir.generator_h5_path
     staging = os.path.join(model_dir.path, f".generator.tmp-{os.getpid()}.h5")
+    if not os.access(model_dir.path, os.W_OK):
+        raise ModelDirError(f"{model_dir.path}: cannot write {os.path.basename(path)} (folder is "
+                            f"not writable)")
     try:
         # HDF5 is "legacy" to Keras but it is VoxelMorph's format; and G_F is saved uncompiled.
         with warnings.catch_warnings(), _without_tf_log("Compiled the loaded model"):
@@ -261,7 +272,8 @@ def _flag_values() -> flags.FlagValues:
     fv = flags.FlagValues()
     flags.DEFINE_string("model_dir", None, "Run folder written by train.py.", flag_values=fv)
     flags.DEFINE_enum("checkpoint", "auto", ["auto", "best", "last"],
-                      "Checkpoint to export: best (validation Dice), last, or best if any else last.",
+                      "Checkpoint to export: best (validation Dice), last, or best if any, "
+                      "else last.",
                       flag_values=fv)
     flags.DEFINE_integer("version", None, "SavedModel version folder (default: newest + 1).",
                          lower_bound=1, flag_values=fv)

@@ -2,7 +2,7 @@
 
 Per-example values let the model average over the *global* batch under ``tf.distribute``
 (``tf.nn.compute_average_loss``), and positive values make every logged curve read the same way:
-lower is better, 0 is perfect.
+lower is better (0 is perfect, except that NCC is 0 only where every window varies).
 """
 from ltnet_tf import compat  # noqa: F401
 
@@ -98,13 +98,16 @@ def soft_dice_loss(reference_onehot: tf.Tensor, predicted_onehot: tf.Tensor,
                    smooth: float = 1e-5) -> tf.Tensor:
     """1 - mean soft Dice over the foreground labels (channel 0 is background and is left out).
 
-    A label absent from both maps counts as Dice 1, so it neither rewards nor penalises.
+    Dice = 2 Σ a·b / (Σ a² + Σ b²) (the V-Net form): it is exactly 1 when the maps are equal even
+    if they are soft, as the atlas labels are at a reduced working resolution (with Σa + Σb in the
+    denominator, a soft map would not even match itself). A label absent from both counts as 1.
     """
     reference = tf.cast(reference_onehot[..., 1:], tf.float32)
     predicted = tf.cast(predicted_onehot[..., 1:], tf.float32)
     spatial_axes = [1, 2, 3]
     overlap = tf.reduce_sum(reference * predicted, axis=spatial_axes)
-    total = tf.reduce_sum(reference, axis=spatial_axes) + tf.reduce_sum(predicted, axis=spatial_axes)
+    total = (tf.reduce_sum(tf.square(reference), axis=spatial_axes)
+             + tf.reduce_sum(tf.square(predicted), axis=spatial_axes))
     dice = (2.0 * overlap + smooth) / (total + smooth)
     return 1.0 - tf.reduce_mean(dice, axis=-1)
 

@@ -76,10 +76,30 @@ class LTNet(tf.keras.Model):
         """One Adam per side by default, learning rates from the config."""
         super().compile(**kwargs)
         config = self.ltnet_config
-        self.g_optimizer = g_optimizer or tf.keras.optimizers.Adam(config.g_learning_rate)
+        self.g_optimizer = self._loss_scaled(
+            g_optimizer or tf.keras.optimizers.Adam(config.g_learning_rate))
         self.d_optimizer = None
         if self.discriminator is not None:
-            self.d_optimizer = d_optimizer or tf.keras.optimizers.Adam(config.d_learning_rate)
+            self.d_optimizer = self._loss_scaled(
+                d_optimizer or tf.keras.optimizers.Adam(config.d_learning_rate))
+
+    @staticmethod
+    def _loss_scaled(optimizer):
+        """Under mixed_float16, losses averaged over millions of voxels give float16 gradients that
+        underflow; Keras scales only the optimizer given to ``Model.compile``, so we do it here."""
+        policy = tf.keras.mixed_precision.global_policy()
+        if policy.compute_dtype == "float16" and not isinstance(
+                optimizer, tf.keras.mixed_precision.LossScaleOptimizer):
+            return tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
+        return optimizer
+
+    @staticmethod
+    def _apply(optimizer, tape, loss, variables):
+        scaled = isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
+        gradients = tape.gradient(optimizer.get_scaled_loss(loss) if scaled else loss, variables)
+        if scaled:
+            gradients = optimizer.get_unscaled_gradients(gradients)
+        optimizer.apply_gradients(zip(gradients, variables))
 
     @property
     def metrics(self):
@@ -105,7 +125,7 @@ class LTNet(tf.keras.Model):
 
     # ------------------------------------------------------------------ losses
     def generator_terms(self, scan, training=True):
-        """Every active generator term (per example) and the warped atlas they were computed on."""
+        """Every active generator term (per example), the warped atlas and the forward displacement."""
         config = self.ltnet_config
         atlas, atlas_onehot = self._atlas_batch(scan)
         warped_atlas, forward_flow = self.forward_generator([atlas, scan], training=training)
@@ -127,7 +147,7 @@ class LTNet(tf.keras.Model):
                 terms["back_sim"] = self.ncc(atlas, cycled_atlas)
             if config.weight_back_smooth > 0:
                 terms["back_smooth"] = losses.smoothness(backward_flow)
-        return terms, warped_atlas
+        return terms, warped_atlas, forward_flow
 
     def weighted_total(self, terms):
         config = self.ltnet_config
@@ -137,13 +157,11 @@ class LTNet(tf.keras.Model):
     def generator_step(self, scan):
         """Update G_F (and G_B) only; returns the terms and the warped atlas for the D step."""
         with tf.GradientTape() as tape:
-            terms, warped_atlas = self.generator_terms(scan, training=True)
+            terms, warped_atlas, _ = self.generator_terms(scan, training=True)
             per_example = self.weighted_total(terms)
             # Average over the global batch: replicas' gradients are summed by the optimizer.
             g_loss = tf.nn.compute_average_loss(per_example)
-        variables = self.generator_variables
-        gradients = tape.gradient(g_loss, variables)
-        self.g_optimizer.apply_gradients(zip(gradients, variables))
+        self._apply(self.g_optimizer, tape, g_loss, self.generator_variables)
         terms["g_loss"] = per_example
         return terms, warped_atlas
 
@@ -154,9 +172,7 @@ class LTNet(tf.keras.Model):
             per_example = self.adversarial.discriminator_loss(
                 self.discriminator(scan, training=True), self.discriminator(fake, training=True))
             d_loss = tf.nn.compute_average_loss(per_example)
-        variables = self.discriminator.trainable_variables
-        gradients = tape.gradient(d_loss, variables)
-        self.d_optimizer.apply_gradients(zip(gradients, variables))
+        self._apply(self.d_optimizer, tape, d_loss, self.discriminator.trainable_variables)
         return per_example
 
     def train_step(self, scan):
@@ -171,14 +187,13 @@ class LTNet(tf.keras.Model):
 
     def test_step(self, data):
         """Validation: every active term, plus Dice of the transferred labels when labels are given."""
-        scan, scan_onehot = (data, None) if not isinstance(data, (tuple, list)) else (data[0], data[1])
-        terms, _ = self.generator_terms(scan, training=False)
+        scan, scan_onehot, _ = tf.keras.utils.unpack_x_y_sample_weight(data)
+        terms, _, forward_flow = self.generator_terms(scan, training=False)
         terms["g_loss"] = self.weighted_total(terms)
         for name, value in terms.items():
             self.trackers[name].update_state(value)
         results = {name: self.trackers[name].result() for name in terms}
         if scan_onehot is not None:
-            _, forward_flow = self(scan)
             _, atlas_onehot = self._atlas_batch(scan)
             self.dice_tracker.update_state(hard_dice(scan_onehot, self.warp([atlas_onehot,
                                                                              forward_flow])))

@@ -5,6 +5,7 @@
     RUN/atlas_labels.nii.gz     of its label map (so the folder is all a predictor needs)
     RUN/checkpoints/ckpt-N      training checkpoints (networks + optimisers), newest kept
     RUN/best/ckpt-N             the checkpoint with the best validation Dice (when validating)
+    RUN/validation.json         validation mean Dice at every checkpoint step
     RUN/generator.h5            G_F for VoxelMorph: vxm.networks.VxmDense.load(path)
     RUN/saved_model/<version>/  the TF Serving SavedModel
     RUN/logs/                   TensorBoard
@@ -46,6 +47,7 @@ class ModelDir:
     saved_model_base = property(lambda self: self._join("saved_model"))
     log_dir = property(lambda self: self._join("logs"))
     qc_path = property(lambda self: self._join("qc.png"))
+    validation_history_path = property(lambda self: self._join("validation.json"))
 
     # ---------------------------------------------------------------- reading a trained folder
     def check(self) -> "ModelDir":
@@ -90,12 +92,16 @@ class ModelDir:
         config = config or self.load_config()
         generator = ForwardGenerator.from_ltnet_config(config)
         path = self.checkpoint(which)
+        status = None
         try:
             status = tf.train.Checkpoint(forward_generator=generator).restore(path)
             status.expect_partial().assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as e:
+            if status is not None:
+                status.expect_partial()
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
             raise ModelDirError(f"{path}: checkpoint does not match {self.config_path} "
-                                f"({str(e).splitlines()[0]})") from None
+                                f"({reason})") from None
         return generator
 
     # ---------------------------------------------------------------- versions for TF Serving

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from ltnet_tf import compat  # noqa: F401
 
+import atexit
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 
@@ -37,11 +39,14 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
 
 
 def _writable_dir(path: str, chief: bool) -> str:
-    """Chief writes to ``path``; other workers write their (identical) copies to a temp folder,
-    because multi-worker checkpoint saving is collective: every worker must take part."""
+    """Chief writes to ``path``; every other worker saves its (identical) copy into a temp folder
+    that is removed when the process exits: all workers save, so a save that needs a collective
+    (SyncOnRead state) never hangs, and only the chief's copy is kept."""
     if chief:
         return path
-    return tempfile.mkdtemp(prefix="ltnet_worker_")
+    temp = tempfile.mkdtemp(prefix="ltnet_worker_")
+    atexit.register(shutil.rmtree, temp, ignore_errors=True)
+    return temp
 
 
 # ------------------------------------------------------------------------------- inputs
@@ -58,9 +63,8 @@ def check_inputs(atlas_path, atlas_labels_path, scan_paths):
 
 
 def resolve_config(config: LTNetConfig, atlas: data.Volume, atlas_labels: data.Volume) -> LTNetConfig:
-    label_ids = sorted(int(i) for i in np.unique(atlas_labels.data))
-    if label_ids[0] != 0:
-        label_ids = [0, *label_ids]
+    # Background (0) first, even when absent from the map or when negative IDs sort before it.
+    label_ids = [0, *sorted(int(i) for i in np.unique(atlas_labels.data) if i != 0)]
     return config.replace(atlas_shape=list(atlas.shape), label_ids=label_ids)
 
 
@@ -78,11 +82,13 @@ class StopAtStep(tf.keras.callbacks.Callback):
 class Checkpointing(tf.keras.callbacks.Callback):
     """Every ``checkpoint_every`` steps (one Keras epoch): validate, checkpoint, keep the best."""
 
-    def __init__(self, manager, best_manager, step_variable, validator=None):
+    def __init__(self, manager, best_manager, step_variable, validator=None, history_path=None):
         super().__init__()
         self.manager, self.best_manager = manager, best_manager
         self.step_variable, self.validator = step_variable, validator
         self.best_record = os.path.join(best_manager.directory, "best.json")
+        # Every validation, appended: the Dice-vs-steps curve of the run.
+        self.history_path = history_path
         self.best_dice = -1.0
         if os.path.isfile(self.best_record):  # resumed run: beat the best so far, not -1
             with open(self.best_record) as f:
@@ -94,6 +100,7 @@ class Checkpointing(tf.keras.callbacks.Callback):
             dice = self.validator()
             logs["val_dice"] = dice
             logging.info("step %d: validation mean Dice %.4f", step, dice)
+            self._append_history(step, dice)
             if dice > self.best_dice:
                 self.best_dice = dice
                 self.best_manager.save(checkpoint_number=step)
@@ -102,6 +109,19 @@ class Checkpointing(tf.keras.callbacks.Callback):
                 os.replace(self.best_record + ".tmp", self.best_record)
         if self.manager.latest_checkpoint != os.path.join(self.manager.directory, f"ckpt-{step}"):
             self.manager.save(checkpoint_number=step)
+
+
+    def _append_history(self, step, dice):
+        if self.history_path is None:
+            return
+        history = []
+        if os.path.isfile(self.history_path):
+            with open(self.history_path) as f:
+                history = [r for r in json.load(f) if r["step"] < step]  # drop a resumed tail
+        history.append({"step": step, "val_dice": dice, "time": time.time()})
+        with open(self.history_path + ".tmp", "w") as f:
+            json.dump(history, f, indent=1)
+        os.replace(self.history_path + ".tmp", self.history_path)
 
 
 class Validator:
@@ -152,7 +172,10 @@ def prepare_run_folder(config: LTNetConfig, model_dir: ModelDir, atlas, atlas_la
         config = saved.replace(steps=config.steps)
         config.save(model_dir.config_path)
         return config
-    if os.path.exists(model_dir.config_path):
+    # A config without checkpoint or export is a start that failed (e.g. a scan that went bad in
+    # tf.data before the first checkpoint): it may be started again, as it could never be resumed.
+    if os.path.exists(model_dir.config_path) and (tf.train.latest_checkpoint(model_dir.checkpoint_dir)
+                                                  or model_dir.saved_model_versions()):
         raise TrainingError(f"{model_dir.path}: folder already holds a run; pass --resume to "
                             f"continue it or choose another --model_dir")
     try:
@@ -221,7 +244,8 @@ def _fit(model, config, scan_paths, pairs, atlas, atlas_labels, model_dir, manag
         label_transfer = LabelTransfer(model.forward_generator, config, atlas.data, atlas_labels.data)
         validator = Validator(label_transfer, pairs, config)
     callbacks = [StopAtStep(model.g_optimizer, config.steps),
-                 Checkpointing(manager, best_manager, model.g_optimizer.iterations, validator)]
+                 Checkpointing(manager, best_manager, model.g_optimizer.iterations, validator,
+                               model_dir.validation_history_path if chief else None)]
     if chief:
         callbacks.append(tf.keras.callbacks.TensorBoard(model_dir.log_dir, update_freq=10))
     every = config.checkpoint_every
@@ -237,6 +261,8 @@ def _fit(model, config, scan_paths, pairs, atlas, atlas_labels, model_dir, manag
 def finish_run(model_dir: ModelDir, config: LTNetConfig, pairs, scan_paths) -> None:
     """Export (SavedModel + VoxelMorph .h5) and draw the QC picture from the exported model."""
     from ltnet_tf import export, qc  # heavy imports only at the end of a run
+    # Exports are float32 whatever the training precision (serving inputs and tests are float32).
+    tf.keras.mixed_precision.set_global_policy("float32")
     export.export_all(model_dir)
     generator = model_dir.restore_forward_generator(config)
     atlas, atlas_labels = model_dir.load_atlas()

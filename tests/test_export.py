@@ -31,7 +31,7 @@ SUBPROCESS_TIMEOUT = 240
 
 # ------------------------------------------------------------------------------- a tiny trained run
 def phantom(shape, seed):
-    """(image with raw intensities, FreeSurfer label map): a head with WM, cortex, two hippocampi."""
+    """(raw image, FreeSurfer label map): a head with white matter, cortex and two hippocampi."""
     rng = np.random.default_rng(seed)
     axes = [(np.arange(s) - (s - 1) / 2) / (s / 2) for s in shape]
     x, y, z = np.meshgrid(*axes, indexing="ij")
@@ -113,7 +113,8 @@ def runs(tmp_path_factory):
         atlas, atlas_labels = model_dir.load_atlas()
         label_transfer = LabelTransfer(generator, config, atlas.data, atlas_labels.data)
         scans = scans_for(shape)
-        other_atlas, other_labels = (np.flip(a, axis=1).copy() for a in (atlas.data, atlas_labels.data))
+        other_atlas, other_labels = (np.flip(volume.data, axis=1).copy()
+                                     for volume in (atlas, atlas_labels))
         runs[downsample] = Run(
             model_dir=model_dir, config=config, paths=paths, generator=generator,
             atlas=atlas.data, atlas_labels=atlas_labels.data, scans=scans,
@@ -206,7 +207,8 @@ CHILD = textwrap.dedent("""
         np.savez(case["outputs"], **{k: v.numpy() for k, v in outputs.items()},
                  **{"register_" + k: v.numpy() for k, v in registered.items()})
 
-    project = sorted(m for m in sys.modules if m.split(".")[0] in ("ltnet_tf", "voxelmorph", "neurite"))
+    project = sorted(m for m in sys.modules
+                     if m.split(".")[0] in ("ltnet_tf", "voxelmorph", "neurite"))
     assert not project, f"serving process imported {project}"
     print("CHILD_OK")
 """)
@@ -247,7 +249,7 @@ def saved_model_cli():
 
 
 def parse_show_all(text: str) -> dict:
-    """``saved_model_cli show --all`` -> {signature: {'inputs'|'outputs': {name: (dtype, shape)}}}."""
+    """``saved_model_cli show --all`` -> {signature: {inputs|outputs: {name: (dtype, shape)}}}."""
     signatures = {}
     blocks = re.split(r"^signature_def\['([^']+)'\]:$", text, flags=re.M)
     for name, block in zip(blocks[1::2], blocks[2::2]):
@@ -255,7 +257,8 @@ def parse_show_all(text: str) -> dict:
         for kind, key, dtype, shape in re.findall(
                 r"(inputs|outputs)\['([^']+)'\] tensor_info:\s+dtype: (\w+)\s+shape: \(([^)]*)\)",
                 block):
-            tensors[kind][key] = (dtype, tuple(int(s) for s in shape.replace(" ", "").split(",") if s))
+            dims = tuple(int(s) for s in shape.replace(" ", "").split(",") if s)
+            tensors[kind][key] = (dtype, dims)
         signatures[name] = tensors
     return signatures
 
@@ -310,7 +313,8 @@ def test_rest_request_bodies(served):
     scan = run.scans[0]  # one scan [D, H, W, 1], raw intensities
     bodies = {
         # row form: one instance per scan, without the batch axis
-        "instances": json.dumps({"signature_name": "serving_default", "instances": [scan.tolist()]}),
+        "instances": json.dumps({"signature_name": "serving_default",
+                                 "instances": [scan.tolist()]}),
         # columnar form: named inputs, with the batch axis
         "inputs": json.dumps({"signature_name": "serving_default",
                               "inputs": {"scan": scan[None].tolist()}}),
@@ -326,11 +330,18 @@ def test_rest_request_bodies(served):
         json.dumps({"predictions": [{k: v[0].tolist() for k, v in outputs.items()}]})
 
 
-def test_grpc_predict_request(served):
-    from tensorflow_serving.apis import predict_pb2
+def test_grpc_predict_request(served, tmp_path):
+    """The client of docs/serving.md, with the server replaced by the loaded signature."""
+    import grpc
+    import nibabel as nib
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
     run, signature = served
-    scan = run.scans[:1]
+    scan_path = tmp_path / "scan.nii.gz"
+    data.save_nifti(run.scans[0, ..., 0], AFFINE, scan_path)
+    image = nib.load(scan_path)
+    scan = image.get_fdata(dtype=np.float32)[None, ..., None]
+    np.testing.assert_array_equal(scan, run.scans[:1])
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "ltnet"
     request.model_spec.signature_name = "serving_default"
@@ -347,14 +358,24 @@ def test_grpc_predict_request(served):
     for name in received.output_filter:
         response.outputs[name].CopyFrom(tf.make_tensor_proto(outputs[name]))
     response = predict_pb2.PredictResponse.FromString(response.SerializeToString())
+    assert list(response.outputs) == ["segmentation"]
     segmentation = tf.make_ndarray(response.outputs["segmentation"])[0]
     np.testing.assert_array_equal(segmentation, run.expected["segmentation"][0])
-    assert list(response.outputs) == ["segmentation"]
+    output = nib.Nifti1Image(segmentation.astype(np.int16), image.affine, image.header)
+    output.set_data_dtype(np.int16)
+    nib.save(output, tmp_path / "scan_seg.nii.gz")
+    np.testing.assert_array_equal(data.load_label_map(tmp_path / "scan_seg.nii.gz").data,
+                                  run.expected["segmentation"][0])
+
+    channel = grpc.insecure_channel("localhost:8500", options=[  # lazy: connects on first call
+        ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
+    assert callable(prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict)
+    channel.close()
 
 
 # ------------------------------------------------------------------------------- VoxelMorph .h5
 def working_grid_numpy(volume: np.ndarray, working_shape, factor: int) -> np.ndarray:
-    """The recipe of docs/serving.md for VoxelMorph users: [0, 1], zero-pad at the end, mean-pool."""
+    """The recipe of docs/serving.md for VoxelMorph users: [0, 1], zero-pad the end, mean-pool."""
     volume = (volume - volume.min()) / (volume.max() - volume.min())
     padded = np.zeros([s * factor for s in working_shape], np.float32)
     padded[:volume.shape[0], :volume.shape[1], :volume.shape[2]] = volume
@@ -381,11 +402,14 @@ def test_generator_h5_loads_in_voxelmorph(runs, downsample):
     assert np.abs(flow.numpy()).max() > 0.1
 
     # What docs/serving.md shows: numpy preprocessing, model.register, SpatialTransformer.
-    factor, working_shape = run.config.downsample, run.config.working_shape()
+    factor, working_shape = run.config.downsample, model.inputs[0].shape[1:-1]
     atlas_np = working_grid_numpy(run.atlas, working_shape, factor)
     scan_np = working_grid_numpy(run.scans[0, ..., 0], working_shape, factor)
     np.testing.assert_allclose(atlas_np, atlas, atol=1e-6)
     np.testing.assert_allclose(scan_np, scan, atol=1e-6)
+    predicted_warped, predicted_flow = model.predict([atlas_np, scan_np], verbose=0)
+    np.testing.assert_allclose(predicted_flow, expected_flow.numpy(), atol=1e-4)
+    np.testing.assert_allclose(predicted_warped, expected_warped.numpy(), atol=1e-4)
     flow_np = model.register(atlas_np, scan_np)
     np.testing.assert_allclose(flow_np, expected_flow.numpy(), atol=1e-4)
     warped_np = vxm.layers.SpatialTransformer()([atlas_np, flow_np]).numpy()

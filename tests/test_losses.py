@@ -161,7 +161,7 @@ def test_image_cycle_is_mean_absolute_difference():
 def numpy_soft_dice_loss(reference, predicted, smooth=1e-5):
     reference, predicted = reference[..., 1:], predicted[..., 1:]
     overlap = np.sum(reference * predicted, axis=SPATIAL_AXES)
-    total = np.sum(reference, axis=SPATIAL_AXES) + np.sum(predicted, axis=SPATIAL_AXES)
+    total = np.sum(reference ** 2, axis=SPATIAL_AXES) + np.sum(predicted ** 2, axis=SPATIAL_AXES)
     return 1.0 - np.mean((2 * overlap + smooth) / (total + smooth), axis=-1)
 
 
@@ -175,6 +175,12 @@ def test_soft_dice_loss_matches_numpy_on_soft_labels():
     predicted = rng.dirichlet(np.ones(4), size=(2, 8, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(losses.soft_dice_loss(reference, predicted).numpy(),
                                numpy_soft_dice_loss(reference, predicted), rtol=1e-5)
+
+
+def test_soft_dice_loss_is_zero_for_identical_soft_maps():
+    # Working-resolution atlas labels are soft fractions: a map must still match itself exactly.
+    soft = _rng(6).dirichlet(np.ones(4), size=(2, 8, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(losses.soft_dice_loss(soft, soft).numpy(), 0.0, atol=1e-6)
 
 
 def test_soft_dice_loss_perfect_and_disjoint():

@@ -132,6 +132,29 @@ def test_discriminator_step_updates_only_the_discriminator(ltnet_model):
         assert not np.array_equal(variable.numpy(), before), f"{variable.name} was not trained"
 
 
+def test_evaluate_accepts_scan_only_tuples():
+    """train_step takes (scan,) as well as scan; validation data must be unpacked the same way."""
+    model = _model("voxelmorph", run_eagerly=True)
+    logs = model.evaluate(tf.data.Dataset.from_tensors((SCAN,)), verbose=0, return_dict=True)
+    assert set(logs) == {"sim", "smooth", "g_loss"}
+
+
+def test_mixed_precision_scales_the_losses():
+    """Under mixed_float16 a custom train_step must scale its losses, or float16 gradients underflow.
+
+    Keras only wraps the optimizer given to ``Model.compile``; LTNet's own g/d optimizers need
+    ``LossScaleOptimizer`` (and ``get_scaled_loss`` / ``get_unscaled_gradients`` in the steps).
+    """
+    policy = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = _model("voxelmorph_gan", run_eagerly=True)
+    finally:
+        tf.keras.mixed_precision.set_global_policy(policy)
+    assert isinstance(model.g_optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
+    assert isinstance(model.d_optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
+
+
 # ----------------------------------------------------------------------------- presets and logs
 def test_expected_logs_cover_every_preset():
     assert set(ltnet_config.PRESETS) == set(EXPECTED_LOGS)

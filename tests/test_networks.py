@@ -63,6 +63,7 @@ def test_zero_displacement_leaves_source_unchanged(generator_class):
     np.testing.assert_allclose(warped.numpy(), source, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file")  # VoxelMorph's format
 @pytest.mark.parametrize("int_steps", [0, 7])
 def test_forward_generator_h5_reloads_with_voxelmorph(tmp_path, int_steps):
     config = _config(int_steps=int_steps)
