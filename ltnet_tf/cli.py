@@ -63,7 +63,8 @@ def _config_from_flags(flag_values: flags.FlagValues) -> LTNetConfig:
             try:
                 value = [int(v) for v in value]
             except ValueError:
-                raise ConfigError(f"--{f.name} must be comma-separated integers, got {value}") from None
+                raise ConfigError(f"--{f.name} must be comma-separated integers, "
+                                  f"got {','.join(value)!r}") from None
         changes[f.name] = value
     return config.replace(**changes)
 
@@ -71,6 +72,8 @@ def _config_from_flags(flag_values: flags.FlagValues) -> LTNetConfig:
 def _parse(flag_values: flags.FlagValues, argv, usage: str):
     """Parse argv; returns None after printing help (then exit 0)."""
     argv = list(argv if argv is not None else sys.argv)
+    if not argv or argv[0].startswith("-"):  # library call with flags only: no program name
+        argv.insert(0, "ltnet")
     if any(a in ("--help", "--helpfull", "-h", "--helpshort") for a in argv[1:]):
         print(usage)
         print(flag_values.get_help())
@@ -105,15 +108,18 @@ def _user_error(error: Exception):
     return None
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 class _LtnetInfoOnly(pylogging.Filter):
     """absl INFO records from ltnet_tf pass; TensorFlow's own INFO chatter (checkpoint sharding,
     SavedModel tensor renaming, fingerprints) would bury the progress lines."""
 
     def filter(self, record):
-        return record.levelno >= pylogging.WARNING or _PACKAGE_DIR in os.path.abspath(record.pathname)
+        return (record.levelno >= pylogging.WARNING
+                or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR))
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _INFO_FILTER = _LtnetInfoOnly()
 
 

@@ -140,7 +140,7 @@ def test_flags_parse_to_config_types(dataset, tmp_path):
     assert config.disc_features == [4, 8]
     assert (config.ncc_window, config.steps, config.weight_adv, config.jit_compile) == (5, 3, 0.0,
                                                                                        True)
-    assert config.atlas_shape is None and config.label_ids is None  # set from the data, never a file
+    assert config.atlas_shape is None and config.label_ids is None  # from the data, not a file
 
 
 # ------------------------------------------------------------------------------- end to end
@@ -284,10 +284,23 @@ def test_resume_continues_from_the_last_step(trained_run, dataset, tmp_path, cap
     config = model_dir.load_config()
     assert config.steps == 2 * STEPS and config.checkpoint_every == STEPS  # the run's own config
 
-    # A plain --resume of a finished run trains nothing: its planned steps are kept.
-    assert cli.train_main(train_argv(dataset, model_dir.path, "--resume", "--noexport")) == 0
-    assert model_dir.load_config().steps == 2 * STEPS
-    assert model_dir.checkpoint("last") == last
+
+def test_plain_resume_keeps_the_runs_planned_steps(dataset, tmp_path, monkeypatch):
+    """--resume without --steps finishes the run as planned (not at the default 1500 steps)."""
+    model_dir = ModelDir(str(tmp_path / "run"))
+    os.makedirs(model_dir.path)
+    LTNetConfig().replace(steps=12).save(model_dir.config_path)
+    asked = {}
+
+    def fake_train(config, *args, **kwargs):
+        asked.update(steps=config.steps, resume=kwargs["resume"])
+        return model_dir
+
+    monkeypatch.setattr(training, "train", fake_train)
+    assert cli.train_main(train_argv(dataset, model_dir.path, "--resume")) == 0
+    assert asked == {"steps": 12, "resume": True}
+    assert cli.train_main(train_argv(dataset, model_dir.path, "--resume", "--steps=20")) == 0
+    assert asked == {"steps": 20, "resume": True}
 
 
 def test_resume_without_run_folder(dataset, tmp_path, capsys):
@@ -328,7 +341,7 @@ def test_a_start_that_failed_can_be_started_again(dataset, tmp_path):
 
 
 def test_data_error_raised_inside_tf_data_is_reported_as_one_line(dataset, tmp_path):
-    """A scan that goes bad after the up-front checks: tf.data wraps our DataError; the CLI shows it."""
+    """A scan gone bad after the up-front checks: tf.data wraps our DataError; the CLI shows it."""
     bad = write_nifti(tmp_path / "bad.nii.gz", np.full(SHAPE, np.nan, np.float32), dataset.affine)
     config = LTNetConfig().replace(enc_features=[8, 8], dec_features=[8, 8, 8, 8],
                                    atlas_shape=list(SHAPE))
@@ -382,7 +395,8 @@ def _bad_train_input(case, dataset, tmp_path):
     if case == "nan_scan":
         return bad_scan("nan.nii.gz", np.where(scan > scan.mean(), np.nan, scan))
     if case == "inf_atlas":
-        path = write_nifti(tmp_path / "inf_atlas.nii.gz", np.where(scan > 0.5, np.inf, scan), affine)
+        infinite = np.where(scan > 0.5, np.inf, scan)
+        path = write_nifti(tmp_path / "inf_atlas.nii.gz", infinite, affine)
         return {"--atlas": path}, path
     if case == "labels_not_integer":
         labels = np.asarray(nib.load(dataset.atlas_labels).dataobj).astype(np.float32) + 0.25
@@ -577,6 +591,9 @@ def test_predict_bad_input(case, trained_run, dataset, tmp_path, capsys):
     assert not any(name.endswith("_seg.nii.gz") for name in files_under(tmp_path))
 
 
-def test_predict_requires_its_flags(tmp_path, capsys):
-    assert cli.predict_main(["predict.py", "--images", str(tmp_path)]) == 1
+@pytest.mark.parametrize("program", [["predict.py"], []])  # argv[0] may be left out
+def test_predict_requires_its_flags(program, tmp_path, capsys):
+    assert cli.predict_main([*program, "--images", str(tmp_path)]) == 1
     the_error_line(capsys, "--model_dir is required")
+    assert cli.predict_main([*program, "--helpfull"]) == 0
+    assert "--model_dir" in capsys.readouterr().out

@@ -54,9 +54,11 @@ def _worker(weights_path: str, logical_cpus: int, train_argv) -> int:
 
     def fit_and_record(model, *args):
         fit(model, *args)
+        # The loss trackers hold the last epoch (checkpoint_every steps), reduced over replicas.
+        logged = {f"log_{name}": tracker.result().numpy() for name, tracker in model.trackers.items()}
         np.savez(weights_path, names=np.array([v.name for v in model.trainable_weights]),
                  replicas=model.distribute_strategy.num_replicas_in_sync,
-                 step=int(model.g_optimizer.iterations.numpy()),
+                 step=int(model.g_optimizer.iterations.numpy()), **logged,
                  **{f"w{i:03d}": v.numpy() for i, v in enumerate(model.trainable_weights)})
 
     training._fit = fit_and_record
@@ -149,6 +151,14 @@ def _assert_same_training(actual: dict, expected: dict):
         np.testing.assert_allclose(actual[name], value, rtol=0, atol=tolerance, err_msg=name)
 
 
+def _assert_same_logs(actual: dict, expected: dict):
+    """The logged losses of the last epoch: each replica's examples count once in the mean."""
+    names = sorted(k for k in expected if k.startswith("log_"))
+    assert names == sorted(k for k in actual if k.startswith("log_")) and "log_d_loss" in names
+    for name in names:
+        np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, err_msg=name)
+
+
 def _checkpoint_steps(model_dir):
     folder = os.path.join(model_dir, "checkpoints")
     return sorted(int(f[len("ckpt-"):-len(".index")]) for f in os.listdir(folder)
@@ -228,6 +238,7 @@ def test_multi_worker_matches_single_process_writes_on_chief_and_resumes(data, s
     _assert_same_training({k: v for k, v in chief.items() if k.startswith("w")},
                           {k: v for k, v in reference_weights.items() if k.startswith("w")})
     assert list(chief["names"]) == list(reference_weights["names"])
+    _assert_same_logs(chief, reference_weights)
 
 
 def test_mirrored_over_two_logical_cpus_matches_single_process(data, single_process, tmp_path):
@@ -239,6 +250,7 @@ def test_mirrored_over_two_logical_cpus_matches_single_process(data, single_proc
     assert recorded["replicas"] == 2 and recorded["step"] == 4
     assert _checkpoint_steps(run) == [2, 4]
     _assert_same_training(_checkpoint(run, 4), _checkpoint(reference_run, 4))
+    _assert_same_logs(recorded, reference_weights)
 
 
 if __name__ == "__main__":  # a child process of the tests above
