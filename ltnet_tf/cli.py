@@ -214,7 +214,8 @@ def _train(fv: flags.FlagValues) -> int:
                                val_images=fv.val_images, val_labels=fv.val_labels,
                                resume=fv.resume, strategy=strategy, export=fv.export,
                                verbose=verbose)
-    print(f"model written to {model_dir.path}")
+    if training.is_chief(strategy):  # other workers wrote nothing there
+        print(f"model written to {model_dir.path}")
     return 0
 
 

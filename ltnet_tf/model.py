@@ -66,6 +66,9 @@ class LTNet(tf.keras.Model):
         if self.discriminator is not None:
             self.trackers["d_loss"] = tf.keras.metrics.Mean(name="d_loss")
         self.dice_tracker = tf.keras.metrics.Mean(name="dice")
+        # The steps return tracker results, already reduced over all replicas; Keras's default
+        # ('auto' = sum) would add them up again across workers, logging N times the loss.
+        self.distribute_reduction_method = "first"
 
     def _term_is_logged(self, term: str) -> bool:
         # sim and smooth are always logged (they describe the registration even at weight 0).

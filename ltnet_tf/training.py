@@ -197,6 +197,9 @@ def train(config: LTNetConfig, atlas_path, atlas_labels_path, scan_paths, model_
     """Train LT-Net; returns the run folder. Raises DataError / TrainingError on bad input."""
     strategy = strategy or tf.distribute.get_strategy()
     chief = is_chief(strategy)
+    if config.batch_size % strategy.num_replicas_in_sync:
+        raise TrainingError(f"batch_size {config.batch_size} is the global batch: make it a "
+                            f"multiple of the {strategy.num_replicas_in_sync} replicas in sync")
     model_dir = ModelDir(model_dir)
     atlas, atlas_labels, scan_paths = check_inputs(atlas_path, atlas_labels_path, scan_paths)
     pairs = data.load_validation_pairs(val_images, val_labels) if val_images else []

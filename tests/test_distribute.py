@@ -54,8 +54,8 @@ def _worker(weights_path: str, logical_cpus: int, train_argv) -> int:
 
     def fit_and_record(model, *args):
         fit(model, *args)
-        # The loss trackers hold the last epoch (checkpoint_every steps), reduced over replicas.
-        logged = {f"log_{name}": tracker.result().numpy() for name, tracker in model.trackers.items()}
+        # What Keras logged (progress bar, TensorBoard) for the last epoch (checkpoint_every steps).
+        logged = {f"log_{name}": values[-1] for name, values in model.history.history.items()}
         np.savez(weights_path, names=np.array([v.name for v in model.trainable_weights]),
                  replicas=model.distribute_strategy.num_replicas_in_sync,
                  step=int(model.g_optimizer.iterations.numpy()), **logged,
@@ -152,7 +152,8 @@ def _assert_same_training(actual: dict, expected: dict):
 
 
 def _assert_same_logs(actual: dict, expected: dict):
-    """The logged losses of the last epoch: each replica's examples count once in the mean."""
+    """The logged losses of the last epoch: the mean over the global batches, not a sum over
+    replicas of it (tf-keras's default for fit sums per-replica logs across workers)."""
     names = sorted(k for k in expected if k.startswith("log_"))
     assert names == sorted(k for k in actual if k.startswith("log_")) and "log_d_loss" in names
     for name in names:
@@ -187,6 +188,37 @@ def single_process(data, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("cluster, task, chief", [
+    (None, None, True),                                                 # no cluster: one process
+    ({"worker": ["a:1", "b:1"]}, ("worker", 0), True),                  # worker 0 leads
+    ({"worker": ["a:1", "b:1"]}, ("worker", 1), False),
+    ({"chief": ["c:1"], "worker": ["a:1"]}, ("chief", 0), True),         # an explicit chief leads
+    ({"chief": ["c:1"], "worker": ["a:1"]}, ("worker", 0), False),
+])
+def test_is_chief(cluster, task, chief):
+    from types import SimpleNamespace
+    from ltnet_tf import training
+    import tensorflow as tf
+
+    resolver = None
+    if cluster is not None:
+        resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec(cluster), task_type=task[0], task_id=task[1])
+    assert training.is_chief(SimpleNamespace(cluster_resolver=resolver)) is chief
+
+
+def test_global_batch_must_split_evenly_over_the_replicas(tmp_path):
+    from types import SimpleNamespace
+    from ltnet_tf import training
+    from ltnet_tf.config import LTNetConfig
+
+    two_replicas = SimpleNamespace(cluster_resolver=None, num_replicas_in_sync=2)
+    with pytest.raises(training.TrainingError, match="multiple of the 2 replicas"):
+        training.train(LTNetConfig(batch_size=3), "atlas.nii.gz", "labels.nii.gz", "scans",
+                       tmp_path / "run", strategy=two_replicas)
+    assert not os.path.exists(tmp_path / "run")  # refused before anything was read or written
+
+
 def test_reference_training_moves_weights_far_beyond_the_tolerance(single_process):
     run, _ = single_process
     start, end = _checkpoint(run, 2), _checkpoint(run, 4)
