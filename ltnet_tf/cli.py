@@ -362,7 +362,7 @@ def predict_files(model_dir, images, output_dir, labels=None, *, source="auto", 
     for number, (image_path, label_path) in enumerate(pairs, start=1):
         start = time.time()
         scan = data.load_scan(image_path)
-        result = predictor.segment(scan)
+        result = predictor.segment(scan, extras=save_warped_atlas or save_flow)
         name = data.scan_name(image_path)
         path = os.path.join(output_dir, f"{name}_seg.nii.gz")
         data.save_nifti(result["segmentation"], scan.affine, path, header=scan.header)

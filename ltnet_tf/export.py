@@ -44,6 +44,7 @@ from ltnet_tf.modeldir import ModelDir, ModelDirError
 
 SERVING_SIGNATURE = "serving_default"
 REGISTER_SIGNATURE = "register"
+SEGMENT_SIGNATURE = "segment"  # segmentation only: what predict.py runs unless asked for more
 SCAN_INPUT = "scan"
 OUTPUTS = ("segmentation", "flow", "warped_atlas")
 # TF Serving ignores assets.extra/, so metadata there travels with the version without being served.
@@ -59,7 +60,7 @@ class _Untracked:
 
 
 class ServingModule(tf.Module):
-    """``LabelTransfer`` behind two ``tf.function`` signatures with static spatial shapes.
+    """``LabelTransfer`` behind three ``tf.function`` signatures with static spatial shapes.
 
     Only G_F's variables are tracked, not the Keras model itself: ``tf.saved_model.save`` would
     otherwise also serialise Keras metadata and trace every layer, which is slower and of no use to
@@ -73,6 +74,7 @@ class ServingModule(tf.Module):
         grid = list(label_transfer.full_shape)
         scan = tf.TensorSpec([None, *grid, 1], tf.float32, name=SCAN_INPUT)
         self.serve = tf.function(self._serve, input_signature=[scan])
+        self.segment = tf.function(self._segment, input_signature=[scan])
         self.register = tf.function(self._register, input_signature=[
             tf.TensorSpec(grid, tf.float32, name="atlas"),
             tf.TensorSpec(grid, tf.int32, name="atlas_labels"),
@@ -85,11 +87,15 @@ class ServingModule(tf.Module):
     def _serve(self, scan):
         return self.label_transfer.transfer(scan)
 
+    def _segment(self, scan):
+        return self.label_transfer.segment(scan)
+
     def _register(self, atlas, atlas_labels, scan):
         return self.label_transfer.transfer_with_atlas(atlas, atlas_labels, scan)
 
     def signatures(self) -> dict:
         return {SERVING_SIGNATURE: self.serve.get_concrete_function(),
+                SEGMENT_SIGNATURE: self.segment.get_concrete_function(),
                 REGISTER_SIGNATURE: self.register.get_concrete_function()}
 
 

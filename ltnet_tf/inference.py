@@ -90,10 +90,13 @@ def warp_labels(label_map: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
     shape = label_map.shape.as_list()
     indices, weights = _sampling_corners(flow, shape)
     corner_labels = tf.gather(tf.reshape(label_map, [-1]), indices)  # [B, N, 8]
-    votes = tf.stack([tf.reduce_sum(tf.where(tf.equal(corner_labels, corner_labels[..., c:c + 1]),
-                                             weights, 0.0), -1)
-                      for c in range(8)], -1)
-    winner = tf.argmax(votes, axis=-1, output_type=tf.int32)
+    labels, corner_weights = tf.unstack(corner_labels, axis=-1), tf.unstack(weights, axis=-1)
+    votes = list(corner_weights)
+    for i, j in itertools.combinations(range(8), 2):  # each pair of corners compared once
+        same = tf.cast(tf.equal(labels[i], labels[j]), tf.float32)
+        votes[i] += corner_weights[j] * same
+        votes[j] += corner_weights[i] * same
+    winner = tf.argmax(tf.stack(votes, -1), axis=-1, output_type=tf.int32)
     labels = tf.gather(corner_labels, winner[..., None], batch_dims=2)[..., 0]
     return tf.reshape(labels, [-1, *shape])
 
@@ -132,6 +135,11 @@ class LabelTransfer(tf.Module):
         """scan [B, D, H, W, 1] -> segmentation [B, D, H, W] int32, flow, warped_atlas."""
         return self._transfer(scan, self.atlas_full, self.atlas_working, self.atlas_labels)
 
+    def segment(self, scan: tf.Tensor) -> dict:
+        """As ``transfer``, segmentation only: skips warping the atlas image (~6% of the time)."""
+        return self._transfer(scan, self.atlas_full, self.atlas_working, self.atlas_labels,
+                              extras=False)
+
     def transfer_with_atlas(self, atlas_image: tf.Tensor, atlas_labels: tf.Tensor,
                             scan: tf.Tensor) -> dict:
         """As ``transfer``, with another atlas [D, H, W] and its label IDs [D, H, W] on the same grid."""
@@ -140,13 +148,15 @@ class LabelTransfer(tf.Module):
                               data.to_working_grid(atlas_normalized, self.config),
                               tf.cast(atlas_labels, tf.int32))
 
-    def _transfer(self, scan, atlas_full, atlas_working, atlas_labels) -> dict:
+    def _transfer(self, scan, atlas_full, atlas_working, atlas_labels, extras=True) -> dict:
         scan = tf.cast(scan, tf.float32)
         scan_working = data.to_working_grid(data.normalize_intensity(scan), self.config)
         atlas = tf.repeat(atlas_working, tf.shape(scan)[0], axis=0)
         _, flow_working = self.forward_generator([atlas, scan_working], training=False)
         flow = displacement_to_full_grid(tf.cast(flow_working, tf.float32), self.config,
                                          self.full_shape)
+        if not extras:
+            return {"segmentation": warp_labels(atlas_labels, flow)}
         return {
             "segmentation": warp_labels(atlas_labels, flow),
             "flow": flow,
@@ -179,18 +189,24 @@ class Predictor:
             raise ModelDirError(f"{self.model_dir.path}: no SavedModel in saved_model/ "
                                 f"(run python -m ltnet_tf.export --model_dir {self.model_dir.path})")
         if source != "checkpoint" and saved_model is not None:
-            signature = tf.saved_model.load(saved_model).signatures["serving_default"]
-            self._segment = lambda scan: signature(scan=tf.constant(scan))
+            signatures = tf.saved_model.load(saved_model).signatures
+            full = signatures["serving_default"]
+            only_labels = signatures.get("segment", full)  # exports before 'segment' existed
+            self._segment = lambda scan, extras: (full if extras else only_labels)(
+                scan=tf.constant(scan))
             self.source = saved_model
         else:
             generator = self.model_dir.restore_forward_generator(self.config, checkpoint)
             label_transfer = LabelTransfer(generator, self.config, self.atlas.data,
                                            self.atlas_labels.data)
-            self._segment = label_transfer
+            transfer = tf.function(label_transfer.transfer)
+            segment = tf.function(label_transfer.segment)
+            self._segment = lambda scan, extras: (transfer if extras else segment)(scan)
             self.source = self.model_dir.checkpoint(checkpoint)
 
-    def segment(self, scan: "data.Volume") -> dict:
-        """One scan on the atlas grid -> {'segmentation' [D,H,W] label IDs, 'flow', 'warped_atlas'}."""
+    def segment(self, scan: "data.Volume", extras: bool = True) -> dict:
+        """One scan on the atlas grid -> {'segmentation' [D,H,W] label IDs, and with ``extras``
+        'flow' [D,H,W,3] and 'warped_atlas' [D,H,W,1]}."""
         data.check_same_grid(self.atlas, scan, strict=False)
-        outputs = self._segment(scan.data[None, ..., None].astype(np.float32))
+        outputs = self._segment(scan.data[None, ..., None].astype(np.float32), extras)
         return {name: value[0].numpy() for name, value in outputs.items()}

@@ -124,7 +124,11 @@ def compose_displacements(forward: tf.Tensor, backward: tf.Tensor) -> tf.Tensor:
     return backward + vxm.layers.SpatialTransformer(fill_value=None)([forward, backward])
 
 
+def displacement_norm(displacement: tf.Tensor) -> tf.Tensor:
+    """Mean squared norm of a displacement field, per batch element."""
+    return _batch_mean(tf.reduce_sum(tf.square(tf.cast(displacement, tf.float32)), axis=-1))
+
+
 def transformation_cycle(forward: tf.Tensor, backward: tf.Tensor) -> tf.Tensor:
     """cyc_flow: mean squared norm of the composed displacement, 0 for an exact inverse pair."""
-    composed = compose_displacements(forward, backward)
-    return _batch_mean(tf.reduce_sum(tf.square(composed), axis=-1))
+    return displacement_norm(compose_displacements(forward, backward))

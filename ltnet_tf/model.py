@@ -140,12 +140,15 @@ class LTNet(tf.keras.Model):
                                                                   training=training)
             if config.weight_cyc_img > 0:
                 terms["cyc_img"] = losses.image_cycle(atlas, cycled_atlas)
-            if config.weight_cyc_label > 0:
-                warped_labels = self.warp([atlas_onehot, forward_flow])
-                cycled_labels = self.warp([warped_labels, backward_flow])
-                terms["cyc_label"] = losses.soft_dice_loss(atlas_onehot, cycled_labels)
-            if config.weight_cyc_flow > 0:
-                terms["cyc_flow"] = losses.transformation_cycle(forward_flow, backward_flow)
+            if config.weight_cyc_label > 0 or config.weight_cyc_flow > 0:
+                # x̄ = x∘Δp_F∘Δp_B = x∘c: one composed displacement serves both cycle terms, and the
+                # labels carried forward then back are warped once (one interpolation, not two).
+                composed = losses.compose_displacements(forward_flow, backward_flow)
+                if config.weight_cyc_flow > 0:
+                    terms["cyc_flow"] = losses.displacement_norm(composed)
+                if config.weight_cyc_label > 0:
+                    cycled_labels = self.warp([atlas_onehot, composed])
+                    terms["cyc_label"] = losses.soft_dice_loss(atlas_onehot, cycled_labels)
             if config.weight_back_sim > 0:
                 terms["back_sim"] = self.ncc(atlas, cycled_atlas)
             if config.weight_back_smooth > 0:
@@ -172,8 +175,11 @@ class LTNet(tf.keras.Model):
         """Update D only, on real scans against (constant) warped atlases."""
         fake = tf.stop_gradient(warped_atlas)
         with tf.GradientTape() as tape:
-            per_example = self.adversarial.discriminator_loss(
-                self.discriminator(scan, training=True), self.discriminator(fake, training=True))
+            # Real and fake in one pass of D (one batch, half the kernel launches).
+            logits = self.discriminator(tf.concat([scan, tf.cast(fake, scan.dtype)], 0),
+                                        training=True)
+            real_logits, fake_logits = tf.split(logits, 2, axis=0)
+            per_example = self.adversarial.discriminator_loss(real_logits, fake_logits)
             d_loss = tf.nn.compute_average_loss(per_example)
         self._apply(self.d_optimizer, tape, d_loss, self.discriminator.trainable_variables)
         return per_example

@@ -204,8 +204,10 @@ CHILD = textwrap.dedent("""
         registered = model.signatures["register"](
             atlas=tf.constant(inputs["atlas"]), atlas_labels=tf.constant(inputs["atlas_labels"]),
             scan=tf.constant(inputs["scan"]))
+        segmented = model.signatures["segment"](scan=tf.constant(inputs["scan"]))
         np.savez(case["outputs"], **{k: v.numpy() for k, v in outputs.items()},
-                 **{"register_" + k: v.numpy() for k, v in registered.items()})
+                 **{"register_" + k: v.numpy() for k, v in registered.items()},
+                 segment_segmentation=segmented["segmentation"].numpy())
 
     project = sorted(m for m in sys.modules
                      if m.split(".")[0] in ("ltnet_tf", "voxelmorph", "neurite"))
@@ -230,6 +232,7 @@ def test_saved_model_in_clean_process_matches_in_process_model(runs, tmp_path):
         assert_outputs_match({k: outputs[k] for k in export.OUTPUTS}, run.expected)
         assert_outputs_match({k: outputs["register_" + k] for k in export.OUTPUTS},
                              run.expected_register)
+        np.testing.assert_array_equal(outputs["segment_segmentation"], run.expected["segmentation"])
 
 
 def test_register_with_the_baked_in_atlas_equals_serving_default(runs):
@@ -278,6 +281,9 @@ def test_saved_model_cli_show_and_run(runs, tmp_path):
         "atlas": ("DT_FLOAT", grid), "atlas_labels": ("DT_INT32", grid),
         "scan": ("DT_FLOAT", (-1, *grid, 1))}
     assert signatures["register"]["outputs"] == signatures["serving_default"]["outputs"]
+    assert signatures["segment"] == {
+        "inputs": {"scan": ("DT_FLOAT", (-1, *grid, 1))},
+        "outputs": {"segmentation": ("DT_INT32", (-1, *grid))}}
     assert "PyFunc" not in shown and "EagerPyFunc" not in shown
 
     scan_path, out_dir = tmp_path / "scan.npy", tmp_path / "out"

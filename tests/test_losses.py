@@ -254,3 +254,18 @@ def test_compose_displacements_with_varying_backward_field_matches_trilinear_res
             resampled = ndimage.map_coordinates(forward[b, ..., c], points, order=1, mode="nearest")
             expected[b, ..., c] = backward[b, ..., c] + resampled
     np.testing.assert_allclose(composed, expected, atol=1e-4)
+
+
+def test_labels_warped_by_the_composed_displacement_equal_two_successive_warps():
+    # The model's label cycle warps y_x once by c = compose(Δp_F, Δp_B) instead of twice.
+    import voxelmorph as vxm
+    labels = _rng(11).integers(0, 3, (1, 12, 12, 12))
+    onehot = tf.constant(np.eye(3, dtype=np.float32)[labels])
+    forward = tf.constant(np.broadcast_to(np.float32([2, -1, 1]), (1, 12, 12, 12, 3)))
+    backward = tf.constant(np.broadcast_to(np.float32([-1, 3, 0]), (1, 12, 12, 12, 3)))
+    warp = vxm.layers.SpatialTransformer(fill_value=None)
+    twice = warp([warp([onehot, forward]), backward]).numpy()
+    once = warp([onehot, losses.compose_displacements(forward, backward)]).numpy()
+    inner = (slice(None), slice(3, -3), slice(3, -3), slice(3, -3))  # clipping differs at borders
+    np.testing.assert_allclose(once[inner], twice[inner], atol=1e-6)
+    assert not np.allclose(once[inner], onehot.numpy()[inner])  # the shifts do move the labels
