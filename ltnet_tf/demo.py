@@ -15,7 +15,7 @@ from absl import flags
 
 from ltnet_tf import cli, data, evaluation, synthetic
 
-DEMO_SETTINGS = dict(downsample=2, steps=300, checkpoint_every=100, g_learning_rate=1e-3,
+DEMO_SETTINGS = dict(downsample=2, steps=400, checkpoint_every=100, g_learning_rate=1e-3,
                      d_learning_rate=1e-4, enc_features="16,16,16", dec_features="16,16,16,16,16")
 
 
