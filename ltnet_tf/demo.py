@@ -1,7 +1,7 @@
 """The built-in demo: synthesise an atlas and scans, train LT-Net on CPU, segment held-out scans,
 and print the Dice reached against the Dice of no registration (the atlas labels as they are).
 
-    python -m ltnet_tf.demo            # a few minutes on a 2-core CPU
+    python -m ltnet_tf.demo            # about 10 minutes on a 2-core CPU
 """
 from __future__ import annotations
 
