@@ -18,11 +18,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ltnet_tf import compat  # noqa: F401,E402
+from bench.provenance import git_commit  # noqa: E402
 
 import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
-import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -50,17 +50,6 @@ FLAGS = flags.FLAGS
 
 TRAIN_SUBJECTS = ("sub-01", "sub-02", "sub-03", "sub-04", "sub-05")
 VAL_SUBJECTS = ("sub-06", "sub-07")
-
-
-def _git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _paths(kind, subjects):
@@ -204,7 +193,7 @@ def main(argv):
     if unknown:
         raise SystemExit(f"unknown configs: {', '.join(sorted(unknown))}")
     import tensorflow as tf
-    results = {"command": " ".join(["python", *sys.argv]), "git_commit": _git_commit(),
+    results = {"command": " ".join(["python", *sys.argv]), "git_commit": git_commit(),
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                           f"TF {tf.__version__}, GPU: {bool(tf.config.list_physical_devices('GPU'))}",
                "train_subjects": TRAIN_SUBJECTS, "val_subjects": VAL_SUBJECTS,

@@ -18,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ltnet_tf import compat  # noqa: F401,E402  (before TensorFlow)
+from bench.provenance import git_commit  # noqa: E402
 
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -53,17 +54,6 @@ TRAIN_MODELS = ("vxm_dense", "vxm_dense_local_ncc", "ltnet")
 # ------------------------------------------------------------------------------- small helpers
 def max_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # ru_maxrss is KiB
-
-
-def _git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _cpu_name() -> str:
@@ -421,7 +411,7 @@ def main(argv):
     results = {"environment": {
         "tensorflow": tf.__version__, "python": platform.python_version(), "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(), "load_average_start": [round(x, 2) for x in os.getloadavg()],
-        "git_commit": _git_commit(), "command": command.strip(),
+        "git_commit": git_commit(), "command": command.strip(),
         "gpus": [d.name for d in tf.config.list_physical_devices("GPU")]}}
     start = time.perf_counter()
     if "train" in FLAGS.parts:
