@@ -57,6 +57,10 @@ class LTNetConfig:
     weight_back_sim: float = _help("G_B similarity: 1 - local NCC between atlas and its cycle image.",
                                    default=1.0)
     weight_back_smooth: float = _help("G_B smoothness of the backward displacement.", default=1.0)
+    cycle_warmup_steps: int = _help("The cycle terms (cyc_img, cyc_label, cyc_flow) ramp linearly "
+                                    "from 0 to their weight over this many steps, so that they do "
+                                    "not hold G_F near the identity before it has learnt to "
+                                    "register (0: full weight from the start).", default=300)
     gan_mode: str = _help("Adversarial loss: 'lsgan' (least squares) or 'bce' (non-saturating).",
                           default="lsgan")
 
@@ -108,6 +112,9 @@ class LTNetConfig:
                 raise ConfigError(f"config field '{name}' must be a positive integer, got {value!r}")
         if self.ncc_window % 2 == 0:
             raise ConfigError(f"config field 'ncc_window' must be odd, got {self.ncc_window}")
+        if not isinstance(self.cycle_warmup_steps, int) or self.cycle_warmup_steps < 0:
+            raise ConfigError(f"config field 'cycle_warmup_steps' must be an integer >= 0, "
+                              f"got {self.cycle_warmup_steps!r}")
         if self.int_steps < 0:
             raise ConfigError(f"config field 'int_steps' must be >= 0, got {self.int_steps}")
         for f in dataclasses.fields(self):

@@ -19,6 +19,9 @@ from ltnet_tf.networks import BackwardGenerator, ForwardGenerator, build_discrim
 # Logged names, in the paper's words; the weight of each is config.weight_<name>.
 GENERATOR_TERMS = ("sim", "smooth", "adv", "cyc_img", "cyc_label", "cyc_flow", "back_sim",
                    "back_smooth")
+# Terms ramped in over config.cycle_warmup_steps: each is zero when G_F is the identity, so at full
+# weight from step 0 they brake G_F before it has learnt any correspondence.
+WARMED_UP_TERMS = ("cyc_img", "cyc_label", "cyc_flow")
 
 
 def hard_dice(reference_onehot: tf.Tensor, predicted_onehot: tf.Tensor) -> tf.Tensor:
@@ -155,9 +158,20 @@ class LTNet(tf.keras.Model):
                 terms["back_smooth"] = losses.smoothness(backward_flow)
         return terms, warped_atlas, forward_flow
 
+    def cycle_ramp(self):
+        """Factor in [0, 1] on the cycle terms' weights: (step + 1) / cycle_warmup_steps, capped."""
+        warmup = self.ltnet_config.cycle_warmup_steps
+        if warmup == 0 or self.backward_generator is None:
+            return tf.constant(1.0)
+        step = tf.cast(self.g_optimizer.iterations, tf.float32)
+        return tf.minimum(1.0, (step + 1.0) / float(warmup))
+
     def weighted_total(self, terms):
         config = self.ltnet_config
-        return tf.add_n([getattr(config, f"weight_{name}") * value for name, value in terms.items()])
+        ramp = self.cycle_ramp()
+        return tf.add_n([getattr(config, f"weight_{name}") * value
+                         * (ramp if name in WARMED_UP_TERMS else 1.0)
+                         for name, value in terms.items()])
 
     # ------------------------------------------------------------------ the two updates
     def generator_step(self, scan):

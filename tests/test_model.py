@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ltnet_tf import config as ltnet_config  # noqa: I001  (before TensorFlow: sets TF_USE_LEGACY_KERAS)
-from ltnet_tf.model import LTNet, hard_dice
+from ltnet_tf.model import WARMED_UP_TERMS, LTNet, hard_dice
 import tensorflow as tf
 
 GRID = 16
@@ -167,9 +167,22 @@ def _check_logs(model: LTNet, history: dict, expected_names: set):
         assert np.isfinite(value) and value >= 0, (name, value)
     # g_loss is the weighted sum of the generator terms (one step, one scan: no averaging across).
     config = model.ltnet_config
-    weighted = sum(getattr(config, f"weight_{name}") * logs[name] for name in logs
-                   if name in ALL_TERMS)
+    # The logs are of the first step, where the cycle terms' weights are 1/cycle_warmup_steps.
+    ramp = 1.0 / config.cycle_warmup_steps if config.cycle_warmup_steps else 1.0
+    weighted = sum(getattr(config, f"weight_{name}") * logs[name]
+                   * (ramp if name in WARMED_UP_TERMS else 1.0)
+                   for name in logs if name in ALL_TERMS)
     np.testing.assert_allclose(logs["g_loss"], weighted, rtol=1e-5)
+
+
+def test_cycle_weights_ramp_in_over_the_warmup():
+    model = _model("ltnet", run_eagerly=True, cycle_warmup_steps=4)
+    ramps = []
+    for _ in range(6):
+        ramps.append(float(model.cycle_ramp()))
+        _fit(model, 1)
+    np.testing.assert_allclose(ramps, [0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+    assert float(_model("ltnet", run_eagerly=True, cycle_warmup_steps=0).cycle_ramp()) == 1.0
 
 
 @pytest.mark.parametrize("preset", sorted(EXPECTED_LOGS))
