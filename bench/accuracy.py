@@ -44,6 +44,7 @@ flags.DEFINE_integer("downsample", 4, "Working resolution factor (4: 40x48x56)."
 flags.DEFINE_list("enc_features", ["16", "32", "32"], "U-Net encoder (3 levels at quarter res).")
 flags.DEFINE_list("dec_features", ["32", "32", "32", "16", "16"], "U-Net decoder.")
 flags.DEFINE_float("g_learning_rate", 1e-3, "Generator learning rate.")
+flags.DEFINE_integer("cycle_warmup_steps", 100, "Steps over which the cycle terms ramp in.")
 flags.DEFINE_integer("seed", 0, "Seed.")
 flags.DEFINE_list("extra", [], "Extra train flags for every trained config, e.g. weight_adv=0.1.")
 FLAGS = flags.FLAGS
@@ -93,6 +94,7 @@ def run_trained(name: str) -> dict:
             f"--enc_features={','.join(FLAGS.enc_features)}",
             f"--dec_features={','.join(FLAGS.dec_features)}",
             f"--g_learning_rate={FLAGS.g_learning_rate}", f"--seed={FLAGS.seed}",
+            f"--cycle_warmup_steps={FLAGS.cycle_warmup_steps}",
             *[f"--{e}" for e in FLAGS.extra]]
     start = time.time()
     if cli.train_main(argv) != 0:
@@ -117,7 +119,9 @@ def run_trained(name: str) -> dict:
                   wall_time_s=train_time + predict_time, train_time_s=train_time,
                   predict_time_per_scan_s=predict_time / len(VAL_SUBJECTS),
                   checkpoint_used="best (validation Dice)", curve=curve,
-                  loss_weights={k: v for k, v in config.items() if k.startswith("weight_")})
+                  loss_weights={k: v for k, v in config.items() if k.startswith("weight_")},
+                  optimisation={k: config[k] for k in ("g_learning_rate", "d_learning_rate",
+                                                       "cycle_warmup_steps", "batch_size")})
     return result
 
 

@@ -46,7 +46,9 @@ def run_demo(workdir: str, steps: int, preset: str = "ltnet", seed: int = 0) -> 
         before.append(evaluation.mean_dice(scores, list(scores)))
 
     model_dir = os.path.join(workdir, "model")
-    settings = {**DEMO_SETTINGS, "steps": steps, "seed": seed}
+    # The cycle terms ramp in over the first third of the run (see LTNetConfig.cycle_warmup_steps).
+    settings = {**DEMO_SETTINGS, "steps": steps, "seed": seed,
+                "cycle_warmup_steps": max(1, steps // 3)}
     argv = ["train", "--atlas", dataset["atlas"], "--atlas_labels", dataset["atlas_labels"],
             "--unlabeled", ",".join(train_scans), "--model_dir", model_dir, "--preset", preset,
             *[f"--{k}={v}" for k, v in settings.items()]]

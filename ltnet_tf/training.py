@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -77,6 +78,27 @@ class StopAtStep(tf.keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if int(self.optimizer.iterations.numpy()) >= self.steps:
             self.model.stop_training = True
+
+
+class ProgressLog(tf.keras.callbacks.Callback):
+    """One log line every ``interval_s`` seconds: Keras's bar redraws in place, which a log file
+    (``nohup``, a cluster job) shows only at the end of each epoch."""
+
+    def __init__(self, optimizer, steps, interval_s=30.0):
+        super().__init__()
+        self.optimizer, self.steps, self.interval_s = optimizer, steps, interval_s
+        self.last_time = self.last_step = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        step, now = int(self.optimizer.iterations.numpy()), time.time()
+        if self.last_time is None:
+            self.last_time, self.last_step = now, step
+        elif now - self.last_time >= self.interval_s or step >= self.steps:
+            rate = (now - self.last_time) / max(step - self.last_step, 1)
+            losses = " ".join(f"{k}={float(v):.4f}" for k, v in (logs or {}).items())
+            logging.info("step %d/%d (%.2f s/step, ~%.0f min left) %s", step, self.steps, rate,
+                         rate * (self.steps - step) / 60, losses)
+            self.last_time, self.last_step = now, step
 
 
 class Checkpointing(tf.keras.callbacks.Callback):
@@ -251,6 +273,9 @@ def _fit(model, config, scan_paths, pairs, atlas, atlas_labels, model_dir, manag
                                model_dir.validation_history_path if chief else None)]
     if chief:
         callbacks.append(tf.keras.callbacks.TensorBoard(model_dir.log_dir, update_freq=10))
+        if verbose and not sys.stdout.isatty():
+            callbacks.append(ProgressLog(model.g_optimizer, config.steps))
+            verbose = 2  # one line per checkpoint interval instead of an in-place bar
     every = config.checkpoint_every
     start = time.time()
     model.fit(dataset, steps_per_epoch=every, epochs=math.ceil(config.steps / every),

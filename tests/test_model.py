@@ -219,3 +219,15 @@ def test_hard_dice_matches_numpy():
     expected = numpy_hard_dice(reference, predicted)
     np.testing.assert_allclose(hard_dice(reference, predicted).numpy(), expected, rtol=1e-5)
     np.testing.assert_allclose(hard_dice(reference, reference).numpy(), 1.0)
+
+
+def test_progress_log_writes_a_line_per_interval(caplog):
+    from ltnet_tf.training import ProgressLog
+    model = _model("voxelmorph", run_eagerly=True)
+    scans = tf.data.Dataset.from_tensors(SCAN).repeat(3)
+    with caplog.at_level("INFO"):
+        model.fit(scans, epochs=1, verbose=0,
+                  callbacks=[ProgressLog(model.g_optimizer, steps=3, interval_s=0.0)])
+    lines = [r.getMessage() for r in caplog.records if "s/step" in r.getMessage()]
+    assert [line.split(" (")[0] for line in lines] == ["step 2/3", "step 3/3"]
+    assert "sim=" in lines[-1] and "g_loss=" in lines[-1]

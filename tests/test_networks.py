@@ -109,3 +109,19 @@ def test_discriminator_logits_are_float32_under_mixed_precision():
     finally:
         tf.keras.mixed_precision.set_global_policy(policy)
     assert discriminator.output.dtype == tf.float32
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 8), (5, 7, 4)])
+def test_space_to_depth_then_dense_is_a_kernel2_stride2_conv(shape):
+    """The discriminator's downsampling equals Conv3D(kernel 2, stride 2), zero padding at the end
+    for odd sizes, with the same weights."""
+    from ltnet_tf.networks import SpaceToDepth3D
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(2, *shape, 3)).astype(np.float32)
+    kernel = rng.normal(size=(2, 2, 2, 3, 5)).astype(np.float32)
+    blocks = SpaceToDepth3D()(features)
+    assert tuple(blocks.shape) == (2, *[(n + 1) // 2 for n in shape], 24)
+    ours = tf.tensordot(blocks, kernel.reshape(24, 5), axes=1)
+    padded = np.pad(features, [(0, 0)] + [(0, n % 2) for n in shape] + [(0, 0)])
+    reference = tf.nn.conv3d(padded, kernel, strides=[1, 2, 2, 2, 1], padding="VALID")
+    np.testing.assert_allclose(ours.numpy(), reference.numpy(), rtol=1e-5, atol=1e-5)
