@@ -46,6 +46,8 @@ flags.DEFINE_list("dec_features", ["32", "32", "32", "16", "16"], "U-Net decoder
 flags.DEFINE_float("g_learning_rate", 1e-3, "Generator learning rate.")
 flags.DEFINE_integer("cycle_warmup_steps", 100, "Steps over which the cycle terms ramp in.")
 flags.DEFINE_integer("seed", 0, "Seed.")
+flags.DEFINE_bool("merge", True, "Keep the configurations of an existing accuracy.json that are "
+                  "not rerun (each entry records its own command and commit).")
 flags.DEFINE_list("extra", [], "Extra train flags for every trained config, e.g. weight_adv=0.1.")
 FLAGS = flags.FLAGS
 
@@ -132,8 +134,8 @@ def write_outputs(results: dict) -> None:
         json.dump(results, f, indent=2)
     os.replace(path + ".tmp", path)
     lines = ["# Accuracy: one-shot label transfer on real brains", "",
-             f"Command: `{results['command']}`  ", f"Commit: `{results['git_commit']}`  ",
              f"Machine: {results['machine']}", "",
+             "Each configuration was run by the command and at the commit given for it below.", "",
              "Mean Dice over the 28 structures of Table 1, validation subjects "
              f"{', '.join(VAL_SUBJECTS)}, full-resolution labels.", "",
              "| config | mean Dice | " + " | ".join(VAL_SUBJECTS)
@@ -144,6 +146,9 @@ def write_outputs(results: dict) -> None:
         unet = "" if "unet" not in r else f"{r['unet'][0]} / {r['unet'][1]}"
         lines.append(f"| {name} | **{r['mean_dice']:.3f}** | {per_subject} | {r['steps']} | "
                      f"{r['resolution']} | {unet} | {r['wall_time_s'] / 60:.1f} min |")
+    lines += ["", "| config | command | commit |", "|---|---|---|"]
+    lines += [f"| {name} | `{r['command']}` | `{r['git_commit'][:12]}` |"
+              for name, r in results["configs"].items()]
     lines += ["", "Per structure:", "",
               "| structure | " + " | ".join(results["configs"]) + " |",
               "|---|" + "---|" * len(results["configs"])]
@@ -202,9 +207,17 @@ def main(argv):
                           f"TF {tf.__version__}, GPU: {bool(tf.config.list_physical_devices('GPU'))}",
                "train_subjects": TRAIN_SUBJECTS, "val_subjects": VAL_SUBJECTS,
                "labels": list(BENCHMARK_LABELS), "configs": {}}
+    previous = os.path.join(FLAGS.results_dir, "accuracy.json")
+    if FLAGS.merge and os.path.isfile(previous):
+        with open(previous) as f:
+            kept = json.load(f)["configs"]
+        results["configs"] = {name: r for name, r in kept.items()
+                              if name not in FLAGS.configs and "git_commit" in r}
     for name in FLAGS.configs:
         print(f"=== {name}", flush=True)
         results["configs"][name] = run_affine() if name == "affine" else run_trained(name)
+        results["configs"][name].update(command=results["command"], git_commit=results["git_commit"])
+        results["configs"] = {n: results["configs"][n] for n in CONFIGS if n in results["configs"]}
         print(f"=== {name}: mean Dice {results['configs'][name]['mean_dice']:.4f}", flush=True)
         write_outputs(results)  # after each config, so a long run leaves partial results
 

@@ -48,15 +48,17 @@ class LTNetConfig:
     weight_smooth: float = _help("L_smooth: first-order smoothness of the forward displacement.",
                                  default=1.0)
     weight_adv: float = _help("Adversarial term for G_F (0 = no GAN, no discriminator).", default=0.05)
-    weight_cyc_img: float = _help("Image cycle: L1 between atlas and atlas warped forward+backward.",
+    weight_cyc_img: float = _help("Image cycle: L1 between atlas x and x warped forward then "
+                                  "backward (x∘Δp_F∘Δp_B); trains G_F and G_B.",
                                   default=1.0)
     weight_cyc_label: float = _help("Label cycle: soft Dice loss of atlas labels warped forward+back.",
                                     default=1.0)
     weight_cyc_flow: float = _help("Transformation cycle: composed forward/backward displacement ~ 0.",
                                    default=0.05)
-    weight_back_sim: float = _help("G_B similarity: 1 - local NCC between atlas and its cycle image.",
-                                   default=1.0)
-    weight_back_smooth: float = _help("G_B smoothness of the backward displacement.", default=1.0)
+    weight_back_sim: float = _help("G_B similarity: 1 - local NCC between atlas and the warped "
+                                   "atlas registered back to it (trains G_B only).", default=1.0)
+    weight_back_smooth: float = _help("G_B smoothness of the backward displacement (trains G_B "
+                                      "only).", default=1.0)
     cycle_warmup_steps: int = _help("The cycle terms (cyc_img, cyc_label, cyc_flow) ramp linearly "
                                     "from 0 to their weight over this many steps, so that they do "
                                     "not hold G_F near the identity before it has learnt to "

@@ -60,6 +60,7 @@ class LTNet(tf.keras.Model):
                                    if config.uses_backward_generator else None)
         self.discriminator = build_discriminator(config) if config.uses_discriminator else None
         self.warp = vxm.layers.SpatialTransformer(fill_value=None, name="label_warp")
+        self.image_warp = vxm.layers.SpatialTransformer(fill_value=None, name="image_warp")
 
         self.ncc = losses.LocalNCC(config.ncc_window)
         self.adversarial = losses.Adversarial(config.gan_mode)
@@ -139,23 +140,28 @@ class LTNet(tf.keras.Model):
         if self.discriminator is not None:
             terms["adv"] = self.adversarial.generator_loss(self.discriminator(warped_atlas))
         if self.backward_generator is not None:
-            cycled_atlas, backward_flow = self.backward_generator([warped_atlas, atlas],
-                                                                  training=training)
-            if config.weight_cyc_img > 0:
-                terms["cyc_img"] = losses.image_cycle(atlas, cycled_atlas)
-            if config.weight_cyc_label > 0 or config.weight_cyc_flow > 0:
-                # x̄ = x∘Δp_F∘Δp_B = x∘c: one composed displacement serves both cycle terms, and the
-                # labels carried forward then back are warped once (one interpolation, not two).
+            # G_B registers ū back to x. Its own losses (back_sim, back_smooth) train G_B alone:
+            # ū is its input data, under stop_gradient. Otherwise back_sim, whose gradient into
+            # G_F pulls ū towards x at full weight while G_B is still near the identity, would
+            # cancel L_sim and hold G_F near the identity (measured: bench/results/accuracy.md).
+            cycled_atlas, backward_flow = self.backward_generator(
+                [tf.stop_gradient(warped_atlas), atlas], training=training)
+            if config.weight_back_sim > 0:
+                terms["back_sim"] = self.ncc(atlas, cycled_atlas)
+            if config.weight_back_smooth > 0:
+                terms["back_smooth"] = losses.smoothness(backward_flow)
+            if any(getattr(config, f"weight_{t}") > 0 for t in WARMED_UP_TERMS):
+                # The cycle terms supervise both generators through the composed displacement
+                # c = Δp_F∘Δp_B: x̄ = ū∘Δp_B = x∘c, and the labels carried forward then back are
+                # y_x∘c (one interpolation each, not two).
                 composed = losses.compose_displacements(forward_flow, backward_flow)
+                if config.weight_cyc_img > 0:
+                    terms["cyc_img"] = losses.image_cycle(atlas, self.image_warp([atlas, composed]))
                 if config.weight_cyc_flow > 0:
                     terms["cyc_flow"] = losses.displacement_norm(composed)
                 if config.weight_cyc_label > 0:
                     cycled_labels = self.warp([atlas_onehot, composed])
                     terms["cyc_label"] = losses.soft_dice_loss(atlas_onehot, cycled_labels)
-            if config.weight_back_sim > 0:
-                terms["back_sim"] = self.ncc(atlas, cycled_atlas)
-            if config.weight_back_smooth > 0:
-                terms["back_smooth"] = losses.smoothness(backward_flow)
         return terms, warped_atlas, forward_flow
 
     def cycle_ramp(self):

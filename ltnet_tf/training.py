@@ -89,6 +89,9 @@ class ProgressLog(tf.keras.callbacks.Callback):
         self.optimizer, self.steps, self.interval_s = optimizer, steps, interval_s
         self.last_time = self.last_step = None
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self.last_time = None  # the rate should not count the validation between epochs
+
     def on_train_batch_end(self, batch, logs=None):
         step, now = int(self.optimizer.iterations.numpy()), time.time()
         if self.last_time is None:

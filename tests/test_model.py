@@ -231,3 +231,26 @@ def test_progress_log_writes_a_line_per_interval(caplog):
     lines = [r.getMessage() for r in caplog.records if "s/step" in r.getMessage()]
     assert [line.split(" (")[0] for line in lines] == ["step 2/3", "step 3/3"]
     assert "sim=" in lines[-1] and "g_loss=" in lines[-1]
+
+
+def test_backward_generator_losses_train_only_g_b_and_cycle_terms_train_both():
+    """back_sim/back_smooth are G_B's own registration losses (ū is data to them); the cycle
+    terms supervise G_F and G_B through the composed displacement."""
+    model = _model("ltnet", run_eagerly=True)
+    forward_vars = model.forward_generator.trainable_variables
+    backward_vars = model.backward_generator.trainable_variables
+    # A non-zero forward displacement, so the cycle terms have something to say to G_F.
+    last = model.forward_generator.get_layer("forward_generator_flow")
+    last.bias.assign(np.full(3, 0.7, np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        terms, _, _ = model.generator_terms(tf.constant(SCAN), training=True)
+    for name in ("back_sim", "back_smooth", "cyc_img", "cyc_label", "cyc_flow"):
+        to_forward = [g for g in tape.gradient(terms[name], forward_vars) if g is not None]
+        to_backward = [g for g in tape.gradient(terms[name], backward_vars) if g is not None]
+        forward_norm = sum(float(tf.reduce_sum(tf.abs(g))) for g in to_forward)
+        backward_norm = sum(float(tf.reduce_sum(tf.abs(g))) for g in to_backward)
+        assert backward_norm > 0, name
+        if name.startswith("back_"):
+            assert forward_norm == 0, name
+        else:
+            assert forward_norm > 0, name
