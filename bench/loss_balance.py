@@ -1,0 +1,63 @@
+"""Loss balance of a trained run: each generator term's weighted gradient on G_F, and its cosine
+with L_sim's gradient. A term whose gradient is large and points against L_sim's brakes the
+registration; this is how the default cycle weights were chosen (issue #5).
+
+    python bench/loss_balance.py --model_dir bench/work/accuracy/ltnet --scan ../shared/data/images/sub-01.nii.gz
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ltnet_tf import compat  # noqa: F401,E402
+
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from ltnet_tf import data  # noqa: E402
+from ltnet_tf.modeldir import ModelDir  # noqa: E402
+from ltnet_tf.training import build_model, make_checkpoint  # noqa: E402
+
+flags.DEFINE_string("model_dir", None, "A training run folder (its last checkpoint is used).")
+flags.DEFINE_string("scan", None, "An unlabelled scan on the atlas grid.")
+flags.mark_flags_as_required(["model_dir", "scan"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    model_dir = ModelDir(FLAGS.model_dir)
+    config = model_dir.load_config()
+    atlas, atlas_labels = model_dir.load_atlas()
+    model = build_model(config, atlas, atlas_labels)
+    checkpoint = tf.train.latest_checkpoint(model_dir.checkpoint_dir)
+    make_checkpoint(model).restore(checkpoint).expect_partial()
+    scan = data.preprocess_scan(data.load_scan(FLAGS.scan).data, config)[None]
+    with tf.GradientTape(persistent=True) as tape:
+        terms, _, _ = model.generator_terms(tf.constant(scan), training=True)
+    variables = model.forward_generator.trainable_variables
+
+    def weighted_gradient(name):
+        gradients = [g for g in tape.gradient(terms[name], variables) if g is not None]
+        if not gradients:
+            return None
+        return getattr(config, f"weight_{name}") * tf.concat([tf.reshape(g, [-1]) for g in gradients], 0)
+
+    reference = weighted_gradient("sim")
+    print(f"{checkpoint}, scan {FLAGS.scan}")
+    print(f"{'term':12s} {'value':>8s} {'weight':>7s} {'|w·grad| on G_F':>16s} {'cos with sim':>13s}")
+    for name, value in terms.items():
+        gradient = weighted_gradient(name)
+        weight = getattr(config, f"weight_{name}")
+        if gradient is None:
+            print(f"{name:12s} {float(value[0]):8.4f} {weight:7.3g} {'(trains G_B only)':>16s}")
+            continue
+        cosine = tf.reduce_sum(gradient * reference) / (tf.norm(gradient) * tf.norm(reference))
+        print(f"{name:12s} {float(value[0]):8.4f} {weight:7.3g} {float(tf.norm(gradient)):16.3e} "
+              f"{float(cosine):+13.3f}")
+
+
+if __name__ == "__main__":
+    app.run(main)
