@@ -143,7 +143,7 @@ class LTNet(tf.keras.Model):
             # G_B registers ū back to x. Its own losses (back_sim, back_smooth) train G_B alone:
             # ū is its input data, under stop_gradient. Otherwise back_sim, whose gradient into
             # G_F pulls ū towards x at full weight while G_B is still near the identity, would
-            # cancel L_sim and hold G_F near the identity (measured: bench/results/accuracy.md).
+            # cancel L_sim and hold G_F near the identity (measured: README, "Benchmarks").
             cycled_atlas, backward_flow = self.backward_generator(
                 [tf.stop_gradient(warped_atlas), atlas], training=training)
             if config.weight_back_sim > 0:
@@ -167,7 +167,7 @@ class LTNet(tf.keras.Model):
     def cycle_ramp(self):
         """Factor in [0, 1] on the cycle terms' weights: (step + 1) / cycle_warmup_steps, capped."""
         warmup = self.ltnet_config.cycle_warmup_steps
-        if warmup == 0 or self.backward_generator is None:
+        if warmup == 0:
             return tf.constant(1.0)
         step = tf.cast(self.g_optimizer.iterations, tf.float32)
         return tf.minimum(1.0, (step + 1.0) / float(warmup))
