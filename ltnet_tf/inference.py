@@ -95,7 +95,9 @@ def _corners(points: tf.Tensor, shape):
     return tf.stack(indices, -1), tf.stack(weights, -1)
 
 
-MIXED_CELL = np.iinfo(np.int32).min  # marks a cell whose 8 corners do not all carry one label
+# Marks a cell whose 8 corners do not all carry one label. An atlas that uses this very ID as a
+# label is still warped correctly: its uniform cells merely go through the vote as well.
+MIXED_CELL = np.iinfo(np.int32).min
 
 
 def uniform_cell_labels(label_map: tf.Tensor) -> tf.Tensor:
