@@ -60,6 +60,8 @@ class LTNet(tf.keras.Model):
                                    if config.uses_backward_generator else None)
         self.discriminator = build_discriminator(config) if config.uses_discriminator else None
         self.warp = vxm.layers.SpatialTransformer(fill_value=None, name="label_warp")
+        # Not self.warp again: VoxelMorph 0.2's SpatialTransformer fixes its input's channel count
+        # when first built (it reshapes to it), and the labels have L channels, the image one.
         self.image_warp = vxm.layers.SpatialTransformer(fill_value=None, name="image_warp")
 
         self.ncc = losses.LocalNCC(config.ncc_window)
