@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from ltnet_tf import data, evaluation, labels as label_names
+from ltnet_tf import alignment, data, evaluation, labels as label_names
 from ltnet_tf.config import LTNetConfig
 from ltnet_tf.inference import LabelTransfer
 from ltnet_tf.model import LTNet
@@ -51,16 +51,37 @@ def _writable_dir(path: str, chief: bool) -> str:
 
 
 # ------------------------------------------------------------------------------- inputs
-def check_inputs(atlas_path, atlas_labels_path, scan_paths):
-    """Load atlas + labels, list and check every scan's grid and values (one at a time)."""
+def check_inputs(atlas_path, atlas_labels_path, scan_paths, align: str = "auto"):
+    """Load atlas + labels, list and check every scan (one at a time). With ``align='auto'`` a scan
+    on another grid is replaced by its aligned copy on the atlas grid (cached, see alignment.py)."""
     atlas = data.load_scan(atlas_path)
     atlas_labels = data.load_label_map(atlas_labels_path)
     data.check_same_grid(atlas, atlas_labels, strict=True)
     paths = data.list_images(scan_paths)
     for path in paths:
         scan = data.load_scan(path)  # values checked: finite, 3D, not constant
-        data.check_same_grid(atlas, scan, strict=False)
+        if align == "never" or alignment.on_atlas_grid(atlas, scan):
+            data.check_same_grid(atlas, scan, strict=False)
+    if align == "auto":
+        paths = alignment.align_training_scans(atlas, atlas_path, paths)
     return atlas, atlas_labels, paths
+
+
+def align_validation_pairs(atlas: data.Volume, pairs, align: str = "auto") -> list:
+    """Validation scans on other grids aligned to the atlas, their labels resampled by nearest
+    label (validation Dice is then measured on the atlas grid, as for pre-aligned scans)."""
+    aligner, aligned_pairs = None, []
+    for scan, labels in pairs:
+        if align == "never" or alignment.on_atlas_grid(atlas, scan):
+            data.check_same_grid(atlas, scan, strict=False)
+            aligned_pairs.append((scan, labels))
+            continue
+        aligner = aligner or alignment.AtlasAligner(atlas)
+        found = aligner.align(scan)
+        logging.info("validation scan %s aligned to the atlas in %.1f s (brain overlap %.2f)",
+                     os.path.basename(scan.path), found.seconds, found.brain_overlap)
+        aligned_pairs.append((found.resample_scan(scan), found.resample_labels(labels)))
+    return aligned_pairs
 
 
 def resolve_config(config: LTNetConfig, atlas: data.Volume, atlas_labels: data.Volume) -> LTNetConfig:
@@ -218,18 +239,21 @@ def prepare_run_folder(config: LTNetConfig, model_dir: ModelDir, atlas, atlas_la
 
 def train(config: LTNetConfig, atlas_path, atlas_labels_path, scan_paths, model_dir, *,
           val_images=None, val_labels=None, resume: bool = False, strategy=None,
-          export: bool = True, verbose: int = 1) -> ModelDir:
-    """Train LT-Net; returns the run folder. Raises DataError / TrainingError on bad input."""
+          export: bool = True, verbose: int = 1, align: str = "auto") -> ModelDir:
+    """Train LT-Net; returns the run folder. Raises DataError / TrainingError on bad input.
+
+    ``align='auto'``: scans and validation scans on other grids than the atlas's are aligned to it
+    first; ``'never'``: every scan must be on the atlas grid."""
     strategy = strategy or tf.distribute.get_strategy()
     chief = is_chief(strategy)
     if config.batch_size % strategy.num_replicas_in_sync:
         raise TrainingError(f"batch_size {config.batch_size} is the global batch: make it a "
                             f"multiple of the {strategy.num_replicas_in_sync} replicas in sync")
     model_dir = ModelDir(model_dir)
-    atlas, atlas_labels, scan_paths = check_inputs(atlas_path, atlas_labels_path, scan_paths)
+    atlas, atlas_labels, scan_paths = check_inputs(atlas_path, atlas_labels_path, scan_paths,
+                                                   align)
     pairs = data.load_validation_pairs(val_images, val_labels) if val_images else []
-    for scan, _ in pairs:
-        data.check_same_grid(atlas, scan, strict=False)
+    pairs = align_validation_pairs(atlas, pairs, align)
     config = resolve_config(config, atlas, atlas_labels)
     if chief:
         config = prepare_run_folder(config, model_dir, atlas, atlas_labels, resume)

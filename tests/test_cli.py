@@ -167,7 +167,8 @@ def test_predict_end_to_end(trained_run, dataset, tmp_path, capsys):
     images, labels = tmp_path / "images", tmp_path / "labels"
     copy_into(images, dataset.images[0])
     copy_into(labels, dataset.labels[0])
-    # A scan whose header is shifted: accepted (warning), its segmentation keeps its own header.
+    # A scan whose header is shifted, with --align never (the voxel grids are taken to correspond):
+    # accepted (warning), its segmentation keeps its own header.
     shifted = dataset.affine.copy()
     shifted[:3, 3] += [5.0, -3.0, 2.0]
     write_nifti(images / "shifted.nii.gz", nib.load(dataset.images[1]).get_fdata(dtype=np.float32),
@@ -176,7 +177,7 @@ def test_predict_end_to_end(trained_run, dataset, tmp_path, capsys):
     out = tmp_path / "out"
     rc = cli.predict_main(["predict.py", "--model_dir", trained_run.path, "--images", str(images),
                            "--output_dir", str(out), "--labels", str(labels),
-                           "--save_warped_atlas", "--save_flow"])
+                           "--save_warped_atlas", "--save_flow", "--align", "never"])
     assert rc == 0
     stdout = capsys.readouterr().out
     assert "[1/2] scan_00_seg.nii.gz" in stdout and "[2/2] shifted_seg.nii.gz" in stdout
@@ -515,7 +516,12 @@ def _bad_predict_input(case, trained_run, dataset, tmp_path):
         array[3, 4, 5] = np.nan
         return bad_scan("nan.nii.gz", array)
     if case == "scan_other_grid":
-        return bad_scan("other_grid.nii.gz", np.pad(scan, 2))
+        changes, path = bad_scan("other_grid.nii.gz", np.pad(scan, 2))
+        return {**changes, "--align": "never"}, path
+    if case == "single_slice":
+        return bad_scan("slice.nii.gz", scan[:, :, 8:9])
+    if case == "not_a_brain":  # on another grid, so it would be aligned: far too small a brain
+        return bad_scan("not_a_brain.nii.gz", np.pad(scan, 2))
     if case == "duplicate_names":
         other = copy_into(tmp_path / "other", dataset.images[0])
         return ({"--images": f"{images},{other}"},
@@ -567,6 +573,8 @@ PREDICT_CASES = {
     "4d_scan": "is 4D with 3 frames",
     "nan_scan": "contains 1 NaN/Inf voxels",
     "scan_other_grid": f"differs from the atlas grid {SHAPE}",
+    "single_slice": "a 2D image or a single slice",
+    "not_a_brain": "does not look like a brain scan",
     "duplicate_names": "same scan name 'scan_00'",
     "labels_not_integer": "label values are not integers",
     "labels_other_grid": "differs from the shape",
