@@ -2,7 +2,7 @@
 
 Each command has its own ``FlagValues``, so both can live in one process (tests call them in turn).
 Every hyperparameter flag is generated from ``LTNetConfig``; precedence is
-preset < ``--config`` JSON < explicit flags. Errors print one line and return exit code 1.
+preset < profile < ``--config`` JSON < explicit flags. Errors print one line and return exit code 1.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import typing
 
 from absl import flags, logging
 
-from ltnet_tf.config import PRESETS, ConfigError, LTNetConfig
+from ltnet_tf.config import PRESETS, PROFILES, ConfigError, LTNetConfig
 
 _RESOLVED_FIELDS = ("atlas_shape", "label_ids")  # set from the data, not by flags
 
@@ -50,7 +50,8 @@ def _define_config_flags(flag_values: flags.FlagValues) -> None:
 
 
 def _config_from_flags(flag_values: flags.FlagValues) -> LTNetConfig:
-    config = LTNetConfig().replace(**PRESETS[flag_values.preset])
+    config = LTNetConfig().replace(**PRESETS[flag_values.preset],
+                                   **PROFILES[flag_values.profile])
     if flag_values.config:
         file_config = LTNetConfig.load(flag_values.config).to_dict()
         config = config.replace(**{k: v for k, v in file_config.items() if k not in _RESOLVED_FIELDS})
@@ -162,6 +163,10 @@ def _train_flags() -> flags.FlagValues:
     flags.DEFINE_string("val_labels", None, "Their label maps, matched by file name.", flag_values=fv)
     flags.DEFINE_string("config", None, "JSON config to start from (e.g. another run's config.json).",
                         flag_values=fv)
+    flags.DEFINE_enum("profile", "paper", list(PROFILES),
+                      "Compute budget: 'paper' (full resolution, the paper's U-Net; for a GPU) or "
+                      "'cpu' (quarter resolution, slim U-Net, lr 1e-3, 1500 steps: well under an "
+                      "hour on 2 CPU cores).", flag_values=fv)
     flags.DEFINE_enum("preset", "ltnet", list(PRESETS), "Ablation preset: which loss terms are on.",
                       flag_values=fv)
     flags.DEFINE_bool("resume", False, "Continue the run in --model_dir from its last checkpoint.",

@@ -192,6 +192,16 @@ PRESETS = {
 }
 
 
+# Compute budgets: where a run can afford what. 'paper' is LT-Net as published (full resolution, a
+# GPU); 'cpu' is what trains in well under an hour on 2 CPU cores and reaches, with test-time
+# refinement at prediction, more than ANTs SyN (bench/results/accuracy.md; README).
+PROFILES = {
+    "paper": dict(),
+    "cpu": dict(downsample=4, enc_features=[16, 32, 32], dec_features=[32, 32, 32, 16, 16],
+                g_learning_rate=1e-3, cycle_warmup_steps=100, steps=1500, checkpoint_every=100),
+}
+
+
 def preset(name: str, **changes) -> LTNetConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")

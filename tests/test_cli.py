@@ -143,6 +143,17 @@ def test_flags_parse_to_config_types(dataset, tmp_path):
     assert config.atlas_shape is None and config.label_ids is None  # from the data, not a file
 
 
+def test_cpu_profile_sets_the_cpu_recipe_and_flags_still_win(dataset, tmp_path):
+    flag_values = cli._train_flags()
+    flag_values(["train.py", "--atlas", dataset.atlas, "--unlabeled", dataset.images_dir,
+                 "--model_dir", str(tmp_path / "run"), "--profile", "cpu", "--steps=40",
+                 "--preset", "voxelmorph"])
+    config = cli._config_from_flags(flag_values)
+    assert (config.downsample, config.enc_features, config.g_learning_rate) == (4, [16, 32, 32],
+                                                                                1e-3)
+    assert config.steps == 40 and config.weight_adv == 0.0  # explicit flag, preset: both kept
+
+
 # ------------------------------------------------------------------------------- end to end
 def test_train_writes_a_complete_run_folder(trained_run, dataset):
     config = trained_run.load_config()
@@ -254,7 +265,7 @@ def test_predict_files_library_call(trained_run, dataset, tmp_path):
     result = cli.predict_files(trained_run.path, ",".join(dataset.images[:2]), str(out))
     assert set(result["outputs"]) == {"scan_00", "scan_01"} and result["dice"] is None
     assert sorted(os.listdir(out)) == ["prediction.json", "scan_00_seg.nii.gz",
-                                       "scan_01_seg.nii.gz"]
+                                       "scan_01_seg.nii.gz", "volumes.csv"]
 
 
 # ------------------------------------------------------------------------------- resume
@@ -414,6 +425,9 @@ def _bad_train_input(case, dataset, tmp_path):
         path = write_nifti(tmp_path / "moved_labels.nii.gz", labels, moved)
         return {"--atlas_labels": path}, path
     if case == "scan_other_grid":
+        changes, path = bad_scan("small.nii.gz", scan[:12])
+        return {**changes, "--align": "never"}, path
+    if case == "scan_not_a_brain":  # another grid, so it would be aligned: far too small a brain
         return bad_scan("small.nii.gz", scan[:12])
     if case == "val_scan_nan":
         images = copy_into(tmp_path / "val_images", dataset.images[0])
@@ -450,6 +464,7 @@ TRAIN_CASES = {
     "labels_other_shape": "differs from the shape",
     "labels_other_affine": "header affine differs",
     "scan_other_grid": "differs from the shape",
+    "scan_not_a_brain": "does not look like a brain scan",
     "val_scan_nan": "NaN/Inf voxels",
     "val_label_missing": "no label map named 'scan_01'",
     "model_dir_unwritable": "cannot create model folder",
