@@ -123,6 +123,13 @@ class _LtnetInfoOnly(pylogging.Filter):
 _INFO_FILTER = _LtnetInfoOnly()
 
 
+def _define_verbose_flag(flag_values: flags.FlagValues) -> None:
+    # Read from sys.argv by ltnet_tf.compat before TensorFlow is imported; defined here for --help.
+    flags.DEFINE_bool("verbose", False, "Show TensorFlow's start-up and C++ log lines (CUDA, "
+                      "oneDNN); also shown when TF_CPP_MIN_LOG_LEVEL is set.",
+                      flag_values=flag_values)
+
+
 def _run_command(body, flag_values, argv, usage) -> int:
     try:
         parsed = _parse(flag_values, argv, usage)
@@ -170,6 +177,7 @@ def _train_flags() -> flags.FlagValues:
                       flag_values=fv)
     flags.DEFINE_bool("export", True, "Export the SavedModel and generator.h5 at the end.",
                       flag_values=fv)
+    _define_verbose_flag(fv)
     _define_config_flags(fv)
     return fv
 
@@ -247,6 +255,7 @@ def _predict_flags() -> flags.FlagValues:
                       flag_values=fv)
     flags.DEFINE_bool("save_flow", False, "Also write <scan>_flow.nii.gz (displacement, voxels).",
                       flag_values=fv)
+    _define_verbose_flag(fv)
     return fv
 
 

@@ -283,6 +283,8 @@ def _flag_values() -> flags.FlagValues:
                       flag_values=fv)
     flags.DEFINE_integer("version", None, "SavedModel version folder (default: newest + 1).",
                          lower_bound=1, flag_values=fv)
+    flags.DEFINE_bool("verbose", False, "Show TensorFlow's start-up and C++ log lines.",
+                      flag_values=fv)
     return fv
 
 
