@@ -19,9 +19,10 @@ import sys
 import time
 import typing
 
+import numpy as np
 from absl import flags, logging
 
-from ltnet_tf.config import PRESETS, ConfigError, LTNetConfig
+from ltnet_tf.config import PRESETS, RESUME_CHANGEABLE, ConfigError, LTNetConfig
 
 _RESOLVED_FIELDS = ("atlas_shape", "label_ids")  # set from the data, not by flags
 
@@ -139,6 +140,9 @@ def _run_command(body, flag_values, argv, usage) -> int:
         if _INFO_FILTER not in logging.get_absl_logger().filters:
             logging.get_absl_logger().addFilter(_INFO_FILTER)
         return body(parsed)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001  (re-raised unless it is the user's input)
         message = _user_error(e)
         if message is None:
@@ -211,20 +215,69 @@ def _train(fv: flags.FlagValues) -> int:
                           f"<atlas>_labels.nii.gz / atlas_labels.nii.gz beside it")
     config = _config_from_flags(fv)
     saved_config = ModelDir(fv.model_dir).config_path
-    if fv.resume and fv["steps"].value is None and os.path.isfile(saved_config):
-        # A plain --resume finishes the run as planned, not at the default number of steps.
-        config = config.replace(steps=LTNetConfig.load(saved_config).steps)
+    if fv.resume and os.path.isfile(saved_config):
+        # A plain --resume finishes the run as planned, not with the flags' defaults.
+        config = _resume_config(fv, config, saved_config)
     strategy = distribute.create_strategy(fv.strategy)
     # Keras's progress bar redraws with carriage returns: one line per checkpoint interval
     # reads better in a log file or a CI job.
     verbose = 1 if sys.stdout.isatty() else 2
-    model_dir = training.train(config, fv.atlas, atlas_labels, fv.unlabeled, fv.model_dir,
-                               val_images=fv.val_images, val_labels=fv.val_labels,
-                               resume=fv.resume, strategy=strategy, export=fv.export,
-                               verbose=verbose)
+    try:
+        model_dir = training.train(config, fv.atlas, atlas_labels, fv.unlabeled, fv.model_dir,
+                                   val_images=fv.val_images, val_labels=fv.val_labels,
+                                   resume=fv.resume, strategy=strategy, export=fv.export,
+                                   verbose=verbose)
+    except KeyboardInterrupt:
+        print(_interrupted_message(ModelDir(fv.model_dir)), file=sys.stderr)
+        return 130
     if training.is_chief(strategy):  # other workers wrote nothing there
         print(f"model written to {model_dir.path}")
     return 0
+
+
+def _given_fields(fv: flags.FlagValues) -> set:
+    """Config fields the user asked for: explicit flags, the --config file, an explicit --preset."""
+    given = {f.name for f in dataclasses.fields(LTNetConfig)
+             if f.name not in _RESOLVED_FIELDS and fv[f.name].present}
+    if fv.config:
+        given |= set(LTNetConfig.load(fv.config).to_dict()) - set(_RESOLVED_FIELDS)
+    if fv["preset"].present:
+        given |= set(PRESETS[fv.preset])
+    return given
+
+
+def _resume_config(fv: flags.FlagValues, asked: LTNetConfig, saved_path: str) -> LTNetConfig:
+    """The run's saved config, with what --resume may change (``RESUME_CHANGEABLE``) applied and
+    said; any other asked-for change (architecture, grid, loss terms) is refused, not dropped."""
+    saved = LTNetConfig.load(saved_path)
+    changes, refused = {}, []
+    for name in sorted(_given_fields(fv)):
+        old, new = getattr(saved, name), getattr(asked, name)
+        if new == old:
+            continue
+        if name in RESUME_CHANGEABLE:
+            changes[name] = new
+        else:
+            refused.append(f"{name} {old} -> {new}")
+    if refused:
+        raise ConfigError(f"{saved_path}: --resume cannot change {'; '.join(refused)} (only "
+                          f"{', '.join(RESUME_CHANGEABLE)} can change in a run); start a new "
+                          f"--model_dir with --config {saved_path} instead")
+    if changes:
+        print("resuming with " + ", ".join(f"{k}={getattr(saved, k)} -> {v}"
+                                           for k, v in changes.items()), flush=True)
+    return saved.replace(**changes)
+
+
+def _interrupted_message(model_dir) -> str:
+    """One line for Ctrl-C: which checkpoint the run can be continued from."""
+    import tensorflow as tf  # already imported by training
+
+    last = tf.train.latest_checkpoint(model_dir.checkpoint_dir)
+    if last is None:
+        return f"interrupted before the first checkpoint of {model_dir.path}: nothing to resume"
+    return (f"interrupted: continue from {os.path.basename(last)} with "
+            f"python train.py --resume --model_dir {model_dir.path} (and the same data flags)")
 
 
 def train_main(argv=None) -> int:

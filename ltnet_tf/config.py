@@ -187,6 +187,10 @@ class LTNetConfig:
             raise ConfigError(f"{path}: {e}") from None
 
 
+# What ``train.py --resume`` may change in a run; every other field (architecture, grid, which loss
+# terms exist, data order) is fixed once the run has a checkpoint.
+RESUME_CHANGEABLE = ("steps", "g_learning_rate", "d_learning_rate", "label_chunk", "jit_compile")
+
 # The ablation of the paper: each is a set of weights over the same code.
 PRESETS = {
     "voxelmorph": dict(weight_adv=0.0, weight_cyc_img=0.0, weight_cyc_label=0.0, weight_cyc_flow=0.0,
