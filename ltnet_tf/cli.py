@@ -398,6 +398,51 @@ def _check_scans(pairs, atlas_shape, model_path: str) -> None:
             data.check_same_grid(scan, data.load_label_map(label_path), strict=False)
 
 
+OUTPUT_SUFFIXES = ("_seg", "_warped_atlas", "_flow")  # <scan><suffix>.nii.gz, as written below
+
+
+def _without_earlier_outputs(images, output_dir) -> list:
+    """The scans, less the files an earlier prediction wrote into the output folder when it is
+    also the scans' folder: they are segmentations, not scans (``v0_seg_seg.nii.gz``)."""
+    from ltnet_tf import data
+
+    output_dir = os.path.abspath(output_dir)
+    scans, earlier = [], []
+    for path in data.list_images(images):
+        in_output = os.path.dirname(os.path.abspath(path)) == output_dir
+        is_output = in_output and data.scan_name(path).endswith(OUTPUT_SUFFIXES)
+        (earlier if is_output else scans).append(path)
+    if earlier:
+        logging.warning("%s: skipping %d earlier outputs of predict.py among the scans (%s)",
+                        output_dir, len(earlier), ", ".join(os.path.basename(p) for p in earlier[:3])
+                        + (", ..." if len(earlier) > 3 else ""))
+    if not scans:
+        raise data.DataError(f"{output_dir}: no scans besides earlier outputs of predict.py")
+    return scans
+
+
+def _warn_unmatched_label_ids(reference, label_ids) -> None:
+    """A reference whose IDs are not the atlas's (another labelling protocol) gives Dice 0 or
+    none for those structures; the mean then drops for no reason the user would see."""
+    atlas_ids = {int(i) for i in label_ids if int(i) != 0}
+    reference_ids = {int(i) for i in np.unique(reference.data) if int(i) != 0}
+    unknown, missing = sorted(reference_ids - atlas_ids), sorted(atlas_ids - reference_ids)
+    if unknown:
+        logging.warning("%s: reference label IDs %s are not among the atlas's; atlas IDs absent "
+                        "from the reference: %s (their Dice is 0 or undefined)", reference.path,
+                        unknown[:10], missing[:10])
+
+
+def _remove_earlier_dice_reports(output_dir: str) -> None:
+    """A run without --labels: Dice reports of an earlier run there describe other segmentations."""
+    for name in ("dice.csv", "dice.json"):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+            logging.warning("%s: removed (from an earlier prediction with --labels; this one has "
+                            "no reference labels)", path)
+
+
 def predict_files(model_dir, images, output_dir, labels=None, *, source="auto", checkpoint="auto",
                   save_warped_atlas=False, save_flow=False) -> dict:
     """Library form of predict.py; returns {'outputs': {scan: path}, 'dice': report or None}.
@@ -409,6 +454,7 @@ def predict_files(model_dir, images, output_dir, labels=None, *, source="auto", 
     from ltnet_tf.labels import BENCHMARK_LABELS
     from ltnet_tf.modeldir import ModelDir
 
+    images = _without_earlier_outputs(images, output_dir)
     if labels:
         pairs = data.pair_images_and_labels(images, labels)
     else:
@@ -439,16 +485,19 @@ def predict_files(model_dir, images, output_dir, labels=None, *, source="auto", 
         message = f"[{number}/{len(pairs)}] {name}_seg.nii.gz ({time.time() - start:.1f} s)"
         if label_path:
             reference = data.load_label_map(label_path)
+            _warn_unmatched_label_ids(reference, label_ids)
             per_scan[name] = evaluation.dice_per_label(result["segmentation"], reference.data,
                                                        label_ids)
             scan_mean = evaluation.mean_dice(per_scan[name], mean_labels)
             message += f": mean Dice {scan_mean:.3f} over {len(mean_labels)} structures"
         print(message, flush=True)
     report = write_dice_reports(per_scan, label_ids, output_dir) if per_scan else None
+    if report is None:
+        _remove_earlier_dice_reports(output_dir)
     _write_json({"model_dir": predictor.model_dir.path, "source": predictor.source,
                  "images": [os.path.abspath(p) for p, _ in pairs],
                  "labels": [os.path.abspath(p) for _, p in pairs] if labels else None,
-                 "outputs": outputs,
+                 "outputs": {name: os.path.abspath(path) for name, path in outputs.items()},
                  "mean_dice": report["mean_dice"] if report else None},
                 os.path.join(output_dir, "prediction.json"))
     return {"outputs": outputs, "dice": report}
