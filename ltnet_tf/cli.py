@@ -19,9 +19,10 @@ import sys
 import time
 import typing
 
+import numpy as np
 from absl import flags, logging
 
-from ltnet_tf.config import PRESETS, PROFILES, ConfigError, LTNetConfig
+from ltnet_tf.config import PRESETS, PROFILES, RESUME_CHANGEABLE, ConfigError, LTNetConfig
 
 _RESOLVED_FIELDS = ("atlas_shape", "label_ids")  # set from the data, not by flags
 
@@ -124,6 +125,13 @@ class _LtnetInfoOnly(pylogging.Filter):
 _INFO_FILTER = _LtnetInfoOnly()
 
 
+def _define_verbose_flag(flag_values: flags.FlagValues) -> None:
+    # Read from sys.argv by ltnet_tf.compat before TensorFlow is imported; defined here for --help.
+    flags.DEFINE_bool("verbose", False, "Show TensorFlow's start-up and C++ log lines (CUDA, "
+                      "oneDNN); also shown when TF_CPP_MIN_LOG_LEVEL is set.",
+                      flag_values=flag_values)
+
+
 def _run_command(body, flag_values, argv, usage) -> int:
     try:
         parsed = _parse(flag_values, argv, usage)
@@ -133,6 +141,9 @@ def _run_command(body, flag_values, argv, usage) -> int:
         if _INFO_FILTER not in logging.get_absl_logger().filters:
             logging.get_absl_logger().addFilter(_INFO_FILTER)
         return body(parsed)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001  (re-raised unless it is the user's input)
         message = _user_error(e)
         if message is None:
@@ -179,6 +190,7 @@ def _train_flags() -> flags.FlagValues:
     flags.DEFINE_enum("align", "auto", ["auto", "never"],
                       "auto: align scans on other grids to the atlas (rigid + affine); never: every "
                       "scan must be on the atlas grid.", flag_values=fv)
+    _define_verbose_flag(fv)
     _define_config_flags(fv)
     return fv
 
@@ -212,20 +224,69 @@ def _train(fv: flags.FlagValues) -> int:
                           f"<atlas>_labels.nii.gz / atlas_labels.nii.gz beside it")
     config = _config_from_flags(fv)
     saved_config = ModelDir(fv.model_dir).config_path
-    if fv.resume and fv["steps"].value is None and os.path.isfile(saved_config):
-        # A plain --resume finishes the run as planned, not at the default number of steps.
-        config = config.replace(steps=LTNetConfig.load(saved_config).steps)
+    if fv.resume and os.path.isfile(saved_config):
+        # A plain --resume finishes the run as planned, not with the flags' defaults.
+        config = _resume_config(fv, config, saved_config)
     strategy = distribute.create_strategy(fv.strategy)
     # Keras's progress bar redraws with carriage returns: one line per checkpoint interval
     # reads better in a log file or a CI job.
     verbose = 1 if sys.stdout.isatty() else 2
-    model_dir = training.train(config, fv.atlas, atlas_labels, fv.unlabeled, fv.model_dir,
-                               val_images=fv.val_images, val_labels=fv.val_labels,
-                               resume=fv.resume, strategy=strategy, export=fv.export,
-                               verbose=verbose, align=fv.align)
+    try:
+        model_dir = training.train(config, fv.atlas, atlas_labels, fv.unlabeled, fv.model_dir,
+                                   val_images=fv.val_images, val_labels=fv.val_labels,
+                                   resume=fv.resume, strategy=strategy, export=fv.export,
+                                   verbose=verbose, align=fv.align)
+    except KeyboardInterrupt:
+        print(_interrupted_message(ModelDir(fv.model_dir)), file=sys.stderr)
+        return 130
     if training.is_chief(strategy):  # other workers wrote nothing there
         print(f"model written to {model_dir.path}")
     return 0
+
+
+def _given_fields(fv: flags.FlagValues) -> set:
+    """Config fields the user asked for: explicit flags, the --config file, an explicit --preset."""
+    given = {f.name for f in dataclasses.fields(LTNetConfig)
+             if f.name not in _RESOLVED_FIELDS and fv[f.name].present}
+    if fv.config:
+        given |= set(LTNetConfig.load(fv.config).to_dict()) - set(_RESOLVED_FIELDS)
+    if fv["preset"].present:
+        given |= set(PRESETS[fv.preset])
+    return given
+
+
+def _resume_config(fv: flags.FlagValues, asked: LTNetConfig, saved_path: str) -> LTNetConfig:
+    """The run's saved config, with what --resume may change (``RESUME_CHANGEABLE``) applied and
+    said; any other asked-for change (architecture, grid, loss terms) is refused, not dropped."""
+    saved = LTNetConfig.load(saved_path)
+    changes, refused = {}, []
+    for name in sorted(_given_fields(fv)):
+        old, new = getattr(saved, name), getattr(asked, name)
+        if new == old:
+            continue
+        if name in RESUME_CHANGEABLE:
+            changes[name] = new
+        else:
+            refused.append(f"{name} {old} -> {new}")
+    if refused:
+        raise ConfigError(f"{saved_path}: --resume cannot change {'; '.join(refused)} (only "
+                          f"{', '.join(RESUME_CHANGEABLE)} can change in a run); start a new "
+                          f"--model_dir with --config {saved_path} instead")
+    if changes:
+        print("resuming with " + ", ".join(f"{k}={getattr(saved, k)} -> {v}"
+                                           for k, v in changes.items()), flush=True)
+    return saved.replace(**changes)
+
+
+def _interrupted_message(model_dir) -> str:
+    """One line for Ctrl-C: which checkpoint the run can be continued from."""
+    import tensorflow as tf  # already imported by training
+
+    last = tf.train.latest_checkpoint(model_dir.checkpoint_dir)
+    if last is None:
+        return f"interrupted before the first checkpoint of {model_dir.path}: nothing to resume"
+    return (f"interrupted: continue from {os.path.basename(last)} with "
+            f"python train.py --resume --model_dir {model_dir.path} (and the same data flags)")
 
 
 def train_main(argv=None) -> int:
@@ -267,6 +328,7 @@ def _predict_flags() -> flags.FlagValues:
                          "displacement (0: none).", lower_bound=0, flag_values=fv)
     flags.DEFINE_integer("refine_factor", None, "Refinement grid: the atlas grid shrunk this many "
                          "times.", lower_bound=1, flag_values=fv)
+    _define_verbose_flag(fv)
     return fv
 
 
@@ -353,6 +415,51 @@ def _check_scans(pairs, segmenter) -> None:
             data.check_same_grid(scan, data.load_label_map(label_path), strict=False)
 
 
+OUTPUT_SUFFIXES = ("_seg", "_warped_atlas", "_flow", "_aligned")  # <scan><suffix>.nii.gz, as below
+
+
+def _without_earlier_outputs(images, output_dir) -> list:
+    """The scans, less the files an earlier prediction wrote into the output folder when it is
+    also the scans' folder: they are segmentations, not scans (``v0_seg_seg.nii.gz``)."""
+    from ltnet_tf import data
+
+    output_dir = os.path.abspath(output_dir)
+    scans, earlier = [], []
+    for path in data.list_images(images):
+        in_output = os.path.dirname(os.path.abspath(path)) == output_dir
+        is_output = in_output and data.scan_name(path).endswith(OUTPUT_SUFFIXES)
+        (earlier if is_output else scans).append(path)
+    if earlier:
+        logging.warning("%s: skipping %d earlier outputs of predict.py among the scans (%s)",
+                        output_dir, len(earlier), ", ".join(os.path.basename(p) for p in earlier[:3])
+                        + (", ..." if len(earlier) > 3 else ""))
+    if not scans:
+        raise data.DataError(f"{output_dir}: no scans besides earlier outputs of predict.py")
+    return scans
+
+
+def _warn_unmatched_label_ids(reference, label_ids) -> None:
+    """A reference whose IDs are not the atlas's (another labelling protocol) gives Dice 0 or
+    none for those structures; the mean then drops for no reason the user would see."""
+    atlas_ids = {int(i) for i in label_ids if int(i) != 0}
+    reference_ids = {int(i) for i in np.unique(reference.data) if int(i) != 0}
+    unknown, missing = sorted(reference_ids - atlas_ids), sorted(atlas_ids - reference_ids)
+    if unknown:
+        logging.warning("%s: reference label IDs %s are not among the atlas's; atlas IDs absent "
+                        "from the reference: %s (their Dice is 0 or undefined)", reference.path,
+                        unknown[:10], missing[:10])
+
+
+def _remove_earlier_dice_reports(output_dir: str) -> None:
+    """A run without --labels: Dice reports of an earlier run there describe other segmentations."""
+    for name in ("dice.csv", "dice.json"):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+            logging.warning("%s: removed (from an earlier prediction with --labels; this one has "
+                            "no reference labels)", path)
+
+
 def write_volumes_csv(volumes: dict, label_ids, output_dir: str) -> str:
     """volumes.csv: one row per scan, one column per structure (FreeSurfer name), mm³ on the scan's
     own grid — the table FastSurfer and SynthSeg users expect."""
@@ -384,6 +491,7 @@ def predict_files(model_dir, images, output_dir, labels=None, *, source="auto", 
     from ltnet_tf.labels import BENCHMARK_LABELS
     from ltnet_tf.modeldir import ModelDir
 
+    images = _without_earlier_outputs(images, output_dir)
     if labels:
         pairs = data.pair_images_and_labels(images, labels)
     else:
@@ -439,6 +547,7 @@ def predict_files(model_dir, images, output_dir, labels=None, *, source="auto", 
             message += " ALIGNMENT LOOKS WRONG: check this scan"
         if label_path:
             reference = data.load_label_map(label_path)
+            _warn_unmatched_label_ids(reference, label_ids)
             per_scan[name] = evaluation.dice_per_label(result["segmentation"], reference.data,
                                                        label_ids)
             scan_mean = evaluation.mean_dice(per_scan[name], mean_labels)
@@ -446,6 +555,8 @@ def predict_files(model_dir, images, output_dir, labels=None, *, source="auto", 
             message += f": mean Dice {scan_mean:.3f} over {len(mean_labels)} structures"
         print(message, flush=True)
     report = write_dice_reports(per_scan, label_ids, output_dir) if per_scan else None
+    if report is None:
+        _remove_earlier_dice_reports(output_dir)
     write_volumes_csv(volumes, label_ids, output_dir)
     from ltnet_tf.alignment import AlignmentSettings
     _write_json({"model_dir": predictor.model_dir.path, "source": predictor.source,

@@ -129,8 +129,14 @@ class LTNetConfig:
                     raise ConfigError(f"config field '{f.name}' must be a finite number >= 0, "
                                       f"got {value!r}")
         for name in ("g_learning_rate", "d_learning_rate"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"config field '{name}' must be > 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
+                raise ConfigError(f"config field '{name}' must be a finite number > 0, "
+                                  f"got {value!r}")
+        for name in ("enc_features", "dec_features", "disc_features"):
+            if not getattr(self, name):
+                raise ConfigError(f"config field '{name}' must list at least one feature count, "
+                                  f"got {getattr(self, name)!r}")
         if self.gan_mode not in ("lsgan", "bce"):
             raise ConfigError(f"config field 'gan_mode' must be 'lsgan' or 'bce', got {self.gan_mode!r}")
         if len(self.dec_features) < len(self.enc_features):
@@ -180,6 +186,10 @@ class LTNetConfig:
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
 
+
+# What ``train.py --resume`` may change in a run; every other field (architecture, grid, which loss
+# terms exist, data order) is fixed once the run has a checkpoint.
+RESUME_CHANGEABLE = ("steps", "g_learning_rate", "d_learning_rate", "label_chunk", "jit_compile")
 
 # The ablation of the paper: each is a set of weights over the same code.
 PRESETS = {

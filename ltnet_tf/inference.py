@@ -27,6 +27,7 @@ import itertools
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from ltnet_tf import data
 from ltnet_tf.config import LTNetConfig
@@ -231,6 +232,27 @@ class LabelTransfer(tf.Module):
 
 
 # ------------------------------------------------------------------------------- files -> files
+def load_serving_signatures(saved_model: str, fall_back: bool):
+    """The signatures of the SavedModel folder ``saved_model``. A damaged one (``variables/`` gone,
+    ``saved_model.pb`` truncated, an empty version folder) is a one-line ModelDirError naming it,
+    or with ``fall_back`` a warning and None, so that the caller rebuilds G_F from a checkpoint."""
+    from ltnet_tf.modeldir import ModelDirError  # noqa: F811 (avoid import cycle)
+
+    try:
+        signatures = tf.saved_model.load(saved_model).signatures
+        if "serving_default" not in signatures:
+            raise ValueError("no serving_default signature")
+    except Exception as e:  # noqa: BLE001  (protobuf, OSError, OpError... all mean "damaged")
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if not fall_back:
+            raise ModelDirError(f"{saved_model}: damaged SavedModel, cannot be loaded ({reason}); "
+                                f"re-export it with python -m ltnet_tf.export") from None
+        logging.warning("%s: damaged SavedModel, using the checkpoint instead (%s)", saved_model,
+                        reason)
+        return None
+    return signatures
+
+
 class Predictor:
     """Segments scans with a trained run folder, from its SavedModel (default) or a checkpoint.
 
@@ -250,8 +272,10 @@ class Predictor:
         if source == "saved_model" and saved_model is None:
             raise ModelDirError(f"{self.model_dir.path}: no SavedModel in saved_model/ "
                                 f"(run python -m ltnet_tf.export --model_dir {self.model_dir.path})")
+        signatures = None
         if source != "checkpoint" and saved_model is not None:
-            signatures = tf.saved_model.load(saved_model).signatures
+            signatures = load_serving_signatures(saved_model, fall_back=source == "auto")
+        if signatures is not None:
             full = signatures["serving_default"]
             only_labels = signatures.get("segment", full)  # exports before 'segment' existed
             self._segment = lambda scan, extras: (full if extras else only_labels)(

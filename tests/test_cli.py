@@ -301,7 +301,8 @@ def test_plain_resume_keeps_the_runs_planned_steps(dataset, tmp_path, monkeypatc
     """--resume without --steps finishes the run as planned (not at the default 1500 steps)."""
     model_dir = ModelDir(str(tmp_path / "run"))
     os.makedirs(model_dir.path)
-    LTNetConfig().replace(steps=12).save(model_dir.config_path)
+    LTNetConfig().replace(steps=12, enc_features=[8, 8], dec_features=[8, 8, 8, 8],
+                          disc_features=[4, 8]).save(model_dir.config_path)  # as SLIM
     asked = {}
 
     def fake_train(config, *args, **kwargs):
