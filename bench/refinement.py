@@ -25,6 +25,10 @@ from bench.provenance import git_commit  # noqa: E402
 
 import json  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import textwrap  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -32,7 +36,7 @@ import tensorflow as tf  # noqa: E402
 import voxelmorph as vxm  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from ltnet_tf import data, evaluation, inference, losses  # noqa: E402
+from ltnet_tf import data, evaluation, export, inference, losses  # noqa: E402
 from ltnet_tf.labels import BENCHMARK_LABELS  # noqa: E402
 from ltnet_tf.modeldir import ModelDir  # noqa: E402
 from ltnet_tf.refinement import Refinement, resample_displacement, to_grid  # noqa: E402
@@ -44,7 +48,7 @@ flags.DEFINE_enum("checkpoint", "auto", ["auto", "best", "last"], "Checkpoint of
 flags.DEFINE_string("data_dir", os.path.join(ROOT, "..", "shared", "data"), "Real data.")
 flags.DEFINE_list("subjects", ["sub-06", "sub-07"], "Validation subjects (images/, labels/).")
 flags.DEFINE_string("results_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
-flags.DEFINE_list("parts", ["speed", "dice", "end_to_end"], "Parts to run.")
+flags.DEFINE_list("parts", ["speed", "dice", "end_to_end", "saved_model"], "Parts to run.")
 flags.DEFINE_integer("speed_steps", 10, "Steps per timed call in the speed part.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (medians reported).")
 # factor:learning_rate:weight_smooth:steps/steps/...
@@ -59,6 +63,8 @@ flags.DEFINE_list("settings", [
     "4:0.1:1:25/50/100",
     "1:0.1:1:10/25",
 ], "Dice settings: factor:learning_rate:weight_smooth:steps/steps/...")
+flags.DEFINE_bool("merge", True, "Keep the parts of an existing refinement.json that are not "
+                  "rerun (each part records its own command and commit).")
 flags.DEFINE_string("default", "2:0.1:1:25", "Setting timed end to end: factor:lr:weight_smooth:steps.")
 FLAGS = flags.FLAGS
 
@@ -217,6 +223,82 @@ def run_end_to_end(label_transfer, subjects) -> dict:
     return results
 
 
+# ------------------------------------------------------------------------------- SavedModel
+SERVING_CHILD = textwrap.dedent("""
+    import json, resource, sys, time
+    import numpy as np
+    import tensorflow as tf
+
+    saved_model, scan_path, steps_list = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    start = time.perf_counter()
+    model = tf.saved_model.load(saved_model)
+    results = {"load_wall": time.perf_counter() - start}
+    scan = tf.constant(np.load(scan_path))
+
+    def timed(name, **kwargs):
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = model.signatures[name](scan=scan, **kwargs)["segmentation"].numpy()
+        return out, time.perf_counter() - wall, time.process_time() - cpu
+
+    _, results["segment_first_wall"], _ = timed("segment")
+    plain, results["segment_wall"], results["segment_cpu"] = timed("segment")
+    _, results["refined_first_wall"], _ = timed("segment_refined", steps=tf.constant(1))
+    for steps in steps_list:
+        out, wall, cpu = timed("segment_refined", steps=tf.constant(steps))
+        results[f"refined_{steps}_wall"], results[f"refined_{steps}_cpu"] = wall, cpu
+        if steps == 0:
+            results["refined_0_equals_segment"] = bool((out == plain).all())
+    results["imported_project"] = sorted(m for m in sys.modules
+                                         if m.split(".")[0] in ("ltnet_tf", "voxelmorph"))
+    results["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    print("RESULT " + json.dumps(results))
+""")
+
+
+def run_saved_model(subjects) -> dict:
+    """Export a copy of the run with segment_refined, load it in a fresh process with plain
+    TensorFlow (no ltnet_tf on the path), time segment vs segment_refined per scan."""
+    setting = parse_setting(FLAGS.default)
+    source = ModelDir(FLAGS.model_dir)
+    work = tempfile.mkdtemp(prefix="refinement-export-")
+    try:
+        copy = ModelDir(os.path.join(work, "run"))
+        os.makedirs(copy.path)
+        for name in ("config.json", "atlas.nii.gz", "atlas_labels.nii.gz"):
+            shutil.copy(os.path.join(source.path, name), copy.path)
+        checkpoint = source.checkpoint(FLAGS.checkpoint)
+        target = copy.checkpoint_dir
+        os.makedirs(target)
+        for path in tf.io.gfile.glob(checkpoint + ".*"):
+            shutil.copy(path, target)
+        with open(os.path.join(target, "checkpoint"), "w") as f:
+            f.write(f'model_checkpoint_path: "{os.path.basename(checkpoint)}"\n')
+        start = time.perf_counter()
+        saved_model = export.export_saved_model(copy, which="last",
+                                                refine_factor=setting["factor"])
+        export_wall = time.perf_counter() - start
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(saved_model)
+                   for f in files)
+        scan_path = os.path.join(work, "scan.npy")
+        np.save(scan_path, subjects[0]["raw"].numpy())
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TF_USE_LEGACY_KERAS")}
+        env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+        steps = [0, setting["steps"][0]]
+        child = subprocess.run([sys.executable, "-c", SERVING_CHILD, saved_model, scan_path,
+                                json.dumps(steps)], capture_output=True, text=True, cwd=work,
+                               env=env, timeout=1800)
+        lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+        if child.returncode != 0 or not lines:
+            raise RuntimeError(f"serving child failed:\n{child.stderr[-3000:]}")
+        results = json.loads(lines[0][len("RESULT "):])
+        results.update(export_wall=export_wall, saved_model_mib=size / 1024 ** 2,
+                       factor=setting["factor"], subject=subjects[0]["name"], steps=steps)
+        print(f"saved_model: {json.dumps(results)}", flush=True)
+        return results
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 # ------------------------------------------------------------------------------- outputs
 def write_outputs(results: dict) -> None:
     os.makedirs(FLAGS.results_dir, exist_ok=True)
@@ -224,9 +306,13 @@ def write_outputs(results: dict) -> None:
         json.dump(results, f, indent=2)
         f.write("\n")
     lines = ["# Test-time refinement: step cost and Dice on real brains", "",
-             f"Command: `{results['command']}`  ", f"Commit: `{results['commit']}`  ",
              f"Machine: {results['machine']}  ", f"G_F: `{results['checkpoint']}` "
-             f"(working grid {results['working_shape']})", ""]
+             f"(working grid {results['working_shape']})", "",
+             "Each part was produced by the command and at the commit given for it:", "",
+             "| part | command | commit |", "|---|---|---|"]
+    lines += [f"| {part} | `{run['command']}` | `{run['commit'][:12]}` |"
+              for part, run in results["runs"].items()]
+    lines.append("")
     if "speed" in results:
         lines += ["## One Adam step (median; the same process, variants interleaved)", "",
                   "| variant | grid | step wall (s) | step CPU (s) | 0-step call wall (s) |"
@@ -265,6 +351,23 @@ def write_outputs(results: dict) -> None:
             lines.append(f"\nFirst call (tracing and XLA compilation included): "
                          f"{e2e['first_call_wall']:.1f} s ({e2e['first_call_cpu']:.1f} CPU s).")
         lines.append("")
+    if "saved_model" in results:
+        sm = results["saved_model"]
+        n = sm["steps"][1]
+        lines += [f"## SavedModel (factor {sm['factor']}), loaded with plain TensorFlow in a fresh "
+                  f"process, {sm['subject']}, warm", "",
+                  "| signature | wall s | CPU s |", "|---|---|---|",
+                  f"| segment | {sm['segment_wall']:.1f} | {sm['segment_cpu']:.1f} |",
+                  f"| segment_refined, steps 0 | {sm['refined_0_wall']:.1f} | "
+                  f"{sm['refined_0_cpu']:.1f} |",
+                  f"| segment_refined, steps {n} | {sm[f'refined_{n}_wall']:.1f} | "
+                  f"{sm[f'refined_{n}_cpu']:.1f} |", "",
+                  f"First calls: segment {sm['segment_first_wall']:.1f} s, segment_refined "
+                  f"{sm['refined_first_wall']:.1f} s (XLA compilation). Load "
+                  f"{sm['load_wall']:.1f} s; export {sm['export_wall']:.1f} s; SavedModel "
+                  f"{sm['saved_model_mib']:.0f} MiB; peak RSS {sm['max_rss_gib']:.1f} GiB; "
+                  f"steps 0 equals segment: {sm['refined_0_equals_segment']}; project modules "
+                  f"imported by the server: {sm['imported_project'] or 'none'}.", ""]
     with open(os.path.join(FLAGS.results_dir, "refinement.md"), "w") as f:
         f.write("\n".join(lines))
 
@@ -291,14 +394,26 @@ def main(argv):
                          "flow_working": tf.cast(flow_working, tf.float32),
                          "labels": labels.data, "brain": scan.data > 0})
 
-    results = {
-        "command": "python " + " ".join(sys.argv),
-        "commit": git_commit(),
+    results = {}
+    results_path = os.path.join(FLAGS.results_dir, "refinement.json")
+    if FLAGS.merge and os.path.exists(results_path):
+        with open(results_path) as f:
+            results = json.load(f)
+    results.update({
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, TF {tf.__version__}, "
                    f"GPU: {bool(tf.config.list_physical_devices('GPU'))}",
         "checkpoint": model_dir.checkpoint(FLAGS.checkpoint),
         "working_shape": "x".join(map(str, config.working_shape())),
-    }
+    })
+    results.setdefault("runs", {})
+    if "command" in results:  # written before parts recorded their own command
+        first_run = {"command": results.pop("command"), "commit": results.pop("commit")}
+        for part in ("speed", "dice", "end_to_end", "saved_model"):
+            if part in results:
+                results["runs"].setdefault(part, first_run)
+    this_run = {"command": "python " + " ".join(sys.argv), "commit": git_commit()}
+    for part in FLAGS.parts:
+        results["runs"][part] = this_run
     if "speed" in FLAGS.parts:
         results["speed"] = run_speed(config, label_transfer.atlas_full, subjects[0]["scan"],
                                      subjects[0]["flow_working"])
@@ -308,6 +423,9 @@ def main(argv):
         write_outputs(results)
     if "end_to_end" in FLAGS.parts:
         results["end_to_end"] = run_end_to_end(label_transfer, subjects)
+        write_outputs(results)
+    if "saved_model" in FLAGS.parts:
+        results["saved_model"] = run_saved_model(subjects)
         write_outputs(results)
 
 
