@@ -259,3 +259,44 @@ class Refinement(tf.Module):
         """The refinement of ``label_transfer``'s G_F: its config and atlas; ``options`` as
         ``__init__`` (steps, factor, learning_rate, weight_smooth, jit_compile)."""
         return cls(label_transfer.config, label_transfer.atlas_full, **options)
+
+
+# ------------------------------------------------------------------------------- predict.py
+DEFAULT_STEPS = 25
+DEFAULT_FACTOR = 2
+DEFAULT_LEARNING_RATE = 0.1
+
+
+class ScanRefiner:
+    """Refinement as ``predict.py`` runs it: from the full-grid displacement a SavedModel or a
+    checkpoint returns, for one aligned scan (a ``data.Volume`` on the atlas grid)."""
+
+    def __init__(self, config: LTNetConfig, atlas_image, steps: int = DEFAULT_STEPS,
+                 factor: int = DEFAULT_FACTOR, learning_rate: float = DEFAULT_LEARNING_RATE):
+        self.config = config
+        atlas = data.normalize_intensity(tf.constant(np.asarray(atlas_image, np.float32)[None, ..., None]))
+        self.refinement = Refinement(config, atlas[0, ..., 0], steps=int(steps),
+                                     factor=int(factor), learning_rate=learning_rate)
+
+    def settings(self) -> dict:
+        r = self.refinement
+        return {"steps": r.steps, "factor": r.factor, "grid": list(r.grid_shape),
+                "learning_rate": r.learning_rate, "weight_smooth": r.weight_smooth,
+                "jit_compile": r.jit_compile}
+
+    def __call__(self, scan, flow_full: np.ndarray) -> np.ndarray:
+        """Aligned scan, G_F's displacement [D, H, W, 3] (full voxels) -> refined one, same grid."""
+        scan_normalized = data.normalize_intensity(
+            tf.constant(np.asarray(scan.data, np.float32)[None, ..., None]))
+        # Back on the working grid: average pooling inverts the linear upsampling that put it on
+        # the full grid (exactly, away from the edges).
+        flow_working = data.to_working_grid(tf.constant(flow_full[None], tf.float32), self.config)
+        flow_working = flow_working / float(self.config.downsample)
+        return self.refinement(scan_normalized, flow_working)["flow"][0].numpy()
+
+
+def for_predictor(predictor, steps: int = DEFAULT_STEPS, factor=None,
+                  learning_rate: float = DEFAULT_LEARNING_RATE) -> ScanRefiner:
+    return ScanRefiner(predictor.config, predictor.atlas.data, steps=steps,
+                       factor=DEFAULT_FACTOR if factor is None else factor,
+                       learning_rate=learning_rate)

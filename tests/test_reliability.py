@@ -295,7 +295,7 @@ def test_predicting_twice_into_the_scans_folder(run, dataset, tmp_path, caplog):
         assert cli.predict_main(predict_argv(run, folder, folder)) == 0
     assert sorted(os.listdir(folder)) == ["prediction.json", "scan_00.nii.gz",
                                           "scan_00_seg.nii.gz", "scan_01.nii.gz",
-                                          "scan_01_seg.nii.gz"]
+                                          "scan_01_seg.nii.gz", "volumes.csv"]
     assert any("skipping 2 earlier outputs" in r.getMessage() for r in caplog.records)
     with open(folder / "prediction.json") as f:
         record = json.load(f)
@@ -309,7 +309,7 @@ def test_prediction_without_labels_removes_earlier_dice(run, dataset, tmp_path):
                                          dataset.labels[0])) == 0
     assert os.path.isfile(out / "dice.csv") and os.path.isfile(out / "dice.json")
     assert cli.predict_main(predict_argv(run, dataset.images[0], out)) == 0
-    assert sorted(os.listdir(out)) == ["prediction.json", "scan_00_seg.nii.gz"]
+    assert sorted(os.listdir(out)) == ["prediction.json", "scan_00_seg.nii.gz", "volumes.csv"]
     with open(out / "prediction.json") as f:
         assert json.load(f)["mean_dice"] is None
 
