@@ -62,7 +62,9 @@ flags.DEFINE_list("settings", [
     "2:0.2:2:25/50",
     "4:0.1:1:25/50/100",
     "1:0.1:1:10/25",
-], "Dice settings: factor:learning_rate:weight_smooth:steps/steps/...")
+], "Dice settings: factor:learning_rate:weight_smooth:steps/steps/...; a factor written "
+   "C>F (e.g. 4>2) is coarse to fine: the first number of steps at grid factor C, then each "
+   "later number at F, started from the coarse result (e.g. 4>2:0.1:1:25/10/25).")
 flags.DEFINE_bool("merge", True, "Keep the parts of an existing refinement.json that are not "
                   "rerun (each part records its own command and commit).")
 flags.DEFINE_string("default", "2:0.1:1:25", "Setting timed end to end: factor:lr:weight_smooth:steps.")
@@ -79,8 +81,27 @@ def timed(function, *args, **kwargs):
 
 def parse_setting(text: str) -> dict:
     factor, learning_rate, weight_smooth, steps = text.split(":")
+    steps = [int(s) for s in steps.split("/")]
+    coarse = None
+    if ">" in factor:
+        coarse, factor = factor.split(">")
+        coarse = (int(coarse), steps.pop(0))
     return dict(factor=int(factor), learning_rate=float(learning_rate),
-                weight_smooth=float(weight_smooth), steps=[int(s) for s in steps.split("/")])
+                weight_smooth=float(weight_smooth), steps=steps, coarse=coarse)
+
+
+def coarse_start(config, label_transfer, setting, subject) -> tuple:
+    """Coarse-to-fine: refine at the coarse factor first; its full-grid displacement, and seconds.
+
+    The fine stage then starts from it through a config with downsample 1 (the start is given on
+    the full grid), so no module change is needed to chain stages."""
+    factor, steps = setting["coarse"]
+    coarse = Refinement.for_label_transfer(
+        label_transfer, factor=factor, steps=steps, learning_rate=setting["learning_rate"],
+        weight_smooth=setting["weight_smooth"])
+    timed(coarse, subject["scan"], subject["flow_working"], steps=1)  # compile
+    outputs, wall, cpu = timed(coarse, subject["scan"], subject["flow_working"])
+    return tf.constant(outputs["flow"]), wall, cpu
 
 
 # ------------------------------------------------------------------------------- the naive step
@@ -166,16 +187,26 @@ def run_dice(config, label_transfer, subjects) -> list:
     rows = []
     for setting_text in FLAGS.settings:
         setting = parse_setting(setting_text)
-        refinement = Refinement.for_label_transfer(
-            label_transfer, factor=setting["factor"], learning_rate=setting["learning_rate"],
-            weight_smooth=setting["weight_smooth"])
-        timed(refinement, subjects[0]["scan"], subjects[0]["flow_working"], steps=1)  # compile
+        starts, fine_config, factor_name = {}, config, str(setting["factor"])
+        if setting["coarse"]:
+            fine_config = config.replace(downsample=1)
+            factor_name = f"{setting['coarse'][0]}x{setting['coarse'][1]} steps > {factor_name}"
+            for subject in subjects:
+                starts[subject["name"]] = coarse_start(config, label_transfer, setting, subject)
+        refinement = Refinement(fine_config, label_transfer.atlas_full, factor=setting["factor"],
+                                learning_rate=setting["learning_rate"],
+                                weight_smooth=setting["weight_smooth"])
+        first = subjects[0]
+        timed(refinement, first["scan"], starts.get(first["name"], [first["flow_working"]])[0],
+              steps=1)  # compile
         for steps in setting["steps"]:
-            row = {"factor": setting["factor"], "learning_rate": setting["learning_rate"],
+            row = {"factor": factor_name, "learning_rate": setting["learning_rate"],
                    "weight_smooth": setting["weight_smooth"], "steps": steps, "subjects": {}}
             for subject in subjects:
-                outputs, wall, cpu = timed(refinement, subject["scan"], subject["flow_working"],
-                                           steps=steps)
+                start, start_wall, start_cpu = starts.get(subject["name"],
+                                                          (subject["flow_working"], 0.0, 0.0))
+                outputs, wall, cpu = timed(refinement, subject["scan"], start, steps=steps)
+                wall, cpu = wall + start_wall, cpu + start_cpu
                 row["subjects"][subject["name"]] = {
                     **score(label_transfer, tf.constant(outputs["flow"]), subject["labels"],
                             subject["brain"]),
@@ -183,6 +214,7 @@ def run_dice(config, label_transfer, subjects) -> list:
                     "loss_start": float(outputs["loss_start"][0]),
                     "loss": float(outputs["loss"][0])}
             row["mean_dice"] = float(np.mean([s["dice"] for s in row["subjects"].values()]))
+            row["run"] = {"command": "python " + " ".join(sys.argv), "commit": git_commit()}
             rows.append(row)
             print(f"dice factor {row['factor']} lr {row['learning_rate']} ws "
                   f"{row['weight_smooth']} steps {steps:3d}: {row['mean_dice']:.4f} "
@@ -324,18 +356,28 @@ def write_outputs(results: dict) -> None:
         lines.append("")
     if "dice" in results:
         names = list(results["dice"][0]["subjects"])
+        runs = []
+        for row in results["dice"]:
+            if row["run"] not in runs:
+                runs.append(row["run"])
         lines += ["## Dice (28 structures) vs steps", "",
+                  "Refine seconds: the refinement call alone (grid resampling, the steps, the "
+                  "final loss, the upsampling to the full grid), wall with CPU in brackets. Folds: "
+                  "voxels of the scan's brain (nonzero voxels) where the full-grid displacement's "
+                  "Jacobian determinant is <= 0.", "",
                   "| factor | lr | weight_smooth | steps | mean Dice | "
                   + " | ".join(f"{n} Dice | {n} folds in brain | {n} refine s (CPU s)"
-                               for n in names) + " |",
-                  "|---|---|---|---|---|" + "---|---|---|" * len(names)]
+                               for n in names) + " | run |",
+                  "|---|---|---|---|---|" + "---|---|---|" * len(names) + "---|"]
         for row in results["dice"]:
             cells = [f"{s['dice']:.4f} | {100 * s['folding']:.3f}% | "
                      f"{s['refine_wall']:.1f} ({s['refine_cpu']:.1f})"
                      for s in row["subjects"].values()]
             lines.append(f"| {row['factor']} | {row['learning_rate']} | {row['weight_smooth']} | "
                          f"{row['steps']} | **{row['mean_dice']:.4f}** | " + " | ".join(cells)
-                         + " |")
+                         + f" | {runs.index(row['run']) + 1} |")
+        lines += [""] + [f"Run {i + 1}: `{run['command']}` at `{run['commit'][:12]}`"
+                         for i, run in enumerate(runs)]
         lines.append("")
     if "end_to_end" in results:
         e2e = results["end_to_end"]
@@ -413,13 +455,21 @@ def main(argv):
                 results["runs"].setdefault(part, first_run)
     this_run = {"command": "python " + " ".join(sys.argv), "commit": git_commit()}
     for part in FLAGS.parts:
-        results["runs"][part] = this_run
+        if part != "dice" or "dice" not in results["runs"]:
+            results["runs"][part] = this_run
     if "speed" in FLAGS.parts:
         results["speed"] = run_speed(config, label_transfer.atlas_full, subjects[0]["scan"],
                                      subjects[0]["flow_working"])
         write_outputs(results)
     if "dice" in FLAGS.parts:
-        results["dice"] = run_dice(config, label_transfer, subjects)
+        rows = run_dice(config, label_transfer, subjects)
+        key = lambda row: (str(row["factor"]), row["learning_rate"], row["weight_smooth"],  # noqa
+                           row["steps"])
+        new_keys = {key(row) for row in rows}
+        previous = results.get("dice", [])
+        for row in previous:  # rows written before rows recorded their own run
+            row.setdefault("run", results["runs"].get("dice", this_run))
+        results["dice"] = [row for row in previous if key(row) not in new_keys] + rows
         write_outputs(results)
     if "end_to_end" in FLAGS.parts:
         results["end_to_end"] = run_end_to_end(label_transfer, subjects)
