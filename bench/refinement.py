@@ -182,7 +182,9 @@ def score(label_transfer, flow, reference, brain) -> dict:
             "folding": evaluation.folding_fraction(flow[0].numpy(), brain)}
 
 
-def run_dice(config, label_transfer, subjects) -> list:
+def run_dice(config, label_transfer, subjects, this_run: dict) -> list:
+    """Dice, folds and seconds per setting and step count; each row records ``this_run`` (the
+    command, and the commit when the process started: the code it runs was loaded then)."""
     rows = []
     for setting_text in FLAGS.settings:
         setting = parse_setting(setting_text)
@@ -204,7 +206,7 @@ def run_dice(config, label_transfer, subjects) -> list:
                     "loss_start": float(outputs["loss_start"][0]),
                     "loss": float(outputs["loss"][0])}
             row["mean_dice"] = float(np.mean([s["dice"] for s in row["subjects"].values()]))
-            row["run"] = {"command": "python " + " ".join(sys.argv), "commit": git_commit()}
+            row["run"] = this_run
             rows.append(row)
             print(f"dice factor {row['factor']} lr {row['learning_rate']} ws "
                   f"{row['weight_smooth']} steps {steps:3d}: {row['mean_dice']:.4f} "
@@ -464,7 +466,7 @@ def main(argv):
                                      subjects[0]["flow_working"])
         write_outputs(results)
     if "dice" in FLAGS.parts:
-        rows = run_dice(config, label_transfer, subjects)
+        rows = run_dice(config, label_transfer, subjects, this_run)
         key = lambda row: (str(row["factor"]), row["learning_rate"], row["weight_smooth"],  # noqa
                            row["steps"])
         new_keys = {key(row) for row in rows}
