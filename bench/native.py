@@ -45,7 +45,7 @@ flags.DEFINE_string("model_dir", os.path.join(ROOT, "bench", "work", "accuracy",
 flags.DEFINE_string("work_dir", os.path.join(ROOT, "bench", "work", "native"), "Scratch folder.")
 flags.DEFINE_string("results_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
 flags.DEFINE_list("subjects", ["sub-06", "sub-07"], "Validation subjects.")
-flags.DEFINE_integer("refine_steps", 0, "Test-time refinement steps (0: none), for every set.")
+flags.DEFINE_bool("refine", False, "Test-time refinement (predict.py's default settings).")
 flags.DEFINE_string("warmup_subject", "sub-05", "A training subject segmented first in every set "
                     "and left out of every figure: the first scan of a process pays for tracing.")
 FLAGS = flags.FLAGS
@@ -101,7 +101,7 @@ def score(set_name: str, images: list, labels: list) -> dict:
     shutil.rmtree(output_dir, ignore_errors=True)
     start = time.time()
     result = cli.predict_files(FLAGS.model_dir, ",".join(images), output_dir, ",".join(labels),
-                               refine_steps=FLAGS.refine_steps or None)
+                               refine=FLAGS.refine)
     wall = time.time() - start
     scans = {name: r for name, r in result["scans"].items() if name != FLAGS.warmup_subject}
     per_subject = {name: r["mean_dice"] for name, r in scans.items()}
@@ -159,7 +159,7 @@ def main(argv):
                "model_dir_config": json.load(open(os.path.join(FLAGS.model_dir, "config.json"))),
                "subjects": FLAGS.subjects, "warmup_subject": FLAGS.warmup_subject,
                "oblique_variants": {s: v for s, v in variants.items() if s in FLAGS.subjects},
-               "refine_steps": FLAGS.refine_steps, "model_load_seconds": model_load_s, "sets": {}}
+               "refine": FLAGS.refine, "model_load_seconds": model_load_s, "sets": {}}
     for name, (images, labels) in sets.items():
         print(f"=== {name}", flush=True)
         results["sets"][name] = score(name, images, labels)

@@ -42,6 +42,7 @@ from ltnet_tf.modeldir import ModelDir  # noqa: E402
 from ltnet_tf.refinement import Refinement, resample_displacement, to_grid  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTES_MARKER = "<!-- findings: written by hand, kept when the tables are rewritten -->"
 
 flags.DEFINE_string("model_dir", None, "Trained run folder (G_F, config).", required=True)
 flags.DEFINE_enum("checkpoint", "auto", ["auto", "best", "last"], "Checkpoint of G_F.")
@@ -62,10 +63,18 @@ flags.DEFINE_list("settings", [
     "2:0.2:2:25/50",
     "4:0.1:1:25/50/100",
     "1:0.1:1:10/25",
-], "Dice settings: factor:learning_rate:weight_smooth:steps/steps/...")
+    "2:0.2:4:10/25/50",
+    "2:0.3:4:10/25",
+    "2:0.2:8:25/50",
+    "4>2:0.2:4:25/0/5/10/25",
+    "4>2:0.1:1:25/10/25",
+    "4>2:0.2:4:50/10",
+], "Dice settings: factor:learning_rate:weight_smooth:steps/steps/...; a factor written "
+   "C>F (e.g. 4>2) is coarse to fine: the first number of steps at grid factor C, then each "
+   "later number at F (e.g. 4>2:0.2:4:25/10/25).")
 flags.DEFINE_bool("merge", True, "Keep the parts of an existing refinement.json that are not "
                   "rerun (each part records its own command and commit).")
-flags.DEFINE_string("default", "2:0.1:1:25", "Setting timed end to end: factor:lr:weight_smooth:steps.")
+flags.DEFINE_string("default", "4>2:0.2:4:25/10", "Setting timed end to end and in the SavedModel.")
 FLAGS = flags.FLAGS
 
 
@@ -79,8 +88,21 @@ def timed(function, *args, **kwargs):
 
 def parse_setting(text: str) -> dict:
     factor, learning_rate, weight_smooth, steps = text.split(":")
+    steps = [int(s) for s in steps.split("/")]
+    coarse = None
+    if ">" in factor:
+        coarse, factor = factor.split(">")
+        coarse = (int(coarse), steps.pop(0))
     return dict(factor=int(factor), learning_rate=float(learning_rate),
-                weight_smooth=float(weight_smooth), steps=[int(s) for s in steps.split("/")])
+                weight_smooth=float(weight_smooth), steps=steps, coarse=coarse)
+
+
+def make_refinement(label_transfer, setting: dict, **options) -> Refinement:
+    coarse_factor, coarse_steps = setting["coarse"] or (None, 0)
+    return Refinement.for_label_transfer(
+        label_transfer, factor=setting["factor"], learning_rate=setting["learning_rate"],
+        weight_smooth=setting["weight_smooth"], coarse_factor=coarse_factor,
+        coarse_steps=coarse_steps, **options)
 
 
 # ------------------------------------------------------------------------------- the naive step
@@ -110,11 +132,9 @@ def run_speed(config, atlas_normalized, scan_normalized, flow_working) -> dict:
     """Per-step wall/CPU seconds, all variants in one process, interleaved, medians."""
     steps = FLAGS.speed_steps
     variants = {
-        "factor 2, XLA": Refinement(config, atlas_normalized, factor=2, jit_compile=True),
-        "factor 2, no XLA": Refinement(config, atlas_normalized, factor=2, jit_compile=False),
-        "factor 4, XLA": Refinement(config, atlas_normalized, factor=4, jit_compile=True),
-        "factor 1, XLA": Refinement(config, atlas_normalized, factor=1, jit_compile=True),
-    }
+        f"factor {factor}, {'XLA' if xla else 'no XLA'}": Refinement(
+            config, atlas_normalized, factor=factor, coarse_steps=0, jit_compile=xla)
+        for factor, xla in ((2, True), (2, False), (4, True), (4, False), (1, True))}
     atlas_grid = to_grid(atlas_normalized[None, ..., None], 2)[0]
     scan_grid = to_grid(scan_normalized, 2)
     flow_start = resample_displacement(flow_working, config.downsample / 2, atlas_grid.shape)
@@ -162,16 +182,19 @@ def score(label_transfer, flow, reference, brain) -> dict:
             "folding": evaluation.folding_fraction(flow[0].numpy(), brain)}
 
 
-def run_dice(config, label_transfer, subjects) -> list:
+def run_dice(config, label_transfer, subjects, this_run: dict) -> list:
+    """Dice, folds and seconds per setting and step count; each row records ``this_run`` (the
+    command, and the commit when the process started: the code it runs was loaded then)."""
     rows = []
     for setting_text in FLAGS.settings:
         setting = parse_setting(setting_text)
-        refinement = Refinement.for_label_transfer(
-            label_transfer, factor=setting["factor"], learning_rate=setting["learning_rate"],
-            weight_smooth=setting["weight_smooth"])
+        factor_name = str(setting["factor"])
+        if setting["coarse"]:
+            factor_name = f"{setting['coarse'][0]} ({setting['coarse'][1]} steps) > {factor_name}"
+        refinement = make_refinement(label_transfer, setting)
         timed(refinement, subjects[0]["scan"], subjects[0]["flow_working"], steps=1)  # compile
         for steps in setting["steps"]:
-            row = {"factor": setting["factor"], "learning_rate": setting["learning_rate"],
+            row = {"factor": factor_name, "learning_rate": setting["learning_rate"],
                    "weight_smooth": setting["weight_smooth"], "steps": steps, "subjects": {}}
             for subject in subjects:
                 outputs, wall, cpu = timed(refinement, subject["scan"], subject["flow_working"],
@@ -183,6 +206,7 @@ def run_dice(config, label_transfer, subjects) -> list:
                     "loss_start": float(outputs["loss_start"][0]),
                     "loss": float(outputs["loss"][0])}
             row["mean_dice"] = float(np.mean([s["dice"] for s in row["subjects"].values()]))
+            row["run"] = this_run
             rows.append(row)
             print(f"dice factor {row['factor']} lr {row['learning_rate']} ws "
                   f"{row['weight_smooth']} steps {steps:3d}: {row['mean_dice']:.4f} "
@@ -195,9 +219,7 @@ def run_dice(config, label_transfer, subjects) -> list:
 def run_end_to_end(label_transfer, subjects) -> dict:
     """Network + refinement + label warp per scan via LabelTransfer.segment, warm; and without."""
     setting = parse_setting(FLAGS.default)
-    refinement = Refinement.for_label_transfer(
-        label_transfer, steps=setting["steps"][0], factor=setting["factor"],
-        learning_rate=setting["learning_rate"], weight_smooth=setting["weight_smooth"])
+    refinement = make_refinement(label_transfer, setting, steps=setting["steps"][0])
     refined = tf.function(lambda scan: label_transfer.segment(scan, refinement=refinement))
     plain = tf.function(label_transfer.segment)
     results = {"setting": FLAGS.default, "subjects": {}}
@@ -229,25 +251,26 @@ SERVING_CHILD = textwrap.dedent("""
     import numpy as np
     import tensorflow as tf
 
-    saved_model, scan_path, steps_list = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    saved_model, scan_path, steps, coarse_steps = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
     start = time.perf_counter()
     model = tf.saved_model.load(saved_model)
     results = {"load_wall": time.perf_counter() - start}
     scan = tf.constant(np.load(scan_path))
 
     def timed(name, **kwargs):
+        kwargs = {k: tf.constant(v) for k, v in kwargs.items()}
         wall, cpu = time.perf_counter(), time.process_time()
         out = model.signatures[name](scan=scan, **kwargs)["segmentation"].numpy()
         return out, time.perf_counter() - wall, time.process_time() - cpu
 
     _, results["segment_first_wall"], _ = timed("segment")
     plain, results["segment_wall"], results["segment_cpu"] = timed("segment")
-    _, results["refined_first_wall"], _ = timed("segment_refined", steps=tf.constant(1))
-    for steps in steps_list:
-        out, wall, cpu = timed("segment_refined", steps=tf.constant(steps))
-        results[f"refined_{steps}_wall"], results[f"refined_{steps}_cpu"] = wall, cpu
-        if steps == 0:
-            results["refined_0_equals_segment"] = bool((out == plain).all())
+    _, results["refined_first_wall"], _ = timed("segment_refined", steps=1, coarse_steps=1)
+    out, results["refined_0_wall"], results["refined_0_cpu"] = timed(
+        "segment_refined", steps=0, coarse_steps=0)
+    results["refined_0_equals_segment"] = bool((out == plain).all())
+    _, results["refined_wall"], results["refined_cpu"] = timed(
+        "segment_refined", steps=steps, coarse_steps=coarse_steps)
     results["imported_project"] = sorted(m for m in sys.modules
                                          if m.split(".")[0] in ("ltnet_tf", "voxelmorph"))
     results["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
@@ -256,44 +279,46 @@ SERVING_CHILD = textwrap.dedent("""
 
 
 def run_saved_model(subjects) -> dict:
-    """Export a copy of the run with segment_refined, load it in a fresh process with plain
-    TensorFlow (no ltnet_tf on the path), time segment vs segment_refined per scan."""
+    """Export a copy of the run with segment_refined (without and with XLA), load each in a fresh
+    process with plain TensorFlow (no ltnet_tf on the path), time segment vs segment_refined."""
     setting = parse_setting(FLAGS.default)
+    coarse_steps = setting["coarse"][1] if setting["coarse"] else 0
     source = ModelDir(FLAGS.model_dir)
     work = tempfile.mkdtemp(prefix="refinement-export-")
+    results = {"subject": subjects[0]["name"], "factor": setting["factor"],
+               "steps": setting["steps"][0], "coarse_steps": coarse_steps}
     try:
         copy = ModelDir(os.path.join(work, "run"))
         os.makedirs(copy.path)
         for name in ("config.json", "atlas.nii.gz", "atlas_labels.nii.gz"):
             shutil.copy(os.path.join(source.path, name), copy.path)
         checkpoint = source.checkpoint(FLAGS.checkpoint)
-        target = copy.checkpoint_dir
-        os.makedirs(target)
+        os.makedirs(copy.checkpoint_dir)
         for path in tf.io.gfile.glob(checkpoint + ".*"):
-            shutil.copy(path, target)
-        with open(os.path.join(target, "checkpoint"), "w") as f:
+            shutil.copy(path, copy.checkpoint_dir)
+        with open(os.path.join(copy.checkpoint_dir, "checkpoint"), "w") as f:
             f.write(f'model_checkpoint_path: "{os.path.basename(checkpoint)}"\n')
-        start = time.perf_counter()
-        saved_model = export.export_saved_model(copy, which="last",
-                                                refine_factor=setting["factor"])
-        export_wall = time.perf_counter() - start
-        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(saved_model)
-                   for f in files)
         scan_path = os.path.join(work, "scan.npy")
         np.save(scan_path, subjects[0]["raw"].numpy())
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TF_USE_LEGACY_KERAS")}
         env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-        steps = [0, setting["steps"][0]]
-        child = subprocess.run([sys.executable, "-c", SERVING_CHILD, saved_model, scan_path,
-                                json.dumps(steps)], capture_output=True, text=True, cwd=work,
-                               env=env, timeout=1800)
-        lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
-        if child.returncode != 0 or not lines:
-            raise RuntimeError(f"serving child failed:\n{child.stderr[-3000:]}")
-        results = json.loads(lines[0][len("RESULT "):])
-        results.update(export_wall=export_wall, saved_model_mib=size / 1024 ** 2,
-                       factor=setting["factor"], subject=subjects[0]["name"], steps=steps)
-        print(f"saved_model: {json.dumps(results)}", flush=True)
+        for xla in (False, True):
+            start = time.perf_counter()
+            saved_model = export.export_saved_model(copy, which="last", refine_xla=xla,
+                                                    refine_factor=setting["factor"])
+            export_wall = time.perf_counter() - start
+            size = sum(os.path.getsize(os.path.join(d, f))
+                       for d, _, files in os.walk(saved_model) for f in files)
+            child = subprocess.run([sys.executable, "-c", SERVING_CHILD, saved_model, scan_path,
+                                    str(setting["steps"][0]), str(coarse_steps)],
+                                   capture_output=True, text=True, cwd=work, env=env, timeout=1800)
+            lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+            if child.returncode != 0 or not lines:
+                raise RuntimeError(f"serving child failed:\n{child.stderr[-3000:]}")
+            variant = json.loads(lines[0][len("RESULT "):])
+            variant.update(export_wall=export_wall, saved_model_mib=size / 1024 ** 2)
+            results["xla" if xla else "no_xla"] = variant
+            print(f"saved_model xla={xla}: {json.dumps(variant)}", flush=True)
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -324,18 +349,28 @@ def write_outputs(results: dict) -> None:
         lines.append("")
     if "dice" in results:
         names = list(results["dice"][0]["subjects"])
+        runs = []
+        for row in results["dice"]:
+            if row["run"] not in runs:
+                runs.append(row["run"])
         lines += ["## Dice (28 structures) vs steps", "",
+                  "Refine seconds: the refinement call alone (grid resampling, the steps, the "
+                  "final loss, the upsampling to the full grid), wall with CPU in brackets. Folds: "
+                  "voxels of the scan's brain (nonzero voxels) where the full-grid displacement's "
+                  "Jacobian determinant is <= 0.", "",
                   "| factor | lr | weight_smooth | steps | mean Dice | "
                   + " | ".join(f"{n} Dice | {n} folds in brain | {n} refine s (CPU s)"
-                               for n in names) + " |",
-                  "|---|---|---|---|---|" + "---|---|---|" * len(names)]
+                               for n in names) + " | run |",
+                  "|---|---|---|---|---|" + "---|---|---|" * len(names) + "---|"]
         for row in results["dice"]:
             cells = [f"{s['dice']:.4f} | {100 * s['folding']:.3f}% | "
                      f"{s['refine_wall']:.1f} ({s['refine_cpu']:.1f})"
                      for s in row["subjects"].values()]
             lines.append(f"| {row['factor']} | {row['learning_rate']} | {row['weight_smooth']} | "
                          f"{row['steps']} | **{row['mean_dice']:.4f}** | " + " | ".join(cells)
-                         + " |")
+                         + f" | {runs.index(row['run']) + 1} |")
+        lines += [""] + [f"Run {i + 1}: `{run['command']}` at `{run['commit'][:12]}`"
+                         for i, run in enumerate(runs)]
         lines.append("")
     if "end_to_end" in results:
         e2e = results["end_to_end"]
@@ -353,23 +388,34 @@ def write_outputs(results: dict) -> None:
         lines.append("")
     if "saved_model" in results:
         sm = results["saved_model"]
-        n = sm["steps"][1]
-        lines += [f"## SavedModel (factor {sm['factor']}), loaded with plain TensorFlow in a fresh "
-                  f"process, {sm['subject']}, warm", "",
-                  "| signature | wall s | CPU s |", "|---|---|---|",
-                  f"| segment | {sm['segment_wall']:.1f} | {sm['segment_cpu']:.1f} |",
-                  f"| segment_refined, steps 0 | {sm['refined_0_wall']:.1f} | "
-                  f"{sm['refined_0_cpu']:.1f} |",
-                  f"| segment_refined, steps {n} | {sm[f'refined_{n}_wall']:.1f} | "
-                  f"{sm[f'refined_{n}_cpu']:.1f} |", "",
-                  f"First calls: segment {sm['segment_first_wall']:.1f} s, segment_refined "
-                  f"{sm['refined_first_wall']:.1f} s (XLA compilation). Load "
-                  f"{sm['load_wall']:.1f} s; export {sm['export_wall']:.1f} s; SavedModel "
-                  f"{sm['saved_model_mib']:.0f} MiB; peak RSS {sm['max_rss_gib']:.1f} GiB; "
-                  f"steps 0 equals segment: {sm['refined_0_equals_segment']}; project modules "
-                  f"imported by the server: {sm['imported_project'] or 'none'}.", ""]
-    with open(os.path.join(FLAGS.results_dir, "refinement.md"), "w") as f:
-        f.write("\n".join(lines))
+        lines += [f"## SavedModel segment_refined, loaded with plain TensorFlow in a fresh process, "
+                  f"{sm['subject']}, warm", "",
+                  f"coarse_steps {sm['coarse_steps']} on the working grid, then steps "
+                  f"{sm['steps']} at factor {sm['factor']} (the export's defaults for the rest).",
+                  "", "| export | segment s (CPU s) | segment_refined 0+0 steps s (CPU s) | "
+                  "segment_refined s (CPU s) | first refined call s | load s | export s | MiB |"
+                  " peak RSS GiB | 0 steps == segment | project modules imported |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name in ("no_xla", "xla"):
+            v = sm.get(name)
+            if v:
+                lines.append(
+                    f"| {name.replace('_', ' ')} | {v['segment_wall']:.1f} ({v['segment_cpu']:.1f})"
+                    f" | {v['refined_0_wall']:.1f} ({v['refined_0_cpu']:.1f}) | "
+                    f"{v['refined_wall']:.1f} ({v['refined_cpu']:.1f}) | "
+                    f"{v['refined_first_wall']:.1f} | {v['load_wall']:.1f} | "
+                    f"{v['export_wall']:.1f} | {v['saved_model_mib']:.0f} | "
+                    f"{v['max_rss_gib']:.1f} | {v['refined_0_equals_segment']} | "
+                    f"{', '.join(v['imported_project']) or 'none'} |")
+        lines.append("")
+    md_path = os.path.join(FLAGS.results_dir, "refinement.md")
+    if os.path.exists(md_path):  # the hand-written findings below the marker are kept
+        with open(md_path) as f:
+            previous = f.read()
+        if NOTES_MARKER in previous:
+            lines += [NOTES_MARKER + previous.split(NOTES_MARKER, 1)[1].rstrip("\n")]
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def main(argv):
@@ -413,13 +459,21 @@ def main(argv):
                 results["runs"].setdefault(part, first_run)
     this_run = {"command": "python " + " ".join(sys.argv), "commit": git_commit()}
     for part in FLAGS.parts:
-        results["runs"][part] = this_run
+        if part != "dice" or "dice" not in results["runs"]:
+            results["runs"][part] = this_run
     if "speed" in FLAGS.parts:
         results["speed"] = run_speed(config, label_transfer.atlas_full, subjects[0]["scan"],
                                      subjects[0]["flow_working"])
         write_outputs(results)
     if "dice" in FLAGS.parts:
-        results["dice"] = run_dice(config, label_transfer, subjects)
+        rows = run_dice(config, label_transfer, subjects, this_run)
+        key = lambda row: (str(row["factor"]), row["learning_rate"], row["weight_smooth"],  # noqa
+                           row["steps"])
+        new_keys = {key(row) for row in rows}
+        previous = results.get("dice", [])
+        for row in previous:  # rows written before rows recorded their own run
+            row.setdefault("run", results["runs"].get("dice", this_run))
+        results["dice"] = [row for row in previous if key(row) not in new_keys] + rows
         write_outputs(results)
     if "end_to_end" in FLAGS.parts:
         results["end_to_end"] = run_end_to_end(label_transfer, subjects)

@@ -13,9 +13,10 @@ so the serving side needs TensorFlow only: no ltnet_tf, VoxelMorph or neurite. S
     register(atlas [D, H, W] float32, atlas_labels [D, H, W] int32, scan [B, D, H, W, 1] float32)
         -> the same outputs, for another atlas on the same grid
     segment(scan) -> segmentation only
-    segment_refined(scan, steps [] int32) -> segmentation, after ``steps`` Adam steps of test-time
-        refinement (``ltnet_tf.refinement``) at the grid factor fixed at export (metadata
-        "refinement"); steps 0 gives ``segment``'s result
+    segment_refined(scan, steps [] int32, coarse_steps [] int32) -> segmentation, after test-time
+        refinement (``ltnet_tf.refinement``): ``coarse_steps`` Adam steps on the working grid, then
+        ``steps`` at the grid factor fixed at export (metadata "refinement"); 0 and 0 give
+        ``segment``'s result
 
 Scans are raw intensities on the atlas grid (D, H, W) = config.atlas_shape; min-max normalisation,
 padding and downsampling happen inside the signature. Library functions raise ``ModelDirError`` or
@@ -52,10 +53,16 @@ REGISTER_SIGNATURE = "register"
 SEGMENT_SIGNATURE = "segment"  # segmentation only: what predict.py runs unless asked for more
 SEGMENT_REFINED_SIGNATURE = "segment_refined"
 STEPS_INPUT = "steps"
+COARSE_STEPS_INPUT = "coarse_steps"
 # Refinement grid of segment_refined (2: half the atlas grid; bench/results/refinement.md); 0 or
 # None exports no segment_refined signature.
 REFINE_FACTOR = 2
-REFINE_STEPS = 25  # recommended in the metadata; the client sends its own
+# Recommended in the metadata (the client sends its own): bench/results/refinement.md.
+REFINE_STEPS, REFINE_COARSE_STEPS = 10, 25
+# XLA makes a refinement step 3x cheaper on CPU (bench/results/refinement.md), but TF Serving runs
+# XLA-compiled functions only when started with --xla_cpu_compilation_enabled=true (experimental),
+# so the default export runs everywhere and XLA is asked for (python -m ltnet_tf.export --refine_xla).
+REFINE_XLA = False
 SCAN_INPUT = "scan"
 OUTPUTS = ("segmentation", "flow", "warped_atlas")
 # TF Serving ignores assets.extra/, so metadata there travels with the version without being served.
@@ -94,7 +101,8 @@ class ServingModule(tf.Module):
             scan])
         if refinement is not None:
             self.segment_refined = tf.function(self._segment_refined, input_signature=[
-                scan, tf.TensorSpec([], tf.int32, name=STEPS_INPUT)])
+                scan, tf.TensorSpec([], tf.int32, name=STEPS_INPUT),
+                tf.TensorSpec([], tf.int32, name=COARSE_STEPS_INPUT)])
 
     @property
     def label_transfer(self) -> LabelTransfer:
@@ -113,9 +121,9 @@ class ServingModule(tf.Module):
     def _register(self, atlas, atlas_labels, scan):
         return self.label_transfer.transfer_with_atlas(atlas, atlas_labels, scan)
 
-    def _segment_refined(self, scan, steps):
+    def _segment_refined(self, scan, steps, coarse_steps):
         refine = lambda scan_normalized, flow_working: self.refinement(  # noqa: E731
-            scan_normalized, flow_working, steps=steps)
+            scan_normalized, flow_working, steps=steps, coarse_steps=coarse_steps)
         return self.label_transfer.segment(scan, refinement=refine)
 
     def signatures(self) -> dict:
@@ -196,7 +204,10 @@ def serving_metadata(config, signatures: dict, checkpoint: str, version: int,
             "signature": SEGMENT_REFINED_SIGNATURE,
             "factor": refinement.factor, "grid": list(refinement.grid_shape),
             "learning_rate": refinement.learning_rate,
-            "weight_smooth": refinement.weight_smooth, "recommended_steps": REFINE_STEPS}
+            "weight_smooth": refinement.weight_smooth, "coarse_factor": refinement.coarse_factor,
+            "recommended_steps": REFINE_STEPS,
+            "recommended_coarse_steps": REFINE_COARSE_STEPS if refinement.coarse else 0,
+            "xla": refinement.jit_compile}
     return metadata
 
 
@@ -244,12 +255,13 @@ def remove_abandoned_exports(model_dir: ModelDir) -> list:
 
 
 def _write_saved_model(model_dir: ModelDir, config, generator, checkpoint: str, version,
-                       refine_factor) -> str:
+                       refine_factor, refine_xla) -> str:
     remove_abandoned_exports(model_dir)
     version = _next_version(model_dir, version)
     atlas, atlas_labels = _load_atlas(model_dir, config)
     label_transfer = LabelTransfer(generator, config, atlas.data, atlas_labels.data)
-    refinement = (Refinement.for_label_transfer(label_transfer, factor=int(refine_factor))
+    refinement = (Refinement.for_label_transfer(label_transfer, factor=int(refine_factor),
+                                                jit_compile=bool(refine_xla))
                   if refine_factor else None)
     module = ServingModule(label_transfer, refinement)
     signatures = module.signatures()
@@ -286,14 +298,16 @@ def _write_saved_model(model_dir: ModelDir, config, generator, checkpoint: str, 
 
 
 def export_saved_model(model_dir, *, which: str = "auto", version=None,
-                       refine_factor=REFINE_FACTOR) -> str:
+                       refine_factor=REFINE_FACTOR, refine_xla: bool = REFINE_XLA) -> str:
     """Write ``RUN/saved_model/<version>/`` (next free version unless given); returns its path.
 
     ``refine_factor``: grid factor of the ``segment_refined`` signature; 0/None leaves it out.
+    ``refine_xla``: XLA-compile its step (see ``REFINE_XLA``).
     """
     model_dir = _as_model_dir(model_dir)
     config, generator, checkpoint = _restore(model_dir, which)
-    return _write_saved_model(model_dir, config, generator, checkpoint, version, refine_factor)
+    return _write_saved_model(model_dir, config, generator, checkpoint, version, refine_factor,
+                              refine_xla)
 
 
 # ------------------------------------------------------------------------------- VoxelMorph .h5
@@ -339,13 +353,13 @@ def export_generator_h5(model_dir, *, which: str = "auto") -> str:
 
 
 def export_all(model_dir, which: str = "auto", *, version=None,
-               refine_factor=REFINE_FACTOR) -> dict:
+               refine_factor=REFINE_FACTOR, refine_xla: bool = REFINE_XLA) -> dict:
     """Both exports from one restore: {'saved_model', 'generator_h5', 'checkpoint'} paths."""
     model_dir = _as_model_dir(model_dir)
     config, generator, checkpoint = _restore(model_dir, which)
     return {
         "saved_model": _write_saved_model(model_dir, config, generator, checkpoint, version,
-                                          refine_factor),
+                                          refine_factor, refine_xla),
         "generator_h5": _write_generator_h5(model_dir, generator),
         "checkpoint": checkpoint,
     }
@@ -367,6 +381,9 @@ def _flag_values() -> flags.FlagValues:
     flags.DEFINE_integer("refine_factor", REFINE_FACTOR,
                          "Grid factor of the segment_refined signature (test-time refinement); "
                          "0 exports none.", lower_bound=0, flag_values=fv)
+    flags.DEFINE_bool("refine_xla", REFINE_XLA,
+                      "XLA-compile the refinement step of segment_refined (3x faster on CPU; TF "
+                      "Serving then needs --xla_cpu_compilation_enabled=true).", flag_values=fv)
     return fv
 
 
@@ -376,7 +393,7 @@ def main(argv=None) -> int:
     fv = _flag_values()
     if any(arg in ("-h", "--help", "-help", "--helpfull", "--helpshort") for arg in argv[1:]):
         print(f"usage: python -m ltnet_tf.export --model_dir RUN [--checkpoint auto|best|last] "
-              f"[--version N] [--refine_factor F]\n\n{fv.get_help()}")
+              f"[--version N] [--refine_factor F] [--[no]refine_xla]\n\n{fv.get_help()}")
         return 0
     try:
         extra = fv(argv)[1:]
@@ -389,7 +406,7 @@ def main(argv=None) -> int:
         return 1
     try:
         paths = export_all(fv.model_dir, fv.checkpoint, version=fv.version,
-                           refine_factor=fv.refine_factor)
+                           refine_factor=fv.refine_factor, refine_xla=fv.refine_xla)
     except (ModelDirError, DataError) as e:
         print(f"ltnet_tf.export: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
               file=sys.stderr)

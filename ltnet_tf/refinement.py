@@ -5,10 +5,10 @@ from it, Adam minimises the training objective of G_F for this one scan,
 
     L = (1 - local NCC(u, x∘Δp)) + weight_smooth · L_smooth(Δp)          (same terms as training)
 
-directly over the displacement, on a grid ``factor`` times coarser than the atlas (2: half
-resolution, finer than the network's quarter). The result is put back on the atlas grid in full
-voxels (VoxelMorph's pull convention), so labels are transferred as without refinement
-(``inference.warp_labels``).
+directly over the displacement: first on the network's working grid (cheap), then on a grid
+``factor`` times coarser than the atlas (2: half resolution, finer than the network's quarter).
+The result is put back on the atlas grid in full voxels (VoxelMorph's pull convention), so labels
+are transferred as without refinement (``inference.warp_labels``).
 
 What a step costs decides whether refinement is worth it, so a step is one traced loop of plain ops:
 
@@ -98,16 +98,23 @@ class FixedScanNCC:
         return 1.0 - tf.reduce_mean(tf.reshape(correlation, [count, -1]), axis=-1)
 
 
-def smoothness(displacement: tf.Tensor) -> tf.Tensor:
-    """L_smooth as ``losses.smoothness`` (VoxelMorph's Grad('l2')), by slicing instead of permuting.
+def smoothness(displacement: tf.Tensor, for_xla: bool = True) -> tf.Tensor:
+    """L_smooth as ``losses.smoothness`` (VoxelMorph's Grad('l2')), without its transposes.
 
-    Under XLA the slices fuse (5x faster than VoxelMorph's transposes); without XLA TensorFlow's
-    strided-slice gradient is as slow as the transposes.
+    The forward differences are slices (``for_xla``: XLA fuses them, 5x faster than the
+    transposes) or gathers (without XLA, where TensorFlow's strided-slice gradient is as slow as
+    the transposes and a gather's is 5x faster).
     """
     count = tf.shape(displacement)[0]
-    differences = (displacement[:, 1:] - displacement[:, :-1],
-                   displacement[:, :, 1:] - displacement[:, :, :-1],
-                   displacement[:, :, :, 1:] - displacement[:, :, :, :-1])
+    if for_xla:
+        differences = (displacement[:, 1:] - displacement[:, :-1],
+                       displacement[:, :, 1:] - displacement[:, :, :-1],
+                       displacement[:, :, :, 1:] - displacement[:, :, :, :-1])
+    else:
+        size = displacement.shape
+        differences = [tf.gather(displacement, tf.range(1, size[axis]), axis=axis)
+                       - tf.gather(displacement, tf.range(size[axis] - 1), axis=axis)
+                       for axis in (1, 2, 3)]
     terms = [tf.reduce_mean(tf.reshape(tf.square(d), [count, -1]), axis=-1) for d in differences]
     return tf.add_n(terms) / 3.0
 
@@ -167,48 +174,30 @@ def resample_displacement(flow: tf.Tensor, ratio: float, shape) -> tf.Tensor:
 
 
 # ------------------------------------------------------------------------------- the optimiser
-class Refinement(tf.Module):
-    """Adam on one scan's displacement, started at G_F's, on the training objective.
+class GridStage:
+    """Adam on a correction of the displacement at one grid (the atlas grid shrunk ``factor``
+    times): the atlas there, its loss, and the traced loop."""
 
-    ``__call__(scan_normalized [B, D, H, W, 1], flow_working [B, *working, 3])`` ->
-    ``{"flow": [B, D, H, W, 3] full-grid displacement in full voxels, "loss": [B] objective of the
-    returned displacement, "loss_start": [B] objective of G_F's}``, both losses measured on the
-    refinement grid.
-
-    The optimised variable is the correction added to G_F's displacement, so the result is G_F's
-    displacement exactly as ``inference.displacement_to_full_grid`` puts it on the full grid plus the
-    upsampled correction: 0 steps changes nothing.
-    """
-
-    def __init__(self, config: LTNetConfig, atlas_image_normalized_full, steps: int = 25,
-                 factor: int = 2, learning_rate: float = 0.1, weight_smooth: float = None,
-                 jit_compile: bool = True, name: str = "refinement"):
-        super().__init__(name=name)
-        if not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"factor must be a positive integer, got {factor!r}")
-        if not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-        atlas = tf.convert_to_tensor(atlas_image_normalized_full, tf.float32)
-        self.config = config
-        self.full_shape = tuple(atlas.shape.as_list())
+    def __init__(self, atlas_full: tf.Tensor, factor: int, window: int, learning_rate: float,
+                 weight_smooth: float, jit_compile: bool):
         self.factor = factor
-        self.steps = steps
-        self.learning_rate = float(learning_rate)
-        self.weight_smooth = float(config.weight_smooth if weight_smooth is None else weight_smooth)
-        self.grid_shape = tuple(int(math.ceil(s / factor)) for s in self.full_shape)
-        self.atlas_sampler = AtlasSampler(to_grid(atlas[None, ..., None], factor)[0])
-        self.ncc = FixedScanNCC(self.grid_shape, config.ncc_window)
-        self.jit_compile = bool(jit_compile)
-        self._optimise = tf.function(self._optimise_eager)
-        # XLA fuses the loss's elementwise chains and slices; compiling the loop as well was no
-        # faster. (measured: bench/results/refinement.md)
+        self.grid_shape = tuple(int(math.ceil(s / factor)) for s in atlas_full.shape.as_list())
+        self.atlas_sampler = AtlasSampler(to_grid(atlas_full[None, ..., None], factor)[0])
+        self.ncc = FixedScanNCC(self.grid_shape, window)
+        self.learning_rate = learning_rate
+        self.weight_smooth = weight_smooth
+        self.jit_compile = jit_compile
+        self.optimise = tf.function(self._optimise)
+        # XLA fuses the loss's elementwise chains and slices; compiling the whole loop was no
+        # faster than compiling the step (bench/results/refinement.md).
         self._loss_and_gradient = tf.function(self._loss_and_gradient_eager,
-                                              jit_compile=self.jit_compile)
+                                              jit_compile=jit_compile)
 
     def loss(self, scan_sums: tuple, flow: tf.Tensor) -> tf.Tensor:
-        """[B] training objective of displacement ``flow`` on the refinement grid."""
+        """[B] training objective of displacement ``flow`` on this grid."""
         warped_atlas = self.atlas_sampler(flow)
-        return self.ncc(scan_sums, warped_atlas) + self.weight_smooth * smoothness(flow)
+        return (self.ncc(scan_sums, warped_atlas)
+                + self.weight_smooth * smoothness(flow, for_xla=self.jit_compile))
 
     def _loss_and_gradient_eager(self, scan_sums, flow_start, correction):
         """One step's [B] loss and its gradient with respect to the correction."""
@@ -218,69 +207,124 @@ class Refinement(tf.Module):
             total = tf.reduce_sum(loss)  # scans are independent: each gets its own gradient
         return loss, tape.gradient(total, correction)
 
-    def _optimise_eager(self, scan_grid, flow_start, steps):
-        """Adam (β 0.9/0.999, ε 1e-7 as Keras) on the correction; returns it and the losses."""
-        scan_sums = self.ncc.scan_sums(scan_grid)
+    def _optimise(self, scan_sums, flow_start, steps):
+        """Adam (β 0.9/0.999, ε 1e-7 as Keras) from a zero correction; returns the correction."""
         beta_1, beta_2, epsilon = 0.9, 0.999, 1e-7
 
-        def step(i, correction, first, second, loss_start):
-            loss, gradient = self._loss_and_gradient(scan_sums, flow_start, correction)
-            loss_start = tf.where(tf.equal(i, 0), loss, loss_start)
+        def step(i, correction, first, second):
+            _, gradient = self._loss_and_gradient(scan_sums, flow_start, correction)
             first = beta_1 * first + (1.0 - beta_1) * gradient
             second = beta_2 * second + (1.0 - beta_2) * tf.square(gradient)
             t = tf.cast(i + 1, tf.float32)
             rate = self.learning_rate * tf.sqrt(1.0 - beta_2 ** t) / (1.0 - beta_1 ** t)
-            correction = correction - rate * first / (tf.sqrt(second) + epsilon)
-            return i + 1, correction, first, second, loss_start
+            return i + 1, correction - rate * first / (tf.sqrt(second) + epsilon), first, second
 
         correction, first, second = (tf.zeros_like(flow_start) for _ in range(3))
-        loss_start = tf.zeros([tf.shape(flow_start)[0]])
-        _, correction, _, _, loss_start = tf.while_loop(
-            lambda i, *_: i < steps, step,
-            (tf.constant(0), correction, first, second, loss_start))
-        loss = self.loss(scan_sums, flow_start + correction)
-        loss_start = tf.cond(steps > 0, lambda: loss_start, lambda: loss)
-        return correction, loss, loss_start
+        _, correction, _, _ = tf.while_loop(lambda i, *_: i < steps, step,
+                                            (tf.constant(0), correction, first, second))
+        return correction
 
-    def __call__(self, scan_normalized: tf.Tensor, flow_working: tf.Tensor, steps=None) -> dict:
-        """See the class docstring; ``steps`` overrides the constructor's (a tensor is fine)."""
+
+class Refinement(tf.Module):
+    """Adam on one scan's displacement, started at G_F's, on the training objective.
+
+    ``__call__(scan_normalized [B, D, H, W, 1], flow_working [B, *working, 3])`` ->
+    ``{"flow": [B, D, H, W, 3] full-grid displacement in full voxels, "loss": [B] objective of the
+    returned displacement, "loss_start": [B] objective of G_F's}``, both losses on the grid of
+    ``factor``.
+
+    Coarse to fine: ``coarse_steps`` steps at grid factor ``coarse_factor`` (default: the
+    network's working grid, where a step costs ~10x less) first, then ``steps`` at ``factor``.
+    What is optimised at each grid is a correction added to G_F's displacement, so the result is
+    G_F's displacement exactly as ``inference.displacement_to_full_grid`` puts it on the full grid
+    plus the upsampled corrections: 0 steps changes nothing.
+
+    Defaults are the measured recommendation (bench/results/refinement.md): 25 steps at the
+    working grid, then 10 at half resolution, learning rate 0.2 (voxels of the grid per step, at
+    most), and ``weight_smooth`` 4: with a displacement free at every voxel, the training weight
+    (1) let 1.5-2% of the brain's voxels fold for no better Dice.
+    """
+
+    def __init__(self, config: LTNetConfig, atlas_image_normalized_full, steps: int = 10,
+                 factor: int = 2, learning_rate: float = 0.2, weight_smooth: float = 4.0,
+                 coarse_steps: int = 25, coarse_factor: int = None, jit_compile: bool = True,
+                 name: str = "refinement"):
+        super().__init__(name=name)
+        coarse_factor = config.downsample if coarse_factor is None else coarse_factor
+        for label, value in (("factor", factor), ("coarse_factor", coarse_factor)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        for label, value in (("steps", steps), ("coarse_steps", coarse_steps)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{label} must be an integer >= 0, got {value!r}")
+        atlas = tf.convert_to_tensor(atlas_image_normalized_full, tf.float32)
+        self.config = config
+        self.full_shape = tuple(atlas.shape.as_list())
+        self.factor = factor
+        self.steps = steps
+        self.learning_rate = float(learning_rate)
+        self.weight_smooth = float(config.weight_smooth if weight_smooth is None else weight_smooth)
+        self.jit_compile = bool(jit_compile)
+        stage = lambda f: GridStage(atlas, f, config.ncc_window, self.learning_rate,  # noqa: E731
+                                    self.weight_smooth, self.jit_compile)
+        self.fine = stage(factor)
+        self.grid_shape = self.fine.grid_shape
+        # A coarse stage only where it is coarser than the fine grid.
+        self.coarse = stage(coarse_factor) if coarse_factor > factor else None
+        self.coarse_factor = coarse_factor if self.coarse else None
+        self.coarse_steps = coarse_steps if self.coarse else 0
+
+    def __call__(self, scan_normalized: tf.Tensor, flow_working: tf.Tensor, steps=None,
+                 coarse_steps=None) -> dict:
+        """See the class docstring; ``steps``, ``coarse_steps`` override the constructor's
+        (tensors are fine)."""
         steps = tf.convert_to_tensor(self.steps if steps is None else steps, tf.int32)
+        coarse_steps = tf.convert_to_tensor(
+            self.coarse_steps if coarse_steps is None else coarse_steps, tf.int32)
         flow_working = tf.cast(flow_working, tf.float32)
-        ratio = self.config.downsample / self.factor  # working voxel in refinement voxels
-        flow_start = resample_displacement(flow_working, ratio, self.grid_shape)
-        scan_grid = to_grid(tf.cast(scan_normalized, tf.float32), self.factor)
-        correction, loss, loss_start = self._optimise(scan_grid, flow_start, steps)
-        flow = (inference.displacement_to_full_grid(flow_working, self.config, self.full_shape)
-                + resample_displacement(correction, self.factor, self.full_shape))
-        return {"flow": flow, "loss": loss, "loss_start": loss_start}
+        scan_normalized = tf.cast(scan_normalized, tf.float32)
+        working = self.config.downsample
+        flow = inference.displacement_to_full_grid(flow_working, self.config, self.full_shape)
+        fine_start = resample_displacement(flow_working, working / self.factor, self.grid_shape)
+        if self.coarse is not None:
+            coarse = self.coarse
+            scan_sums = coarse.ncc.scan_sums(to_grid(scan_normalized, coarse.factor))
+            correction = coarse.optimise(
+                scan_sums, resample_displacement(flow_working, working / coarse.factor,
+                                                 coarse.grid_shape), coarse_steps)
+            ratio = coarse.factor / self.factor
+            fine_start += resample_displacement(correction, ratio, self.grid_shape)
+            flow += resample_displacement(correction, coarse.factor, self.full_shape)
+        scan_sums = self.fine.ncc.scan_sums(to_grid(scan_normalized, self.factor))
+        correction = self.fine.optimise(scan_sums, fine_start, steps)
+        flow += resample_displacement(correction, self.factor, self.full_shape)
+        g_f_start = resample_displacement(flow_working, working / self.factor, self.grid_shape)
+        return {"flow": flow, "loss": self.fine.loss(scan_sums, fine_start + correction),
+                "loss_start": self.fine.loss(scan_sums, g_f_start)}
 
     @classmethod
     def for_label_transfer(cls, label_transfer, **options) -> "Refinement":
         """The refinement of ``label_transfer``'s G_F: its config and atlas; ``options`` as
-        ``__init__`` (steps, factor, learning_rate, weight_smooth, jit_compile)."""
+        ``__init__`` (steps, factor, learning_rate, weight_smooth, coarse_steps, coarse_factor,
+        jit_compile)."""
         return cls(label_transfer.config, label_transfer.atlas_full, **options)
 
 
 # ------------------------------------------------------------------------------- predict.py
-DEFAULT_STEPS = 25
-DEFAULT_FACTOR = 2
-DEFAULT_LEARNING_RATE = 0.1
-
-
 class ScanRefiner:
     """Refinement as ``predict.py`` runs it: from the full-grid displacement a SavedModel or a
     checkpoint returns, for one aligned scan (a ``data.Volume`` on the atlas grid)."""
 
-    def __init__(self, config: LTNetConfig, atlas_image, steps: int = DEFAULT_STEPS,
-                 factor: int = DEFAULT_FACTOR, learning_rate: float = DEFAULT_LEARNING_RATE):
+    def __init__(self, config: LTNetConfig, atlas_image, **options):
         self.config = config
-        atlas = data.normalize_intensity(tf.constant(np.asarray(atlas_image, np.float32)[None, ..., None]))
-        self.refinement = Refinement(config, atlas[0, ..., 0], steps=int(steps),
-                                     factor=int(factor), learning_rate=learning_rate)
+        atlas = data.normalize_intensity(
+            tf.constant(np.asarray(atlas_image, np.float32)[None, ..., None]))
+        self.refinement = Refinement(config, atlas[0, ..., 0], **options)
 
     def settings(self) -> dict:
         r = self.refinement
         return {"steps": r.steps, "factor": r.factor, "grid": list(r.grid_shape),
+                "coarse_steps": r.coarse_steps, "coarse_factor": r.coarse_factor,
                 "learning_rate": r.learning_rate, "weight_smooth": r.weight_smooth,
                 "jit_compile": r.jit_compile}
 
@@ -295,8 +339,7 @@ class ScanRefiner:
         return self.refinement(scan_normalized, flow_working)["flow"][0].numpy()
 
 
-def for_predictor(predictor, steps: int = DEFAULT_STEPS, factor=None,
-                  learning_rate: float = DEFAULT_LEARNING_RATE) -> ScanRefiner:
-    return ScanRefiner(predictor.config, predictor.atlas.data, steps=steps,
-                       factor=DEFAULT_FACTOR if factor is None else factor,
-                       learning_rate=learning_rate)
+def for_predictor(predictor, **options) -> ScanRefiner:
+    """``options``: those of ``Refinement`` that are not None (the rest keep its defaults)."""
+    options = {k: v for k, v in options.items() if v is not None}
+    return ScanRefiner(predictor.config, predictor.atlas.data, **options)

@@ -128,7 +128,8 @@ def runs(tmp_path_factory):
                 other_atlas, other_labels, tf.constant(scans))),
             expected_refined=label_transfer.segment(tf.constant(scans), refinement=(
                 Refinement.for_label_transfer(label_transfer, factor=export.REFINE_FACTOR,
-                                              steps=REFINED_STEPS)))["segmentation"].numpy())
+                                              steps=REFINED_STEPS, jit_compile=export.REFINE_XLA)
+            ))["segmentation"].numpy())
     return runs
 
 
@@ -193,8 +194,9 @@ def test_layout_version_folder_and_metadata(runs):
                     "segmentation": {"dtype": "int32", "shape": [None, *grid]},
                     "warped_atlas": {"dtype": "float32", "shape": [None, *grid, 1]}}}
     assert metadata["refinement"] == {
-        "signature": "segment_refined", "factor": 2, "grid": [10, 9, 8], "learning_rate": 0.1,
-        "weight_smooth": run.config.weight_smooth, "recommended_steps": export.REFINE_STEPS}
+        "signature": "segment_refined", "factor": 2, "grid": [10, 9, 8], "learning_rate": 0.2,
+        "weight_smooth": 4.0, "coarse_factor": None, "recommended_steps": export.REFINE_STEPS,
+        "recommended_coarse_steps": 0, "xla": False}
     assert metadata["signatures"]["register"]["inputs"] == {
         "atlas": {"dtype": "float32", "shape": grid},
         "atlas_labels": {"dtype": "int32", "shape": grid},
@@ -216,7 +218,8 @@ CHILD = textwrap.dedent("""
             scan=tf.constant(inputs["scan"]))
         segmented = model.signatures["segment"](scan=tf.constant(inputs["scan"]))
         refined = {steps: model.signatures["segment_refined"](
-            scan=tf.constant(inputs["scan"]), steps=tf.constant(steps))["segmentation"].numpy()
+            scan=tf.constant(inputs["scan"]), steps=tf.constant(steps),
+            coarse_steps=tf.constant(0))["segmentation"].numpy()
             for steps in (0, case["refined_steps"])}
         np.savez(case["outputs"], **{k: v.numpy() for k, v in outputs.items()},
                  **{"register_" + k: v.numpy() for k, v in registered.items()},
@@ -253,6 +256,37 @@ def test_saved_model_in_clean_process_matches_in_process_model(runs, tmp_path):
         np.testing.assert_array_equal(outputs["refined_0"], run.expected["segmentation"])
         assert (run.expected_refined != run.expected["segmentation"]).mean() > 0.001
         assert (outputs["refined"] != run.expected_refined).mean() < 1e-3
+
+
+XLA_CHILD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import tensorflow as tf
+
+    model = tf.saved_model.load(sys.argv[1])
+    scan = tf.constant(np.load(sys.argv[2]))
+    refined = model.signatures["segment_refined"](scan=scan, steps=tf.constant(int(sys.argv[3])),
+                                                  coarse_steps=tf.constant(0))
+    np.save(sys.argv[4], refined["segmentation"].numpy())
+    print("CHILD_OK")
+""")
+
+
+def test_xla_refinement_signature_in_clean_process(runs, tmp_path):
+    """--refine_xla: the XLA-compiled step loads and runs with plain TensorFlow too."""
+    run = runs[2]
+    model_dir = ModelDir(tmp_path / "run")
+    shutil.copytree(run.model_dir.path, model_dir.path)
+    shutil.rmtree(model_dir.saved_model_base)
+    saved_model = export.export_saved_model(model_dir, refine_xla=True)
+    with open(os.path.join(saved_model, export.METADATA_PATH)) as f:
+        assert json.load(f)["refinement"]["xla"] is True
+    np.save(tmp_path / "scan.npy", run.scans)
+    result = run_quietly([sys.executable, "-c", XLA_CHILD, saved_model, str(tmp_path / "scan.npy"),
+                          str(REFINED_STEPS), str(tmp_path / "refined.npy")], cwd=tmp_path,
+                         env=serving_environment())
+    assert "CHILD_OK" in result.stdout
+    assert (np.load(tmp_path / "refined.npy") != run.expected_refined).mean() < 1e-3
 
 
 def test_register_with_the_baked_in_atlas_equals_serving_default(runs):
@@ -305,7 +339,8 @@ def test_saved_model_cli_show_and_run(runs, tmp_path):
         "inputs": {"scan": ("DT_FLOAT", (-1, *grid, 1))},
         "outputs": {"segmentation": ("DT_INT32", (-1, *grid))}}
     assert signatures["segment_refined"] == {
-        "inputs": {"scan": ("DT_FLOAT", (-1, *grid, 1)), "steps": ("DT_INT32", ())},
+        "inputs": {"scan": ("DT_FLOAT", (-1, *grid, 1)), "steps": ("DT_INT32", ()),
+                   "coarse_steps": ("DT_INT32", ())},
         "outputs": {"segmentation": ("DT_INT32", (-1, *grid))}}
     assert "PyFunc" not in shown and "EagerPyFunc" not in shown
 

@@ -53,9 +53,10 @@ def test_window_sums_are_zero_padded_box_sums():
     np.testing.assert_allclose(WindowSums((7, 8, 9), 3)(volume)[0], expected, rtol=1e-5)
 
 
-def test_smoothness_equals_losses_smoothness():
+@pytest.mark.parametrize("for_xla", [True, False])
+def test_smoothness_equals_losses_smoothness(for_xla):
     flow = random_flow((10, 11, 12), 2.0, batch=2)
-    np.testing.assert_allclose(smoothness(flow), losses.smoothness(flow), rtol=1e-5)
+    np.testing.assert_allclose(smoothness(flow, for_xla), losses.smoothness(flow), rtol=1e-5)
 
 
 def test_sampler_equals_warp_image_inside_and_beyond_the_volume():
@@ -65,14 +66,15 @@ def test_sampler_equals_warp_image_inside_and_beyond_the_volume():
     np.testing.assert_allclose(AtlasSampler(image)(flow), expected, rtol=0, atol=1e-5)
 
 
-def test_loss_is_the_training_objective():
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_loss_is_the_training_objective(jit_compile):
     """Refinement.loss == losses.LocalNCC(scan, warped atlas) + weight_smooth * losses.smoothness."""
-    config = config_for(weight_smooth=0.7)
+    config = config_for()
     atlas, scan = blob(SHAPE), blob(SHAPE, (2.0, -1.0, 0.0))
-    refinement = Refinement(config, atlas, factor=2)
+    refinement = Refinement(config, atlas, factor=2, weight_smooth=0.7, jit_compile=jit_compile)
     scan_grid = to_grid(tf.constant(scan[None, ..., None]), 2)
     flow = random_flow(refinement.grid_shape, 1.0)
-    actual = refinement.loss(refinement.ncc.scan_sums(scan_grid), flow)
+    actual = refinement.fine.loss(refinement.fine.ncc.scan_sums(scan_grid), flow)
     atlas_grid = to_grid(tf.constant(atlas[None, ..., None]), 2)[0]
     expected = (losses.LocalNCC(config.ncc_window)(scan_grid[..., None],
                                                    inference.warp_image(atlas_grid, flow))
@@ -85,7 +87,9 @@ def test_zero_steps_returns_the_generator_displacement():
     config = config_for(downsample=4)
     flow_working = random_flow(config.working_shape(), 1.0, batch=2)
     scans = tf.constant(np.stack([blob(SHAPE), blob(SHAPE, (1, 1, 1))])[..., None])
-    outputs = Refinement(config, blob(SHAPE), steps=0, factor=2)(scans, flow_working)
+    refinement = Refinement(config, blob(SHAPE), steps=0, factor=2, coarse_steps=0)
+    assert refinement.coarse is not None  # a coarse stage that runs 0 steps
+    outputs = refinement(scans, flow_working)
     expected = inference.displacement_to_full_grid(flow_working, config, SHAPE)
     np.testing.assert_array_equal(outputs["flow"], expected)
     np.testing.assert_array_equal(outputs["loss"], outputs["loss_start"])
@@ -118,7 +122,7 @@ def test_refinement_lowers_the_loss_and_moves_in_full_voxels(downsample, factor)
     config = config_for(downsample=downsample)
     atlas, scan = shifted_texture_pair(SHAPE, 2)
     refinement = Refinement(config, atlas, steps=60, factor=factor, learning_rate=0.25,
-                            weight_smooth=1.0)
+                            weight_smooth=1.0, coarse_steps=0)
     flow_working = tf.zeros([1, *config.working_shape(), 3])
     outputs = refinement(tf.constant(scan[None, ..., None]), flow_working)
     assert outputs["flow"].shape == (1, *SHAPE, 3)
@@ -127,12 +131,26 @@ def test_refinement_lowers_the_loss_and_moves_in_full_voxels(downsample, factor)
     np.testing.assert_allclose(centre.mean(axis=0), [0.0, 0.0, -2.0], atol=0.1)
 
 
+def test_coarse_to_fine_finds_the_shift_with_fewer_fine_steps():
+    config = config_for(downsample=4)
+    atlas, scan = shifted_texture_pair(SHAPE, 2)
+    scan = tf.constant(scan[None, ..., None])
+    flow_working = tf.zeros([1, *config.working_shape(), 3])
+    options = dict(steps=15, factor=1, learning_rate=0.25, weight_smooth=1.0)
+    fine_only = Refinement(config, atlas, coarse_steps=0, **options)(scan, flow_working)
+    coarse_to_fine = Refinement(config, atlas, coarse_steps=40, **options)(scan, flow_working)
+    np.testing.assert_allclose(coarse_to_fine["loss_start"], fine_only["loss_start"])
+    assert float(coarse_to_fine["loss"][0]) < float(fine_only["loss"][0])
+    centre = coarse_to_fine["flow"][0, 6:-6, 6:-6, 6:-6].numpy().reshape(-1, 3)
+    np.testing.assert_allclose(centre.mean(axis=0), [0.0, 0.0, -2.0], atol=0.15)
+
+
 def test_constant_generator_displacement_is_in_full_voxels():
     """Working voxel units are converted: a constant working displacement v is v * downsample."""
     for downsample, factor in [(2, 1), (4, 2)]:
         config = config_for(downsample=downsample)
         flow_working = tf.fill([1, *config.working_shape(), 3], 0.5)
-        outputs = Refinement(config, blob(SHAPE), steps=0, factor=factor)(
+        outputs = Refinement(config, blob(SHAPE), steps=0, factor=factor, coarse_steps=0)(
             tf.constant(blob(SHAPE)[None, ..., None]), flow_working)
         np.testing.assert_allclose(outputs["flow"], 0.5 * downsample, rtol=1e-6)
 
@@ -148,11 +166,23 @@ def test_scans_of_a_batch_are_refined_independently():
     np.testing.assert_allclose(together["loss"][1], alone["loss"][0], rtol=0, atol=1e-6)
 
 
+def test_with_and_without_xla_the_same_refinement():
+    config = config_for()
+    scans = tf.constant(blob(SHAPE, (0, 0, 2))[None, ..., None])
+    flow_working = random_flow(config.working_shape(), 0.5)
+    compiled, plain = (Refinement(config, blob(SHAPE), steps=5, jit_compile=jit)(scans, flow_working)
+                       for jit in (True, False))
+    np.testing.assert_allclose(compiled["flow"], plain["flow"], rtol=0, atol=1e-3)
+    np.testing.assert_allclose(compiled["loss"], plain["loss"], rtol=0, atol=1e-5)
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="factor"):
         Refinement(config_for(), blob(SHAPE), factor=0)
     with pytest.raises(ValueError, match="steps"):
         Refinement(config_for(), blob(SHAPE), steps=-1)
+    with pytest.raises(ValueError, match="coarse_steps"):
+        Refinement(config_for(), blob(SHAPE), coarse_steps=-1)
 
 
 # ------------------------------------------------------------------------------- label transfer
@@ -165,12 +195,13 @@ def test_label_transfer_with_refinement():
     label_transfer = LabelTransfer(generator, config, atlas, atlas_labels)
     scan = tf.constant(blob(SHAPE, (0, 0, 2))[None, ..., None] * 500 + 7)
     unchanged = label_transfer.transfer(
-        scan, refinement=Refinement.for_label_transfer(label_transfer, steps=0))
+        scan, refinement=Refinement.for_label_transfer(label_transfer, steps=0, coarse_steps=0))
     plain = label_transfer.transfer(scan)
     for name in ("segmentation", "flow", "warped_atlas"):
         np.testing.assert_allclose(unchanged[name], plain[name], rtol=0, atol=1e-6)
     refined = label_transfer.segment(
-        scan, refinement=Refinement.for_label_transfer(label_transfer, steps=40, factor=1))
+        scan, refinement=Refinement.for_label_transfer(label_transfer, steps=40, factor=1,
+                                                       weight_smooth=1.0))
     reference = (blob(SHAPE, (0, 0, 2)) > 0.4)
     dice = lambda seg: 2 * (seg & reference).sum() / (seg.sum() + reference.sum())  # noqa: E731
     assert dice(refined["segmentation"][0].numpy() == 1) > dice(plain["segmentation"][0].numpy() == 1)
