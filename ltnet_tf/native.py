@@ -163,7 +163,8 @@ class NativeSegmenter:
         if extras:
             atlas = self.predictor.atlas.data
             scale = float(atlas.max() - atlas.min()) or 1.0
-            warped = inference.warp_image((atlas - atlas.min()) / scale, flow[None])[0].numpy()
+            warped = inference.warp_image(tf.constant((atlas - atlas.min()) / scale, tf.float32),
+                                          flow[None])[0].numpy()
             result.update(flow=flow, warped_atlas=warped)
         return result
 
