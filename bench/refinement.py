@@ -325,6 +325,10 @@ def run_saved_model(subjects) -> dict:
 
 
 # ------------------------------------------------------------------------------- outputs
+def short(commit: str) -> str:
+    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
 def write_outputs(results: dict) -> None:
     os.makedirs(FLAGS.results_dir, exist_ok=True)
     with open(os.path.join(FLAGS.results_dir, "refinement.json"), "w") as f:
@@ -335,7 +339,7 @@ def write_outputs(results: dict) -> None:
              f"(working grid {results['working_shape']})", "",
              "Each part was produced by the command and at the commit given for it:", "",
              "| part | command | commit |", "|---|---|---|"]
-    lines += [f"| {part} | `{run['command']}` | `{run['commit'][:12]}` |"
+    lines += [f"| {part} | `{run['command']}` | `{short(run['commit'])}` |"
               for part, run in results["runs"].items()]
     lines.append("")
     if "speed" in results:
@@ -369,7 +373,7 @@ def write_outputs(results: dict) -> None:
             lines.append(f"| {row['factor']} | {row['learning_rate']} | {row['weight_smooth']} | "
                          f"{row['steps']} | **{row['mean_dice']:.4f}** | " + " | ".join(cells)
                          + f" | {runs.index(row['run']) + 1} |")
-        lines += [""] + [f"Run {i + 1}: `{run['command']}` at `{run['commit'][:12]}`"
+        lines += [""] + [f"Run {i + 1}: `{run['command']}` at `{short(run['commit'])}`"
                          for i, run in enumerate(runs)]
         lines.append("")
     if "end_to_end" in results:

@@ -3,7 +3,7 @@ returns displacements on the full grid in full voxels (tiny volumes)."""
 import numpy as np
 import pytest
 
-from ltnet_tf import data, inference, losses
+from ltnet_tf import inference, losses
 from ltnet_tf.config import LTNetConfig
 from ltnet_tf.inference import LabelTransfer
 from ltnet_tf.networks import ForwardGenerator
