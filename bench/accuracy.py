@@ -69,7 +69,7 @@ flags.DEFINE_list("model_dirs", [], "Trained run folders to evaluate instead of 
                   "<name>'s folder.")
 flags.DEFINE_string("training_results", None, "accuracy.json of the bench run that trained the "
                     "--model_dirs folders: their training time and command are copied from it.")
-flags.DEFINE_integer("refine_steps", 50, "Test-time refinement: optimisation steps per scan.")
+flags.DEFINE_integer("refine_steps", 25, "Test-time refinement: optimisation steps per scan.")
 flags.DEFINE_integer("refine_factor", 2, "Refinement grid = atlas grid / this factor.")
 flags.DEFINE_float("refine_lr", 0.1, "Refinement learning rate.")
 flags.DEFINE_integer("steps", 300, "Training steps per configuration trained here.")
@@ -105,7 +105,9 @@ def _summarise(cases: list) -> dict:
             "seconds_per_scan": float(np.mean([c["seconds"] for c in cases])),
             "per_subject_seconds": {c["subject"]: c["seconds"] for c in cases},
             "folding_fraction": float(np.mean([c["folding_fraction"] for c in cases])),
-            "per_subject_folding": {c["subject"]: c["folding_fraction"] for c in cases}}
+            "per_subject_folding": {c["subject"]: c["folding_fraction"] for c in cases},
+            **({"per_subject_refinement_loss": {c["subject"]: c["refinement_loss"] for c in cases}}
+               if cases[0].get("refinement_loss") else {})}
 
 
 # ------------------------------------------------------------------------------- trained runs
@@ -189,6 +191,7 @@ def make_segmenter(name: str, model_dirs: dict):
 
 
 def evaluate(name: str, cases: list, model_dirs: dict) -> dict:
+    load_average = {"start": os.getloadavg()}  # the machine is shared: how busy it was
     segmenter = make_segmenter(name, model_dirs)
     print(f"=== {name}: {segmenter.description}; loaded in {segmenter.load_seconds:.1f} s",
           flush=True)
@@ -201,7 +204,8 @@ def evaluate(name: str, cases: list, model_dirs: dict) -> dict:
         dice = evaluation.dice_per_label(result["segmentation"], reference, BENCHMARK_LABELS)
         records.append({"set": case.set_name, "subject": case.subject, "dice": dice,
                         "seconds": result["seconds"],
-                        "folding_fraction": result["folding_fraction"]})
+                        "folding_fraction": result["folding_fraction"],
+                        "refinement_loss": result.get("refinement_loss")})
         print(f"[{name} {number}/{len(cases)}] {case.set_name} {case.subject}: Dice "
               f"{evaluation.mean_dice(dice, BENCHMARK_LABELS):.3f}, {result['seconds']:.1f} s, "
               f"folding {100 * result['folding_fraction']:.4f}%", flush=True)
@@ -213,7 +217,8 @@ def evaluate(name: str, cases: list, model_dirs: dict) -> dict:
                   "folding_fraction")},
               "figures_from_set": primary, "sets": sets,
               "seconds_per_scan_all_sets": float(np.mean([r["seconds"] for r in records])),
-              "model_load_s": segmenter.load_seconds, "curve": []}
+              "model_load_s": segmenter.load_seconds, "curve": [],
+              "load_average_1_5_15min": {**load_average, "end": os.getloadavg()}}
     if isinstance(segmenter, anchors.Network):
         trained = name[:-len("_refined")] if name.endswith("_refined") else name
         result["run"], result["curve"] = run_record(trained, model_dirs[trained])

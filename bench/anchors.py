@@ -201,11 +201,23 @@ class RefinementOptions:
     learning_rate: float
 
 
-def build_refinement(atlas_normalized, options: RefinementOptions):
-    """The seam to ``ltnet_tf.refinement`` (branch ``refine``): the only place the bench builds one."""
-    from ltnet_tf.refinement import Refinement
-    return Refinement(atlas_normalized, steps=options.steps, factor=options.factor,
-                      learning_rate=options.learning_rate)
+class Refiner:
+    """The seam to ``ltnet_tf.refinement``: the only place the bench builds or calls a refinement.
+
+    ``__call__(scan_normalized [1, D, H, W, 1], flow_working, steps=None)`` -> (full-grid
+    displacement [1, D, H, W, 3], {"loss_start", "loss"}: the objective of G_F's displacement and
+    of the refined one, on the refinement grid).
+    """
+
+    def __init__(self, config, atlas_normalized, options: RefinementOptions):
+        from ltnet_tf.refinement import Refinement
+        self.refinement = Refinement(config, atlas_normalized[0, ..., 0], steps=options.steps,
+                                     factor=options.factor, learning_rate=options.learning_rate)
+
+    def __call__(self, scan_normalized, flow_working, steps=None):
+        result = self.refinement(scan_normalized, flow_working, steps=steps)
+        return result["flow"], {"loss_start": float(result["loss_start"][0]),
+                                "loss": float(result["loss"][0])}
 
 
 class Network:
@@ -231,8 +243,8 @@ class Network:
         self.atlas_working = tf.constant(data.to_working_grid(atlas_normalized, self.config))
         self.atlas_labels = tf.constant(atlas_labels.data.astype(np.int32))
         self.atlas_cells = tf.constant(inference.uniform_cell_labels(self.atlas_labels))
-        self.refinement = (build_refinement(atlas_normalized, refinement) if refinement
-                           else None)
+        self.refiner = (Refiner(self.config, atlas_normalized, refinement) if refinement
+                        else None)
         self.description = (f"G_F of {folder.path} ({os.path.basename(self.checkpoint)})"
                             + (f", refined: {refinement.steps} steps on the grid / "
                                f"{refinement.factor}, lr {refinement.learning_rate:g}"
@@ -244,9 +256,10 @@ class Network:
         self._upsample = tf.function(self._upsampled_flow).get_concrete_function(working_spec)
         flow_spec = tf.TensorSpec([1, *self.full_shape, 3], tf.float32)
         self._warp = tf.function(self._warped_labels).get_concrete_function(flow_spec)
-        # One untimed pass (on the atlas itself): TensorFlow optimises a graph on its first call,
-        # which costs more than a warm scan; a served model pays that once, at start-up.
-        self._segment_array(atlas.data)
+        # One untimed pass (on the atlas itself, refinement with 0 steps: the same graph):
+        # TensorFlow optimises a graph on its first call, which costs more than a warm scan; a
+        # served model pays that once, at start-up.
+        self._segment_array(atlas.data, refine_steps=0)
         self.load_seconds = time.time() - start
 
     def _network_flow(self, scan):
@@ -262,21 +275,22 @@ class Network:
     def _warped_labels(self, flow):
         return self.inference.warp_labels(self.atlas_labels, flow, self.atlas_cells)[0]
 
-    def _segment_array(self, scan: np.ndarray):
-        """-> (segmentation [D, H, W], full-grid displacement [1, D, H, W, 3])."""
+    def _segment_array(self, scan: np.ndarray, refine_steps=None):
+        """-> (segmentation [D, H, W], full-grid displacement [1, D, H, W, 3], refinement losses)."""
         scan_normalized, flow_working = self._network(
             self.tf.constant(scan[None, ..., None], self.tf.float32))
-        if self.refinement is None:
-            flow = self._upsample(flow_working)
+        if self.refiner is None:
+            flow, losses = self._upsample(flow_working), {}
         else:
-            flow = self.refinement(scan_normalized, flow_working)
-        return self._warp(flow).numpy(), flow
+            flow, losses = self.refiner(scan_normalized, flow_working, steps=refine_steps)
+        return self._warp(flow).numpy(), flow, losses
 
     def segment(self, image_path: str, output_path: str) -> dict:
         start = time.time()
         scan = data.load_scan(image_path)
-        segmentation, flow = self._segment_array(scan.data)
+        segmentation, flow, losses = self._segment_array(scan.data)
         data.save_nifti(segmentation, scan.affine, output_path, header=scan.header)
         seconds = time.time() - start
         return {"segmentation": segmentation, "seconds": seconds,
-                "folding_fraction": folding_fraction(flow[0].numpy(), scan.data > 0)}
+                "folding_fraction": folding_fraction(flow[0].numpy(), scan.data > 0),
+                **({"refinement_loss": losses} if losses else {})}
