@@ -72,6 +72,7 @@ flags.DEFINE_string("training_results", None, "accuracy.json of the bench run th
 flags.DEFINE_integer("refine_steps", 25, "Test-time refinement: optimisation steps per scan.")
 flags.DEFINE_integer("refine_factor", 2, "Refinement grid = atlas grid / this factor.")
 flags.DEFINE_float("refine_lr", 0.1, "Refinement learning rate.")
+flags.DEFINE_bool("refine_xla", False, "Compile the refinement loop with XLA.")
 flags.DEFINE_integer("steps", 300, "Training steps per configuration trained here.")
 flags.DEFINE_integer("checkpoint_every", 50, "Validation (Dice vs steps) every this many steps.")
 flags.DEFINE_integer("downsample", 4, "Working resolution factor (4: 40x48x56).")
@@ -186,7 +187,7 @@ def make_segmenter(name: str, model_dirs: dict):
     refinement = None
     if name.endswith("_refined"):
         refinement = anchors.RefinementOptions(FLAGS.refine_steps, FLAGS.refine_factor,
-                                               FLAGS.refine_lr)
+                                               FLAGS.refine_lr, FLAGS.refine_xla)
     return anchors.Network(model_dirs[trained], refinement)
 
 
@@ -225,7 +226,7 @@ def evaluate(name: str, cases: list, model_dirs: dict) -> dict:
         result["run"]["checkpoint"] = segmenter.checkpoint
         if name.endswith("_refined"):
             result["refinement"] = {"steps": FLAGS.refine_steps, "factor": FLAGS.refine_factor,
-                                    "learning_rate": FLAGS.refine_lr}
+                                    "learning_rate": FLAGS.refine_lr, "xla": FLAGS.refine_xla}
     del segmenter
     gc.collect()
     return result

@@ -199,6 +199,7 @@ class RefinementOptions:
     steps: int
     factor: int
     learning_rate: float
+    jit_compile: bool = False
 
 
 class Refiner:
@@ -212,7 +213,8 @@ class Refiner:
     def __init__(self, config, atlas_normalized, options: RefinementOptions):
         from ltnet_tf.refinement import Refinement
         self.refinement = Refinement(config, atlas_normalized[0, ..., 0], steps=options.steps,
-                                     factor=options.factor, learning_rate=options.learning_rate)
+                                     factor=options.factor, learning_rate=options.learning_rate,
+                                     jit_compile=options.jit_compile)
 
     def __call__(self, scan_normalized, flow_working, steps=None):
         result = self.refinement(scan_normalized, flow_working, steps=steps)
@@ -248,6 +250,7 @@ class Network:
         self.description = (f"G_F of {folder.path} ({os.path.basename(self.checkpoint)})"
                             + (f", refined: {refinement.steps} steps on the grid / "
                                f"{refinement.factor}, lr {refinement.learning_rate:g}"
+                               + (", XLA" if refinement.jit_compile else "")
                                if refinement else ", displacement upsampled"))
         scan_spec = tf.TensorSpec([1, *self.full_shape, 1], tf.float32)
         self._network = tf.function(self._network_flow).get_concrete_function(scan_spec)
