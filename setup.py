@@ -25,9 +25,12 @@ setup(
         "scipy>=1.9",
         "absl-py>=1.0",
         "matplotlib>=3.5",
+        "SimpleITK>=2.3",
     ],
     extras_require={
         "test": ["pytest>=7", "tensorflow-serving-api==2.21.0"],
+        # The benchmarks' classical anchor (ANTs SyN); the package itself does not need it.
+        "bench": ["antspyx==0.6.3"],
     },
     entry_points={
         "console_scripts": [

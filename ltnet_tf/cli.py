@@ -2,7 +2,7 @@
 
 Each command has its own ``FlagValues``, so both can live in one process (tests call them in turn).
 Every hyperparameter flag is generated from ``LTNetConfig``; precedence is
-preset < ``--config`` JSON < explicit flags. Errors print one line and return exit code 1.
+preset < profile < ``--config`` JSON < explicit flags. Errors print one line and return exit code 1.
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ import sys
 import time
 import typing
 
+import numpy as np
 from absl import flags, logging
 
-from ltnet_tf.config import PRESETS, ConfigError, LTNetConfig
+from ltnet_tf.config import PRESETS, PROFILES, RESUME_CHANGEABLE, ConfigError, LTNetConfig
 
 _RESOLVED_FIELDS = ("atlas_shape", "label_ids")  # set from the data, not by flags
 
@@ -50,7 +51,8 @@ def _define_config_flags(flag_values: flags.FlagValues) -> None:
 
 
 def _config_from_flags(flag_values: flags.FlagValues) -> LTNetConfig:
-    config = LTNetConfig().replace(**PRESETS[flag_values.preset])
+    config = LTNetConfig().replace(**PRESETS[flag_values.preset],
+                                   **PROFILES[flag_values.profile])
     if flag_values.config:
         file_config = LTNetConfig.load(flag_values.config).to_dict()
         config = config.replace(**{k: v for k, v in file_config.items() if k not in _RESOLVED_FIELDS})
@@ -123,6 +125,13 @@ class _LtnetInfoOnly(pylogging.Filter):
 _INFO_FILTER = _LtnetInfoOnly()
 
 
+def _define_verbose_flag(flag_values: flags.FlagValues) -> None:
+    # Read from sys.argv by ltnet_tf.compat before TensorFlow is imported; defined here for --help.
+    flags.DEFINE_bool("verbose", False, "Show TensorFlow's start-up and C++ log lines (CUDA, "
+                      "oneDNN); also shown when TF_CPP_MIN_LOG_LEVEL is set.",
+                      flag_values=flag_values)
+
+
 def _run_command(body, flag_values, argv, usage) -> int:
     try:
         parsed = _parse(flag_values, argv, usage)
@@ -132,6 +141,9 @@ def _run_command(body, flag_values, argv, usage) -> int:
         if _INFO_FILTER not in logging.get_absl_logger().filters:
             logging.get_absl_logger().addFilter(_INFO_FILTER)
         return body(parsed)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001  (re-raised unless it is the user's input)
         message = _user_error(e)
         if message is None:
@@ -153,7 +165,8 @@ def _train_flags() -> flags.FlagValues:
     flags.DEFINE_string("atlas_labels", None, "Its label map; default: ATLAS_labels.nii.gz or "
                         "atlas_labels.nii.gz beside the atlas.", flag_values=fv)
     flags.DEFINE_string("unlabeled", None, "Folder (or comma-separated files) of unlabelled scans, "
-                        "affinely pre-aligned to the atlas and on its grid.", flag_values=fv)
+                        "on any grid: scans not on the atlas grid are aligned to the atlas once "
+                        "(cached in $LTNET_CACHE_DIR, default ~/.cache/ltnet_tf).", flag_values=fv)
     flags.DEFINE_string("model_dir", None, "Run folder to create (or continue with --resume).",
                         flag_values=fv)
     flags.DEFINE_string("val_images", None, "Optional labelled validation scans (folder/files).",
@@ -161,6 +174,10 @@ def _train_flags() -> flags.FlagValues:
     flags.DEFINE_string("val_labels", None, "Their label maps, matched by file name.", flag_values=fv)
     flags.DEFINE_string("config", None, "JSON config to start from (e.g. another run's config.json).",
                         flag_values=fv)
+    flags.DEFINE_enum("profile", "paper", list(PROFILES),
+                      "Compute budget: 'paper' (full resolution, the paper's U-Net; for a GPU) or "
+                      "'cpu' (quarter resolution, slim U-Net, lr 1e-3, 1500 steps: well under an "
+                      "hour on 2 CPU cores).", flag_values=fv)
     flags.DEFINE_enum("preset", "ltnet", list(PRESETS), "Ablation preset: which loss terms are on.",
                       flag_values=fv)
     flags.DEFINE_bool("resume", False, "Continue the run in --model_dir from its last checkpoint.",
@@ -170,6 +187,10 @@ def _train_flags() -> flags.FlagValues:
                       flag_values=fv)
     flags.DEFINE_bool("export", True, "Export the SavedModel and generator.h5 at the end.",
                       flag_values=fv)
+    flags.DEFINE_enum("align", "auto", ["auto", "never"],
+                      "auto: align scans on other grids to the atlas (rigid + affine); never: every "
+                      "scan must be on the atlas grid.", flag_values=fv)
+    _define_verbose_flag(fv)
     _define_config_flags(fv)
     return fv
 
@@ -203,20 +224,69 @@ def _train(fv: flags.FlagValues) -> int:
                           f"<atlas>_labels.nii.gz / atlas_labels.nii.gz beside it")
     config = _config_from_flags(fv)
     saved_config = ModelDir(fv.model_dir).config_path
-    if fv.resume and fv["steps"].value is None and os.path.isfile(saved_config):
-        # A plain --resume finishes the run as planned, not at the default number of steps.
-        config = config.replace(steps=LTNetConfig.load(saved_config).steps)
+    if fv.resume and os.path.isfile(saved_config):
+        # A plain --resume finishes the run as planned, not with the flags' defaults.
+        config = _resume_config(fv, config, saved_config)
     strategy = distribute.create_strategy(fv.strategy)
     # Keras's progress bar redraws with carriage returns: one line per checkpoint interval
     # reads better in a log file or a CI job.
     verbose = 1 if sys.stdout.isatty() else 2
-    model_dir = training.train(config, fv.atlas, atlas_labels, fv.unlabeled, fv.model_dir,
-                               val_images=fv.val_images, val_labels=fv.val_labels,
-                               resume=fv.resume, strategy=strategy, export=fv.export,
-                               verbose=verbose)
+    try:
+        model_dir = training.train(config, fv.atlas, atlas_labels, fv.unlabeled, fv.model_dir,
+                                   val_images=fv.val_images, val_labels=fv.val_labels,
+                                   resume=fv.resume, strategy=strategy, export=fv.export,
+                                   verbose=verbose, align=fv.align)
+    except KeyboardInterrupt:
+        print(_interrupted_message(ModelDir(fv.model_dir)), file=sys.stderr)
+        return 130
     if training.is_chief(strategy):  # other workers wrote nothing there
         print(f"model written to {model_dir.path}")
     return 0
+
+
+def _given_fields(fv: flags.FlagValues) -> set:
+    """Config fields the user asked for: explicit flags, the --config file, an explicit --preset."""
+    given = {f.name for f in dataclasses.fields(LTNetConfig)
+             if f.name not in _RESOLVED_FIELDS and fv[f.name].present}
+    if fv.config:
+        given |= set(LTNetConfig.load(fv.config).to_dict()) - set(_RESOLVED_FIELDS)
+    if fv["preset"].present:
+        given |= set(PRESETS[fv.preset])
+    return given
+
+
+def _resume_config(fv: flags.FlagValues, asked: LTNetConfig, saved_path: str) -> LTNetConfig:
+    """The run's saved config, with what --resume may change (``RESUME_CHANGEABLE``) applied and
+    said; any other asked-for change (architecture, grid, loss terms) is refused, not dropped."""
+    saved = LTNetConfig.load(saved_path)
+    changes, refused = {}, []
+    for name in sorted(_given_fields(fv)):
+        old, new = getattr(saved, name), getattr(asked, name)
+        if new == old:
+            continue
+        if name in RESUME_CHANGEABLE:
+            changes[name] = new
+        else:
+            refused.append(f"{name} {old} -> {new}")
+    if refused:
+        raise ConfigError(f"{saved_path}: --resume cannot change {'; '.join(refused)} (only "
+                          f"{', '.join(RESUME_CHANGEABLE)} can change in a run); start a new "
+                          f"--model_dir with --config {saved_path} instead")
+    if changes:
+        print("resuming with " + ", ".join(f"{k}={getattr(saved, k)} -> {v}"
+                                           for k, v in changes.items()), flush=True)
+    return saved.replace(**changes)
+
+
+def _interrupted_message(model_dir) -> str:
+    """One line for Ctrl-C: which checkpoint the run can be continued from."""
+    import tensorflow as tf  # already imported by training
+
+    last = tf.train.latest_checkpoint(model_dir.checkpoint_dir)
+    if last is None:
+        return f"interrupted before the first checkpoint of {model_dir.path}: nothing to resume"
+    return (f"interrupted: continue from {os.path.basename(last)} with "
+            f"python train.py --resume --model_dir {model_dir.path} (and the same data flags)")
 
 
 def train_main(argv=None) -> int:
@@ -245,8 +315,20 @@ def _predict_flags() -> flags.FlagValues:
                       "With --source checkpoint: best validation checkpoint or last.", flag_values=fv)
     flags.DEFINE_bool("save_warped_atlas", False, "Also write <scan>_warped_atlas.nii.gz.",
                       flag_values=fv)
-    flags.DEFINE_bool("save_flow", False, "Also write <scan>_flow.nii.gz (displacement, voxels).",
-                      flag_values=fv)
+    flags.DEFINE_bool("save_flow", False, "Also write <scan>_flow.nii.gz (displacement, voxels; "
+                      "on the atlas grid for aligned scans).", flag_values=fv)
+    flags.DEFINE_enum("align", "auto", ["auto", "never"],
+                      "auto: align each scan to the atlas (rigid + affine) unless it is on the atlas "
+                      "grid already, and write the segmentation on the scan's own grid; never: "
+                      "scans must be on the atlas grid.", flag_values=fv)
+    flags.DEFINE_bool("save_aligned", False, "Also write the atlas-space outputs: "
+                      "<scan>_aligned.nii.gz (the scan on the atlas grid) and "
+                      "<scan>_aligned_seg.nii.gz.", flag_values=fv)
+    flags.DEFINE_integer("refine_steps", None, "Test-time refinement: Adam steps on each scan's "
+                         "displacement (0: none).", lower_bound=0, flag_values=fv)
+    flags.DEFINE_integer("refine_factor", None, "Refinement grid: the atlas grid shrunk this many "
+                         "times.", lower_bound=1, flag_values=fv)
+    _define_verbose_flag(fv)
     return fv
 
 
@@ -315,7 +397,7 @@ def write_dice_reports(per_scan: dict, label_ids, output_dir: str) -> dict:
     return report
 
 
-def _check_scans(pairs, atlas_shape, model_path: str) -> None:
+def _check_scans(pairs, segmenter) -> None:
     """Read every scan (and reference label map) once before anything is written, so a bad file
     stops the run with its own message instead of leaving part of the outputs behind."""
     from ltnet_tf import data
@@ -328,68 +410,177 @@ def _check_scans(pairs, atlas_shape, model_path: str) -> None:
                                  f"would be written to {name}_seg.nii.gz)")
         names[name] = image_path
         scan = data.load_scan(image_path)
-        if tuple(scan.shape) != tuple(atlas_shape):
-            raise data.DataError(f"{image_path}: shape {tuple(scan.shape)} differs from the atlas "
-                                 f"grid {tuple(atlas_shape)} of the model {model_path} (resample "
-                                 f"scans on the atlas grid)")
+        segmenter.check(scan)
         if label_path:
             data.check_same_grid(scan, data.load_label_map(label_path), strict=False)
 
 
-def predict_files(model_dir, images, output_dir, labels=None, *, source="auto", checkpoint="auto",
-                  save_warped_atlas=False, save_flow=False) -> dict:
-    """Library form of predict.py; returns {'outputs': {scan: path}, 'dice': report or None}.
+OUTPUT_SUFFIXES = ("_seg", "_warped_atlas", "_flow", "_aligned")  # <scan><suffix>.nii.gz, as below
 
-    Inputs and the model are all checked before the output folder is created or written to.
+
+def _without_earlier_outputs(images, output_dir) -> list:
+    """The scans, less the files an earlier prediction wrote into the output folder when it is
+    also the scans' folder: they are segmentations, not scans (``v0_seg_seg.nii.gz``)."""
+    from ltnet_tf import data
+
+    output_dir = os.path.abspath(output_dir)
+    scans, earlier = [], []
+    for path in data.list_images(images):
+        in_output = os.path.dirname(os.path.abspath(path)) == output_dir
+        is_output = in_output and data.scan_name(path).endswith(OUTPUT_SUFFIXES)
+        (earlier if is_output else scans).append(path)
+    if earlier:
+        logging.warning("%s: skipping %d earlier outputs of predict.py among the scans (%s)",
+                        output_dir, len(earlier), ", ".join(os.path.basename(p) for p in earlier[:3])
+                        + (", ..." if len(earlier) > 3 else ""))
+    if not scans:
+        raise data.DataError(f"{output_dir}: no scans besides earlier outputs of predict.py")
+    return scans
+
+
+def _warn_unmatched_label_ids(reference, label_ids) -> None:
+    """A reference whose IDs are not the atlas's (another labelling protocol) gives Dice 0 or
+    none for those structures; the mean then drops for no reason the user would see."""
+    atlas_ids = {int(i) for i in label_ids if int(i) != 0}
+    reference_ids = {int(i) for i in np.unique(reference.data) if int(i) != 0}
+    unknown, missing = sorted(reference_ids - atlas_ids), sorted(atlas_ids - reference_ids)
+    if unknown:
+        logging.warning("%s: reference label IDs %s are not among the atlas's; atlas IDs absent "
+                        "from the reference: %s (their Dice is 0 or undefined)", reference.path,
+                        unknown[:10], missing[:10])
+
+
+def _remove_earlier_dice_reports(output_dir: str) -> None:
+    """A run without --labels: Dice reports of an earlier run there describe other segmentations."""
+    for name in ("dice.csv", "dice.json"):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+            logging.warning("%s: removed (from an earlier prediction with --labels; this one has "
+                            "no reference labels)", path)
+
+
+def write_volumes_csv(volumes: dict, label_ids, output_dir: str) -> str:
+    """volumes.csv: one row per scan, one column per structure (FreeSurfer name), mm³ on the scan's
+    own grid — the table FastSurfer and SynthSeg users expect."""
+    from ltnet_tf.labels import structure_name
+
+    labels = [int(i) for i in label_ids if int(i) != 0]
+    path = os.path.join(output_dir, "volumes.csv")
+    with open(path + ".tmp", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["scan", *[structure_name(label) for label in labels]])
+        for scan, per_label in volumes.items():
+            writer.writerow([scan, *[f"{per_label[label]:.1f}" for label in labels]])
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def predict_files(model_dir, images, output_dir, labels=None, *, source="auto", checkpoint="auto",
+                  save_warped_atlas=False, save_flow=False, save_aligned=False, align="auto",
+                  refine_steps=None, refine_factor=None) -> dict:
+    """Library form of predict.py; returns {'outputs': {scan: path}, 'dice': report or None,
+    'scans': {scan: record}}.
+
+    Scans on any grid: each is aligned to the atlas (unless it is on the atlas grid already) and its
+    segmentation written on its own grid. Inputs and the model are all checked before the output
+    folder is created or written to.
     """
-    from ltnet_tf import data, evaluation
+    from ltnet_tf import data, evaluation, native
     from ltnet_tf.inference import Predictor
     from ltnet_tf.labels import BENCHMARK_LABELS
     from ltnet_tf.modeldir import ModelDir
 
+    images = _without_earlier_outputs(images, output_dir)
     if labels:
         pairs = data.pair_images_and_labels(images, labels)
     else:
         pairs = [(path, None) for path in data.list_images(images)]
-    # Cheap checks first (the model folder's config, every scan), then the model itself.
-    model_config = ModelDir(model_dir).check().load_config()
-    _check_scans(pairs, model_config.atlas_shape, ModelDir(model_dir).path)
+    ModelDir(model_dir).check().load_config()  # cheap checks first, then the model itself
     predictor = Predictor(model_dir, source=source, checkpoint=checkpoint)
+    segmenter = native.NativeSegmenter(predictor, align=align)
+    refinement = _refinement_settings(predictor, segmenter, refine_steps, refine_factor)
+    _check_scans(pairs, segmenter)
     _prepare_output_dir(output_dir)
     label_ids = predictor.config.label_ids
     mean_labels = evaluation.evaluation_labels(label_ids, BENCHMARK_LABELS)
-    outputs, per_scan = {}, {}
+    outputs, per_scan, volumes, records = {}, {}, {}, {}
     for number, (image_path, label_path) in enumerate(pairs, start=1):
         start = time.time()
         scan = data.load_scan(image_path)
-        result = predictor.segment(scan, extras=save_warped_atlas or save_flow)
         name = data.scan_name(image_path)
+        result = segmenter.segment(scan, keep_aligned=save_aligned,
+                                   extras=save_warped_atlas or save_flow)
+        alignment = result["alignment"]
         path = os.path.join(output_dir, f"{name}_seg.nii.gz")
         data.save_nifti(result["segmentation"], scan.affine, path, header=scan.header)
-        if save_warped_atlas:
-            data.save_nifti(result["warped_atlas"][..., 0], scan.affine,
+        atlas_affine = predictor.atlas.affine
+        if not alignment.skipped:
+            affine_path = os.path.join(output_dir, f"{name}_affine.txt")
+            with open(affine_path + ".tmp", "w") as f:
+                f.write(alignment.itk_transform_text())
+            os.replace(affine_path + ".tmp", affine_path)
+        if save_aligned:
+            data.save_nifti(result["aligned_scan"].data, atlas_affine,
+                            os.path.join(output_dir, f"{name}_aligned.nii.gz"), dtype="float32")
+            data.save_nifti(result["aligned_segmentation"], atlas_affine,
+                            os.path.join(output_dir, f"{name}_aligned_seg.nii.gz"))
+        if save_warped_atlas:  # atlas-grid outputs: the scan's grid when it was on the atlas grid
+            data.save_nifti(result["warped_atlas"][..., 0],
+                            scan.affine if alignment.skipped else atlas_affine,
                             os.path.join(output_dir, f"{name}_warped_atlas.nii.gz"),
                             dtype="float32")
         if save_flow:
-            data.save_nifti(result["flow"], scan.affine,
+            data.save_nifti(result["flow"], scan.affine if alignment.skipped else atlas_affine,
                             os.path.join(output_dir, f"{name}_flow.nii.gz"), dtype="float32")
-        outputs[name] = path
-        message = f"[{number}/{len(pairs)}] {name}_seg.nii.gz ({time.time() - start:.1f} s)"
+        outputs[name] = os.path.abspath(path)
+        volumes[name] = native.structure_volumes_mm3(result["segmentation"], scan.affine, label_ids)
+        seconds = {stage: round(value, 3) for stage, value in result["seconds"].items()}
+        seconds["total"] = round(time.time() - start, 3)
+        records[name] = {"image": os.path.abspath(image_path), "output": outputs[name],
+                         "alignment": alignment.to_dict(), "alignment_ok": alignment.ok,
+                         "seconds": seconds}
+        where = "atlas grid" if alignment.skipped else (
+            f"aligned in {alignment.seconds:.1f} s, brain overlap {alignment.brain_overlap:.2f}")
+        message = f"[{number}/{len(pairs)}] {name}_seg.nii.gz ({where}; {seconds['total']:.1f} s)"
+        if not alignment.ok:
+            message += " ALIGNMENT LOOKS WRONG: check this scan"
         if label_path:
             reference = data.load_label_map(label_path)
+            _warn_unmatched_label_ids(reference, label_ids)
             per_scan[name] = evaluation.dice_per_label(result["segmentation"], reference.data,
                                                        label_ids)
             scan_mean = evaluation.mean_dice(per_scan[name], mean_labels)
+            records[name]["mean_dice"] = _finite_or_none(scan_mean)
             message += f": mean Dice {scan_mean:.3f} over {len(mean_labels)} structures"
         print(message, flush=True)
     report = write_dice_reports(per_scan, label_ids, output_dir) if per_scan else None
+    if report is None:
+        _remove_earlier_dice_reports(output_dir)
+    write_volumes_csv(volumes, label_ids, output_dir)
+    from ltnet_tf.alignment import AlignmentSettings
     _write_json({"model_dir": predictor.model_dir.path, "source": predictor.source,
                  "images": [os.path.abspath(p) for p, _ in pairs],
                  "labels": [os.path.abspath(p) for _, p in pairs] if labels else None,
                  "outputs": outputs,
+                 "align": align, "alignment_settings": segmenter.aligner.settings.to_dict()
+                 if align == "auto" else AlignmentSettings().to_dict(),
+                 "refinement": refinement,
+                 "alignment_failed": [n for n, r in records.items() if not r["alignment_ok"]],
+                 "scans": records,
                  "mean_dice": report["mean_dice"] if report else None},
                 os.path.join(output_dir, "prediction.json"))
-    return {"outputs": outputs, "dice": report}
+    return {"outputs": outputs, "dice": report, "scans": records}
+
+
+def _refinement_settings(predictor, segmenter, steps, factor):
+    """Install test-time refinement on the segmenter; its settings for prediction.json."""
+    if not steps:
+        return None
+    from ltnet_tf import refinement
+
+    segmenter.refine = refinement.for_predictor(predictor, steps=steps, factor=factor)
+    return segmenter.refine.settings()
 
 
 def _predict(fv: flags.FlagValues) -> int:
@@ -398,7 +589,8 @@ def _predict(fv: flags.FlagValues) -> int:
             raise ConfigError(f"--{name} is required (see --helpfull)")
     result = predict_files(fv.model_dir, fv.images, fv.output_dir, fv.labels, source=fv.source,
                            checkpoint=fv.checkpoint, save_warped_atlas=fv.save_warped_atlas,
-                           save_flow=fv.save_flow)
+                           save_flow=fv.save_flow, save_aligned=fv.save_aligned, align=fv.align,
+                           refine_steps=fv.refine_steps, refine_factor=fv.refine_factor)
     print(f"{len(result['outputs'])} segmentations written to {os.path.abspath(fv.output_dir)}")
     if result["dice"] is not None:
         mean = result["dice"]["mean_dice"]

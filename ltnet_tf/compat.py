@@ -8,14 +8,76 @@ Why this exists, once:
 - neurite 0.2's callbacks use ``np.Inf``, removed in NumPy 2.
 - ``vxm.py.utils.load_volfile`` calls nibabel's removed ``get_data()``; we never call it and read
   NIfTI with nibabel directly (see ``ltnet_tf.data``).
+- TensorFlow's start-up lines ("failed call to cuInit: ... CUDA error" on every CPU machine, the
+  cudart and oneDNN notices) read as errors to a user. They are kept out unless asked for with
+  ``--verbose`` or the user's own ``TF_CPP_MIN_LOG_LEVEL``: the level is set before TensorFlow is
+  imported, and the lines TensorFlow writes before its logging starts (which ignore the level) are
+  filtered out of stderr while ``tensorflow`` is first imported.
 """
+import contextlib
+import importlib.abc
+import importlib.util
 import inspect
 import os
+import re
 import sys
+import tempfile
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-# TensorFlow's C++ INFO lines (CUDA stubs, CPU features) drown the training progress; warnings stay.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# Set here, the level is also marked as ours, so that a subprocess (inheriting it) stays quiet too.
+_USER_LEVEL = os.environ.get("TF_CPP_MIN_LOG_LEVEL") not in (None,
+                                                              os.environ.get("LTNET_TF_LOG_LEVEL"))
+VERBOSE = "--verbose" in sys.argv[1:] or _USER_LEVEL
+if not _USER_LEVEL:
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = os.environ["LTNET_TF_LOG_LEVEL"] = "0" if VERBOSE else "3"
+# What TensorFlow writes to stderr at import, before its logging honours TF_CPP_MIN_LOG_LEVEL.
+_STARTUP_NOISE = re.compile(r"All log messages before absl::InitializeLog|oneDNN custom operations"
+                            r"|cudart_stub\.cc|Could not find cuda drivers|cuInit|Unable to register "
+                            r"cu(DNN|FFT|BLAS) factory|computation placer already registered"
+                            r"|TF-TRT Warning")
+
+
+@contextlib.contextmanager
+def _startup_noise_filtered():
+    """Collect what is written to file descriptor 2 meanwhile; give back all but the noise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as collected:
+        os.dup2(collected.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            collected.seek(0)
+            kept = [line for line in collected.read().decode(errors="replace").splitlines(True)
+                    if not _STARTUP_NOISE.search(line)]
+            if kept:
+                os.write(2, "".join(kept).encode())
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Runs the first ``import tensorflow`` inside ``_startup_noise_filtered``."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            exec_module = spec.loader.exec_module
+
+            def quiet_exec_module(module):
+                with _startup_noise_filtered():
+                    exec_module(module)
+
+            spec.loader.exec_module = quiet_exec_module
+        return spec
+
+
+if not VERBOSE and "tensorflow" not in sys.modules:
+    sys.meta_path.insert(0, _QuietTensorFlowImport())
 if os.environ["TF_USE_LEGACY_KERAS"] not in ("1", "true", "True"):
     raise ImportError("ltnet_tf needs Keras 2: unset TF_USE_LEGACY_KERAS or set it to 1")
 

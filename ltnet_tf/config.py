@@ -129,8 +129,14 @@ class LTNetConfig:
                     raise ConfigError(f"config field '{f.name}' must be a finite number >= 0, "
                                       f"got {value!r}")
         for name in ("g_learning_rate", "d_learning_rate"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"config field '{name}' must be > 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
+                raise ConfigError(f"config field '{name}' must be a finite number > 0, "
+                                  f"got {value!r}")
+        for name in ("enc_features", "dec_features", "disc_features"):
+            if not getattr(self, name):
+                raise ConfigError(f"config field '{name}' must list at least one feature count, "
+                                  f"got {getattr(self, name)!r}")
         if self.gan_mode not in ("lsgan", "bce"):
             raise ConfigError(f"config field 'gan_mode' must be 'lsgan' or 'bce', got {self.gan_mode!r}")
         if len(self.dec_features) < len(self.enc_features):
@@ -181,6 +187,10 @@ class LTNetConfig:
             raise ConfigError(f"{path}: {e}") from None
 
 
+# What ``train.py --resume`` may change in a run; every other field (architecture, grid, which loss
+# terms exist, data order) is fixed once the run has a checkpoint.
+RESUME_CHANGEABLE = ("steps", "g_learning_rate", "d_learning_rate", "label_chunk", "jit_compile")
+
 # The ablation of the paper: each is a set of weights over the same code.
 PRESETS = {
     "voxelmorph": dict(weight_adv=0.0, weight_cyc_img=0.0, weight_cyc_label=0.0, weight_cyc_flow=0.0,
@@ -189,6 +199,16 @@ PRESETS = {
                            weight_back_sim=0.0, weight_back_smooth=0.0),
     "voxelmorph_cycle": dict(weight_adv=0.0),
     "ltnet": dict(),
+}
+
+
+# Compute budgets: where a run can afford what. 'paper' is LT-Net as published (full resolution, a
+# GPU); 'cpu' is what trains in well under an hour on 2 CPU cores and reaches, with test-time
+# refinement at prediction, more than ANTs SyN (bench/results/accuracy.md; README).
+PROFILES = {
+    "paper": dict(),
+    "cpu": dict(downsample=4, enc_features=[16, 32, 32], dec_features=[32, 32, 32, 16, 16],
+                g_learning_rate=1e-3, cycle_warmup_steps=100, steps=1500, checkpoint_every=100),
 }
 
 

@@ -20,6 +20,7 @@ import tensorflow as tf  # noqa: E402
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mgz")
 AFFINE_TOLERANCE = 1e-3
+MIN_AXIS_VOXELS = 4  # fewer along any axis: a 2D image or a single slice, not a volume
 
 
 class DataError(ValueError):
@@ -112,6 +113,9 @@ def _as_3d(data: np.ndarray, path: str) -> np.ndarray:
         if len(shape) == 4:
             raise DataError(f"{path}: is 4D with {shape[3]} frames; expected a 3D volume")
         raise DataError(f"{path}: is {len(shape)}D with shape {shape}; expected a 3D volume")
+    if min(shape[:3]) < MIN_AXIS_VOXELS:
+        raise DataError(f"{path}: has only {min(shape[:3])} voxel(s) along an axis (shape "
+                        f"{shape[:3]}): a 2D image or a single slice; expected a 3D volume")
     return data.reshape(shape[:3])
 
 

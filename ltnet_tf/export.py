@@ -178,7 +178,37 @@ def _next_version(model_dir: ModelDir, version) -> int:
     return int(version)
 
 
+STAGING_PREFIX = ".export-"
+
+
+def _process_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # running, as another user
+        return True
+    return True
+
+
+def remove_abandoned_exports(model_dir: ModelDir) -> list:
+    """Remove ``saved_model/.export-<pid>-*`` folders whose export process is gone (killed during
+    an export); an export still running elsewhere keeps its folder. Returns the removed paths."""
+    removed = []
+    base = model_dir.saved_model_base
+    for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        pid = name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if not name.startswith(STAGING_PREFIX) or (pid.isdigit() and _process_is_running(int(pid))):
+            continue
+        shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        logging.warning("%s: removed an export left unfinished by a process that is gone",
+                        os.path.join(base, name))
+        removed.append(os.path.join(base, name))
+    return removed
+
+
 def _write_saved_model(model_dir: ModelDir, config, generator, checkpoint: str, version) -> str:
+    remove_abandoned_exports(model_dir)
     version = _next_version(model_dir, version)
     atlas, atlas_labels = _load_atlas(model_dir, config)
     module = ServingModule(LabelTransfer(generator, config, atlas.data, atlas_labels.data))
@@ -187,7 +217,9 @@ def _write_saved_model(model_dir: ModelDir, config, generator, checkpoint: str, 
     # never sees a half-written version.
     try:
         os.makedirs(model_dir.saved_model_base, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".export-", dir=model_dir.saved_model_base)
+        # The pid in the name lets a later export remove it if this process is killed.
+        staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-",
+                                   dir=model_dir.saved_model_base)
         os.chmod(staging, 0o755)  # mkdtemp makes it private; the server may run as another user
     except OSError as e:
         raise ModelDirError(f"{model_dir.saved_model_base}: cannot write ({e.strerror or e})") \
@@ -283,6 +315,8 @@ def _flag_values() -> flags.FlagValues:
                       flag_values=fv)
     flags.DEFINE_integer("version", None, "SavedModel version folder (default: newest + 1).",
                          lower_bound=1, flag_values=fv)
+    flags.DEFINE_bool("verbose", False, "Show TensorFlow's start-up and C++ log lines.",
+                      flag_values=fv)
     return fv
 
 
@@ -290,7 +324,7 @@ def main(argv=None) -> int:
     """``python -m ltnet_tf.export --model_dir RUN``; returns the exit status."""
     argv = list(sys.argv if argv is None else argv)
     fv = _flag_values()
-    if any(arg in ("-h", "--help", "-help") for arg in argv[1:]):
+    if any(arg in ("-h", "--help", "-help", "--helpfull", "--helpshort") for arg in argv[1:]):
         print(f"usage: python -m ltnet_tf.export --model_dir RUN [--checkpoint auto|best|last] "
               f"[--version N]\n\n{fv.get_help()}")
         return 0

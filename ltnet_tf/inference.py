@@ -27,6 +27,7 @@ import itertools
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from ltnet_tf import data
 from ltnet_tf.config import LTNetConfig
@@ -119,10 +120,19 @@ def warp_labels(label_map: tf.Tensor, flow: tf.Tensor, cell_labels=None) -> tf.T
     Equal to one-hot linear warping followed by argmax (see the module docstring). ``cell_labels``:
     ``uniform_cell_labels(label_map)``, when the caller keeps it (it depends only on the atlas).
     """
+    label_map = tf.convert_to_tensor(label_map, tf.int32)
+    shape = label_map.shape.as_list()
+    labels = labels_at_points(label_map, _sampling_points(flow, shape), cell_labels)
+    return tf.reshape(labels, [-1, *shape])
+
+
+def labels_at_points(label_map: tf.Tensor, points: tf.Tensor, cell_labels=None) -> tf.Tensor:
+    """The one-hot-linear-then-argmax label of ``label_map`` [D, H, W] at voxel coordinates
+    ``points`` [B, N, 3] (already inside the volume) -> [B, N]."""
+    label_map = tf.convert_to_tensor(label_map, tf.int32)
     shape = label_map.shape.as_list()
     if cell_labels is None:
         cell_labels = uniform_cell_labels(label_map)
-    points = _sampling_points(flow, shape)
     lower_index = _flat_index(tf.cast(tf.floor(points), tf.int32), shape)
     # Most points fall in a cell whose 8 corners carry one label: that label is the answer.
     labels = tf.gather(tf.reshape(cell_labels, [-1]), lower_index)  # [B, N]
@@ -138,8 +148,15 @@ def warp_labels(label_map: tf.Tensor, flow: tf.Tensor, cell_labels=None) -> tf.T
         votes[j] += corner_weights[i] * same
     winner = tf.argmax(tf.stack(votes, -1), axis=-1, output_type=tf.int32)
     winners = tf.gather(corner_labels, winner[:, None], batch_dims=1)[:, 0]
-    labels = tf.tensor_scatter_nd_update(labels, mixed, winners)
-    return tf.reshape(labels, [-1, *shape])
+    return tf.tensor_scatter_nd_update(labels, mixed, winners)
+
+
+def sample_linear(volume: tf.Tensor, points: tf.Tensor) -> tf.Tensor:
+    """Trilinear samples of ``volume`` [D, H, W, C] at ``points`` [N, 3] (inside it) -> [N, C]."""
+    shape = volume.shape.as_list()[:3]
+    indices, weights = _corners(points, shape)  # [N, 8]
+    values = tf.gather(tf.reshape(volume, [-1, volume.shape[-1]]), indices)  # [N, 8, C]
+    return tf.reduce_sum(values * tf.cast(weights, values.dtype)[..., None], axis=1)
 
 
 def warp_image(image: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
@@ -215,6 +232,27 @@ class LabelTransfer(tf.Module):
 
 
 # ------------------------------------------------------------------------------- files -> files
+def load_serving_signatures(saved_model: str, fall_back: bool):
+    """The signatures of the SavedModel folder ``saved_model``. A damaged one (``variables/`` gone,
+    ``saved_model.pb`` truncated, an empty version folder) is a one-line ModelDirError naming it,
+    or with ``fall_back`` a warning and None, so that the caller rebuilds G_F from a checkpoint."""
+    from ltnet_tf.modeldir import ModelDirError  # noqa: F811 (avoid import cycle)
+
+    try:
+        signatures = tf.saved_model.load(saved_model).signatures
+        if "serving_default" not in signatures:
+            raise ValueError("no serving_default signature")
+    except Exception as e:  # noqa: BLE001  (protobuf, OSError, OpError... all mean "damaged")
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if not fall_back:
+            raise ModelDirError(f"{saved_model}: damaged SavedModel, cannot be loaded ({reason}); "
+                                f"re-export it with python -m ltnet_tf.export") from None
+        logging.warning("%s: damaged SavedModel, using the checkpoint instead (%s)", saved_model,
+                        reason)
+        return None
+    return signatures
+
+
 class Predictor:
     """Segments scans with a trained run folder, from its SavedModel (default) or a checkpoint.
 
@@ -234,12 +272,15 @@ class Predictor:
         if source == "saved_model" and saved_model is None:
             raise ModelDirError(f"{self.model_dir.path}: no SavedModel in saved_model/ "
                                 f"(run python -m ltnet_tf.export --model_dir {self.model_dir.path})")
+        signatures = None
         if source != "checkpoint" and saved_model is not None:
-            signatures = tf.saved_model.load(saved_model).signatures
+            signatures = load_serving_signatures(saved_model, fall_back=source == "auto")
+        if signatures is not None:
             full = signatures["serving_default"]
             only_labels = signatures.get("segment", full)  # exports before 'segment' existed
             self._segment = lambda scan, extras: (full if extras else only_labels)(
                 scan=tf.constant(scan))
+            self._displacement = lambda scan: full(scan=tf.constant(scan))["flow"]
             self.source = saved_model
         else:
             generator = self.model_dir.restore_forward_generator(self.config, checkpoint)
@@ -248,6 +289,7 @@ class Predictor:
             transfer = tf.function(label_transfer.transfer)
             segment = tf.function(label_transfer.segment)
             self._segment = lambda scan, extras: (transfer if extras else segment)(scan)
+            self._displacement = lambda scan: transfer(scan)["flow"]
             self.source = self.model_dir.checkpoint(checkpoint)
 
     def segment(self, scan: "data.Volume", extras: bool = True) -> dict:
@@ -256,3 +298,8 @@ class Predictor:
         data.check_same_grid(self.atlas, scan, strict=False)
         outputs = self._segment(scan.data[None, ..., None].astype(np.float32), extras)
         return {name: value[0].numpy() for name, value in outputs.items()}
+
+    def displacement(self, scan: "data.Volume") -> np.ndarray:
+        """G_F's displacement [D, H, W, 3] (atlas grid, voxels, pull) for a scan on the atlas grid."""
+        data.check_same_grid(self.atlas, scan, strict=False)
+        return self._displacement(scan.data[None, ..., None].astype(np.float32))[0].numpy()

@@ -28,6 +28,32 @@ class ModelDirError(ValueError):
     """The folder is not a usable LT-Net model folder; the message names the folder and the problem."""
 
 
+def checkpoint_problem(path: str):
+    """Why the checkpoint ``path`` cannot be read (one line), or None when every tensor reads.
+
+    Reading it all costs one pass over the files; it turns a truncated ``.data`` (an IndexError
+    deep in TensorFlow) or ``.index`` (an "sstable" error) into a message that names the file.
+    """
+    try:
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except Exception as e:  # noqa: BLE001  (TensorFlow raises IndexError, OpError, ValueError...)
+        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return None
+
+
+def checkpoints_newest_first(directory: str) -> list:
+    """The checkpoints a CheckpointManager recorded in ``directory``, newest first."""
+    state = tf.train.get_checkpoint_state(directory)
+    if state is None:
+        return []
+    paths = list(state.all_model_checkpoint_paths) or [state.model_checkpoint_path]
+    paths = [p if os.path.isabs(p) else os.path.join(directory, p) for p in paths]
+    return sorted(set(paths), key=lambda p: int(p.rsplit("-", 1)[-1]) if p.rsplit("-", 1)[-1]
+                  .isdigit() else -1, reverse=True)
+
+
 class ModelDir:
     def __init__(self, path: str):
         self.path = os.path.abspath(os.fspath(path))
@@ -82,6 +108,10 @@ class ModelDir:
         best = tf.train.latest_checkpoint(self.best_checkpoint_dir)
         last = tf.train.latest_checkpoint(self.checkpoint_dir)
         chosen = {"best": best, "last": last, "auto": best or last}[which]
+        if chosen is None and which == "best" and last is not None:
+            raise ModelDirError(f"{self.path}: no best checkpoint (the run was trained without "
+                                f"--val_images, so none is chosen by validation Dice); use "
+                                f"--checkpoint last")
         if chosen is None:
             raise ModelDirError(f"{self.path}: no {'' if which == 'auto' else which + ' '}"
                                 f"checkpoint found (train first)")
@@ -92,6 +122,9 @@ class ModelDir:
         config = config or self.load_config()
         generator = ForwardGenerator.from_ltnet_config(config)
         path = self.checkpoint(which)
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise ModelDirError(f"{path}: damaged checkpoint, cannot be read ({problem})")
         status = None
         try:
             status = tf.train.Checkpoint(forward_generator=generator).restore(path)

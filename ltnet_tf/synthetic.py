@@ -37,10 +37,10 @@ TISSUE_INTENSITIES = np.array([0.0, 0.45, 0.08, 0.2, 0.5, 0.82]
 DEMO_LABEL_IDS = sorted({0, *TISSUE_LABEL_IDS.tolist()})
 
 
-def demo_affine(shape) -> np.ndarray:
-    """1 mm voxels, axis 0 flipped (so index increases to the left) and the grid centred."""
-    centre = (np.asarray(shape, dtype=np.float64) - 1) / 2
-    affine = np.diag([-1.0, 1.0, 1.0, 1.0])
+def demo_affine(shape, voxel_mm: float = 1.0) -> np.ndarray:
+    """``voxel_mm`` voxels, axis 0 flipped (so index increases to the left), the grid centred."""
+    centre = (np.asarray(shape, dtype=np.float64) - 1) / 2 * voxel_mm
+    affine = np.diag([-voxel_mm, voxel_mm, voxel_mm, 1.0])
     affine[:3, 3] = [centre[0], -centre[1], -centre[2]]
     return affine
 
@@ -115,18 +115,20 @@ def _warp(volume, displacement, order) -> np.ndarray:
 
 
 def make_demo_dataset(out_dir, *, n_scans: int = 6, shape=(48, 56, 64), seed: int = 0,
-                      max_displacement=(3.0, 5.0), contrast_change: float = 0.15) -> dict:
+                      max_displacement=(3.0, 5.0), contrast_change: float = 0.15,
+                      voxel_mm: float = 1.0) -> dict:
     """Write ``atlas.nii.gz``, ``atlas_labels.nii.gz``, ``images/scan_XX.nii.gz`` and
     ``labels/scan_XX.nii.gz`` (labels for evaluation only) under ``out_dir``; return their paths.
 
     ``max_displacement`` is the range of each scan's largest displacement in voxels and
     ``contrast_change`` the largest relative change of a tissue's intensity; same seed, same files.
+    ``voxel_mm``: voxel size in the headers (e.g. 6 mm makes a 24³ grid head-sized in world units).
     """
     shape = tuple(int(s) for s in shape)
     images_dir, labels_dir = os.path.join(out_dir, "images"), os.path.join(out_dir, "labels")
     os.makedirs(images_dir, exist_ok=True)
     os.makedirs(labels_dir, exist_ok=True)
-    affine = demo_affine(shape)
+    affine = demo_affine(shape, voxel_mm)
 
     tissues = phantom_tissues(shape)
     atlas_labels = TISSUE_LABEL_IDS[tissues]

@@ -143,6 +143,17 @@ def test_flags_parse_to_config_types(dataset, tmp_path):
     assert config.atlas_shape is None and config.label_ids is None  # from the data, not a file
 
 
+def test_cpu_profile_sets_the_cpu_recipe_and_flags_still_win(dataset, tmp_path):
+    flag_values = cli._train_flags()
+    flag_values(["train.py", "--atlas", dataset.atlas, "--unlabeled", dataset.images_dir,
+                 "--model_dir", str(tmp_path / "run"), "--profile", "cpu", "--steps=40",
+                 "--preset", "voxelmorph"])
+    config = cli._config_from_flags(flag_values)
+    assert (config.downsample, config.enc_features, config.g_learning_rate) == (4, [16, 32, 32],
+                                                                                1e-3)
+    assert config.steps == 40 and config.weight_adv == 0.0  # explicit flag, preset: both kept
+
+
 # ------------------------------------------------------------------------------- end to end
 def test_train_writes_a_complete_run_folder(trained_run, dataset):
     config = trained_run.load_config()
@@ -167,7 +178,8 @@ def test_predict_end_to_end(trained_run, dataset, tmp_path, capsys):
     images, labels = tmp_path / "images", tmp_path / "labels"
     copy_into(images, dataset.images[0])
     copy_into(labels, dataset.labels[0])
-    # A scan whose header is shifted: accepted (warning), its segmentation keeps its own header.
+    # A scan whose header is shifted, with --align never (the voxel grids are taken to correspond):
+    # accepted (warning), its segmentation keeps its own header.
     shifted = dataset.affine.copy()
     shifted[:3, 3] += [5.0, -3.0, 2.0]
     write_nifti(images / "shifted.nii.gz", nib.load(dataset.images[1]).get_fdata(dtype=np.float32),
@@ -176,7 +188,7 @@ def test_predict_end_to_end(trained_run, dataset, tmp_path, capsys):
     out = tmp_path / "out"
     rc = cli.predict_main(["predict.py", "--model_dir", trained_run.path, "--images", str(images),
                            "--output_dir", str(out), "--labels", str(labels),
-                           "--save_warped_atlas", "--save_flow"])
+                           "--save_warped_atlas", "--save_flow", "--align", "never"])
     assert rc == 0
     stdout = capsys.readouterr().out
     assert "[1/2] scan_00_seg.nii.gz" in stdout and "[2/2] shifted_seg.nii.gz" in stdout
@@ -253,7 +265,7 @@ def test_predict_files_library_call(trained_run, dataset, tmp_path):
     result = cli.predict_files(trained_run.path, ",".join(dataset.images[:2]), str(out))
     assert set(result["outputs"]) == {"scan_00", "scan_01"} and result["dice"] is None
     assert sorted(os.listdir(out)) == ["prediction.json", "scan_00_seg.nii.gz",
-                                       "scan_01_seg.nii.gz"]
+                                       "scan_01_seg.nii.gz", "volumes.csv"]
 
 
 # ------------------------------------------------------------------------------- resume
@@ -289,7 +301,8 @@ def test_plain_resume_keeps_the_runs_planned_steps(dataset, tmp_path, monkeypatc
     """--resume without --steps finishes the run as planned (not at the default 1500 steps)."""
     model_dir = ModelDir(str(tmp_path / "run"))
     os.makedirs(model_dir.path)
-    LTNetConfig().replace(steps=12).save(model_dir.config_path)
+    LTNetConfig().replace(steps=12, enc_features=[8, 8], dec_features=[8, 8, 8, 8],
+                          disc_features=[4, 8]).save(model_dir.config_path)  # as SLIM
     asked = {}
 
     def fake_train(config, *args, **kwargs):
@@ -413,6 +426,9 @@ def _bad_train_input(case, dataset, tmp_path):
         path = write_nifti(tmp_path / "moved_labels.nii.gz", labels, moved)
         return {"--atlas_labels": path}, path
     if case == "scan_other_grid":
+        changes, path = bad_scan("small.nii.gz", scan[:12])
+        return {**changes, "--align": "never"}, path
+    if case == "scan_not_a_brain":  # another grid, so it would be aligned: far too small a brain
         return bad_scan("small.nii.gz", scan[:12])
     if case == "val_scan_nan":
         images = copy_into(tmp_path / "val_images", dataset.images[0])
@@ -449,6 +465,7 @@ TRAIN_CASES = {
     "labels_other_shape": "differs from the shape",
     "labels_other_affine": "header affine differs",
     "scan_other_grid": "differs from the shape",
+    "scan_not_a_brain": "does not look like a brain scan",
     "val_scan_nan": "NaN/Inf voxels",
     "val_label_missing": "no label map named 'scan_01'",
     "model_dir_unwritable": "cannot create model folder",
@@ -515,7 +532,12 @@ def _bad_predict_input(case, trained_run, dataset, tmp_path):
         array[3, 4, 5] = np.nan
         return bad_scan("nan.nii.gz", array)
     if case == "scan_other_grid":
-        return bad_scan("other_grid.nii.gz", np.pad(scan, 2))
+        changes, path = bad_scan("other_grid.nii.gz", np.pad(scan, 2))
+        return {**changes, "--align": "never"}, path
+    if case == "single_slice":
+        return bad_scan("slice.nii.gz", scan[:, :, 8:9])
+    if case == "not_a_brain":  # on another grid, so it would be aligned: far too small a brain
+        return bad_scan("not_a_brain.nii.gz", np.pad(scan, 2))
     if case == "duplicate_names":
         other = copy_into(tmp_path / "other", dataset.images[0])
         return ({"--images": f"{images},{other}"},
@@ -567,6 +589,8 @@ PREDICT_CASES = {
     "4d_scan": "is 4D with 3 frames",
     "nan_scan": "contains 1 NaN/Inf voxels",
     "scan_other_grid": f"differs from the atlas grid {SHAPE}",
+    "single_slice": "a 2D image or a single slice",
+    "not_a_brain": "does not look like a brain scan",
     "duplicate_names": "same scan name 'scan_00'",
     "labels_not_integer": "label values are not integers",
     "labels_other_grid": "differs from the shape",

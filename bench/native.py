@@ -1,0 +1,209 @@
+"""Native-space benchmark: the same model on scans already on the atlas grid, on FreeSurfer's own 256³
+volumes, and on scanner-like variants (other orientation, anisotropic voxels, an oblique tilt, a
+tighter field of view), each scored on its own grid.
+
+    python bench/native.py --model_dir bench/work/accuracy/ltnet     # the accuracy benchmark's run
+
+Sets, for the validation subjects sub-06 and sub-07 of ../shared/data:
+- ``aligned``: images/ (already on the atlas grid), scored against labels/;
+- ``native``: native/images/*.mgz (256³, 1 mm, LIA, own headers), scored against native/labels/;
+- ``oblique``: made here from native/: sub-06 as LPS with 1.2 x 0.9 x 0.9 mm voxels, sub-07 as RAS with
+  0.9 x 1.2 x 1.0 mm voxels, both tilted 12° about an oblique axis and cropped to a 170 x 200 x 180 mm
+  field of view around the brain (scan resampled linearly, labels by nearest label).
+Alignment is timed alone (``align_seconds_per_scan``, from the loaded scan) and inside a whole
+``predict_files`` run (``predict_seconds_per_scan``: read, align, network, label pull, write; the model
+is loaded once and its loading time is reported apart).
+
+Writes bench/results/native.json and native.md.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ltnet_tf import compat  # noqa: F401,E402
+from bench.provenance import git_commit  # noqa: E402
+
+import json  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from ltnet_tf import alignment, cli, data  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+flags.DEFINE_string("data_dir", os.path.join(ROOT, "..", "shared", "data"), "Benchmark data.")
+flags.DEFINE_string("model_dir", os.path.join(ROOT, "bench", "work", "accuracy", "ltnet"),
+                    "The trained run folder (the accuracy benchmark's LT-Net run).")
+flags.DEFINE_string("work_dir", os.path.join(ROOT, "bench", "work", "native"), "Scratch folder.")
+flags.DEFINE_string("results_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
+flags.DEFINE_list("subjects", ["sub-06", "sub-07"], "Validation subjects.")
+flags.DEFINE_integer("refine_steps", 0, "Test-time refinement steps (0: none), for every set.")
+FLAGS = flags.FLAGS
+
+# (orientation codes, voxel sizes in mm) of each subject's scanner-like variant
+VARIANTS = {"sub-06": ("LPS", (1.2, 0.9, 0.9)), "sub-07": ("RAS", (0.9, 1.2, 1.0))}
+TILT_DEGREES = 12.0
+FIELD_OF_VIEW_MM = (170.0, 200.0, 180.0)
+
+
+def oblique_grid(orientation: str, voxel_sizes, centre_mm: np.ndarray) -> tuple:
+    """(affine, shape) of a tilted grid in the given orientation around ``centre_mm``."""
+    axis = np.array([1.0, 1.0, 0.5]) / np.linalg.norm([1.0, 1.0, 0.5])
+    angle = np.deg2rad(TILT_DEGREES)
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    tilt = np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross  # Rodrigues
+    world_axis = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0),
+                  "I": (2, -1.0)}
+    directions = np.zeros((3, 3))  # column i: the world direction of voxel axis i
+    for i, code in enumerate(orientation):
+        directions[world_axis[code][0], i] = world_axis[code][1]
+    linear = tilt @ directions @ np.diag(voxel_sizes)
+    shape = tuple(int(round(f / v)) for f, v in zip(FIELD_OF_VIEW_MM, voxel_sizes))
+    affine = np.eye(4)
+    affine[:3, :3] = linear
+    affine[:3, 3] = centre_mm - linear @ ((np.asarray(shape) - 1) / 2)
+    return affine, shape
+
+
+def make_oblique_variant(subject: str, folder: str) -> tuple:
+    """Write the scanner-like variant of a subject's native scan and labels; their paths."""
+    scan = data.load_scan(os.path.join(FLAGS.data_dir, "native", "images", f"{subject}.mgz"))
+    labels = data.load_label_map(os.path.join(FLAGS.data_dir, "native", "labels", f"{subject}.mgz"))
+    brain = np.argwhere(labels.data > 0).mean(0)
+    centre = (scan.affine @ [*brain, 1.0])[:3]
+    orientation, voxel_sizes = VARIANTS[subject]
+    affine, shape = oblique_grid(orientation, voxel_sizes, centre)
+    paths = []
+    for kind, volume, order in (("images", scan, 1), ("labels", labels, 0)):
+        moved = alignment.resample_onto(volume, affine, shape, order=order)
+        path = os.path.join(folder, kind, f"{subject}.nii.gz")
+        data.save_nifti(moved.data, moved.affine, path,
+                        dtype="float32" if kind == "images" else None)
+        paths.append(path)
+    import nibabel as nib
+    codes = "".join(nib.aff2axcodes(affine))
+    return paths, {"orientation": codes, "voxel_mm": list(voxel_sizes), "shape": list(shape),
+                   "tilt_degrees": TILT_DEGREES}
+
+
+def score(set_name: str, images: list, labels: list) -> dict:
+    output_dir = os.path.join(FLAGS.work_dir, f"predict_{set_name}")
+    shutil.rmtree(output_dir, ignore_errors=True)
+    start = time.time()
+    result = cli.predict_files(FLAGS.model_dir, ",".join(images), output_dir, ",".join(labels),
+                               refine_steps=FLAGS.refine_steps or None)
+    wall = time.time() - start
+    per_subject = {name: r["mean_dice"] for name, r in result["scans"].items()}
+    seconds = {name: r["seconds"] for name, r in result["scans"].items()}
+    return {"mean_dice": float(np.mean(list(per_subject.values()))), "per_subject": per_subject,
+            "seconds": seconds, "alignment": {n: r["alignment"] for n, r in result["scans"].items()},
+            "wall_time_s": wall}
+
+
+def time_alignment(paths: list) -> dict:
+    """Alignment alone, from the loaded scan (wall and process CPU seconds), twice per scan."""
+    atlas = data.load_scan(os.path.join(FLAGS.model_dir, "atlas.nii.gz"))
+    aligner = alignment.AtlasAligner(atlas)
+    walls, cpus = [], []
+    for path in paths:
+        scan = data.load_scan(path)
+        for _ in range(2):
+            start_wall, start_cpu = time.time(), time.process_time()
+            found = aligner.align(scan)
+            walls.append(time.time() - start_wall)
+            cpus.append(time.process_time() - start_cpu)
+            assert found.ok, path
+    return {"align_seconds_per_scan": float(np.median(walls)),
+            "align_cpu_seconds_per_scan": float(np.median(cpus)), "align_seconds_all": walls}
+
+
+def main(argv):
+    del argv
+    os.makedirs(FLAGS.work_dir, exist_ok=True)
+    subjects = FLAGS.subjects
+    sets = {
+        "aligned": ([os.path.join(FLAGS.data_dir, "images", f"{s}.nii.gz") for s in subjects],
+                    [os.path.join(FLAGS.data_dir, "labels", f"{s}.nii.gz") for s in subjects]),
+        "native": ([os.path.join(FLAGS.data_dir, "native", "images", f"{s}.mgz") for s in subjects],
+                   [os.path.join(FLAGS.data_dir, "native", "labels", f"{s}.mgz") for s in subjects]),
+    }
+    variants, oblique = {}, ([], [])
+    for subject in subjects:
+        (image, label), variants[subject] = make_oblique_variant(
+            subject, os.path.join(FLAGS.work_dir, "oblique"))
+        oblique[0].append(image)
+        oblique[1].append(label)
+    sets["oblique"] = oblique
+
+    import tensorflow as tf
+    from ltnet_tf.inference import Predictor
+    start = time.time()
+    Predictor(FLAGS.model_dir)  # model loading, timed apart (predict_files loads it once per set)
+    model_load_s = time.time() - start
+
+    results = {"command": " ".join(["python", *sys.argv]), "git_commit": git_commit(),
+               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, TF {tf.__version__}, "
+                          f"load average at start {os.getloadavg()[0]:.1f}",
+               "model_dir_config": json.load(open(os.path.join(FLAGS.model_dir, "config.json"))),
+               "subjects": subjects, "oblique_variants": variants,
+               "refine_steps": FLAGS.refine_steps, "model_load_seconds": model_load_s, "sets": {}}
+    for name, (images, labels) in sets.items():
+        print(f"=== {name}", flush=True)
+        results["sets"][name] = score(name, images, labels)
+        print(f"=== {name}: mean Dice {results['sets'][name]['mean_dice']:.4f}", flush=True)
+    results.update(time_alignment(sets["native"][0] + sets["oblique"][0]))
+    native_totals = [s["total"] for s in results["sets"]["native"]["seconds"].values()]
+    results.update(
+        dice_aligned=results["sets"]["aligned"]["mean_dice"],
+        dice_native=results["sets"]["native"]["mean_dice"],
+        dice_oblique=results["sets"]["oblique"]["mean_dice"],
+        predict_seconds_per_scan=float(np.mean(native_totals)))
+    write_outputs(results)
+
+
+def write_outputs(results: dict) -> None:
+    os.makedirs(FLAGS.results_dir, exist_ok=True)
+    path = os.path.join(FLAGS.results_dir, "native.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
+    subjects = results["subjects"]
+    lines = ["# Native space: the same model on aligned, native and scanner-like scans", "",
+             f"Command: `{results['command']}` at commit `{results['git_commit'][:12]}`; "
+             f"{results['machine']}.", "",
+             "| set | mean Dice (28 structures) | " + " | ".join(subjects)
+             + " | seconds per scan (total) |", "|---|---|" + "---|" * len(subjects) + "---|"]
+    for name, r in results["sets"].items():
+        totals = [r["seconds"][s]["total"] for s in subjects]
+        lines.append(f"| {name} | **{r['mean_dice']:.3f}** | "
+                     + " | ".join(f"{r['per_subject'][s]:.3f}" for s in subjects)
+                     + f" | {np.mean(totals):.1f} |")
+    lines += ["", f"- dice_native − dice_aligned = {results['dice_native'] - results['dice_aligned']:+.3f}"
+              " (target ≥ −0.01)",
+              f"- dice_oblique − dice_aligned = {results['dice_oblique'] - results['dice_aligned']:+.3f}"
+              " (target ≥ −0.02)",
+              f"- alignment alone: {results['align_seconds_per_scan']:.2f} s wall, "
+              f"{results['align_cpu_seconds_per_scan']:.2f} s CPU per scan (median of "
+              f"{len(results['align_seconds_all'])}; target ≤ 5 s)",
+              f"- predict end to end, native 256³ scan: {results['predict_seconds_per_scan']:.1f} s "
+              f"per scan (model loading apart: {results['model_load_seconds']:.1f} s)",
+              "", "Oblique variants: " + "; ".join(
+                  f"{s}: {v['orientation']}, {v['voxel_mm']} mm, {v['shape']}, tilted "
+                  f"{v['tilt_degrees']}°" for s, v in results["oblique_variants"].items()), "",
+              "Per-scan stage seconds:", ""]
+    for name, r in results["sets"].items():
+        for subject, seconds in r["seconds"].items():
+            lines.append(f"- {name} {subject}: " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                             seconds.items()))
+    with open(os.path.join(FLAGS.results_dir, "native.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
