@@ -78,6 +78,7 @@ def miccai_cases(data_dir: str, cache_dir: str, subjects=MICCAI_SUBJECTS, log=pr
             if aligner is None:
                 atlas = data.load_scan(os.path.join(data_dir, "atlas.nii.gz"))
                 aligner = alignment.AtlasAligner(atlas)
+                manifest["settings"] = aligner.settings.to_dict()
             start = time.time()
             scan = data.load_scan(os.path.join(source, "images", f"{subject}.nii.gz"))
             result = aligner.align(scan)
