@@ -359,11 +359,13 @@ def _plots(results: dict) -> None:
         if r.get("curve") and not config.endswith("_refined"):
             ax.plot([c["step"] for c in r["curve"]], [c["val_dice"] for c in r["curve"]], "o-",
                     label=config)
-    if "affine" in configs:
-        ax.axhline(configs["affine"]["mean_dice"], color="gray", ls="--", label="affine")
+    if "shared" in configs.get("affine", {}).get("sets", {}):  # validation during training
+        ax.axhline(configs["affine"]["sets"]["shared"]["mean_dice"], color="gray", ls="--",
+                   label="affine")
     ax.set_xlabel("training step")
     ax.set_ylabel("validation mean Dice (shared set)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(os.path.join(FLAGS.results_dir, "accuracy_curve.png"), dpi=90)
     plt.close(figure)
