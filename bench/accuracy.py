@@ -324,8 +324,9 @@ def _plots(results: dict) -> None:
         for s, figures in r["sets"].items():
             ax.plot(figures["seconds_per_scan"], figures["mean_dice"], markers.get(s, "x"),
                     color=colours[name], ms=8)
-            ax.annotate(name, (figures["seconds_per_scan"], figures["mean_dice"]), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
+        first = next(iter(r["sets"].values()))
+        ax.annotate(name, (first["seconds_per_scan"], first["mean_dice"]), fontsize=7,
+                    xytext=(5, 4), textcoords="offset points", color=colours[name])
     for name in configs:
         ax.plot([], [], "-", color=colours[name], label=name)
     for s in dict.fromkeys(s for r in configs.values() for s in r["sets"]):
