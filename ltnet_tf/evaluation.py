@@ -29,3 +29,29 @@ def evaluation_labels(label_ids, preferred=None) -> list:
 def mean_dice(scores: dict, labels) -> float:
     values = [scores[label] for label in labels if label in scores and not np.isnan(scores[label])]
     return float(np.mean(values)) if values else float("nan")
+
+
+def jacobian_determinant(flow: np.ndarray) -> np.ndarray:
+    """det ∇(x + flow(x)) at every voxel, [D, H, W], for a displacement [D, H, W, 3] in voxels.
+
+    Central differences inside, one-sided at the borders (``np.gradient``). Where it is <= 0 the
+    transformation folds space: a registration that buys Dice by tearing anatomy shows up here.
+    """
+    flow = np.asarray(flow, dtype=np.float64)
+    if flow.ndim != 4 or flow.shape[-1] != 3:
+        raise ValueError(f"expected a displacement [D, H, W, 3], got shape {flow.shape}")
+    # jacobian[..., i, j] = d(x_i + u_i) / d x_j
+    jacobian = np.stack([np.stack(np.gradient(flow[..., i]), -1) for i in range(3)], -2)
+    jacobian += np.eye(3)
+    return np.linalg.det(jacobian)
+
+
+def folding_fraction(flow: np.ndarray, mask: np.ndarray = None) -> float:
+    """Fraction of the voxels (inside ``mask``, if given) whose Jacobian determinant is <= 0."""
+    folded = jacobian_determinant(flow) <= 0
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != folded.shape:
+            raise ValueError(f"mask shape {mask.shape} != displacement grid {folded.shape}")
+        folded = folded[mask]
+    return float(folded.mean()) if folded.size else float("nan")

@@ -12,6 +12,10 @@ so the serving side needs TensorFlow only: no ltnet_tf, VoxelMorph or neurite. S
            warped_atlas [B, D, H, W, 1]
     register(atlas [D, H, W] float32, atlas_labels [D, H, W] int32, scan [B, D, H, W, 1] float32)
         -> the same outputs, for another atlas on the same grid
+    segment(scan) -> segmentation only
+    segment_refined(scan, steps [] int32) -> segmentation, after ``steps`` Adam steps of test-time
+        refinement (``ltnet_tf.refinement``) at the grid factor fixed at export (metadata
+        "refinement"); steps 0 gives ``segment``'s result
 
 Scans are raw intensities on the atlas grid (D, H, W) = config.atlas_shape; min-max normalisation,
 padding and downsampling happen inside the signature. Library functions raise ``ModelDirError`` or
@@ -41,10 +45,17 @@ from ltnet_tf.data import DataError
 from ltnet_tf.inference import LabelTransfer
 from ltnet_tf.labels import structure_name
 from ltnet_tf.modeldir import ModelDir, ModelDirError
+from ltnet_tf.refinement import Refinement
 
 SERVING_SIGNATURE = "serving_default"
 REGISTER_SIGNATURE = "register"
 SEGMENT_SIGNATURE = "segment"  # segmentation only: what predict.py runs unless asked for more
+SEGMENT_REFINED_SIGNATURE = "segment_refined"
+STEPS_INPUT = "steps"
+# Refinement grid of segment_refined (2: half the atlas grid; bench/results/refinement.md); 0 or
+# None exports no segment_refined signature.
+REFINE_FACTOR = 2
+REFINE_STEPS = 25  # recommended in the metadata; the client sends its own
 SCAN_INPUT = "scan"
 OUTPUTS = ("segmentation", "flow", "warped_atlas")
 # TF Serving ignores assets.extra/, so metadata there travels with the version without being served.
@@ -67,9 +78,11 @@ class ServingModule(tf.Module):
     a server that loads the signatures with plain TensorFlow.
     """
 
-    def __init__(self, label_transfer: LabelTransfer, name: str = "ltnet_serving"):
+    def __init__(self, label_transfer: LabelTransfer, refinement: Refinement = None,
+                 name: str = "ltnet_serving"):
         super().__init__(name=name)
         self._label_transfer = _Untracked(label_transfer)
+        self._refinement = _Untracked(refinement)
         self.generator_variables = list(label_transfer.forward_generator.variables)
         grid = list(label_transfer.full_shape)
         scan = tf.TensorSpec([None, *grid, 1], tf.float32, name=SCAN_INPUT)
@@ -79,10 +92,17 @@ class ServingModule(tf.Module):
             tf.TensorSpec(grid, tf.float32, name="atlas"),
             tf.TensorSpec(grid, tf.int32, name="atlas_labels"),
             scan])
+        if refinement is not None:
+            self.segment_refined = tf.function(self._segment_refined, input_signature=[
+                scan, tf.TensorSpec([], tf.int32, name=STEPS_INPUT)])
 
     @property
     def label_transfer(self) -> LabelTransfer:
         return self._label_transfer.value
+
+    @property
+    def refinement(self):
+        return self._refinement.value
 
     def _serve(self, scan):
         return self.label_transfer.transfer(scan)
@@ -93,10 +113,18 @@ class ServingModule(tf.Module):
     def _register(self, atlas, atlas_labels, scan):
         return self.label_transfer.transfer_with_atlas(atlas, atlas_labels, scan)
 
+    def _segment_refined(self, scan, steps):
+        refine = lambda scan_normalized, flow_working: self.refinement(  # noqa: E731
+            scan_normalized, flow_working, steps=steps)
+        return self.label_transfer.segment(scan, refinement=refine)
+
     def signatures(self) -> dict:
-        return {SERVING_SIGNATURE: self.serve.get_concrete_function(),
-                SEGMENT_SIGNATURE: self.segment.get_concrete_function(),
-                REGISTER_SIGNATURE: self.register.get_concrete_function()}
+        signatures = {SERVING_SIGNATURE: self.serve.get_concrete_function(),
+                      SEGMENT_SIGNATURE: self.segment.get_concrete_function(),
+                      REGISTER_SIGNATURE: self.register.get_concrete_function()}
+        if self.refinement is not None:
+            signatures[SEGMENT_REFINED_SIGNATURE] = self.segment_refined.get_concrete_function()
+        return signatures
 
 
 # ------------------------------------------------------------------------------- reading the run
@@ -142,12 +170,13 @@ def _signature_json(concrete_function) -> dict:
     }
 
 
-def serving_metadata(config, signatures: dict, checkpoint: str, version: int) -> dict:
+def serving_metadata(config, signatures: dict, checkpoint: str, version: int,
+                     refinement: Refinement = None) -> dict:
     """The JSON a client reads to know what to send: grid, signatures, label IDs and names.
 
     ``signatures``: name -> concrete function; ``checkpoint``: where the weights came from.
     """
-    return {
+    metadata = {
         "format": METADATA_FORMAT,
         "version": version,
         "atlas_shape": [int(s) for s in config.atlas_shape],
@@ -162,6 +191,13 @@ def serving_metadata(config, signatures: dict, checkpoint: str, version: int) ->
         "tensorflow_version": tf.__version__,
         "ltnet_config": config.to_dict(),
     }
+    if refinement is not None:
+        metadata["refinement"] = {
+            "signature": SEGMENT_REFINED_SIGNATURE,
+            "factor": refinement.factor, "grid": list(refinement.grid_shape),
+            "learning_rate": refinement.learning_rate,
+            "weight_smooth": refinement.weight_smooth, "recommended_steps": REFINE_STEPS}
+    return metadata
 
 
 def _next_version(model_dir: ModelDir, version) -> int:
@@ -207,11 +243,15 @@ def remove_abandoned_exports(model_dir: ModelDir) -> list:
     return removed
 
 
-def _write_saved_model(model_dir: ModelDir, config, generator, checkpoint: str, version) -> str:
+def _write_saved_model(model_dir: ModelDir, config, generator, checkpoint: str, version,
+                       refine_factor) -> str:
     remove_abandoned_exports(model_dir)
     version = _next_version(model_dir, version)
     atlas, atlas_labels = _load_atlas(model_dir, config)
-    module = ServingModule(LabelTransfer(generator, config, atlas.data, atlas_labels.data))
+    label_transfer = LabelTransfer(generator, config, atlas.data, atlas_labels.data)
+    refinement = (Refinement.for_label_transfer(label_transfer, factor=int(refine_factor))
+                  if refine_factor else None)
+    module = ServingModule(label_transfer, refinement)
     signatures = module.signatures()
     # Written under a non-numeric name, then renamed: TF Serving only loads numeric folders, so it
     # never sees a half-written version.
@@ -231,7 +271,8 @@ def _write_saved_model(model_dir: ModelDir, config, generator, checkpoint: str, 
         os.makedirs(os.path.dirname(metadata_path), exist_ok=True)
         with open(metadata_path, "w") as f:
             metadata = serving_metadata(config, signatures,
-                                        os.path.relpath(checkpoint, model_dir.path), version)
+                                        os.path.relpath(checkpoint, model_dir.path), version,
+                                        refinement)
             json.dump(metadata, f, indent=2)
             f.write("\n")
         if os.path.exists(final):
@@ -244,11 +285,15 @@ def _write_saved_model(model_dir: ModelDir, config, generator, checkpoint: str, 
     return final
 
 
-def export_saved_model(model_dir, *, which: str = "auto", version=None) -> str:
-    """Write ``RUN/saved_model/<version>/`` (next free version unless given); returns its path."""
+def export_saved_model(model_dir, *, which: str = "auto", version=None,
+                       refine_factor=REFINE_FACTOR) -> str:
+    """Write ``RUN/saved_model/<version>/`` (next free version unless given); returns its path.
+
+    ``refine_factor``: grid factor of the ``segment_refined`` signature; 0/None leaves it out.
+    """
     model_dir = _as_model_dir(model_dir)
     config, generator, checkpoint = _restore(model_dir, which)
-    return _write_saved_model(model_dir, config, generator, checkpoint, version)
+    return _write_saved_model(model_dir, config, generator, checkpoint, version, refine_factor)
 
 
 # ------------------------------------------------------------------------------- VoxelMorph .h5
@@ -293,12 +338,14 @@ def export_generator_h5(model_dir, *, which: str = "auto") -> str:
     return _write_generator_h5(model_dir, generator)
 
 
-def export_all(model_dir, which: str = "auto", *, version=None) -> dict:
+def export_all(model_dir, which: str = "auto", *, version=None,
+               refine_factor=REFINE_FACTOR) -> dict:
     """Both exports from one restore: {'saved_model', 'generator_h5', 'checkpoint'} paths."""
     model_dir = _as_model_dir(model_dir)
     config, generator, checkpoint = _restore(model_dir, which)
     return {
-        "saved_model": _write_saved_model(model_dir, config, generator, checkpoint, version),
+        "saved_model": _write_saved_model(model_dir, config, generator, checkpoint, version,
+                                          refine_factor),
         "generator_h5": _write_generator_h5(model_dir, generator),
         "checkpoint": checkpoint,
     }
@@ -317,6 +364,9 @@ def _flag_values() -> flags.FlagValues:
                          lower_bound=1, flag_values=fv)
     flags.DEFINE_bool("verbose", False, "Show TensorFlow's start-up and C++ log lines.",
                       flag_values=fv)
+    flags.DEFINE_integer("refine_factor", REFINE_FACTOR,
+                         "Grid factor of the segment_refined signature (test-time refinement); "
+                         "0 exports none.", lower_bound=0, flag_values=fv)
     return fv
 
 
@@ -326,7 +376,7 @@ def main(argv=None) -> int:
     fv = _flag_values()
     if any(arg in ("-h", "--help", "-help", "--helpfull", "--helpshort") for arg in argv[1:]):
         print(f"usage: python -m ltnet_tf.export --model_dir RUN [--checkpoint auto|best|last] "
-              f"[--version N]\n\n{fv.get_help()}")
+              f"[--version N] [--refine_factor F]\n\n{fv.get_help()}")
         return 0
     try:
         extra = fv(argv)[1:]
@@ -338,7 +388,8 @@ def main(argv=None) -> int:
         print(f"ltnet_tf.export: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
     try:
-        paths = export_all(fv.model_dir, fv.checkpoint, version=fv.version)
+        paths = export_all(fv.model_dir, fv.checkpoint, version=fv.version,
+                           refine_factor=fv.refine_factor)
     except (ModelDirError, DataError) as e:
         print(f"ltnet_tf.export: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
               file=sys.stderr)

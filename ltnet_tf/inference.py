@@ -190,15 +190,20 @@ class LabelTransfer(tf.Module):
         self.atlas_labels = tf.constant(atlas_labels.astype(np.int32))
         self.atlas_cells = tf.constant(uniform_cell_labels(self.atlas_labels))
 
-    def transfer(self, scan: tf.Tensor) -> dict:
-        """scan [B, D, H, W, 1] -> segmentation [B, D, H, W] int32, flow, warped_atlas."""
-        return self._transfer(scan, self.atlas_full, self.atlas_working, self.atlas_labels,
-                              self.atlas_cells)
+    def transfer(self, scan: tf.Tensor, refinement=None) -> dict:
+        """scan [B, D, H, W, 1] -> segmentation [B, D, H, W] int32, flow, warped_atlas.
 
-    def segment(self, scan: tf.Tensor) -> dict:
+        ``refinement``: a ``ltnet_tf.refinement.Refinement`` of this atlas
+        (``Refinement.for_label_transfer(self, ...)``) that optimises G_F's displacement for each
+        scan before the labels are warped; None warps with G_F's displacement as it is.
+        """
+        return self._transfer(scan, self.atlas_full, self.atlas_working, self.atlas_labels,
+                              self.atlas_cells, refinement=refinement)
+
+    def segment(self, scan: tf.Tensor, refinement=None) -> dict:
         """As ``transfer``, segmentation only: skips warping the atlas image (~6% of the time)."""
         return self._transfer(scan, self.atlas_full, self.atlas_working, self.atlas_labels,
-                              self.atlas_cells, extras=False)
+                              self.atlas_cells, extras=False, refinement=refinement)
 
     def transfer_with_atlas(self, atlas_image: tf.Tensor, atlas_labels: tf.Tensor,
                             scan: tf.Tensor) -> dict:
@@ -210,13 +215,17 @@ class LabelTransfer(tf.Module):
                               uniform_cell_labels(atlas_labels))
 
     def _transfer(self, scan, atlas_full, atlas_working, atlas_labels, atlas_cells,
-                  extras=True) -> dict:
+                  extras=True, refinement=None) -> dict:
         scan = tf.cast(scan, tf.float32)
-        scan_working = data.to_working_grid(data.normalize_intensity(scan), self.config)
+        scan_normalized = data.normalize_intensity(scan)
+        scan_working = data.to_working_grid(scan_normalized, self.config)
         atlas = tf.repeat(atlas_working, tf.shape(scan)[0], axis=0)
         _, flow_working = self.forward_generator([atlas, scan_working], training=False)
-        flow = displacement_to_full_grid(tf.cast(flow_working, tf.float32), self.config,
-                                         self.full_shape)
+        if refinement is None:
+            flow = displacement_to_full_grid(tf.cast(flow_working, tf.float32), self.config,
+                                             self.full_shape)
+        else:
+            flow = refinement(scan_normalized, flow_working)["flow"]
         segmentation = warp_labels(atlas_labels, flow, atlas_cells)
         if not extras:
             return {"segmentation": segmentation}

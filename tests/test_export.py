@@ -20,6 +20,7 @@ from ltnet_tf.config import LTNetConfig
 from ltnet_tf.inference import LabelTransfer
 from ltnet_tf.modeldir import ModelDir, ModelDirError
 from ltnet_tf.networks import ForwardGenerator
+from ltnet_tf.refinement import Refinement
 
 import tensorflow as tf  # noqa: E402  (after ltnet_tf, which selects Keras 2)
 
@@ -27,6 +28,7 @@ LABEL_IDS = [0, 2, 3, 17, 53]
 GRIDS = {1: (18, 16, 14), 2: (20, 18, 16)}  # downsample -> atlas grid
 AFFINE = np.array([[-1.0, 0, 0, 9.0], [0, 1, 0, -8.0], [0, 0, 1, -7.0], [0, 0, 0, 1]])
 SUBPROCESS_TIMEOUT = 240
+REFINED_STEPS = 3
 
 
 # ------------------------------------------------------------------------------- a tiny trained run
@@ -92,6 +94,8 @@ class Run:
     other_atlas: np.ndarray
     other_labels: np.ndarray
     expected_register: dict  # in-process transfer_with_atlas(other atlas)
+    expected_refined: np.ndarray  # in-process segment with REFINED_STEPS of refinement
+
 
     @property
     def saved_model(self) -> str:
@@ -121,7 +125,10 @@ def runs(tmp_path_factory):
             expected=numpy_outputs(label_transfer(tf.constant(scans))),
             other_atlas=other_atlas, other_labels=other_labels,
             expected_register=numpy_outputs(label_transfer.transfer_with_atlas(
-                other_atlas, other_labels, tf.constant(scans))))
+                other_atlas, other_labels, tf.constant(scans))),
+            expected_refined=label_transfer.segment(tf.constant(scans), refinement=(
+                Refinement.for_label_transfer(label_transfer, factor=export.REFINE_FACTOR,
+                                              steps=REFINED_STEPS)))["segmentation"].numpy())
     return runs
 
 
@@ -185,6 +192,9 @@ def test_layout_version_folder_and_metadata(runs):
         "outputs": {"flow": {"dtype": "float32", "shape": [None, *grid, 3]},
                     "segmentation": {"dtype": "int32", "shape": [None, *grid]},
                     "warped_atlas": {"dtype": "float32", "shape": [None, *grid, 1]}}}
+    assert metadata["refinement"] == {
+        "signature": "segment_refined", "factor": 2, "grid": [10, 9, 8], "learning_rate": 0.1,
+        "weight_smooth": run.config.weight_smooth, "recommended_steps": export.REFINE_STEPS}
     assert metadata["signatures"]["register"]["inputs"] == {
         "atlas": {"dtype": "float32", "shape": grid},
         "atlas_labels": {"dtype": "int32", "shape": grid},
@@ -205,9 +215,13 @@ CHILD = textwrap.dedent("""
             atlas=tf.constant(inputs["atlas"]), atlas_labels=tf.constant(inputs["atlas_labels"]),
             scan=tf.constant(inputs["scan"]))
         segmented = model.signatures["segment"](scan=tf.constant(inputs["scan"]))
+        refined = {steps: model.signatures["segment_refined"](
+            scan=tf.constant(inputs["scan"]), steps=tf.constant(steps))["segmentation"].numpy()
+            for steps in (0, case["refined_steps"])}
         np.savez(case["outputs"], **{k: v.numpy() for k, v in outputs.items()},
                  **{"register_" + k: v.numpy() for k, v in registered.items()},
-                 segment_segmentation=segmented["segmentation"].numpy())
+                 segment_segmentation=segmented["segmentation"].numpy(),
+                 refined_0=refined[0], refined=refined[case["refined_steps"]])
 
     project = sorted(m for m in sys.modules
                      if m.split(".")[0] in ("ltnet_tf", "voxelmorph", "neurite"))
@@ -222,7 +236,8 @@ def test_saved_model_in_clean_process_matches_in_process_model(runs, tmp_path):
         inputs = tmp_path / f"inputs{downsample}.npz"
         np.savez(inputs, scan=run.scans, atlas=run.other_atlas, atlas_labels=run.other_labels)
         cases.append({"saved_model": run.saved_model, "inputs": str(inputs),
-                      "outputs": str(tmp_path / f"outputs{downsample}.npz")})
+                      "outputs": str(tmp_path / f"outputs{downsample}.npz"),
+                      "refined_steps": REFINED_STEPS})
     # cwd outside the repository, no PYTHONPATH: the project cannot even be imported by accident.
     result = run_quietly([sys.executable, "-c", CHILD, json.dumps(cases)], cwd=tmp_path,
                          env=serving_environment())
@@ -233,6 +248,11 @@ def test_saved_model_in_clean_process_matches_in_process_model(runs, tmp_path):
         assert_outputs_match({k: outputs["register_" + k] for k in export.OUTPUTS},
                              run.expected_register)
         np.testing.assert_array_equal(outputs["segment_segmentation"], run.expected["segmentation"])
+        # Refinement inside the SavedModel: 0 steps is G_F's segmentation; a few steps give the
+        # in-process refinement's (up to voxels on a vote tie after float differences).
+        np.testing.assert_array_equal(outputs["refined_0"], run.expected["segmentation"])
+        assert (run.expected_refined != run.expected["segmentation"]).mean() > 0.001
+        assert (outputs["refined"] != run.expected_refined).mean() < 1e-3
 
 
 def test_register_with_the_baked_in_atlas_equals_serving_default(runs):
@@ -283,6 +303,9 @@ def test_saved_model_cli_show_and_run(runs, tmp_path):
     assert signatures["register"]["outputs"] == signatures["serving_default"]["outputs"]
     assert signatures["segment"] == {
         "inputs": {"scan": ("DT_FLOAT", (-1, *grid, 1))},
+        "outputs": {"segmentation": ("DT_INT32", (-1, *grid))}}
+    assert signatures["segment_refined"] == {
+        "inputs": {"scan": ("DT_FLOAT", (-1, *grid, 1)), "steps": ("DT_INT32", ())},
         "outputs": {"segmentation": ("DT_INT32", (-1, *grid))}}
     assert "PyFunc" not in shown and "EagerPyFunc" not in shown
 
