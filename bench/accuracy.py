@@ -23,6 +23,15 @@ separately) and the folding fraction (brain voxels with Jacobian determinant <= 
     python bench/accuracy.py --configs affine,ants_syn_half --sets shared      # a quick look
     python bench/accuracy.py --model_dirs ltnet=RUN1,voxelmorph=RUN2           # the frontier
 
+The committed results (bench/results/accuracy.*) were made by the 600-step runs of the previous
+version of this bench (``--configs ltnet,voxelmorph --steps 600 --checkpoint_every 100
+--work_dir /work/runs``), evaluated in one run (about 35 min on 2 busy CPU cores):
+
+    python bench/accuracy.py --data_dir /work/shared/data \
+        --model_dirs ltnet=/work/runs/ltnet,voxelmorph=/work/runs/voxelmorph \
+        --training_results /work/runs/results/accuracy.json --nomerge \
+        --work_dir /work/wt-anchors/bench/work/accuracy --results_dir /work/wt-anchors/bench/results
+
 Writes bench/results/accuracy.json, accuracy.md, accuracy_frontier.png (Dice against seconds per
 scan), accuracy_structures.png and accuracy_curve.png.
 """
@@ -72,7 +81,8 @@ flags.DEFINE_string("training_results", None, "accuracy.json of the bench run th
 flags.DEFINE_integer("refine_steps", 25, "Test-time refinement: optimisation steps per scan.")
 flags.DEFINE_integer("refine_factor", 2, "Refinement grid = atlas grid / this factor.")
 flags.DEFINE_float("refine_lr", 0.1, "Refinement learning rate.")
-flags.DEFINE_bool("refine_xla", False, "Compile the refinement loop with XLA.")
+flags.DEFINE_bool("refine_xla", True, "Refinement loss and gradient compiled with XLA (the "
+                  "module's default).")
 flags.DEFINE_integer("steps", 300, "Training steps per configuration trained here.")
 flags.DEFINE_integer("checkpoint_every", 50, "Validation (Dice vs steps) every this many steps.")
 flags.DEFINE_integer("downsample", 4, "Working resolution factor (4: 40x48x56).")

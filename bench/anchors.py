@@ -200,7 +200,7 @@ class RefinementOptions:
     steps: int
     factor: int
     learning_rate: float
-    jit_compile: bool = False
+    jit_compile: bool = True
 
 
 class Refiner:
