@@ -389,8 +389,8 @@ def validation_cases() -> tuple:
         if s == "shared":
             cases += anchors.shared_cases(FLAGS.data_dir)
             info[s] = {"subjects": list(VAL_SUBJECTS),
-                       "note": "FreeSurfer aseg labels (the atlas's protocol), aligned to the atlas "
-                               "by the data's provider."}
+                       "note": "FreeSurfer aseg labels (the atlas's protocol), aligned to the "
+                               "atlas by the data's provider."}
         elif s == "miccai2012":
             aligned, manifest = anchors.miccai_cases(
                 FLAGS.data_dir, os.path.join(FLAGS.work_dir, "miccai2012_aligned"),

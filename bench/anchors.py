@@ -280,7 +280,7 @@ class Network:
         return self.inference.warp_labels(self.atlas_labels, flow, self.atlas_cells)[0]
 
     def _segment_array(self, scan: np.ndarray, refine_steps=None):
-        """-> (segmentation [D, H, W], full-grid displacement [1, D, H, W, 3], refinement losses)."""
+        """-> (segmentation [D, H, W], displacement [1, D, H, W, 3], refinement losses)."""
         scan_normalized, flow_working = self._network(
             self.tf.constant(scan[None, ..., None], self.tf.float32))
         if self.refiner is None:
