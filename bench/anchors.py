@@ -26,7 +26,7 @@ import time
 import nibabel as nib
 import numpy as np
 
-from ltnet_tf import data
+from ltnet_tf import data, evaluation
 
 SHARED_SUBJECTS = ("sub-06", "sub-07")
 MICCAI_SUBJECTS = ("1000", "1001", "1002", "1006", "1007", "1008")
@@ -96,25 +96,6 @@ def miccai_cases(data_dir: str, cache_dir: str, subjects=MICCAI_SUBJECTS, log=pr
                 f"{result.brain_overlap:.2f}) -> {image_path}")
         cases.append(Case("miccai2012", subject, image_path, label_path))
     return cases, manifest
-
-
-# ------------------------------------------------------------------------------- folding
-def jacobian_determinant(flow: np.ndarray) -> np.ndarray:
-    """det(I + grad u) of a displacement ``flow`` [D, H, W, 3] in voxels (central differences)."""
-    gradients = [np.gradient(flow[..., i], axis=(0, 1, 2)) for i in range(3)]
-    j = [[gradients[i][k] + (1.0 if i == k else 0.0) for k in range(3)] for i in range(3)]
-    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
-            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
-
-
-def folding_fraction(flow: np.ndarray, mask: np.ndarray) -> float:
-    """Fraction of ``mask`` voxels where the Jacobian determinant of ``flow`` is <= 0 (the project's
-    ``ltnet_tf.evaluation.folding_fraction`` when it exists, so both measure the same thing)."""
-    from ltnet_tf import evaluation
-    if hasattr(evaluation, "folding_fraction"):
-        return float(evaluation.folding_fraction(flow, mask))
-    return float(np.mean(jacobian_determinant(flow)[mask] <= 0))
 
 
 def _write_segmentation(segmentation: np.ndarray, image_path: str, output_path: str) -> None:
@@ -296,5 +277,5 @@ class Network:
         data.save_nifti(segmentation, scan.affine, output_path, header=scan.header)
         seconds = time.time() - start
         return {"segmentation": segmentation, "seconds": seconds,
-                "folding_fraction": folding_fraction(flow[0].numpy(), scan.data > 0),
+                "folding_fraction": evaluation.folding_fraction(flow[0].numpy(), scan.data > 0),
                 **({"refinement_loss": losses} if losses else {})}
