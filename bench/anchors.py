@@ -1,0 +1,281 @@
+"""What ``bench/accuracy.py`` measures against: validation sets and one segmenter per method.
+
+Every segmenter turns one scan file on the atlas grid into a segmentation file, timed end to end
+(read the NIfTI, everything the method does, write the segmentation); what depends only on the atlas
+or the model (reading it, restoring weights, tracing graphs) is timed once as ``load_seconds``.
+After the clock stops, each reports the folding fraction of its deformation: the fraction of brain
+voxels (the scan's non-zero voxels, the same mask for every method) where the Jacobian determinant
+of the map from scan voxels to atlas positions is <= 0.
+
+    AtlasLabels     no registration: the atlas labels as they are (the floor)
+    AntsSyn         ANTs SyN with antspyx's defaults, at full resolution or on a coarser grid
+    Network         a trained run folder's G_F, optionally followed by test-time refinement
+"""
+from __future__ import annotations
+
+from ltnet_tf import compat  # noqa: F401
+
+import dataclasses
+import glob
+import json
+import os
+import subprocess
+import tempfile
+import time
+
+import nibabel as nib
+import numpy as np
+
+from ltnet_tf import data, evaluation
+
+SHARED_SUBJECTS = ("sub-06", "sub-07")
+MICCAI_SUBJECTS = ("1000", "1001", "1002", "1006", "1007", "1008")
+
+
+# ------------------------------------------------------------------------------- validation sets
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One validation scan and its reference labels, both on the atlas grid."""
+    set_name: str
+    subject: str
+    image_path: str
+    label_path: str
+
+
+def shared_cases(data_dir: str, subjects=SHARED_SUBJECTS) -> list:
+    """sub-06, sub-07 of ../shared/data: already affinely aligned to the atlas, on its grid."""
+    return [Case("shared", s, os.path.join(data_dir, "images", f"{s}.nii.gz"),
+                 os.path.join(data_dir, "labels", f"{s}.nii.gz")) for s in subjects]
+
+
+def _source_hash(path: str) -> str:
+    """Git blob hash of a file: the aligned cache is remade when the alignment code changes."""
+    return subprocess.run(["git", "hash-object", path], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def miccai_cases(data_dir: str, cache_dir: str, subjects=MICCAI_SUBJECTS, log=print) -> tuple:
+    """MICCAI 2012 subjects aligned once to the atlas (``ltnet_tf.alignment``), cached as NIfTI on
+    the atlas grid so that every method reads the same input. -> (cases, manifest)."""
+    from ltnet_tf import alignment
+
+    source = os.path.join(data_dir, "miccai2012")
+    manifest_path = os.path.join(cache_dir, "alignment.json")
+    code_hash = _source_hash(alignment.__file__)
+    manifest = {}
+    if os.path.isfile(manifest_path):
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    if manifest.get("alignment_source_hash") != code_hash:
+        manifest = {"alignment_source_hash": code_hash, "subjects": {}}
+    aligner, cases = None, []
+    for subject in subjects:
+        image_path = os.path.join(cache_dir, "images", f"{subject}.nii.gz")
+        label_path = os.path.join(cache_dir, "labels", f"{subject}.nii.gz")
+        cached = (subject in manifest["subjects"] and os.path.isfile(image_path)
+                  and os.path.isfile(label_path))
+        if not cached:
+            if aligner is None:
+                atlas = data.load_scan(os.path.join(data_dir, "atlas.nii.gz"))
+                aligner = alignment.AtlasAligner(atlas)
+                manifest["settings"] = aligner.settings.to_dict()
+            start = time.time()
+            scan = data.load_scan(os.path.join(source, "images", f"{subject}.nii.gz"))
+            result = aligner.align(scan)
+            aligned = result.resample_scan(scan)
+            labels = result.resample_labels(
+                data.load_label_map(os.path.join(source, "labels", f"{subject}.nii.gz")))
+            seconds = time.time() - start
+            data.save_nifti(aligned.data, aligned.affine, image_path, dtype="float32")
+            data.save_nifti(labels.data, labels.affine, label_path)
+            manifest["subjects"][subject] = {"seconds_with_resampling": round(seconds, 2),
+                                             **result.to_dict()}
+            with open(manifest_path, "w") as f:
+                json.dump(manifest, f, indent=2)
+            log(f"aligned MICCAI {subject} to the atlas in {seconds:.1f} s (brain overlap "
+                f"{result.brain_overlap:.2f}) -> {image_path}")
+        cases.append(Case("miccai2012", subject, image_path, label_path))
+    return cases, manifest
+
+
+def _write_segmentation(segmentation: np.ndarray, image_path: str, output_path: str) -> None:
+    image = nib.load(image_path)  # header only
+    data.save_nifti(segmentation.astype(np.int32), image.affine, output_path, header=image.header)
+
+
+# ------------------------------------------------------------------------------- segmenters
+class AtlasLabels:
+    """No registration: the atlas labels as they are (the scans are affinely aligned already)."""
+
+    description = "atlas labels as they are, no registration"
+
+    def __init__(self, atlas_labels_path: str):
+        start = time.time()
+        self.atlas_labels = data.load_label_map(atlas_labels_path).data
+        self.load_seconds = time.time() - start
+
+    def segment(self, image_path: str, output_path: str) -> dict:
+        start = time.time()
+        data.load_scan(image_path)
+        _write_segmentation(self.atlas_labels, image_path, output_path)
+        return {"segmentation": self.atlas_labels, "seconds": time.time() - start,
+                "folding_fraction": 0.0}
+
+
+class AntsSyn:
+    """``ants.registration(fixed=scan, moving=atlas, type_of_transform='SyN')`` with antspyx's
+    defaults (affine stage, then SyN), the atlas labels carried by the resulting transforms with
+    ``genericLabel`` interpolation onto the scan's full grid.
+
+    ``spacing``: register images resampled (linearly) to this voxel size in mm; the labels still
+    land on the scan's own grid. The atlas is resampled once (``load_seconds``), the scan per scan.
+    """
+
+    def __init__(self, atlas_path: str, atlas_labels_path: str, spacing: float = None):
+        import ants
+        self.ants = ants
+        start = time.time()
+        self.spacing = spacing
+        self.atlas_labels = ants.image_read(atlas_labels_path)
+        atlas = ants.image_read(atlas_path)
+        self.moving = self._resample(atlas)
+        self.load_seconds = time.time() - start
+        self.description = (f"ants.registration(type_of_transform='SyN'), antspyx "
+                            f"{ants.__version__} defaults, on "
+                            + (f"{spacing:g} mm grids" if spacing else "the full grid")
+                            + "; labels by apply_transforms(interpolator='genericLabel')")
+
+    def _resample(self, image):
+        if not self.spacing:
+            return image
+        return self.ants.resample_image(image, (self.spacing,) * 3, use_voxels=False,
+                                        interp_type=0)
+
+    def segment(self, image_path: str, output_path: str) -> dict:
+        ants = self.ants
+        start = time.time()
+        scan = ants.image_read(image_path)
+        registration = ants.registration(self._resample(scan), self.moving,
+                                         type_of_transform="SyN")
+        transforms = registration["fwdtransforms"]
+        warped = ants.apply_transforms(scan, self.atlas_labels, transforms,
+                                       interpolator="genericLabel")
+        segmentation = np.rint(warped.numpy()).astype(np.int32)
+        _write_segmentation(segmentation, image_path, output_path)
+        seconds = time.time() - start
+        # Folding of the whole map (affine and warp composed) on the scan's full grid.
+        with tempfile.TemporaryDirectory() as folder:
+            composed = ants.apply_transforms(scan, self.moving, transforms,
+                                             compose=os.path.join(folder, "composed"))
+            determinant = ants.create_jacobian_determinant_image(scan, composed).numpy()
+        mask = scan.numpy() > 0
+        for path in {*registration["fwdtransforms"], *registration["invtransforms"]}:
+            for leftover in glob.glob(path):
+                os.remove(leftover)
+        return {"segmentation": segmentation, "seconds": seconds,
+                "folding_fraction": float(np.mean(determinant[mask] <= 0))}
+
+
+@dataclasses.dataclass(frozen=True)
+class RefinementOptions:
+    steps: int
+    factor: int
+    learning_rate: float
+    jit_compile: bool = True
+
+
+class Refiner:
+    """The seam to ``ltnet_tf.refinement``: the only place the bench builds or calls a refinement.
+
+    ``__call__(scan_normalized [1, D, H, W, 1], flow_working, steps=None)`` -> (full-grid
+    displacement [1, D, H, W, 3], {"loss_start", "loss"}: the objective of G_F's displacement and
+    of the refined one, on the refinement grid).
+    """
+
+    def __init__(self, config, atlas_normalized, options: RefinementOptions):
+        from ltnet_tf.refinement import Refinement
+        self.refinement = Refinement(config, atlas_normalized[0, ..., 0], steps=options.steps,
+                                     factor=options.factor, learning_rate=options.learning_rate,
+                                     jit_compile=options.jit_compile)
+
+    def __call__(self, scan_normalized, flow_working, steps=None):
+        result = self.refinement(scan_normalized, flow_working, steps=steps)
+        return result["flow"], {"loss_start": float(result["loss_start"][0]),
+                                "loss": float(result["loss"][0])}
+
+
+class Network:
+    """A run folder's G_F (best checkpoint) on the scan, the displacement put on the full grid —
+    by upsampling (what ``predict.py`` does) or by test-time refinement — and the atlas labels
+    warped with ``ltnet_tf.inference.warp_labels`` (the product's label warp)."""
+
+    def __init__(self, model_dir: str, refinement: RefinementOptions = None):
+        import tensorflow as tf
+        from ltnet_tf import inference
+        from ltnet_tf.modeldir import ModelDir
+
+        self.tf, self.inference = tf, inference
+        start = time.time()
+        folder = ModelDir(model_dir).check()
+        self.config = folder.load_config()
+        atlas, atlas_labels = folder.load_atlas()
+        self.checkpoint = folder.checkpoint("auto")
+        self.generator = folder.restore_forward_generator(self.config, "auto")
+        self.full_shape = tuple(int(s) for s in self.config.atlas_shape)
+        atlas_normalized = data.normalize_intensity(
+            tf.constant(atlas.data[None, ..., None], tf.float32))
+        self.atlas_working = tf.constant(data.to_working_grid(atlas_normalized, self.config))
+        self.atlas_labels = tf.constant(atlas_labels.data.astype(np.int32))
+        self.atlas_cells = tf.constant(inference.uniform_cell_labels(self.atlas_labels))
+        self.refiner = (Refiner(self.config, atlas_normalized, refinement) if refinement
+                        else None)
+        self.description = (f"G_F of {folder.path} ({os.path.basename(self.checkpoint)})"
+                            + (f", refined: {refinement.steps} steps on the grid / "
+                               f"{refinement.factor}, lr {refinement.learning_rate:g}"
+                               + (", XLA" if refinement.jit_compile else "")
+                               if refinement else ", displacement upsampled"))
+        scan_spec = tf.TensorSpec([1, *self.full_shape, 1], tf.float32)
+        self._network = tf.function(self._network_flow).get_concrete_function(scan_spec)
+        working_spec = tf.TensorSpec([1, *self.config.working_shape(self.full_shape), 3],
+                                     tf.float32)
+        self._upsample = tf.function(self._upsampled_flow).get_concrete_function(working_spec)
+        flow_spec = tf.TensorSpec([1, *self.full_shape, 3], tf.float32)
+        self._warp = tf.function(self._warped_labels).get_concrete_function(flow_spec)
+        # One untimed pass (on the atlas itself, refinement with 0 steps: the same graph):
+        # TensorFlow optimises a graph on its first call, which costs more than a warm scan; a
+        # served model pays that once, at start-up.
+        self._segment_array(atlas.data, refine_steps=0)
+        self.load_seconds = time.time() - start
+
+    def _network_flow(self, scan):
+        scan_normalized = data.normalize_intensity(scan)
+        scan_working = data.to_working_grid(scan_normalized, self.config)
+        _, flow_working = self.generator([self.atlas_working, scan_working], training=False)
+        return scan_normalized, self.tf.cast(flow_working, self.tf.float32)
+
+    def _upsampled_flow(self, flow_working):
+        return self.inference.displacement_to_full_grid(flow_working, self.config,
+                                                        self.full_shape)
+
+    def _warped_labels(self, flow):
+        return self.inference.warp_labels(self.atlas_labels, flow, self.atlas_cells)[0]
+
+    def _segment_array(self, scan: np.ndarray, refine_steps=None):
+        """-> (segmentation [D, H, W], displacement [1, D, H, W, 3], refinement losses)."""
+        scan_normalized, flow_working = self._network(
+            self.tf.constant(scan[None, ..., None], self.tf.float32))
+        if self.refiner is None:
+            flow, losses = self._upsample(flow_working), {}
+        else:
+            flow, losses = self.refiner(scan_normalized, flow_working, steps=refine_steps)
+        return self._warp(flow).numpy(), flow, losses
+
+    def segment(self, image_path: str, output_path: str) -> dict:
+        start = time.time()
+        scan = data.load_scan(image_path)
+        segmentation, flow, losses = self._segment_array(scan.data)
+        data.save_nifti(segmentation, scan.affine, output_path, header=scan.header)
+        seconds = time.time() - start
+        return {"segmentation": segmentation, "seconds": seconds,
+                "folding_fraction": evaluation.folding_fraction(flow[0].numpy(), scan.data > 0),
+                **({"refinement_loss": losses} if losses else {})}
