@@ -78,9 +78,14 @@ flags.DEFINE_list("model_dirs", [], "Trained run folders to evaluate instead of 
                   "<name>'s folder.")
 flags.DEFINE_string("training_results", None, "accuracy.json of the bench run that trained the "
                     "--model_dirs folders: their training time and command are copied from it.")
-flags.DEFINE_integer("refine_steps", 25, "Test-time refinement: optimisation steps per scan.")
-flags.DEFINE_integer("refine_factor", 2, "Refinement grid = atlas grid / this factor.")
-flags.DEFINE_float("refine_lr", 0.1, "Refinement learning rate.")
+flags.DEFINE_integer("refine_steps", None, "Test-time refinement: steps on the fine grid "
+                     "(default: predict.py's).")
+flags.DEFINE_integer("refine_coarse_steps", None, "Refinement steps on the working grid first "
+                     "(default: predict.py's).")
+flags.DEFINE_integer("refine_factor", None, "Fine refinement grid = atlas grid / this factor.")
+flags.DEFINE_float("refine_lr", None, "Refinement learning rate (default: predict.py's).")
+flags.DEFINE_float("refine_weight_smooth", None, "Refinement smoothness weight (default: "
+                   "predict.py's).")
 flags.DEFINE_bool("refine_xla", True, "Refinement loss and gradient compiled with XLA (the "
                   "module's default).")
 flags.DEFINE_integer("steps", 300, "Training steps per configuration trained here.")
@@ -196,8 +201,10 @@ def make_segmenter(name: str, model_dirs: dict):
         model_dirs[trained] = train(trained)
     refinement = None
     if name.endswith("_refined"):
-        refinement = anchors.RefinementOptions(FLAGS.refine_steps, FLAGS.refine_factor,
-                                               FLAGS.refine_lr, FLAGS.refine_xla)
+        refinement = anchors.RefinementOptions(
+            steps=FLAGS.refine_steps, factor=FLAGS.refine_factor, learning_rate=FLAGS.refine_lr,
+            jit_compile=FLAGS.refine_xla, coarse_steps=FLAGS.refine_coarse_steps,
+            weight_smooth=FLAGS.refine_weight_smooth)
     return anchors.Network(model_dirs[trained], refinement)
 
 
@@ -235,8 +242,7 @@ def evaluate(name: str, cases: list, model_dirs: dict) -> dict:
         result["run"], result["curve"] = run_record(trained, model_dirs[trained])
         result["run"]["checkpoint"] = segmenter.checkpoint
         if name.endswith("_refined"):
-            result["refinement"] = {"steps": FLAGS.refine_steps, "factor": FLAGS.refine_factor,
-                                    "learning_rate": FLAGS.refine_lr, "xla": FLAGS.refine_xla}
+            result["refinement"] = segmenter.refiner.settings()
     del segmenter
     gc.collect()
     return result

@@ -178,10 +178,16 @@ class AntsSyn:
 
 @dataclasses.dataclass(frozen=True)
 class RefinementOptions:
-    steps: int
-    factor: int
-    learning_rate: float
+    """Overrides of ``ltnet_tf.refinement.Refinement``'s defaults (None: predict.py's default)."""
+    steps: int = None
+    factor: int = None
+    learning_rate: float = None
     jit_compile: bool = True
+    coarse_steps: int = None
+    weight_smooth: float = None
+
+    def given(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 class Refiner:
@@ -194,9 +200,13 @@ class Refiner:
 
     def __init__(self, config, atlas_normalized, options: RefinementOptions):
         from ltnet_tf.refinement import Refinement
-        self.refinement = Refinement(config, atlas_normalized[0, ..., 0], steps=options.steps,
-                                     factor=options.factor, learning_rate=options.learning_rate,
-                                     jit_compile=options.jit_compile)
+        self.refinement = Refinement(config, atlas_normalized[0, ..., 0], **options.given())
+
+    def settings(self) -> dict:
+        r = self.refinement
+        return {"steps": r.steps, "factor": r.factor, "coarse_steps": r.coarse_steps,
+                "coarse_factor": r.coarse_factor, "learning_rate": r.learning_rate,
+                "weight_smooth": r.weight_smooth, "xla": r.jit_compile}
 
     def __call__(self, scan_normalized, flow_working, steps=None):
         result = self.refinement(scan_normalized, flow_working, steps=steps)
@@ -230,9 +240,7 @@ class Network:
         self.refiner = (Refiner(self.config, atlas_normalized, refinement) if refinement
                         else None)
         self.description = (f"G_F of {folder.path} ({os.path.basename(self.checkpoint)})"
-                            + (f", refined: {refinement.steps} steps on the grid / "
-                               f"{refinement.factor}, lr {refinement.learning_rate:g}"
-                               + (", XLA" if refinement.jit_compile else "")
+                            + (f", refined: {self.refiner.settings()}"
                                if refinement else ", displacement upsampled"))
         scan_spec = tf.TensorSpec([1, *self.full_shape, 1], tf.float32)
         self._network = tf.function(self._network_flow).get_concrete_function(scan_spec)
