@@ -550,6 +550,8 @@ def predict_files(model_dir, images, output_dir, labels=None, *, source="auto", 
                          "seconds": seconds}
         where = "atlas grid" if alignment.skipped else (
             f"aligned in {alignment.seconds:.1f} s, brain overlap {alignment.brain_overlap:.2f}")
+        if "refine" in seconds:
+            where += f"; refined in {seconds['refine']:.1f} s"
         message = f"[{number}/{len(pairs)}] {name}_seg.nii.gz ({where}; {seconds['total']:.1f} s)"
         if not alignment.ok:
             message += " ALIGNMENT LOOKS WRONG: check this scan"
