@@ -568,13 +568,11 @@ def predict_files(model_dir, images, output_dir, labels=None, *, source="auto", 
     if report is None:
         _remove_earlier_dice_reports(output_dir)
     write_volumes_csv(volumes, label_ids, output_dir)
-    from ltnet_tf.alignment import AlignmentSettings
     _write_json({"model_dir": predictor.model_dir.path, "source": predictor.source,
                  "images": [os.path.abspath(p) for p, _ in pairs],
                  "labels": [os.path.abspath(p) for _, p in pairs] if labels else None,
                  "outputs": outputs,
-                 "align": align, "alignment_settings": segmenter.aligner.settings.to_dict()
-                 if align == "auto" else AlignmentSettings().to_dict(),
+                 "align": align, "alignment_settings": segmenter.aligner.settings.to_dict(),
                  "refinement": refinement,
                  "alignment_failed": [n for n, r in records.items() if not r["alignment_ok"]],
                  "scans": records,

@@ -43,7 +43,7 @@ from absl import flags, logging
 
 import ltnet_tf
 from ltnet_tf.data import DataError
-from ltnet_tf.inference import LabelTransfer
+from ltnet_tf.inference import DISPLACEMENT_SIGNATURE, LabelTransfer
 from ltnet_tf.labels import structure_name
 from ltnet_tf.modeldir import ModelDir, ModelDirError
 from ltnet_tf.refinement import Refinement
@@ -78,7 +78,7 @@ class _Untracked:
 
 
 class ServingModule(tf.Module):
-    """``LabelTransfer`` behind three ``tf.function`` signatures with static spatial shapes.
+    """``LabelTransfer`` behind ``tf.function`` signatures with static spatial shapes.
 
     Only G_F's variables are tracked, not the Keras model itself: ``tf.saved_model.save`` would
     otherwise also serialise Keras metadata and trace every layer, which is slower and of no use to
@@ -95,6 +95,7 @@ class ServingModule(tf.Module):
         scan = tf.TensorSpec([None, *grid, 1], tf.float32, name=SCAN_INPUT)
         self.serve = tf.function(self._serve, input_signature=[scan])
         self.segment = tf.function(self._segment, input_signature=[scan])
+        self.displacement = tf.function(self._displacement, input_signature=[scan])
         self.register = tf.function(self._register, input_signature=[
             tf.TensorSpec(grid, tf.float32, name="atlas"),
             tf.TensorSpec(grid, tf.int32, name="atlas_labels"),
@@ -118,6 +119,9 @@ class ServingModule(tf.Module):
     def _segment(self, scan):
         return self.label_transfer.segment(scan)
 
+    def _displacement(self, scan):
+        return self.label_transfer.displacement(scan)
+
     def _register(self, atlas, atlas_labels, scan):
         return self.label_transfer.transfer_with_atlas(atlas, atlas_labels, scan)
 
@@ -129,6 +133,7 @@ class ServingModule(tf.Module):
     def signatures(self) -> dict:
         signatures = {SERVING_SIGNATURE: self.serve.get_concrete_function(),
                       SEGMENT_SIGNATURE: self.segment.get_concrete_function(),
+                      DISPLACEMENT_SIGNATURE: self.displacement.get_concrete_function(),
                       REGISTER_SIGNATURE: self.register.get_concrete_function()}
         if self.refinement is not None:
             signatures[SEGMENT_REFINED_SIGNATURE] = self.segment_refined.get_concrete_function()

@@ -53,6 +53,15 @@ def _resize_axis(volume: tf.Tensor, axis: int, factor: int, size: int) -> tf.Ten
             + tf.gather(volume, upper, axis=axis) * weight)
 
 
+def working_grid_displacement(flow: tf.Tensor, config: LTNetConfig) -> tf.Tensor:
+    """Back from ``displacement_to_full_grid``: average pooling of its linear upsampling returns
+    the working displacement exactly where that is linear (away from the edges, where the
+    upsampling held the edge value), within an eighth of its second difference per axis elsewhere;
+    in working voxels. For SavedModels exported before the ``displacement`` signature."""
+    flow_working = data.to_working_grid(tf.cast(flow, tf.float32), config)
+    return flow_working / float(config.downsample)
+
+
 def displacement_to_full_grid(flow: tf.Tensor, config: LTNetConfig, full_shape) -> tf.Tensor:
     """Working-grid displacement [B, *working, 3] -> full grid [B, *full_shape, 3], in full voxels."""
     factor = config.downsample
@@ -152,19 +161,23 @@ def labels_at_points(label_map: tf.Tensor, points: tf.Tensor, cell_labels=None) 
 
 
 def sample_linear(volume: tf.Tensor, points: tf.Tensor) -> tf.Tensor:
-    """Trilinear samples of ``volume`` [D, H, W, C] at ``points`` [N, 3] (inside it) -> [N, C]."""
+    """Trilinear samples of ``volume`` [D, H, W, C] at ``points`` [..., 3] (inside it) -> [..., C]."""
     shape = volume.shape.as_list()[:3]
-    indices, weights = _corners(points, shape)  # [N, 8]
-    values = tf.gather(tf.reshape(volume, [-1, volume.shape[-1]]), indices)  # [N, 8, C]
-    return tf.reduce_sum(values * tf.cast(weights, values.dtype)[..., None], axis=1)
+    indices, weights = _corners(points, shape)  # [..., 8]
+    values = tf.gather(tf.reshape(volume, [-1, volume.shape[-1]]), indices)  # [..., 8, C]
+    return tf.reduce_sum(values * tf.cast(weights, values.dtype)[..., None], axis=-2)
 
 
 def warp_image(image: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
     """Image [D, H, W] pulled by ``flow`` [B, D, H, W, 3] with trilinear interpolation -> [B, D, H, W, 1]."""
+    image = tf.cast(image, tf.float32)
     shape = image.shape.as_list()
-    indices, weights = _corners(_sampling_points(flow, shape), shape)
-    values = tf.gather(tf.reshape(tf.cast(image, tf.float32), [-1]), indices)
-    return tf.reshape(tf.reduce_sum(values * weights, -1), [-1, *shape, 1])
+    return tf.reshape(sample_linear(image[..., None], _sampling_points(flow, shape)),
+                      [-1, *shape, 1])
+
+
+# The SavedModel signature that returns G_F's working-grid displacement alone (ltnet_tf.export).
+DISPLACEMENT_SIGNATURE = "displacement"
 
 
 class LabelTransfer(tf.Module):
@@ -214,16 +227,24 @@ class LabelTransfer(tf.Module):
                               data.to_working_grid(atlas_normalized, self.config), atlas_labels,
                               uniform_cell_labels(atlas_labels))
 
+    def displacement(self, scan: tf.Tensor) -> dict:
+        """scan [B, D, H, W, 1] -> ``flow_working``: G_F's displacement on its working grid
+        [B, *working_shape, 3] (working voxels), before anything is put on the full grid."""
+        return {"flow_working": self._working_flow(data.normalize_intensity(
+            tf.cast(scan, tf.float32)), self.atlas_working)}
+
+    def _working_flow(self, scan_normalized, atlas_working):
+        scan_working = data.to_working_grid(scan_normalized, self.config)
+        atlas = tf.repeat(atlas_working, tf.shape(scan_normalized)[0], axis=0)
+        _, flow_working = self.forward_generator([atlas, scan_working], training=False)
+        return tf.cast(flow_working, tf.float32)
+
     def _transfer(self, scan, atlas_full, atlas_working, atlas_labels, atlas_cells,
                   extras=True, refinement=None) -> dict:
-        scan = tf.cast(scan, tf.float32)
-        scan_normalized = data.normalize_intensity(scan)
-        scan_working = data.to_working_grid(scan_normalized, self.config)
-        atlas = tf.repeat(atlas_working, tf.shape(scan)[0], axis=0)
-        _, flow_working = self.forward_generator([atlas, scan_working], training=False)
+        scan_normalized = data.normalize_intensity(tf.cast(scan, tf.float32))
+        flow_working = self._working_flow(scan_normalized, atlas_working)
         if refinement is None:
-            flow = displacement_to_full_grid(tf.cast(flow_working, tf.float32), self.config,
-                                             self.full_shape)
+            flow = displacement_to_full_grid(flow_working, self.config, self.full_shape)
         else:
             flow = refinement(scan_normalized, flow_working)["flow"]
         segmentation = warp_labels(atlas_labels, flow, atlas_cells)
@@ -289,7 +310,13 @@ class Predictor:
             only_labels = signatures.get("segment", full)  # exports before 'segment' existed
             self._segment = lambda scan, extras: (full if extras else only_labels)(
                 scan=tf.constant(scan))
-            self._displacement = lambda scan: full(scan=tf.constant(scan))["flow"]
+            working = signatures.get(DISPLACEMENT_SIGNATURE)
+            if working is not None:
+                self._working_displacement = lambda scan: working(
+                    scan=tf.constant(scan))["flow_working"]
+            else:  # exports before that signature: their full-grid flow, back on the working grid
+                self._working_displacement = lambda scan: working_grid_displacement(
+                    full(scan=tf.constant(scan))["flow"], self.config)
             self.source = saved_model
         else:
             generator = self.model_dir.restore_forward_generator(self.config, checkpoint)
@@ -298,7 +325,8 @@ class Predictor:
             transfer = tf.function(label_transfer.transfer)
             segment = tf.function(label_transfer.segment)
             self._segment = lambda scan, extras: (transfer if extras else segment)(scan)
-            self._displacement = lambda scan: transfer(scan)["flow"]
+            displacement = tf.function(label_transfer.displacement)
+            self._working_displacement = lambda scan: displacement(scan)["flow_working"]
             self.source = self.model_dir.checkpoint(checkpoint)
 
     def segment(self, scan: "data.Volume", extras: bool = True) -> dict:
@@ -308,7 +336,9 @@ class Predictor:
         outputs = self._segment(scan.data[None, ..., None].astype(np.float32), extras)
         return {name: value[0].numpy() for name, value in outputs.items()}
 
-    def displacement(self, scan: "data.Volume") -> np.ndarray:
-        """G_F's displacement [D, H, W, 3] (atlas grid, voxels, pull) for a scan on the atlas grid."""
+    def working_displacement(self, scan: "data.Volume") -> np.ndarray:
+        """G_F's displacement on its working grid [*working_shape, 3] (working voxels, pull) for a
+        scan on the atlas grid; ``displacement_to_full_grid`` or a refinement takes it from there."""
         data.check_same_grid(self.atlas, scan, strict=False)
-        return self._displacement(scan.data[None, ..., None].astype(np.float32))[0].numpy()
+        return np.asarray(self._working_displacement(
+            scan.data[None, ..., None].astype(np.float32))[0])

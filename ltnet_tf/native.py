@@ -14,7 +14,7 @@ from ltnet_tf import compat  # noqa: F401
 import numpy as np
 import tensorflow as tf
 
-from ltnet_tf import inference
+from ltnet_tf import data, inference
 
 # Native voxels are processed this many at a time (memory ~100 bytes per point).
 POINTS_PER_CHUNK = 1 << 21
@@ -142,11 +142,15 @@ class NativeSegmenter:
             result.update(outputs)
             return result
         start = time.time()
-        flow = self.predictor.displacement(aligned)
+        flow_working = self.predictor.working_displacement(aligned)
+        if self.refine is None:
+            flow = inference.displacement_to_full_grid(
+                tf.constant(flow_working[None]), self.predictor.config,
+                self.predictor.atlas.shape)[0].numpy()
         seconds["network"] = time.time() - start
         if self.refine is not None:
             start = time.time()
-            flow = self.refine(aligned, flow)
+            flow = self.refine(aligned, flow_working)
             seconds["refine"] = time.time() - start
         start = time.time()
         atlas_grid_labels = None
@@ -161,10 +165,9 @@ class NativeSegmenter:
         if keep_aligned:
             result.update(aligned_scan=aligned, aligned_segmentation=atlas_grid_labels)
         if extras:
-            atlas = self.predictor.atlas.data
-            scale = float(atlas.max() - atlas.min()) or 1.0
-            warped = inference.warp_image(tf.constant((atlas - atlas.min()) / scale, tf.float32),
-                                          flow[None])[0].numpy()
+            atlas = data.normalize_intensity(tf.constant(
+                self.predictor.atlas.data[None, ..., None], tf.float32))[0, ..., 0]
+            warped = inference.warp_image(atlas, flow[None])[0].numpy()
             result.update(flow=flow, warped_atlas=warped)
         return result
 

@@ -312,8 +312,8 @@ class Refinement(tf.Module):
 
 # ------------------------------------------------------------------------------- predict.py
 class ScanRefiner:
-    """Refinement as ``predict.py`` runs it: from the full-grid displacement a SavedModel or a
-    checkpoint returns, for one aligned scan (a ``data.Volume`` on the atlas grid)."""
+    """Refinement as ``predict.py`` runs it, for one aligned scan (a ``data.Volume`` on the atlas
+    grid) and G_F's displacement as ``Predictor.working_displacement`` returns it."""
 
     def __init__(self, config: LTNetConfig, atlas_image, **options):
         self.config = config
@@ -328,15 +328,12 @@ class ScanRefiner:
                 "learning_rate": r.learning_rate, "weight_smooth": r.weight_smooth,
                 "jit_compile": r.jit_compile}
 
-    def __call__(self, scan, flow_full: np.ndarray) -> np.ndarray:
-        """Aligned scan, G_F's displacement [D, H, W, 3] (full voxels) -> refined one, same grid."""
+    def __call__(self, scan, flow_working: np.ndarray) -> np.ndarray:
+        """Aligned scan, G_F's working-grid displacement [*working, 3] -> the refined one on the
+        atlas grid [D, H, W, 3] (full voxels)."""
         scan_normalized = data.normalize_intensity(
             tf.constant(np.asarray(scan.data, np.float32)[None, ..., None]))
-        # Back on the working grid: average pooling inverts the linear upsampling that put it on
-        # the full grid (exactly, away from the edges).
-        flow_working = data.to_working_grid(tf.constant(flow_full[None], tf.float32), self.config)
-        flow_working = flow_working / float(self.config.downsample)
-        return self.refinement(scan_normalized, flow_working)["flow"][0].numpy()
+        return self.refinement(scan_normalized, flow_working[None])["flow"][0].numpy()
 
 
 def for_predictor(predictor, **options) -> ScanRefiner:

@@ -17,7 +17,7 @@ import pytest
 
 from ltnet_tf import data, export, labels
 from ltnet_tf.config import LTNetConfig
-from ltnet_tf.inference import LabelTransfer
+from ltnet_tf.inference import LabelTransfer, displacement_to_full_grid
 from ltnet_tf.modeldir import ModelDir, ModelDirError
 from ltnet_tf.networks import ForwardGenerator
 from ltnet_tf.refinement import Refinement
@@ -193,6 +193,10 @@ def test_layout_version_folder_and_metadata(runs):
         "outputs": {"flow": {"dtype": "float32", "shape": [None, *grid, 3]},
                     "segmentation": {"dtype": "int32", "shape": [None, *grid]},
                     "warped_atlas": {"dtype": "float32", "shape": [None, *grid, 1]}}}
+    assert metadata["signatures"]["displacement"] == {
+        "inputs": {"scan": {"dtype": "float32", "shape": [None, *grid, 1]}},
+        "outputs": {"flow_working": {"dtype": "float32",
+                                     "shape": [None, *run.config.working_shape(), 3]}}}
     assert metadata["refinement"] == {
         "signature": "segment_refined", "factor": 2, "grid": [10, 9, 8], "learning_rate": 0.2,
         "weight_smooth": 4.0, "coarse_factor": None, "recommended_steps": export.REFINE_STEPS,
@@ -217,6 +221,7 @@ CHILD = textwrap.dedent("""
             atlas=tf.constant(inputs["atlas"]), atlas_labels=tf.constant(inputs["atlas_labels"]),
             scan=tf.constant(inputs["scan"]))
         segmented = model.signatures["segment"](scan=tf.constant(inputs["scan"]))
+        displaced = model.signatures["displacement"](scan=tf.constant(inputs["scan"]))
         refined = {steps: model.signatures["segment_refined"](
             scan=tf.constant(inputs["scan"]), steps=tf.constant(steps),
             coarse_steps=tf.constant(0))["segmentation"].numpy()
@@ -224,7 +229,7 @@ CHILD = textwrap.dedent("""
         np.savez(case["outputs"], **{k: v.numpy() for k, v in outputs.items()},
                  **{"register_" + k: v.numpy() for k, v in registered.items()},
                  segment_segmentation=segmented["segmentation"].numpy(),
-                 refined_0=refined[0], refined=refined[case["refined_steps"]])
+                 flow_working=displaced["flow_working"].numpy(), refined_0=refined[0], refined=refined[case["refined_steps"]])
 
     project = sorted(m for m in sys.modules
                      if m.split(".")[0] in ("ltnet_tf", "voxelmorph", "neurite"))
@@ -251,6 +256,12 @@ def test_saved_model_in_clean_process_matches_in_process_model(runs, tmp_path):
         assert_outputs_match({k: outputs["register_" + k] for k in export.OUTPUTS},
                              run.expected_register)
         np.testing.assert_array_equal(outputs["segment_segmentation"], run.expected["segmentation"])
+        # G_F's working-grid displacement alone: serving_default's flow once put on the full grid.
+        assert outputs["flow_working"].shape[1:] == (*run.config.working_shape(), 3)
+        np.testing.assert_allclose(
+            displacement_to_full_grid(tf.constant(outputs["flow_working"]), run.config,
+                                      run.config.atlas_shape).numpy(),
+            run.expected["flow"], rtol=0, atol=1e-5)
         # Refinement inside the SavedModel: 0 steps is G_F's segmentation; a few steps give the
         # in-process refinement's (up to voxels on a vote tie after float differences).
         np.testing.assert_array_equal(outputs["refined_0"], run.expected["segmentation"])
