@@ -43,7 +43,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ltnet_tf import compat  # noqa: F401,E402
-from bench.provenance import git_commit  # noqa: E402
+from bench.provenance import git_commit, write_json  # noqa: E402
 
 import gc  # noqa: E402
 import json  # noqa: E402
@@ -254,11 +254,7 @@ def _set_title(results: dict, set_name: str) -> str:
 
 
 def write_outputs(results: dict) -> None:
-    os.makedirs(FLAGS.results_dir, exist_ok=True)
-    path = os.path.join(FLAGS.results_dir, "accuracy.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(results, os.path.join(FLAGS.results_dir, "accuracy.json"))
     with open(os.path.join(FLAGS.results_dir, "accuracy.md"), "w") as f:
         f.write("\n".join(_markdown(results)) + "\n")
     _plots(results)

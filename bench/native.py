@@ -26,7 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ltnet_tf import compat  # noqa: F401,E402
-from bench.provenance import git_commit  # noqa: E402
+from bench.provenance import git_commit, write_json  # noqa: E402
 
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -175,11 +175,7 @@ def main(argv):
 
 
 def write_outputs(results: dict) -> None:
-    os.makedirs(FLAGS.results_dir, exist_ok=True)
-    path = os.path.join(FLAGS.results_dir, "native.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(results, os.path.join(FLAGS.results_dir, "native.json"))
     subjects = results["subjects"]
     lines = ["# Native space: the same model on aligned, native and scanner-like scans", "",
              f"Command: `{results['command']}` at commit `{results['git_commit'][:12]}`; "

@@ -1,4 +1,5 @@
-"""What produced a benchmark result: the git commit of the code that ran, shared by every bench."""
+"""What produced a benchmark result, and how it is written: shared by every bench."""
+import json
 import os
 import subprocess
 
@@ -17,3 +18,12 @@ def git_commit() -> str:
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def write_json(payload: dict, path: str) -> None:
+    """A results file, written under a temporary name and renamed: never half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    os.replace(path + ".tmp", path)

@@ -21,7 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ltnet_tf import compat  # noqa: F401,E402  (before TensorFlow)
-from bench.provenance import git_commit  # noqa: E402
+from bench.provenance import git_commit, write_json  # noqa: E402
 
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -330,10 +330,7 @@ def short(commit: str) -> str:
 
 
 def write_outputs(results: dict) -> None:
-    os.makedirs(FLAGS.results_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.results_dir, "refinement.json"), "w") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
+    write_json(results, os.path.join(FLAGS.results_dir, "refinement.json"))
     lines = ["# Test-time refinement: step cost and Dice on real brains", "",
              f"Machine: {results['machine']}  ", f"G_F: `{results['checkpoint']}` "
              f"(working grid {results['working_shape']})", "",
