@@ -45,8 +45,8 @@ class AlignmentSettings:
     # Failure thresholds, calibrated on the 25 real brains of ../shared/data (native/ and
     # miccai2012/): correct alignments reach brain-mask Dice 0.935-0.957 and intensity correlation
     # 0.655-0.776 with the atlas; broken ones (an upside-down header, swapped axes, a noise volume)
-    # reached Dice 0.80-0.90 but correlation 0.41-0.50 (0.42 on a rerun). Correlation separates them; the overlap
-    # catches gross misplacement.
+    # reached Dice 0.80-0.90 but correlation 0.41-0.50 (bench/results/alignment.md). Correlation
+    # separates them; the overlap catches gross misplacement.
     min_brain_overlap: float = 0.85
     min_correlation: float = 0.58
     # Skull-stripped adult brains (with the CSF inside the mask) hold 1.0-1.9 litres of tissue; a
