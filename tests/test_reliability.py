@@ -279,6 +279,9 @@ def test_ctrl_c_says_where_to_resume_from(run_copy, dataset, capsys):
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGINT)
 
+    # Ctrl-C as a terminal delivers it: a runner started in the background by a shell without job
+    # control inherits SIGINT ignored, and Python then installs no handler of its own.
+    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     interrupter = threading.Thread(target=interrupt_when_saved, daemon=True)
     interrupter.start()
     try:
@@ -286,7 +289,9 @@ def test_ctrl_c_says_where_to_resume_from(run_copy, dataset, capsys):
                                        "--noexport"))
     except KeyboardInterrupt:
         pytest.fail("KeyboardInterrupt escaped train_main")
-    interrupter.join()
+    finally:
+        interrupter.join()
+        signal.signal(signal.SIGINT, previous_handler)
     assert rc == 130
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "interrupted" in line]
