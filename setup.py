@@ -11,8 +11,8 @@ setup(
     name="ltnet-tf",
     version="0.1.0",
     description="LT-Net one-shot segmentation by learned label transfer, on VoxelMorph (TF/Keras 2)",
+    license="Apache-2.0",
     packages=find_packages(include=["ltnet_tf", "ltnet_tf.*"]),
-    py_modules=["train", "predict"],
     python_requires=">=3.9,<3.14",
     install_requires=[
         "tensorflow==2.21.0",
@@ -36,7 +36,7 @@ setup(
         "console_scripts": [
             "ltnet-train=ltnet_tf.cli:train_entry",
             "ltnet-predict=ltnet_tf.cli:predict_entry",
-            "ltnet-export=ltnet_tf.export:entry",
+            "ltnet-export=ltnet_tf.cli:export_entry",
             "ltnet-demo=ltnet_tf.demo:entry",
         ],
     },

@@ -20,17 +20,8 @@ Each records Dice (per set, subject and structure), seconds per scan (one scan e
 machine: read, normalise, register, warp the labels, write; loading the model or atlas is timed
 separately) and the folding fraction (brain voxels with Jacobian determinant <= 0).
 
-    python bench/accuracy.py --configs affine,ants_syn_half --sets shared      # a quick look
-    python bench/accuracy.py --model_dirs ltnet=RUN1,voxelmorph=RUN2           # the frontier
-
-The committed results (bench/results/accuracy.*) were made by the 600-step runs of the previous
-version of this bench (``--configs ltnet,voxelmorph --steps 600 --checkpoint_every 100
---work_dir /work/runs``), evaluated in one run (about 35 min on 2 busy CPU cores):
-
-    python bench/accuracy.py --data_dir /work/shared/data \
-        --model_dirs ltnet=/work/runs/ltnet,voxelmorph=/work/runs/voxelmorph \
-        --training_results /work/runs/results/accuracy.json --nomerge \
-        --work_dir /work/wt-anchors/bench/work/accuracy --results_dir /work/wt-anchors/bench/results
+    python -m bench.accuracy --configs affine,ants_syn_half --sets shared      # a quick look
+    python -m bench.accuracy --model_dirs ltnet=RUN1,voxelmorph=RUN2           # the frontier
 
 Writes bench/results/accuracy.json, accuracy.md, accuracy_frontier.png (Dice against seconds per
 scan), accuracy_structures.png and accuracy_curve.png.
@@ -38,25 +29,22 @@ scan), accuracy_structures.png and accuracy_curve.png.
 from __future__ import annotations
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ltnet_tf import compat  # noqa: F401
+from bench.provenance import DATA_DIR, command_line, git_commit, write_json
 
-from ltnet_tf import compat  # noqa: F401,E402
-from bench.provenance import git_commit, write_json  # noqa: E402
+import gc
+import json
+import platform
+import shutil
+import time
 
-import gc  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
+import numpy as np
+from absl import app, flags
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from bench import anchors  # noqa: E402
-from ltnet_tf import cli, data, evaluation  # noqa: E402
-from ltnet_tf.labels import BENCHMARK_LABELS, structure_name  # noqa: E402
+from bench import anchors
+from ltnet_tf import cli, data, evaluation
+from ltnet_tf.labels import BENCHMARK_LABELS, structure_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINED = ("voxelmorph", "voxelmorph_gan", "voxelmorph_cycle", "ltnet")
@@ -65,8 +53,9 @@ SETS = ("shared", "miccai2012")
 FRONTIER = ("affine", "ants_syn_half", "ants_syn", "voxelmorph", "ltnet", "voxelmorph_refined",
             "ltnet_refined")
 
-flags.DEFINE_string("data_dir", os.path.join(ROOT, "..", "shared", "data"), "Benchmark data.")
-flags.DEFINE_string("work_dir", os.path.join(ROOT, "bench", "work", "accuracy"),
+flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "
+                    "../shared/data beside the repository).")
+flags.DEFINE_string("work_dir", os.path.join(ROOT, "bench", "scratch", "accuracy"),
                     "Run folders trained here, aligned MICCAI scans, segmentations.")
 flags.DEFINE_string("results_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
 flags.DEFINE_list("configs", list(FRONTIER), f"Configurations to run, in this order: {CONFIGS}.")
@@ -148,7 +137,7 @@ def train(name: str) -> str:
         raise SystemExit(f"training {name} failed")
     with open(os.path.join(model_dir, "training_time.json"), "w") as f:
         json.dump({"train_time_s": time.time() - start,
-                   "command": " ".join(["python", *sys.argv]), "git_commit": git_commit()}, f)
+                   "command": command_line(), "git_commit": git_commit()}, f)
     return model_dir
 
 
@@ -419,7 +408,7 @@ def main(argv):
         raise SystemExit(f"--model_dirs: not a trained preset: {', '.join(sorted(unknown))}")
     import tensorflow as tf
     cases, sets = validation_cases()
-    results = {"command": " ".join(["python", *sys.argv]), "git_commit": git_commit(),
+    results = {"command": command_line(), "git_commit": git_commit(),
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                           f"TF {tf.__version__}, GPU: {bool(tf.config.list_physical_devices('GPU'))}",
                "train_subjects": TRAIN_SUBJECTS, "val_subjects": VAL_SUBJECTS, "sets": sets,

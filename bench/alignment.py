@@ -1,6 +1,6 @@
 """Calibration of the alignment's failure check: quality figures of correct and of broken alignments.
 
-    python bench/alignment.py          # ~2 min on 2 CPU cores
+    python -m bench.alignment          # ~2 min on 2 CPU cores
 
 Every native scan of ../shared/data (native/ and miccai2012/) is aligned to the atlas; then three
 broken inputs made from native sub-06: its header turned upside down, its first two voxel axes
@@ -11,23 +11,21 @@ groups. Writes bench/results/alignment.json and alignment.md.
 from __future__ import annotations
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.provenance import DATA_DIR, command_line, git_commit, write_json
 
-from bench.provenance import git_commit, write_json  # noqa: E402
+import glob
+import time
 
-import glob  # noqa: E402
-import time  # noqa: E402
+import numpy as np
+from absl import app, flags
+from scipy import ndimage
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from scipy import ndimage  # noqa: E402
-
-from ltnet_tf import alignment, data  # noqa: E402
+from ltnet_tf import alignment, data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-flags.DEFINE_string("data_dir", os.path.join(ROOT, "..", "shared", "data"), "Benchmark data.")
+flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "
+                    "../shared/data beside the repository).")
 flags.DEFINE_string("results_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
 FLAGS = flags.FLAGS
 
@@ -69,7 +67,7 @@ def main(argv):
     for name, values in broken.items():
         print(name, values, flush=True)
     settings = aligner.settings.to_dict()
-    results = {"command": " ".join(["python", *sys.argv]), "git_commit": git_commit(),
+    results = {"command": command_line(), "git_commit": git_commit(),
                "settings": settings, "correct": correct, "broken": broken}
     write_json(results, os.path.join(FLAGS.results_dir, "alignment.json"))
 

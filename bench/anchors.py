@@ -262,8 +262,8 @@ class Network:
         return scan_normalized, self.tf.cast(flow_working, self.tf.float32)
 
     def _upsampled_flow(self, flow_working):
-        return self.inference.displacement_to_full_grid(flow_working, self.config,
-                                                        self.full_shape)
+        return self.inference.resample_displacement(flow_working, self.config.downsample,
+                                                    self.full_shape)
 
     def _warped_labels(self, flow):
         return self.inference.warp_labels(self.atlas_labels, flow, self.atlas_cells)[0]

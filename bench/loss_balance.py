@@ -1,24 +1,20 @@
 """Loss balance of a trained run: each generator term's weighted gradient on G_F, and its cosine
 with L_sim's gradient. A term whose gradient is large and points against L_sim's brakes the
-registration; this is how the default cycle weights were chosen (issue #5).
+registration; this is how the default cycle weights were chosen.
 
-    python bench/loss_balance.py --model_dir bench/work/accuracy/ltnet --scan ../shared/data/images/sub-01.nii.gz
+    python -m bench.loss_balance --model_dir bench/scratch/accuracy/ltnet --scan ../shared/data/images/sub-01.nii.gz
 """
 from __future__ import annotations
 
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ltnet_tf import compat  # noqa: F401
 
-from ltnet_tf import compat  # noqa: F401,E402
+import tensorflow as tf
+from absl import app, flags
 
-import tensorflow as tf  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from ltnet_tf import data  # noqa: E402
-from ltnet_tf.modeldir import ModelDir  # noqa: E402
-from ltnet_tf.training import build_model, make_checkpoint  # noqa: E402
+from ltnet_tf import data
+from ltnet_tf.modeldir import ModelDir
+from ltnet_tf.training import build_model, make_checkpoint
 
 flags.DEFINE_string("model_dir", None, "A training run folder (its last checkpoint is used).")
 flags.DEFINE_string("scan", None, "An unlabelled scan on the atlas grid.")

@@ -2,8 +2,8 @@
 volumes, and on scanner-like variants (other orientation, anisotropic voxels, an oblique tilt, a
 tighter field of view), each scored on its own grid.
 
-    python bench/accuracy.py --configs ltnet --steps 600 --checkpoint_every 100   # trains the model
-    python bench/native.py                        # uses bench/work/accuracy/ltnet, ~10 min
+    python -m bench.accuracy --configs ltnet --steps 600 --checkpoint_every 100   # trains the model
+    python -m bench.native                        # uses bench/scratch/accuracy/ltnet, ~10 min
 
 Sets, for the validation subjects sub-06 and sub-07 of ../shared/data:
 - ``aligned``: images/ (already on the atlas grid), scored against labels/;
@@ -21,28 +21,26 @@ Writes bench/results/native.json and native.md.
 from __future__ import annotations
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ltnet_tf import compat  # noqa: F401
+from bench.provenance import DATA_DIR, command_line, git_commit, write_json
 
-from ltnet_tf import compat  # noqa: F401,E402
-from bench.provenance import git_commit, write_json  # noqa: E402
+import json
+import platform
+import shutil
+import time
 
-import json  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
+import numpy as np
+from absl import app, flags
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from ltnet_tf import alignment, cli, data  # noqa: E402
+from ltnet_tf import alignment, data, prediction
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-flags.DEFINE_string("data_dir", os.path.join(ROOT, "..", "shared", "data"), "Benchmark data.")
-flags.DEFINE_string("model_dir", os.path.join(ROOT, "bench", "work", "accuracy", "ltnet"),
+flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "
+                    "../shared/data beside the repository).")
+flags.DEFINE_string("model_dir", os.path.join(ROOT, "bench", "scratch", "accuracy", "ltnet"),
                     "The trained run folder (the accuracy benchmark's LT-Net run).")
-flags.DEFINE_string("work_dir", os.path.join(ROOT, "bench", "work", "native"), "Scratch folder.")
+flags.DEFINE_string("work_dir", os.path.join(ROOT, "bench", "scratch", "native"), "Scratch folder.")
 flags.DEFINE_string("results_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
 flags.DEFINE_list("subjects", ["sub-06", "sub-07"], "Validation subjects.")
 flags.DEFINE_bool("refine", False, "Test-time refinement (predict.py's default settings).")
@@ -100,7 +98,7 @@ def score(set_name: str, images: list, labels: list) -> dict:
     output_dir = os.path.join(FLAGS.work_dir, f"predict_{set_name}")
     shutil.rmtree(output_dir, ignore_errors=True)
     start = time.time()
-    result = cli.predict_files(FLAGS.model_dir, ",".join(images), output_dir, ",".join(labels),
+    result = prediction.predict_files(FLAGS.model_dir, ",".join(images), output_dir, ",".join(labels),
                                refine=FLAGS.refine)
     wall = time.time() - start
     scans = {name: r for name, r in result["scans"].items() if name != FLAGS.warmup_subject}
@@ -148,12 +146,12 @@ def main(argv):
     sets["oblique"] = oblique
 
     import tensorflow as tf
-    from ltnet_tf.inference import Predictor
+    from ltnet_tf.sources import RunFolderNetwork
     start = time.time()
-    Predictor(FLAGS.model_dir)  # model loading, timed apart (predict_files loads it once per set)
+    RunFolderNetwork(FLAGS.model_dir)  # model loading, timed apart (predict_files loads it once per set)
     model_load_s = time.time() - start
 
-    results = {"command": " ".join(["python", *sys.argv]), "git_commit": git_commit(),
+    results = {"command": command_line(), "git_commit": git_commit(),
                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, TF {tf.__version__}, "
                           f"load average at start {os.getloadavg()[0]:.1f}",
                "model_dir_config": json.load(open(os.path.join(FLAGS.model_dir, "config.json"))),

@@ -5,8 +5,8 @@ scored with Dice on the 28 structures of Table 1 at full resolution, and the fol
 (Jacobian determinant <= 0) of the full-grid displacement inside the brain (the scan's nonzero
 voxels).
 
-    python bench/refinement.py --model_dir /work/runs/ltnet                 # ~25 min on 2 CPUs
-    python bench/refinement.py --model_dir RUN --parts speed
+    python -m bench.refinement --model_dir RUN                # 25-60 min on 2 CPU cores
+    python -m bench.refinement --model_dir RUN --parts speed
 
 Parts: ``speed`` (one step's wall and CPU time: a naive step, this module without and with XLA, at
 factors 1, 2, 4; in one process, interleaved), ``dice`` (Dice, folds and seconds vs steps for each
@@ -18,35 +18,34 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ltnet_tf import compat  # noqa: F401  (before TensorFlow)
+from bench.provenance import DATA_DIR, git_commit, write_json
 
-from ltnet_tf import compat  # noqa: F401,E402  (before TensorFlow)
-from bench.provenance import git_commit, write_json  # noqa: E402
+import json
+import platform
+import shutil
+import subprocess
+import tempfile
+import textwrap
+import time
 
-import json  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import textwrap  # noqa: E402
-import time  # noqa: E402
+import numpy as np
+import tensorflow as tf
+import voxelmorph as vxm
+from absl import app, flags
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import voxelmorph as vxm  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from ltnet_tf import data, evaluation, export, inference, losses  # noqa: E402
-from ltnet_tf.labels import BENCHMARK_LABELS  # noqa: E402
-from ltnet_tf.modeldir import ModelDir  # noqa: E402
-from ltnet_tf.refinement import Refinement, resample_displacement, to_grid  # noqa: E402
+from ltnet_tf import data, evaluation, export, inference, losses
+from ltnet_tf.labels import BENCHMARK_LABELS
+from ltnet_tf.modeldir import ModelDir
+from ltnet_tf.refinement import Refinement, resample_displacement, to_grid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTES_MARKER = "<!-- findings: written by hand, kept when the tables are rewritten -->"
 
 flags.DEFINE_string("model_dir", None, "Trained run folder (G_F, config).", required=True)
 flags.DEFINE_enum("checkpoint", "auto", ["auto", "best", "last"], "Checkpoint of G_F.")
-flags.DEFINE_string("data_dir", os.path.join(ROOT, "..", "shared", "data"), "Real data.")
+flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "
+                    "../shared/data beside the repository).")
 flags.DEFINE_list("subjects", ["sub-06", "sub-07"], "Validation subjects (images/, labels/).")
 flags.DEFINE_string("results_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
 flags.DEFINE_list("parts", ["speed", "dice", "end_to_end", "saved_model"], "Parts to run.")

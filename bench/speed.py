@@ -1,8 +1,8 @@
-"""Speed and memory benchmark (issue #6): LT-Net training step vs plain VoxelMorph, inference on a
+"""Speed and memory benchmark: LT-Net training step vs plain VoxelMorph, inference on a
 real scan (in-process checkpoint and SavedModel), and the time training waits for tf.data.
 
-    python bench/speed.py                    # ~10 min on 2 CPU cores
-    python bench/speed.py --shape 96 --steps 8
+    python -m bench.speed                    # ~10 min on 2 CPU cores
+    python -m bench.speed --shape 96 --steps 8
 
 Each measurement that reports peak memory runs in its own fresh process (max RSS only grows), so
 every figure is that stage's own peak. Training step times are measured in one process, models
@@ -15,26 +15,25 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ltnet_tf import compat  # noqa: F401  (before TensorFlow)
+from bench.provenance import DATA_DIR, git_commit
 
-from ltnet_tf import compat  # noqa: F401,E402  (before TensorFlow)
-from bench.provenance import git_commit  # noqa: E402
+import json
+import platform
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
 
-import json  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+import numpy as np
+from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 1024 ** 3
 
-flags.DEFINE_string("data_dir", os.path.join(ROOT, "..", "shared", "data"), "Real data.")
+flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "
+                    "../shared/data beside the repository).")
 flags.DEFINE_string("results_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
 flags.DEFINE_integer("shape", 64, "Cubic working shape of the training-step comparison.")
 flags.DEFINE_integer("batch_size", 1, "Scans per training step.")
@@ -163,6 +162,7 @@ def part_train() -> dict:
     """Interleaved step timing of the three models, and the time LT-Net waits for tf.data."""
     import tensorflow as tf
     from ltnet_tf import data
+    from ltnet_tf.dataset import make_training_dataset
     from ltnet_tf.config import preset
 
     shape = (FLAGS.shape,) * 3
@@ -187,7 +187,7 @@ def part_train() -> dict:
     scan_paths = [os.path.join(images, f"sub-0{i}.nii.gz") for i in range(1, 6)]
     pipeline_config = preset("ltnet", atlas_shape=[160, 192, 224], batch_size=FLAGS.batch_size,
                              label_ids=[0, 1])
-    iterator = iter(data.make_training_dataset(scan_paths, pipeline_config))
+    iterator = iter(make_training_dataset(scan_paths, pipeline_config))
     first_batch_start = time.perf_counter()
     next(iterator)
     first_batch_s = time.perf_counter() - first_batch_start
@@ -224,8 +224,8 @@ def part_train() -> dict:
 
 def _discriminator_gradients(config) -> dict:
     """D's gradients (weights and input, as one LT-Net step needs) at the step shape: the
-    discriminator as built, and the same one with strided kernel-4 Conv3D downsamplings (as
-    before issue #6), median of 3 after one warm-up call."""
+    discriminator as built, and the same one with strided kernel-4 Conv3D downsamplings (D's
+    first version), median of 3 after one warm-up call."""
     import tensorflow as tf
     from ltnet_tf.networks import build_discriminator
 
@@ -303,17 +303,18 @@ def _scan_path(name):
 
 
 def part_infer(source: str) -> dict:
-    """End to end through ``cli.predict_files`` in a fresh process, then a warm per-stage split."""
+    """End to end through ``prediction.predict_files`` in a fresh process, then a warm per-stage split."""
     import tensorflow as tf
-    from ltnet_tf import cli, data
-    from ltnet_tf.inference import MIXED_CELL, LabelTransfer, Predictor, \
-        displacement_to_full_grid, warp_image, warp_labels
+    from ltnet_tf import data, prediction
+    from ltnet_tf.inference import (MIXED_CELL, LabelTransfer, resample_displacement,
+                                    warp_image, warp_labels)
+    from ltnet_tf.sources import RunFolderNetwork as Predictor
     from ltnet_tf.modeldir import ModelDir
 
     output_dir = tempfile.mkdtemp(prefix=f"ltnet_speed_{source}_")
     base = max_rss_gib()
     start = time.perf_counter()
-    cli.predict_files(FLAGS.model_dir, _scan_path(FLAGS.scan), os.path.join(output_dir, "e2e"),
+    prediction.predict_files(FLAGS.model_dir, _scan_path(FLAGS.scan), os.path.join(output_dir, "e2e"),
                       source=source)
     end_to_end_s = time.perf_counter() - start
     peak_after_e2e = max_rss_gib()
@@ -348,7 +349,7 @@ def part_infer(source: str) -> dict:
 
         @tf.function
         def label_warp(flow_working):
-            flow = displacement_to_full_grid(flow_working, config, full_shape)
+            flow = resample_displacement(flow_working, config.downsample, full_shape)
             return warp_labels(transfer.atlas_labels, flow, transfer.atlas_cells), flow
 
         @tf.function
@@ -402,7 +403,7 @@ def _plain_vxm_forward_reference(source: str) -> dict:
     import tensorflow as tf
     import voxelmorph as vxm
     from ltnet_tf import data
-    from ltnet_tf.inference import Predictor
+    from ltnet_tf.sources import RunFolderNetwork as Predictor
 
     predictor = Predictor(FLAGS.model_dir, source=source)
     config = predictor.config
@@ -448,7 +449,7 @@ def _run_child(part: str, extra=()) -> dict:
 
 def _markdown(results: dict, command: str) -> str:
     env, lines = results["environment"], []
-    lines += ["# Speed benchmark (issue #6)", "", f"Reproduce: `{command}`", "",
+    lines += ["# Speed benchmark", "", f"Reproduce: `{command}`", "",
               f"TF {env['tensorflow']}, {env['cpu']} ({env['cpu_count']} cores), load average at "
               f"start {env['load_average_start']}, at end {env['load_average_end']}; "
               f"commit {env['git_commit']}.", ""]
@@ -488,7 +489,7 @@ def _markdown(results: dict, command: str) -> str:
         if not infer:
             continue
         lines += [f"## Inference, {source} (one real 160×192×224 scan, downsample 1)", "",
-                  f"- end to end (`cli.predict_files`, fresh process: model load, tracing, read, "
+                  f"- end to end (`prediction.predict_files`, fresh process: model load, tracing, read, "
                   f"segment, write): **{infer['end_to_end_s']:.1f} s**",
                   f"- peak RSS: **{infer['peak_rss_gib']:.2f} GiB**", "",
                   f"Warm split on a second scan ({infer['warm_split_scan']}):", "",
@@ -528,7 +529,7 @@ def main(argv):
         return
 
     import tensorflow as tf
-    command = "python bench/speed.py " + " ".join(a for a in sys.argv[1:])
+    command = "python -m bench.speed " + " ".join(a for a in sys.argv[1:])
     results = {"environment": {
         "tensorflow": tf.__version__, "python": platform.python_version(), "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(), "load_average_start": [round(x, 2) for x in os.getloadavg()],

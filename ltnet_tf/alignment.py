@@ -388,6 +388,5 @@ def align_training_scans(atlas: data.Volume, atlas_path: str, paths, folder=None
 
 def _header_only(path: str) -> data.Volume:
     """Shape and affine of an image file without reading its voxels."""
-    image = data._load_image(path)
-    return data.Volume(data=np.broadcast_to(np.uint8(0), tuple(image.shape[:3])),
-                       affine=np.asarray(image.affine, float), path=path)
+    shape, affine = data.load_grid(path)
+    return data.Volume(data=np.broadcast_to(np.uint8(0), shape), affine=affine, path=path)

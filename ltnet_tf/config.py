@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Optional
+
+from ltnet_tf.files import atomic_write
 
 
 class ConfigError(ValueError):
@@ -164,11 +165,9 @@ class LTNetConfig:
         return cls(**values).validate()
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
+        with atomic_write(path) as f:
             json.dump(self.to_dict(), f, indent=2)
             f.write("\n")
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> "LTNetConfig":
@@ -190,6 +189,30 @@ class LTNetConfig:
 # What ``train.py --resume`` may change in a run; every other field (architecture, grid, which loss
 # terms exist, data order) is fixed once the run has a checkpoint.
 RESUME_CHANGEABLE = ("steps", "g_learning_rate", "d_learning_rate", "label_chunk", "jit_compile")
+
+def resume_config(saved: LTNetConfig, asked: LTNetConfig, given, saved_path: str) -> tuple:
+    """The configuration a resumed run continues with: the run's ``saved`` one, with the fields
+    the user asked to change (``given``: names of explicitly set fields; ``asked``: their values)
+    applied where ``RESUME_CHANGEABLE`` allows. -> (config, {field: (old, new)} changed).
+
+    Raises ConfigError naming ``saved_path`` when any other field would change (architecture,
+    grid, loss terms, data order): those start a new run, they are never silently dropped.
+    """
+    changes, refused = {}, []
+    for name in sorted(given):
+        old, new = getattr(saved, name), getattr(asked, name)
+        if new == old:
+            continue
+        if name in RESUME_CHANGEABLE:
+            changes[name] = (old, new)
+        else:
+            refused.append(f"{name} {old} -> {new}")
+    if refused:
+        raise ConfigError(f"{saved_path}: --resume cannot change {'; '.join(refused)} (only "
+                          f"{', '.join(RESUME_CHANGEABLE)} can change in a run); start a new "
+                          f"--model_dir with --config {saved_path} instead")
+    return saved.replace(**{name: new for name, (_, new) in changes.items()}), changes
+
 
 # The ablation of the paper: each is a set of weights over the same code.
 PRESETS = {
@@ -216,3 +239,48 @@ def preset(name: str, **changes) -> LTNetConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return LTNetConfig().replace(**PRESETS[name], **changes)
+
+
+@dataclass(frozen=True)
+class RefinementSettings:
+    """Test-time refinement (``ltnet_tf.refinement``): Adam on one scan's displacement, on G_F's
+    training objective, coarse to fine. The one place for its defaults: the refinement itself, the
+    export's ``segment_refined`` metadata, ``predict.py``'s flags and the benchmarks read them.
+
+    Defaults measured on real brains (bench/results/refinement.md): ``coarse_steps`` on a grid
+    ``coarse_factor`` times coarser than the atlas (None: the network's working grid), then
+    ``steps`` at ``factor`` (2: half resolution); a learning rate of 0.2 voxels of the grid per step
+    at most; smoothness weight 4 (at the training weight, 1, a displacement free at every voxel
+    folded 1.5-2% of the brain for no better Dice).
+    """
+    steps: int = 10
+    coarse_steps: int = 25
+    factor: int = 2
+    coarse_factor: Optional[int] = None
+    learning_rate: float = 0.2
+    weight_smooth: float = 4.0
+    jit_compile: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "coarse_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"refinement '{name}' must be an integer >= 0, got {value!r}")
+        for name in ("factor", "coarse_factor"):
+            value = getattr(self, name)
+            if value is None and name == "coarse_factor":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"refinement '{name}' must be a positive integer, got {value!r}")
+        for name in ("learning_rate", "weight_smooth"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"refinement '{name}' must be a finite number >= 0, "
+                                  f"got {value!r}")
+
+    def replace(self, **changes) -> "RefinementSettings":
+        """A copy with the given fields changed; None values keep the current ones."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

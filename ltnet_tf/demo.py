@@ -1,7 +1,7 @@
 """The built-in demo: synthesise an atlas and scans, train LT-Net on CPU, segment held-out scans,
 and print the Dice reached against the Dice of no registration (the atlas labels as they are).
 
-    python -m ltnet_tf.demo            # about 10 minutes on a 2-core CPU
+    python -m ltnet_tf.demo            # 2-7 minutes on a 2-core CPU
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 
 from absl import flags
 
-from ltnet_tf import cli, data, evaluation, synthetic
+from ltnet_tf import cli, data, evaluation, prediction, synthetic
 
 DEMO_SETTINGS = dict(downsample=2, steps=400, checkpoint_every=100, g_learning_rate=1e-3,
                      d_learning_rate=1e-4, enc_features="16,16,16", dec_features="16,16,16,16,16")
@@ -58,7 +58,7 @@ def run_demo(workdir: str, steps: int, preset: str = "ltnet", seed: int = 0) -> 
         raise SystemExit(1)
     output_dir = os.path.join(workdir, "segmentations")
     # The network alone, what the demo shows off; predict.py also refines each scan by default.
-    result = cli.predict_files(model_dir, ",".join(test_scans), output_dir, ",".join(test_labels),
+    result = prediction.predict_files(model_dir, ",".join(test_scans), output_dir, ",".join(test_labels),
                                refine=False)
     after = result["dice"]["mean_dice"]
     summary = {"dice_no_registration": sum(before) / len(before), "dice_ltnet": after,

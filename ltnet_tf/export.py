@@ -18,9 +18,13 @@ so the serving side needs TensorFlow only: no ltnet_tf, VoxelMorph or neurite. S
         ``steps`` at the grid factor fixed at export (metadata "refinement"); 0 and 0 give
         ``segment``'s result
 
+    displacement(scan) -> flow_working [B, *working_shape, 3]: G_F's displacement on its
+        working grid (working voxels), for clients that refine or pull labels themselves
+
 Scans are raw intensities on the atlas grid (D, H, W) = config.atlas_shape; min-max normalisation,
 padding and downsampling happen inside the signature. Library functions raise ``ModelDirError`` or
-``DataError`` with a one-line message; ``main`` prints it and exits with status 1.
+``DataError`` with a one-line message; the command line (``ltnet_tf.cli.export_main``) prints it
+and exits with status 1:
 
     python -m ltnet_tf.export --model_dir models/RUN [--checkpoint best] [--version 3]
 """
@@ -33,19 +37,18 @@ import json
 import logging as pylogging
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 
 import numpy as np
 import tensorflow as tf
-from absl import flags, logging
+from absl import logging
 
 import ltnet_tf
-from ltnet_tf.data import DataError
-from ltnet_tf.inference import DISPLACEMENT_SIGNATURE, LabelTransfer
+from ltnet_tf.config import RefinementSettings
+from ltnet_tf.inference import LabelTransfer
 from ltnet_tf.labels import structure_name
-from ltnet_tf.modeldir import ModelDir, ModelDirError
+from ltnet_tf.modeldir import SAVED_MODEL_METADATA, ModelDir, ModelDirError
 from ltnet_tf.refinement import Refinement
 
 SERVING_SIGNATURE = "serving_default"
@@ -54,19 +57,16 @@ SEGMENT_SIGNATURE = "segment"  # segmentation only: what predict.py runs unless 
 SEGMENT_REFINED_SIGNATURE = "segment_refined"
 STEPS_INPUT = "steps"
 COARSE_STEPS_INPUT = "coarse_steps"
-# Refinement grid of segment_refined (2: half the atlas grid; bench/results/refinement.md); 0 or
-# None exports no segment_refined signature.
-REFINE_FACTOR = 2
-# Recommended in the metadata (the client sends its own): bench/results/refinement.md.
-REFINE_STEPS, REFINE_COARSE_STEPS = 10, 25
+DISPLACEMENT_SIGNATURE = "displacement"  # G_F's working-grid displacement alone
+# segment_refined refines on RefinementSettings' fine grid (``refine_factor`` of the export; 0 or
+# None exports no segment_refined) and recommends its step counts in the metadata.
 # XLA makes a refinement step 3x cheaper on CPU (bench/results/refinement.md), but TF Serving runs
 # XLA-compiled functions only when started with --xla_cpu_compilation_enabled=true (experimental),
 # so the default export runs everywhere and XLA is asked for (python -m ltnet_tf.export --refine_xla).
 REFINE_XLA = False
 SCAN_INPUT = "scan"
 OUTPUTS = ("segmentation", "flow", "warped_atlas")
-# TF Serving ignores assets.extra/, so metadata there travels with the version without being served.
-METADATA_PATH = os.path.join("assets.extra", "ltnet_serving.json")
+METADATA_PATH = SAVED_MODEL_METADATA
 METADATA_FORMAT = "ltnet_serving/1"
 
 
@@ -210,8 +210,8 @@ def serving_metadata(config, signatures: dict, checkpoint: str, version: int,
             "factor": refinement.factor, "grid": list(refinement.grid_shape),
             "learning_rate": refinement.learning_rate,
             "weight_smooth": refinement.weight_smooth, "coarse_factor": refinement.coarse_factor,
-            "recommended_steps": REFINE_STEPS,
-            "recommended_coarse_steps": REFINE_COARSE_STEPS if refinement.coarse else 0,
+            "recommended_steps": RefinementSettings().steps,
+            "recommended_coarse_steps": RefinementSettings().coarse_steps if refinement.coarse else 0,
             "xla": refinement.jit_compile}
     return metadata
 
@@ -303,7 +303,8 @@ def _write_saved_model(model_dir: ModelDir, config, generator, checkpoint: str, 
 
 
 def export_saved_model(model_dir, *, which: str = "auto", version=None,
-                       refine_factor=REFINE_FACTOR, refine_xla: bool = REFINE_XLA) -> str:
+                       refine_factor=RefinementSettings().factor,
+                       refine_xla: bool = REFINE_XLA) -> str:
     """Write ``RUN/saved_model/<version>/`` (next free version unless given); returns its path.
 
     ``refine_factor``: grid factor of the ``segment_refined`` signature; 0/None leaves it out.
@@ -358,7 +359,7 @@ def export_generator_h5(model_dir, *, which: str = "auto") -> str:
 
 
 def export_all(model_dir, which: str = "auto", *, version=None,
-               refine_factor=REFINE_FACTOR, refine_xla: bool = REFINE_XLA) -> dict:
+               refine_factor=RefinementSettings().factor, refine_xla: bool = REFINE_XLA) -> dict:
     """Both exports from one restore: {'saved_model', 'generator_h5', 'checkpoint'} paths."""
     model_dir = _as_model_dir(model_dir)
     config, generator, checkpoint = _restore(model_dir, which)
@@ -370,61 +371,7 @@ def export_all(model_dir, which: str = "auto", *, version=None,
     }
 
 
-# ------------------------------------------------------------------------------- command line
-def _flag_values() -> flags.FlagValues:
-    # Own FlagValues: the training CLI defines --model_dir on the global FLAGS too.
-    fv = flags.FlagValues()
-    flags.DEFINE_string("model_dir", None, "Run folder written by train.py.", flag_values=fv)
-    flags.DEFINE_enum("checkpoint", "auto", ["auto", "best", "last"],
-                      "Checkpoint to export: best (validation Dice), last, or best if any, "
-                      "else last.",
-                      flag_values=fv)
-    flags.DEFINE_integer("version", None, "SavedModel version folder (default: newest + 1).",
-                         lower_bound=1, flag_values=fv)
-    flags.DEFINE_bool("verbose", False, "Show TensorFlow's start-up and C++ log lines.",
-                      flag_values=fv)
-    flags.DEFINE_integer("refine_factor", REFINE_FACTOR,
-                         "Grid factor of the segment_refined signature (test-time refinement); "
-                         "0 exports none.", lower_bound=0, flag_values=fv)
-    flags.DEFINE_bool("refine_xla", REFINE_XLA,
-                      "XLA-compile the refinement step of segment_refined (3x faster on CPU; TF "
-                      "Serving then needs --xla_cpu_compilation_enabled=true).", flag_values=fv)
-    return fv
+if __name__ == "__main__":  # python -m ltnet_tf.export (the command line lives in ltnet_tf.cli)
+    from ltnet_tf.cli import export_entry
 
-
-def main(argv=None) -> int:
-    """``python -m ltnet_tf.export --model_dir RUN``; returns the exit status."""
-    argv = list(sys.argv if argv is None else argv)
-    fv = _flag_values()
-    if any(arg in ("-h", "--help", "-help", "--helpfull", "--helpshort") for arg in argv[1:]):
-        print(f"usage: python -m ltnet_tf.export --model_dir RUN [--checkpoint auto|best|last] "
-              f"[--version N] [--refine_factor F] [--[no]refine_xla]\n\n{fv.get_help()}")
-        return 0
-    try:
-        extra = fv(argv)[1:]
-        if extra:
-            raise flags.Error(f"unexpected arguments: {' '.join(extra)}")
-        if not fv.model_dir:
-            raise flags.Error("--model_dir is required")
-    except flags.Error as e:
-        print(f"ltnet_tf.export: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 1
-    try:
-        paths = export_all(fv.model_dir, fv.checkpoint, version=fv.version,
-                           refine_factor=fv.refine_factor, refine_xla=fv.refine_xla)
-    except (ModelDirError, DataError) as e:
-        print(f"ltnet_tf.export: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-              file=sys.stderr)
-        return 1
-    print(f"SavedModel: {paths['saved_model']}\nVoxelMorph G_F: {paths['generator_h5']}\n"
-          f"from checkpoint: {paths['checkpoint']}")
-    return 0
-
-
-def entry():
-    """Console script ``ltnet-export``."""
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    entry()
+    export_entry()

@@ -27,17 +27,16 @@ import itertools
 
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from ltnet_tf import data
 from ltnet_tf.config import LTNetConfig
 
 
-def _resize_axis(volume: tf.Tensor, axis: int, factor: int, size: int) -> tf.Tensor:
-    """Linear upsampling along one axis, voxel centres aligned with average-pool downsampling.
+def _resize_axis(volume: tf.Tensor, axis: int, factor: float, size: int) -> tf.Tensor:
+    """Linear resampling along one axis, voxel centres aligned with average-pool downsampling.
 
-    Full-grid voxel i lies at working coordinate (i + 0.5) / factor - 0.5; beyond the first and last
-    working voxel the edge value is kept.
+    Target voxel i lies at source coordinate (i + 0.5) / factor - 0.5; beyond the first and last
+    source voxel the edge value is kept.
     """
     in_size = volume.shape[axis]
     coords = (tf.range(size, dtype=tf.float32) + 0.5) / factor - 0.5
@@ -53,23 +52,18 @@ def _resize_axis(volume: tf.Tensor, axis: int, factor: int, size: int) -> tf.Ten
             + tf.gather(volume, upper, axis=axis) * weight)
 
 
-def working_grid_displacement(flow: tf.Tensor, config: LTNetConfig) -> tf.Tensor:
-    """Back from ``displacement_to_full_grid``: average pooling of its linear upsampling returns
-    the working displacement exactly where that is linear (away from the edges, where the
-    upsampling held the edge value), within an eighth of its second difference per axis elsewhere;
-    in working voxels. For SavedModels exported before the ``displacement`` signature."""
-    flow_working = data.to_working_grid(tf.cast(flow, tf.float32), config)
-    return flow_working / float(config.downsample)
+def resample_displacement(flow: tf.Tensor, ratio: float, shape) -> tf.Tensor:
+    """A displacement [B, d, h, w, 3] on a grid ``ratio`` times coarser than the target grid ->
+    [B, *shape, 3] on the target grid, linearly, voxel centres aligned as average pooling places
+    them, values rescaled to target voxels. ``ratio`` may be < 1 (target coarser); ratio 1 crops.
 
-
-def displacement_to_full_grid(flow: tf.Tensor, config: LTNetConfig, full_shape) -> tf.Tensor:
-    """Working-grid displacement [B, *working, 3] -> full grid [B, *full_shape, 3], in full voxels."""
-    factor = config.downsample
-    if factor == 1:
-        return flow[:, :full_shape[0], :full_shape[1], :full_shape[2], :]
-    for axis, size in enumerate(full_shape, start=1):
-        flow = _resize_axis(flow, axis, factor, size)
-    return flow * float(factor)
+    E.g. G_F's working-grid displacement to the atlas grid: ``ratio = config.downsample``.
+    """
+    if ratio == 1:
+        return flow[:, :shape[0], :shape[1], :shape[2], :]
+    for axis, size in enumerate(shape, start=1):
+        flow = _resize_axis(flow, axis, ratio, size)
+    return flow * float(ratio)
 
 
 def _sampling_points(flow: tf.Tensor, shape) -> tf.Tensor:
@@ -176,8 +170,6 @@ def warp_image(image: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
                       [-1, *shape, 1])
 
 
-# The SavedModel signature that returns G_F's working-grid displacement alone (ltnet_tf.export).
-DISPLACEMENT_SIGNATURE = "displacement"
 
 
 class LabelTransfer(tf.Module):
@@ -244,7 +236,7 @@ class LabelTransfer(tf.Module):
         scan_normalized = data.normalize_intensity(tf.cast(scan, tf.float32))
         flow_working = self._working_flow(scan_normalized, atlas_working)
         if refinement is None:
-            flow = displacement_to_full_grid(flow_working, self.config, self.full_shape)
+            flow = resample_displacement(flow_working, self.config.downsample, self.full_shape)
         else:
             flow = refinement(scan_normalized, flow_working)["flow"]
         segmentation = warp_labels(atlas_labels, flow, atlas_cells)
@@ -259,86 +251,3 @@ class LabelTransfer(tf.Module):
     @tf.function
     def __call__(self, scan):
         return self.transfer(scan)
-
-
-# ------------------------------------------------------------------------------- files -> files
-def load_serving_signatures(saved_model: str, fall_back: bool):
-    """The signatures of the SavedModel folder ``saved_model``. A damaged one (``variables/`` gone,
-    ``saved_model.pb`` truncated, an empty version folder) is a one-line ModelDirError naming it,
-    or with ``fall_back`` a warning and None, so that the caller rebuilds G_F from a checkpoint."""
-    from ltnet_tf.modeldir import ModelDirError  # noqa: F811 (avoid import cycle)
-
-    try:
-        signatures = tf.saved_model.load(saved_model).signatures
-        if "serving_default" not in signatures:
-            raise ValueError("no serving_default signature")
-    except Exception as e:  # noqa: BLE001  (protobuf, OSError, OpError... all mean "damaged")
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if not fall_back:
-            raise ModelDirError(f"{saved_model}: damaged SavedModel, cannot be loaded ({reason}); "
-                                f"re-export it with python -m ltnet_tf.export") from None
-        logging.warning("%s: damaged SavedModel, using the checkpoint instead (%s)", saved_model,
-                        reason)
-        return None
-    return signatures
-
-
-class Predictor:
-    """Segments scans with a trained run folder, from its SavedModel (default) or a checkpoint.
-
-    The SavedModel is the default because it is exactly what TF Serving runs; ``source='checkpoint'``
-    rebuilds G_F from ``config.json`` and a checkpoint ('best' if the run validated, else 'last').
-    """
-
-    def __init__(self, model_dir, source: str = "auto", checkpoint: str = "auto"):
-        from ltnet_tf.modeldir import ModelDir, ModelDirError  # noqa: F811 (avoid import cycle)
-
-        if source not in ("auto", "saved_model", "checkpoint"):
-            raise ValueError(f"source must be auto, saved_model or checkpoint, got {source!r}")
-        self.model_dir = ModelDir(model_dir).check()
-        self.config = self.model_dir.load_config()
-        self.atlas, self.atlas_labels = self.model_dir.load_atlas()
-        saved_model = self.model_dir.latest_saved_model()
-        if source == "saved_model" and saved_model is None:
-            raise ModelDirError(f"{self.model_dir.path}: no SavedModel in saved_model/ "
-                                f"(run python -m ltnet_tf.export --model_dir {self.model_dir.path})")
-        signatures = None
-        if source != "checkpoint" and saved_model is not None:
-            signatures = load_serving_signatures(saved_model, fall_back=source == "auto")
-        if signatures is not None:
-            full = signatures["serving_default"]
-            only_labels = signatures.get("segment", full)  # exports before 'segment' existed
-            self._segment = lambda scan, extras: (full if extras else only_labels)(
-                scan=tf.constant(scan))
-            working = signatures.get(DISPLACEMENT_SIGNATURE)
-            if working is not None:
-                self._working_displacement = lambda scan: working(
-                    scan=tf.constant(scan))["flow_working"]
-            else:  # exports before that signature: their full-grid flow, back on the working grid
-                self._working_displacement = lambda scan: working_grid_displacement(
-                    full(scan=tf.constant(scan))["flow"], self.config)
-            self.source = saved_model
-        else:
-            generator = self.model_dir.restore_forward_generator(self.config, checkpoint)
-            label_transfer = LabelTransfer(generator, self.config, self.atlas.data,
-                                           self.atlas_labels.data)
-            transfer = tf.function(label_transfer.transfer)
-            segment = tf.function(label_transfer.segment)
-            self._segment = lambda scan, extras: (transfer if extras else segment)(scan)
-            displacement = tf.function(label_transfer.displacement)
-            self._working_displacement = lambda scan: displacement(scan)["flow_working"]
-            self.source = self.model_dir.checkpoint(checkpoint)
-
-    def segment(self, scan: "data.Volume", extras: bool = True) -> dict:
-        """One scan on the atlas grid -> {'segmentation' [D,H,W] label IDs, and with ``extras``
-        'flow' [D,H,W,3] and 'warped_atlas' [D,H,W,1]}."""
-        data.check_same_grid(self.atlas, scan, strict=False)
-        outputs = self._segment(scan.data[None, ..., None].astype(np.float32), extras)
-        return {name: value[0].numpy() for name, value in outputs.items()}
-
-    def working_displacement(self, scan: "data.Volume") -> np.ndarray:
-        """G_F's displacement on its working grid [*working_shape, 3] (working voxels, pull) for a
-        scan on the atlas grid; ``displacement_to_full_grid`` or a refinement takes it from there."""
-        data.check_same_grid(self.atlas, scan, strict=False)
-        return np.asarray(self._working_displacement(
-            scan.data[None, ..., None].astype(np.float32))[0])

@@ -1,27 +1,36 @@
-"""The run folder: everything a trained model needs, self-contained (nnU-Net style).
+"""The run folder: everything a trained model needs, self-contained (nnU-Net style). ``ModelDir`` is
+its one owner: it creates it, names every file in it, and reads it back.
 
     RUN/config.json             the resolved LTNetConfig (atlas grid and label IDs included)
     RUN/atlas.nii.gz            copy of the atlas image, and
     RUN/atlas_labels.nii.gz     of its label map (so the folder is all a predictor needs)
     RUN/checkpoints/ckpt-N      training checkpoints (networks + optimisers), newest kept
     RUN/best/ckpt-N             the checkpoint with the best validation Dice (when validating)
+    RUN/best/best.json          its step and validation Dice
     RUN/validation.json         validation mean Dice at every checkpoint step
     RUN/generator.h5            G_F for VoxelMorph: vxm.networks.VxmDense.load(path)
-    RUN/saved_model/<version>/  the TF Serving SavedModel
+    RUN/saved_model/<version>/  the TF Serving SavedModel (its metadata in assets.extra/)
     RUN/logs/                   TensorBoard
-    RUN/qc.png                  mid slices of a scan with its transferred labels
+    RUN/qc.png                  slices of a scan with its transferred labels
 """
 from __future__ import annotations
 
 from ltnet_tf import compat  # noqa: F401
 
+import json
 import os
+import time
 
 import tensorflow as tf
+from absl import logging
 
 from ltnet_tf import data
-from ltnet_tf.config import ConfigError, LTNetConfig
+from ltnet_tf.config import RESUME_CHANGEABLE, ConfigError, LTNetConfig, resume_config
+from ltnet_tf.files import atomic_write
 from ltnet_tf.networks import ForwardGenerator
+
+# TF Serving ignores assets.extra/, so metadata there travels with the version without being served.
+SAVED_MODEL_METADATA = os.path.join("assets.extra", "ltnet_serving.json")
 
 
 class ModelDirError(ValueError):
@@ -69,11 +78,57 @@ class ModelDir:
     atlas_labels_path = property(lambda self: self._join("atlas_labels.nii.gz"))
     checkpoint_dir = property(lambda self: self._join("checkpoints"))
     best_checkpoint_dir = property(lambda self: self._join("best"))
+    best_record_path = property(lambda self: self._join("best", "best.json"))
     generator_h5_path = property(lambda self: self._join("generator.h5"))
     saved_model_base = property(lambda self: self._join("saved_model"))
     log_dir = property(lambda self: self._join("logs"))
     qc_path = property(lambda self: self._join("qc.png"))
     validation_history_path = property(lambda self: self._join("validation.json"))
+
+    # ---------------------------------------------------------------- creating and resuming
+    def holds_run(self) -> bool:
+        """A config with a checkpoint or an export. A config alone is a start that failed (e.g. a
+        scan that went bad before the first checkpoint): it may be started again."""
+        return os.path.exists(self.config_path) and bool(
+            tf.train.latest_checkpoint(self.checkpoint_dir) or self.saved_model_versions())
+
+    def create(self, config: LTNetConfig, atlas, atlas_labels) -> LTNetConfig:
+        """A new run: the folder, the atlas copies and ``config.json``. Raises ModelDirError when
+        the folder already holds a run or cannot be written."""
+        if self.holds_run():
+            raise ModelDirError(f"{self.path}: folder already holds a run; pass --resume to "
+                                f"continue it or choose another --model_dir")
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as e:
+            raise ModelDirError(f"{self.path}: cannot create model folder ({e.strerror})") from None
+        if not os.access(self.path, os.W_OK):
+            raise ModelDirError(f"{self.path}: model folder is not writable")
+        data.save_nifti(atlas.data, atlas.affine, self.atlas_path, header=atlas.header)
+        data.save_nifti(atlas_labels.data, atlas_labels.affine, self.atlas_labels_path,
+                        header=atlas_labels.header)
+        config.save(self.config_path)
+        return config
+
+    def resumed_config(self, config: LTNetConfig) -> LTNetConfig:
+        """The run's saved config with the fields that may change mid-run (``RESUME_CHANGEABLE``)
+        taken from ``config``; the atlas must be the run's. Nothing is written: ``config.json`` is
+        rewritten only once the checkpoint is restored, so a resume that fails leaves it as it was."""
+        saved = self.check().load_config()
+        if saved.atlas_shape != config.atlas_shape or saved.label_ids != config.label_ids:
+            raise ModelDirError(f"{self.path}: --resume with a different atlas than the run's")
+        return saved.replace(**{name: getattr(config, name) for name in RESUME_CHANGEABLE})
+
+    def resume_config(self, asked: LTNetConfig, given) -> LTNetConfig:
+        """What ``train.py --resume`` continues with: the saved config, with the explicitly
+        ``given`` fields of ``asked`` applied where a run may change them (and said); any other
+        change raises ConfigError (see ``config.resume_config``)."""
+        config, changes = resume_config(LTNetConfig.load(self.config_path), asked, given,
+                                        self.config_path)
+        if changes:
+            print("resuming with " + ", ".join(f"{k}={old} -> {new}"
+                                               for k, (old, new) in changes.items()), flush=True)
+        return config
 
     # ---------------------------------------------------------------- reading a trained folder
     def check(self) -> "ModelDir":
@@ -101,10 +156,11 @@ class ModelDir:
         """(atlas Volume, atlas label Volume)."""
         return data.load_scan(self.atlas_path), data.load_label_map(self.atlas_labels_path)
 
+    # ---------------------------------------------------------------- checkpoints
     def checkpoint(self, which: str = "auto") -> str:
         """Path of the 'best', 'last' or ('auto') best-if-any-else-last checkpoint."""
         if which not in ("auto", "best", "last"):
-            raise ValueError(f"checkpoint must be auto, best or last, got {which!r}")
+            raise ModelDirError(f"checkpoint must be auto, best or last, got {which!r}")
         best = tf.train.latest_checkpoint(self.best_checkpoint_dir)
         last = tf.train.latest_checkpoint(self.checkpoint_dir)
         chosen = {"best": best, "last": last, "auto": best or last}[which]
@@ -116,6 +172,20 @@ class ModelDir:
             raise ModelDirError(f"{self.path}: no {'' if which == 'auto' else which + ' '}"
                                 f"checkpoint found (train first)")
         return chosen
+
+    def newest_intact_checkpoint(self) -> str:
+        """The newest checkpoint that reads back whole; a damaged newer one is skipped with a
+        warning (it is overwritten when training reaches its step again)."""
+        candidates = checkpoints_newest_first(self.checkpoint_dir)
+        if not candidates:
+            raise ModelDirError(f"{self.path}: nothing to resume (no checkpoint)")
+        for path in candidates:
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            logging.warning("%s: damaged checkpoint, skipped (%s)", path, problem)
+        raise ModelDirError(f"{self.checkpoint_dir}: nothing to resume, every checkpoint is "
+                            f"damaged ({', '.join(os.path.basename(p) for p in candidates)})")
 
     def restore_forward_generator(self, config: LTNetConfig = None, which: str = "auto"):
         """G_F rebuilt from the config with the chosen checkpoint's weights; loud on mismatch."""
@@ -137,7 +207,37 @@ class ModelDir:
                                 f"({reason})") from None
         return generator
 
-    # ---------------------------------------------------------------- versions for TF Serving
+    # ---------------------------------------------------------------- validation records
+    def _best_record(self, directory=None) -> str:
+        return (self.best_record_path if directory is None
+                else os.path.join(directory, os.path.basename(self.best_record_path)))
+
+    def best_validation_dice(self, directory: str = None) -> float:
+        """The best validation Dice recorded so far (-1 before any). ``directory``: where the
+        best checkpoint is kept, if not ``best/`` (a non-chief worker's scratch copy)."""
+        path = self._best_record(directory)
+        if not os.path.isfile(path):
+            return -1.0
+        with open(path) as f:
+            return json.load(f)["val_dice"]
+
+    def record_best(self, step: int, dice: float, directory: str = None) -> None:
+        """``best/best.json``: the step and validation Dice of the best checkpoint."""
+        with atomic_write(self._best_record(directory)) as f:
+            json.dump({"step": step, "val_dice": dice}, f)
+
+    def append_validation(self, step: int, dice: float) -> None:
+        """``validation.json``: every validation, the Dice-vs-steps curve (a resumed tail is
+        replaced)."""
+        history = []
+        if os.path.isfile(self.validation_history_path):
+            with open(self.validation_history_path) as f:
+                history = [r for r in json.load(f) if r["step"] < step]
+        history.append({"step": step, "val_dice": dice, "time": time.time()})
+        with atomic_write(self.validation_history_path) as f:
+            json.dump(history, f, indent=1)
+
+    # ---------------------------------------------------------------- exports
     def saved_model_versions(self) -> list:
         if not os.path.isdir(self.saved_model_base):
             return []
@@ -146,3 +246,20 @@ class ModelDir:
     def latest_saved_model(self):
         versions = self.saved_model_versions()
         return os.path.join(self.saved_model_base, str(versions[-1])) if versions else None
+
+    def saved_model_metadata(self, saved_model: str = None) -> dict:
+        """The export metadata of ``saved_model`` (default: the newest version)."""
+        saved_model = saved_model or self.latest_saved_model()
+        with open(os.path.join(saved_model, SAVED_MODEL_METADATA)) as f:
+            return json.load(f)
+
+    def is_exported(self) -> bool:
+        """The newest SavedModel and generator.h5 exist and come from the checkpoint an export would
+        use now, so exporting again would only add an identical version."""
+        if self.latest_saved_model() is None or not os.path.isfile(self.generator_h5_path):
+            return False
+        try:
+            exported_from = self.saved_model_metadata()["checkpoint"]
+            return exported_from == os.path.relpath(self.checkpoint("auto"), self.path)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False

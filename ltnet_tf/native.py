@@ -14,7 +14,7 @@ from ltnet_tf import compat  # noqa: F401
 import numpy as np
 import tensorflow as tf
 
-from ltnet_tf import data, inference
+from ltnet_tf import inference
 
 # Native voxels are processed this many at a time (memory ~100 bytes per point).
 POINTS_PER_CHUNK = 1 << 21
@@ -86,90 +86,3 @@ def structure_volumes_mm3(segmentation: np.ndarray, affine: np.ndarray, label_id
     found = dict(zip(ids.tolist(), counts.tolist()))
     return {int(label): found.get(int(label), 0) * voxel_mm3 for label in label_ids
             if int(label) != 0}
-
-
-# ------------------------------------------------------------------------------ scan -> answer
-class NativeSegmenter:
-    """A scan on any grid -> its segmentation on that grid: align (unless it is on the atlas grid),
-    run G_F on the aligned scan (optionally refine), pull the atlas labels onto the native voxels."""
-
-    def __init__(self, predictor, align: str = "auto", settings=None):
-        from ltnet_tf import alignment
-
-        if align not in ("auto", "never"):
-            raise ValueError(f"align must be auto or never, got {align!r}")
-        self.predictor = predictor
-        self.align_mode = align
-        self.aligner = alignment.AtlasAligner(predictor.atlas,
-                                              settings or alignment.AlignmentSettings())
-        self.pull = NativeLabelPull(predictor.atlas_labels.data)
-        self.refine = None  # callable (aligned scan Volume, flow) -> flow, see ltnet_tf.refinement
-
-    def needs_alignment(self, scan) -> bool:
-        from ltnet_tf import alignment
-
-        return self.align_mode == "auto" and not alignment.on_atlas_grid(self.predictor.atlas, scan)
-
-    def check(self, scan) -> None:
-        """Cheap checks before anything is written: grid (without alignment) or brain plausibility."""
-        from ltnet_tf import data
-
-        if self.needs_alignment(scan):
-            self.aligner.check_brain(scan)
-        elif tuple(scan.shape) != tuple(self.predictor.atlas.shape):
-            raise data.DataError(f"{scan.path}: shape {tuple(scan.shape)} differs from the atlas "
-                                 f"grid {tuple(self.predictor.atlas.shape)} (use --align auto to "
-                                 f"align scans on other grids)")
-
-    def segment(self, scan, *, keep_aligned: bool = False, extras: bool = False) -> dict:
-        """{'segmentation' (scan grid), 'alignment', 'seconds' {stage: s}, and with ``keep_aligned``
-        'aligned_scan', 'aligned_segmentation'; with ``extras`` 'flow', 'warped_atlas' (atlas grid)}."""
-        import time
-
-        from ltnet_tf import alignment as alignment_lib
-
-        seconds = {}
-        start = time.time()
-        alignment = (self.aligner.align(scan) if self.needs_alignment(scan)
-                     else alignment_lib.identity(self.predictor.atlas, scan))
-        aligned = alignment.resample_scan(scan)
-        seconds["align"] = time.time() - start
-        result = {"alignment": alignment, "seconds": seconds}
-        if alignment.skipped and self.refine is None and not keep_aligned:
-            start = time.time()
-            outputs = self.predictor.segment(aligned, extras=extras)
-            seconds["network_and_labels"] = time.time() - start
-            result.update(outputs)
-            return result
-        start = time.time()
-        flow_working = self.predictor.working_displacement(aligned)
-        if self.refine is None:
-            flow = inference.displacement_to_full_grid(
-                tf.constant(flow_working[None]), self.predictor.config,
-                self.predictor.atlas.shape)[0].numpy()
-        seconds["network"] = time.time() - start
-        if self.refine is not None:
-            start = time.time()
-            flow = self.refine(aligned, flow_working)
-            seconds["refine"] = time.time() - start
-        start = time.time()
-        atlas_grid_labels = None
-        if alignment.skipped or keep_aligned:
-            atlas_grid_labels = inference.warp_labels(self.pull.atlas_labels, flow[None],
-                                                      self.pull.atlas_cells)[0].numpy()
-        if alignment.skipped:
-            result["segmentation"] = atlas_grid_labels
-        else:
-            result["segmentation"] = self(flow, alignment, scan.shape)
-        seconds["labels"] = time.time() - start
-        if keep_aligned:
-            result.update(aligned_scan=aligned, aligned_segmentation=atlas_grid_labels)
-        if extras:
-            atlas = data.normalize_intensity(tf.constant(
-                self.predictor.atlas.data[None, ..., None], tf.float32))[0, ..., 0]
-            warped = inference.warp_image(atlas, flow[None])[0].numpy()
-            result.update(flow=flow, warped_atlas=warped)
-        return result
-
-    def __call__(self, flow, alignment, native_shape) -> np.ndarray:
-        return self.pull(flow, alignment.scan_voxel_to_atlas_voxel, native_shape)

@@ -33,8 +33,9 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from ltnet_tf import data, inference
-from ltnet_tf.config import LTNetConfig
+from ltnet_tf import data
+from ltnet_tf.config import LTNetConfig, RefinementSettings
+from ltnet_tf.inference import resample_displacement
 
 
 # ------------------------------------------------------------------------------- the loss terms
@@ -162,17 +163,6 @@ def to_grid(volume: tf.Tensor, factor: int) -> tf.Tensor:
     return padded[..., 0]
 
 
-def resample_displacement(flow: tf.Tensor, ratio: float, shape) -> tf.Tensor:
-    """Displacement on a grid ``ratio`` times coarser than the target grid -> target ``shape``,
-    linearly, voxel centres aligned as average pooling places them; values rescaled to target
-    voxels. ``ratio`` may be < 1 (target coarser)."""
-    if ratio == 1:
-        return flow[:, :shape[0], :shape[1], :shape[2], :]
-    for axis, size in enumerate(shape, start=1):
-        flow = inference._resize_axis(flow, axis, ratio, size)
-    return flow * float(ratio)
-
-
 # ------------------------------------------------------------------------------- the optimiser
 class GridStage:
     """Adam on a correction of the displacement at one grid (the atlas grid shrunk ``factor``
@@ -236,43 +226,36 @@ class Refinement(tf.Module):
     Coarse to fine: ``coarse_steps`` steps at grid factor ``coarse_factor`` (default: the
     network's working grid, where a step costs ~10x less) first, then ``steps`` at ``factor``.
     What is optimised at each grid is a correction added to G_F's displacement, so the result is
-    G_F's displacement exactly as ``inference.displacement_to_full_grid`` puts it on the full grid
+    G_F's displacement exactly as ``inference.resample_displacement`` puts it on the full grid
     plus the upsampled corrections: 0 steps changes nothing.
 
-    Defaults are the measured recommendation (bench/results/refinement.md): 25 steps at the
-    working grid, then 10 at half resolution, learning rate 0.2 (voxels of the grid per step, at
-    most), and ``weight_smooth`` 4: with a displacement free at every voxel, the training weight
-    (1) let 1.5-2% of the brain's voxels fold for no better Dice.
+    ``settings``: a ``config.RefinementSettings`` (default: its measured defaults); keyword
+    ``options`` override its fields (steps, factor, learning_rate, weight_smooth, coarse_steps,
+    coarse_factor, jit_compile). Raises ConfigError (a ValueError) for invalid settings.
     """
 
-    def __init__(self, config: LTNetConfig, atlas_image_normalized_full, steps: int = 10,
-                 factor: int = 2, learning_rate: float = 0.2, weight_smooth: float = 4.0,
-                 coarse_steps: int = 25, coarse_factor: int = None, jit_compile: bool = True,
-                 name: str = "refinement"):
+    def __init__(self, config: LTNetConfig, atlas_image_normalized_full,
+                 settings: RefinementSettings = None, name: str = "refinement", **options):
         super().__init__(name=name)
-        coarse_factor = config.downsample if coarse_factor is None else coarse_factor
-        for label, value in (("factor", factor), ("coarse_factor", coarse_factor)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{label} must be a positive integer, got {value!r}")
-        for label, value in (("steps", steps), ("coarse_steps", coarse_steps)):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{label} must be an integer >= 0, got {value!r}")
+        settings = (settings or RefinementSettings()).replace(**options)
+        coarse_factor = (config.downsample if settings.coarse_factor is None
+                         else settings.coarse_factor)
         atlas = tf.convert_to_tensor(atlas_image_normalized_full, tf.float32)
         self.config = config
         self.full_shape = tuple(atlas.shape.as_list())
-        self.factor = factor
-        self.steps = steps
-        self.learning_rate = float(learning_rate)
-        self.weight_smooth = float(config.weight_smooth if weight_smooth is None else weight_smooth)
-        self.jit_compile = bool(jit_compile)
+        self.factor = settings.factor
+        self.steps = settings.steps
+        self.learning_rate = float(settings.learning_rate)
+        self.weight_smooth = float(settings.weight_smooth)
+        self.jit_compile = bool(settings.jit_compile)
         stage = lambda f: GridStage(atlas, f, config.ncc_window, self.learning_rate,  # noqa: E731
                                     self.weight_smooth, self.jit_compile)
-        self.fine = stage(factor)
+        self.fine = stage(self.factor)
         self.grid_shape = self.fine.grid_shape
         # A coarse stage only where it is coarser than the fine grid.
-        self.coarse = stage(coarse_factor) if coarse_factor > factor else None
+        self.coarse = stage(coarse_factor) if coarse_factor > self.factor else None
         self.coarse_factor = coarse_factor if self.coarse else None
-        self.coarse_steps = coarse_steps if self.coarse else 0
+        self.coarse_steps = settings.coarse_steps if self.coarse else 0
 
     def __call__(self, scan_normalized: tf.Tensor, flow_working: tf.Tensor, steps=None,
                  coarse_steps=None) -> dict:
@@ -284,7 +267,7 @@ class Refinement(tf.Module):
         flow_working = tf.cast(flow_working, tf.float32)
         scan_normalized = tf.cast(scan_normalized, tf.float32)
         working = self.config.downsample
-        flow = inference.displacement_to_full_grid(flow_working, self.config, self.full_shape)
+        flow = resample_displacement(flow_working, self.config.downsample, self.full_shape)
         fine_start = resample_displacement(flow_working, working / self.factor, self.grid_shape)
         if self.coarse is not None:
             coarse = self.coarse
@@ -303,11 +286,11 @@ class Refinement(tf.Module):
                 "loss_start": self.fine.loss(scan_sums, g_f_start)}
 
     @classmethod
-    def for_label_transfer(cls, label_transfer, **options) -> "Refinement":
-        """The refinement of ``label_transfer``'s G_F: its config and atlas; ``options`` as
-        ``__init__`` (steps, factor, learning_rate, weight_smooth, coarse_steps, coarse_factor,
-        jit_compile)."""
-        return cls(label_transfer.config, label_transfer.atlas_full, **options)
+    def for_label_transfer(cls, label_transfer, settings: RefinementSettings = None,
+                           **options) -> "Refinement":
+        """The refinement of ``label_transfer``'s G_F: its config and atlas; ``settings`` and
+        ``options`` as ``__init__``."""
+        return cls(label_transfer.config, label_transfer.atlas_full, settings, **options)
 
 
 # ------------------------------------------------------------------------------- predict.py
@@ -315,11 +298,11 @@ class ScanRefiner:
     """Refinement as ``predict.py`` runs it, for one aligned scan (a ``data.Volume`` on the atlas
     grid) and G_F's displacement as ``Predictor.working_displacement`` returns it."""
 
-    def __init__(self, config: LTNetConfig, atlas_image, **options):
+    def __init__(self, config: LTNetConfig, atlas_image, settings: RefinementSettings = None):
         self.config = config
         atlas = data.normalize_intensity(
             tf.constant(np.asarray(atlas_image, np.float32)[None, ..., None]))
-        self.refinement = Refinement(config, atlas[0, ..., 0], **options)
+        self.refinement = Refinement(config, atlas[0, ..., 0], settings)
 
     def settings(self) -> dict:
         r = self.refinement
@@ -334,9 +317,3 @@ class ScanRefiner:
         scan_normalized = data.normalize_intensity(
             tf.constant(np.asarray(scan.data, np.float32)[None, ..., None]))
         return self.refinement(scan_normalized, flow_working[None])["flow"][0].numpy()
-
-
-def for_predictor(predictor, **options) -> ScanRefiner:
-    """``options``: those of ``Refinement`` that are not None (the rest keep its defaults)."""
-    options = {k: v for k, v in options.items() if v is not None}
-    return ScanRefiner(predictor.config, predictor.atlas.data, **options)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ltnet_tf import data
+from ltnet_tf import dataset as datasets
 from ltnet_tf.config import LTNetConfig
 from ltnet_tf.data import DataError
 
@@ -326,7 +327,7 @@ def scan_order(dataset, n):
 def test_training_dataset_shapes_and_dtype(tmp_path):
     paths = marked_scans(tmp_path / "images", 3)
     config = small_config(downsample=1, batch_size=2, atlas_shape=[8, 9, 10])
-    dataset = data.make_training_dataset(paths, config)
+    dataset = datasets.make_training_dataset(paths, config)
     assert dataset.element_spec.shape.as_list() == [2, *config.working_shape(), 1]
     for batch in dataset.take(3):  # repeats past the end of the 3 scans
         assert batch.dtype == tf.float32
@@ -334,7 +335,7 @@ def test_training_dataset_shapes_and_dtype(tmp_path):
     policy = dataset.options().experimental_distribute.auto_shard_policy
     assert policy == tf.data.experimental.AutoShardPolicy.DATA
 
-    ordered = data.make_training_dataset(tmp_path / "images", small_config(),
+    ordered = datasets.make_training_dataset(tmp_path / "images", small_config(),
                                          shuffle=False, repeat=False)
     assert scan_order(ordered, 10) == [0, 1, 2]  # shape taken from the first scan, no repeat
 
@@ -344,7 +345,7 @@ def test_training_dataset_order_depends_on_seed(tmp_path):
 
     def order(seed):
         config = small_config(batch_size=1, seed=seed, atlas_shape=[8, 9, 10])
-        return scan_order(data.make_training_dataset(paths, config), 12)
+        return scan_order(datasets.make_training_dataset(paths, config), 12)
 
     seed0, seed1 = order(0), order(1)
     assert sorted(seed0[:6]) == sorted(seed0[6:]) == list(range(6))  # each epoch is a permutation
@@ -356,13 +357,13 @@ def test_training_dataset_order_depends_on_seed(tmp_path):
 def test_cached_and_streamed_datasets_give_the_same_batches(tmp_path, monkeypatch):
     paths = marked_scans(tmp_path / "images", 5)
     config = small_config(batch_size=1, seed=3, atlas_shape=[8, 9, 10])
-    assert data.dataset_fits_in_memory(5, config)
-    cached = scan_order(data.make_training_dataset(paths, config, skip_batches=2), 12)
-    monkeypatch.setattr(data, "CACHE_LIMIT_BYTES", 0)
-    assert not data.dataset_fits_in_memory(5, config)
-    streamed = scan_order(data.make_training_dataset(paths, config, skip_batches=2), 12)
+    assert datasets.dataset_fits_in_memory(5, config)
+    cached = scan_order(datasets.make_training_dataset(paths, config, skip_batches=2), 12)
+    monkeypatch.setattr(datasets, "CACHE_LIMIT_BYTES", 0)
+    assert not datasets.dataset_fits_in_memory(5, config)
+    streamed = scan_order(datasets.make_training_dataset(paths, config, skip_batches=2), 12)
     assert cached == streamed  # same seeded order, so a resumed run sees the same scans either way
-    unskipped = scan_order(data.make_training_dataset(paths, config), 14)
+    unskipped = scan_order(datasets.make_training_dataset(paths, config), 14)
     assert unskipped[2:] == streamed
 
 
@@ -370,7 +371,7 @@ def test_training_dataset_rejects_scan_on_another_grid(tmp_path):
     paths = marked_scans(tmp_path / "images", 2)
     odd = write(tmp_path / "odd.nii.gz", random_scan((8, 9, 11)))
     config = small_config(batch_size=1, atlas_shape=[8, 9, 10])
-    dataset = data.make_training_dataset(paths + [odd], config, shuffle=False, repeat=False)
+    dataset = datasets.make_training_dataset(paths + [odd], config, shuffle=False, repeat=False)
     with pytest.raises(tf.errors.OpError, match=r"odd.nii.gz: shape \(8, 9, 11\)"):
         list(dataset)
 

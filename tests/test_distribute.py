@@ -197,14 +197,14 @@ def single_process(data, tmp_path_factory):
 ])
 def test_is_chief(cluster, task, chief):
     from types import SimpleNamespace
-    from ltnet_tf import training
+    from ltnet_tf import distribute
     import tensorflow as tf
 
     resolver = None
     if cluster is not None:
         resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
             tf.train.ClusterSpec(cluster), task_type=task[0], task_id=task[1])
-    assert training.is_chief(SimpleNamespace(cluster_resolver=resolver)) is chief
+    assert distribute.is_chief(SimpleNamespace(cluster_resolver=resolver)) is chief
 
 
 def test_global_batch_must_split_evenly_over_the_replicas(tmp_path):

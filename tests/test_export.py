@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from ltnet_tf import data, export, labels
-from ltnet_tf.config import LTNetConfig
-from ltnet_tf.inference import LabelTransfer, displacement_to_full_grid
+from ltnet_tf import cli, data, export, labels
+from ltnet_tf.config import LTNetConfig, RefinementSettings
+from ltnet_tf.inference import LabelTransfer, resample_displacement
 from ltnet_tf.modeldir import ModelDir, ModelDirError
 from ltnet_tf.networks import ForwardGenerator
 from ltnet_tf.refinement import Refinement
@@ -127,7 +127,7 @@ def runs(tmp_path_factory):
             expected_register=numpy_outputs(label_transfer.transfer_with_atlas(
                 other_atlas, other_labels, tf.constant(scans))),
             expected_refined=label_transfer.segment(tf.constant(scans), refinement=(
-                Refinement.for_label_transfer(label_transfer, factor=export.REFINE_FACTOR,
+                Refinement.for_label_transfer(label_transfer, factor=RefinementSettings().factor,
                                               steps=REFINED_STEPS, jit_compile=export.REFINE_XLA)
             ))["segmentation"].numpy())
     return runs
@@ -199,7 +199,7 @@ def test_layout_version_folder_and_metadata(runs):
                                      "shape": [None, *run.config.working_shape(), 3]}}}
     assert metadata["refinement"] == {
         "signature": "segment_refined", "factor": 2, "grid": [10, 9, 8], "learning_rate": 0.2,
-        "weight_smooth": 4.0, "coarse_factor": None, "recommended_steps": export.REFINE_STEPS,
+        "weight_smooth": 4.0, "coarse_factor": None, "recommended_steps": RefinementSettings().steps,
         "recommended_coarse_steps": 0, "xla": False}
     assert metadata["signatures"]["register"]["inputs"] == {
         "atlas": {"dtype": "float32", "shape": grid},
@@ -259,8 +259,8 @@ def test_saved_model_in_clean_process_matches_in_process_model(runs, tmp_path):
         # G_F's working-grid displacement alone: serving_default's flow once put on the full grid.
         assert outputs["flow_working"].shape[1:] == (*run.config.working_shape(), 3)
         np.testing.assert_allclose(
-            displacement_to_full_grid(tf.constant(outputs["flow_working"]), run.config,
-                                      run.config.atlas_shape).numpy(),
+            resample_displacement(tf.constant(outputs["flow_working"]), run.config.downsample,
+                                  run.config.atlas_shape).numpy(),
             run.expected["flow"], rtol=0, atol=1e-5)
         # Refinement inside the SavedModel: 0 steps is G_F's segmentation; a few steps give the
         # in-process refinement's (up to voxels on a vote tie after float differences).
@@ -517,28 +517,28 @@ def test_checkpoint_not_matching_config_fails_loudly(run_copy, capsys, enc_featu
     assert run_copy.saved_model_versions() == [1]
     assert sorted(os.listdir(run_copy.saved_model_base)) == ["1"]
 
-    assert export.main(["ltnet-export", "--model_dir", run_copy.path]) == 1
+    assert cli.export_main(["ltnet-export", "--model_dir", run_copy.path]) == 1
     stderr = capsys.readouterr().err.strip()
     assert stderr.count("\n") == 0 and "does not match" in stderr
 
 
 def test_versions_and_command_line(run_copy, capsys):
     base = run_copy.saved_model_base
-    assert export.main(["ltnet-export", "--model_dir", run_copy.path, "--checkpoint", "last"]) == 0
+    assert cli.export_main(["ltnet-export", "--model_dir", run_copy.path, "--checkpoint", "last"]) == 0
     assert f"SavedModel: {os.path.join(base, '2')}" in capsys.readouterr().out
     assert run_copy.saved_model_versions() == [1, 2]
-    assert export.main(["ltnet-export", "--model_dir", run_copy.path, "--version", "7"]) == 0
+    assert cli.export_main(["ltnet-export", "--model_dir", run_copy.path, "--version", "7"]) == 0
     assert run_copy.latest_saved_model() == os.path.join(base, "7")
 
     with pytest.raises(ModelDirError, match="refusing to overwrite"):
         export.export_saved_model(run_copy, version=2)
-    assert export.main(["ltnet-export", "--model_dir", run_copy.path, "--version", "7"]) == 1
+    assert cli.export_main(["ltnet-export", "--model_dir", run_copy.path, "--version", "7"]) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
     assert sorted(os.listdir(base)) == ["1", "2", "7"]  # nothing half-written left
 
     for argv in (["--model_dir", str(run_copy.path) + "-missing"], [], ["--checkpoint", "newest"],
                  ["--model_dir", run_copy.path, "--checkpoint", "best"]):
-        assert export.main(["ltnet-export", *argv]) == 1, argv
+        assert cli.export_main(["ltnet-export", *argv]) == 1, argv
         stderr = capsys.readouterr().err.strip()
         assert stderr.startswith("ltnet_tf.export: error:") and "\n" not in stderr, stderr
 
@@ -546,7 +546,7 @@ def test_versions_and_command_line(run_copy, capsys):
 def test_bad_atlas_copy_is_a_one_line_error(run_copy, capsys):
     with open(run_copy.atlas_path, "wb") as f:
         f.write(b"not a nifti")
-    assert export.main(["ltnet-export", "--model_dir", run_copy.path]) == 1
+    assert cli.export_main(["ltnet-export", "--model_dir", run_copy.path]) == 1
     stderr = capsys.readouterr().err.strip()
     assert "atlas.nii.gz" in stderr and "\n" not in stderr
     assert sorted(os.listdir(run_copy.saved_model_base)) == ["1"]

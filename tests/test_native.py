@@ -153,20 +153,3 @@ def test_train_and_predict_on_scans_on_their_own_grids(tmp_path, monkeypatch, ca
     assert report["scans"]["scan_00"]["alignment"]["skipped"] is True
     assert nib.load(out_on_grid / "scan_00_seg.nii.gz").shape == shape
     assert not (out_on_grid / "scan_00_affine.txt").exists()
-
-
-def test_working_grid_displacement_returns_a_linear_field_from_the_full_grid():
-    """The fallback for SavedModels without the displacement signature (see its docstring)."""
-    import tensorflow as tf
-
-    from ltnet_tf.config import LTNetConfig
-
-    config = LTNetConfig(downsample=2, enc_features=[8], dec_features=[8],
-                         atlas_shape=[16, 16, 16]).validate()
-    grid = np.stack(np.meshgrid(*[np.arange(8.0)] * 3, indexing="ij"), -1)
-    working = (grid @ np.array([[0.3, -0.1, 0.2], [0.05, 0.4, -0.3], [-0.2, 0.1, 0.25]]) + 0.5)
-    working = tf.constant(working[None], tf.float32)
-    full = inference.displacement_to_full_grid(working, config, (16, 16, 16))
-    back = inference.working_grid_displacement(full, config).numpy()
-    np.testing.assert_allclose(back[0, 1:-1, 1:-1, 1:-1], working.numpy()[0, 1:-1, 1:-1, 1:-1],
-                               atol=1e-5)

@@ -2,7 +2,7 @@
 interrupted and resumed runs, reused output folders.
 
 One short run (``run``: 4 steps, a checkpoint every 2, no validation, exported) is trained once;
-each test damages or continues its own copy. The data and helpers are those of ``test_cli``.
+each test damages or continues its own copy. The data (conftest.py) and helpers (helpers.py) are shared with the command-line tests.
 """
 import gc
 import json
@@ -19,10 +19,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ltnet_tf import cli, export
+from ltnet_tf import cli
 from ltnet_tf.modeldir import ModelDir, checkpoint_problem
-from test_cli import (REPO, SUBPROCESS_TIMEOUT, copy_into, dataset, files_under,  # noqa: F401
-                      read_checkpoint_iterations, the_error_line, train_argv)
+from helpers import (REPO, SUBPROCESS_TIMEOUT, copy_into, files_under, read_checkpoint_iterations,
+                     the_error_line, train_argv)
 
 import tensorflow as tf  # noqa: E402  (after ltnet_tf, which selects Keras 2)
 
@@ -30,7 +30,7 @@ STEPS, EVERY = 4, 2
 
 
 @pytest.fixture(scope="module")
-def run(dataset, tmp_path_factory):  # noqa: F811  (the dataset fixture of test_cli)
+def run(dataset, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("runs") / "run"
     assert cli.train_main(train_argv(dataset, model_dir, f"--steps={STEPS}",
                                      f"--checkpoint_every={EVERY}")) == 0
@@ -139,7 +139,7 @@ def test_damaged_checkpoint_is_named_by_predict_and_export(run_copy, dataset, tm
                                          "checkpoint")) == 1
     the_error_line(capsys, damaged, "damaged checkpoint")
     assert not out.exists() or files_under(out) == []
-    assert export.main(["ltnet-export", "--model_dir", run_copy.path]) == 1
+    assert cli.export_main(["ltnet-export", "--model_dir", run_copy.path]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{damaged}: damaged checkpoint" in err, err
     assert run_copy.saved_model_versions() == [1]
@@ -212,13 +212,13 @@ def test_export_removes_what_a_killed_export_left(run_copy, capsys):
     running = os.path.join(run_copy.saved_model_base, f".export-{os.getpid()}-a3b4")
     for folder in (abandoned, running):
         os.makedirs(os.path.join(folder, "variables"))
-    assert export.main(["ltnet-export", "--model_dir", run_copy.path]) == 0
+    assert cli.export_main(["ltnet-export", "--model_dir", run_copy.path]) == 0
     assert not os.path.exists(abandoned) and os.path.isdir(running)
     assert run_copy.saved_model_versions() == [1, 2]
 
 
 def test_export_accepts_helpfull(capsys):
-    assert export.main(["ltnet-export", "--helpfull"]) == 0
+    assert cli.export_main(["ltnet-export", "--helpfull"]) == 0
     assert "--model_dir" in capsys.readouterr().out
 
 
