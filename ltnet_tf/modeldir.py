@@ -9,7 +9,7 @@
     RUN/generator.h5            G_F for VoxelMorph: vxm.networks.VxmDense.load(path)
     RUN/saved_model/<version>/  the TF Serving SavedModel
     RUN/logs/                   TensorBoard
-    RUN/qc.png                  mid slices of a scan with its transferred labels
+    RUN/qc.png                  three slices of a scan with its transferred labels outlined
 """
 from __future__ import annotations
 
