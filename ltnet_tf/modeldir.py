@@ -11,7 +11,7 @@ its one owner: it creates it, names every file in it, and reads it back.
     RUN/generator.h5            G_F for VoxelMorph: vxm.networks.VxmDense.load(path)
     RUN/saved_model/<version>/  the TF Serving SavedModel (its metadata in assets.extra/)
     RUN/logs/                   TensorBoard
-    RUN/qc.png                  slices of a scan with its transferred labels
+    RUN/qc.png                  three slices of a scan with its transferred labels outlined
 """
 from __future__ import annotations
 

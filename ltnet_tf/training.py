@@ -221,5 +221,5 @@ def finish_run(model_dir: ModelDir, config: LTNetConfig, pairs, scan_paths) -> N
     label_transfer = LabelTransfer(generator, config, atlas.data, atlas_labels.data)
     scan = pairs[0][0] if pairs else data.load_scan(scan_paths[0])
     segmentation = label_transfer(scan.data[None, ..., None])["segmentation"][0].numpy()
-    qc.save_qc_png(scan.data, segmentation, model_dir.qc_path,
-                   title=f"{os.path.basename(scan.path)}: transferred atlas labels")
+    qc.save_scan_qc_png(scan, segmentation, model_dir.qc_path,
+                        title=f"{os.path.basename(scan.path)}: transferred atlas labels")
