@@ -14,7 +14,30 @@ Weight maps are computed on a grid where the scan and the warped atlas images ar
 refinement grid) and read at the scan's points with trilinear interpolation (``fuse_at_points``).
 Memory never holds K × labels × points numbers: a label's total weight at a point is the sum of the
 weights of the atlases that carry it, so the vote compares candidates pairwise (K² per point, as
-``inference.labels_at_points`` does for the 8 corners of a cell), and points go in chunks.
+``inference.labels_at_points`` does for the 8 corners of a cell), only where they disagree, and
+points go in chunks.
+
+Joint label fusion follows ANTs' ``itkWeightedVotingFusionImageFilter`` (ANTsX/ANTs, the engine of
+``antsJointFusion`` and antspyx's ``joint_label_fusion``): patch intensities standardised to zero
+mean and unit sample standard deviation, the patch sum divided by n - 1 before the power β,
+non-finite entries of M set to 0, α added to M's diagonal, negative weights set to 0 before the
+normalisation (``clip_negative``; Wang's original PICSL code keeps them), and each patch's weights
+voting for every voxel of the patch, which makes a voxel's weight the mean of the weights of the
+patches that contain it (``vote_over_patch``). Voxels outside the grid are left out of a patch, as
+in ANTs. Where this differs from ANTs, and why:
+
+- no local search (ANTs' default radius 3 first moves each atlas patch to its best match within
+  7³ voxels): the registration has aligned the atlases already, and the search multiplies the cost
+  by 343;
+- each voxel is standardised with the patch centred on it rather than with the statistics of each
+  patch it belongs to. That makes every patch sum a window sum (box filter) instead of 125 × K²
+  products per voxel: 4× faster (0.5 s against 2 s for K = 5 at 80×96×112). The errors come out
+  smaller (median 0.77× the per-patch ones), i.e. weights a little closer to equal at the same α.
+  On sub-06 with sub-01..05 as atlases (affine alignment only, 2 mm grid) the fused labels agree
+  with per-patch standardisation at 92% of brain voxels, and the mean Dice of the 28 benchmark
+  structures is 0.791 against 0.787 (majority vote: 0.752);
+- standard deviations are floored at ``min_std`` times the scan's intensity range; ANTs floors
+  them at 1 intensity unit, which on intensities in [0, 1] turns the standardisation off.
 """
 from __future__ import annotations
 
@@ -22,7 +45,6 @@ from ltnet_tf import compat  # noqa: F401  (before TensorFlow)
 
 import numpy as np
 import tensorflow as tf
-from scipy import ndimage
 
 from ltnet_tf import inference, refinement
 
@@ -39,6 +61,10 @@ def _check_candidates(candidates, weights):
                                                                             np.integer):
         raise ValueError(f"candidates must be integer labels [K, N] with K >= 1, got "
                          f"{candidates.dtype} {candidates.shape}")
+    int32 = np.iinfo(np.int32)
+    if candidates.itemsize > 4 and candidates.size and (candidates.min() < int32.min
+                                                        or candidates.max() > int32.max):
+        raise ValueError("candidates must be label IDs within the int32 range")
     if weights is not None:
         weights = np.asarray(weights, np.float32)
         if weights.shape != candidates.shape:
@@ -106,10 +132,10 @@ def label_probability(candidates, weights, label_id: int,
         if weights is None:
             probability[chunk] = carries.mean(axis=0)
         else:
-            w = weights[:, chunk]
-            probability[chunk] = np.divide((w * carries).sum(0), w.sum(0),
-                                           out=np.zeros(carries.shape[1], np.float32),
-                                           where=w.sum(0) != 0)
+            chunk_weights = weights[:, chunk]
+            total = chunk_weights.sum(axis=0)
+            probability[chunk] = np.divide((chunk_weights * carries).sum(axis=0), total,
+                                           out=np.zeros_like(total), where=total != 0)
     return probability
 
 
@@ -149,7 +175,7 @@ def fuse_at_points(candidates, weight_maps=None, points=None,
     if weight_maps is None:
         return fuse_labels(candidates, None, points_per_chunk)
     weight_maps = np.asarray(weight_maps, np.float32)
-    points = np.asarray(points, np.float32)
+    points = np.asarray(points if points is not None else np.zeros((0, 3)), np.float32)
     if weight_maps.ndim != 4 or weight_maps.shape[0] != candidates.shape[0]:
         raise ValueError(f"weight_maps must be [K={candidates.shape[0]}, D, H, W], got "
                          f"{weight_maps.shape}")
@@ -214,7 +240,7 @@ def locally_weighted_voting_weights(scan, warped_atlases, window: int = 5, gain:
 
     Args:
         scan: [D, H, W] intensities; warped_atlases: [K, D, H, W] the atlas images registered to it
-            on the same grid, with the scan's intensity scale (e.g. both ``data.normalize_intensity``).
+            on the same grid, on the scan's intensity scale (e.g. all ``data.normalize_intensity``).
         window: odd window side in voxels; voxels outside the grid are left out of the mean.
         gain: exponent p of LMSD^(-p) (0: majority vote).
         min_rms: root mean squared differences below this fraction of the scan's intensity range
@@ -236,9 +262,10 @@ def locally_weighted_voting_weights(scan, warped_atlases, window: int = 5, gain:
 
 # ------------------------------------------------------------------------------ joint label fusion
 def _pairwise_errors(scan: np.ndarray, atlases: np.ndarray, size: int, min_std: float):
-    """M before the power: M[i, j](x) = Σ_{p in patch(x)} |Â_i(p) - T̂(p)|·|Â_j(p) - T̂(p)| / (n - 1)
+    """M before the power -> [K, K, D, H, W]:
+        M[i, j](x) = Σ_{p in patch(x)} |Â_i(p) - T̂(p)|·|Â_j(p) - T̂(p)| / (n - 1)
     over the n patch voxels inside the grid, each intensity standardised by the mean and sample
-    standard deviation (at least ``min_std``) of the patch centred on it -> [K, K, D, H, W]."""
+    standard deviation (at least ``min_std``) of the patch centred on it."""
     inside = _inside_count(scan.shape, size)  # n
     # Minus each image's mean, so that E[x²] - E[x]² loses little to float32 rounding.
     volumes = np.concatenate([scan[None], atlases])
@@ -274,44 +301,25 @@ def joint_label_fusion_weights(scan, warped_atlases, patch_radius: int = 2, alph
                                vote_over_patch: bool = True, min_std: float = 0.01,
                                mask=None) -> np.ndarray:
     """Joint label fusion weights (Wang, Suh, Das, Pluta, Craige & Yushkevich, "Multi-atlas
-    segmentation with joint label fusion", IEEE TPAMI 35(3) 2013, Eqs. 9-11).
+    segmentation with joint label fusion", IEEE TPAMI 35(3) 2013, Eqs. 9-11), as ANTs computes
+    them without local search (module docstring: the differences and why).
 
-    Per voxel x, the K×K matrix of pairwise joint errors
+    Per voxel x, the K×K matrix of pairwise joint errors of standardised intensities Â_i, T̂
         M(i, j) = (Σ_{p in patch(x)} |Â_i(p) - T̂(p)|·|Â_j(p) - T̂(p)| / (n - 1))^β
     gives the weights w = (M + αI)^-1 1 / (1ᵀ (M + αI)^-1 1): atlases that err where the others
     err share one atlas's weight, so two copies of an atlas together weigh about one independent
     atlas (majority vote and locally weighted voting give them two).
 
-    As in ANTs' ``itkWeightedVotingFusionImageFilter`` (ANTsX/ANTs, the engine of
-    ``antsJointFusion`` and antspyx's ``joint_label_fusion``): patches are standardised to zero mean
-    and unit sample standard deviation, the sum is divided by n - 1 before the power β, non-finite
-    entries become 0, α is added to M's diagonal, negative weights are set to 0 before normalising
-    (``clip_negative``; Wang's original PICSL code keeps them), and each patch's weights vote for
-    every voxel of the patch, which makes a voxel's weight the mean of the weights of the patches
-    that contain it (``vote_over_patch``). Voxels outside the grid are left out of a patch, as ANTs
-    leaves them out. Differences from ANTs:
-
-    - no local search (ANTs' default search radius 3 moves each atlas patch to its best match
-      first): the registration has already aligned the atlases, and the search costs 343 patch
-      comparisons per voxel;
-    - each voxel is standardised with the patch centred on it, not with the statistics of every
-      patch it belongs to; that makes the patch sums window sums (box filters) instead of
-      125 × K² products per voxel (4× faster, measured). On sub-06 with sub-01..05 as atlases
-      (affine only, 2 mm grid) the fused labels agree with the per-patch standardisation at 92% of
-      brain voxels and mean Dice of the 28 structures is 0.791 versus 0.787 (majority vote 0.752);
-    - the standard deviation is floored at ``min_std`` times the scan's intensity range (ANTs floors
-      it at 1 intensity unit, which on intensities in [0, 1] turns standardisation off).
-
     Args:
         scan: [D, H, W] intensities; warped_atlases: [K, D, H, W] the atlas images registered to
             the scan on its grid.
         patch_radius: patch of (2r + 1)³ voxels (ANTs' default 2; at least 1).
-        alpha: added to M's diagonal, > 0 (Wang et al. and ANTs' default 0.1).
-        beta: exponent of the joint errors (default 2, as in ANTs' antsJointFusion).
+        alpha: added to M's diagonal, > 0 (Wang et al.'s and ANTs' default 0.1).
+        beta: exponent of the joint errors (Wang et al.'s and antsJointFusion's default 2).
         clip_negative: set negative weights to 0 before normalising (ANTs) or keep them (the
-            paper); ``fuse_labels`` takes either.
+            paper); ``fuse_labels`` takes either: negative weights count against their label.
         vote_over_patch: average each voxel's weights over the patches that contain it (ANTs).
-        min_std: floor of patch standard deviations as a fraction of the scan's intensity range.
+        min_std: floor of patch standard deviations, a fraction of the scan's intensity range.
         mask: [D, H, W] bool, voxels where weights are wanted (others get 1/K); None: all.
     Returns:
         [K, D, H, W] float32 weights, summing to 1 over the atlases at every voxel.

@@ -1,4 +1,5 @@
-"""Multi-atlas label fusion (ltnet_tf.fusion): the vote, locally weighted voting, joint label fusion."""
+"""Multi-atlas label fusion (ltnet_tf.fusion): the vote, locally weighted voting, joint label
+fusion."""
 import itertools
 
 import numpy as np
@@ -110,8 +111,12 @@ def test_bad_shapes_are_errors():
         fusion.fuse_labels(np.zeros(5, np.int32))
     with pytest.raises(ValueError, match="weights"):
         fusion.fuse_labels(np.zeros((2, 5), np.int32), np.ones((3, 5)))
+    with pytest.raises(ValueError, match="int32"):
+        fusion.fuse_labels(np.array([[1], [2 ** 40]]))
     with pytest.raises(ValueError, match="points"):
         fusion.fuse_at_points(np.zeros((2, 5), np.int32), np.ones((2, 4, 4, 4)), np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="points"):
+        fusion.fuse_at_points(np.zeros((2, 5), np.int32), np.ones((2, 4, 4, 4)))
 
 
 # ------------------------------------------------------------------------- weights at points
