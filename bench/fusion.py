@@ -14,9 +14,10 @@ Measured (``time.perf_counter``, the median of ``--repeats`` calls after one unt
   joint label fusion on the whole grid and within the scan's non-zero voxels, and for comparison
   joint errors with per-patch standardisation (the exact formulation, XLA-compiled, 125 shifted
   products per voxel) instead of the module's window sums;
-- ``fuse_labels`` on 3M points (K = 5: the atlases' labels at the first 3M brain voxels; and the
-  worst case, random labels everywhere in dispute), ``fuse_at_points`` with joint label fusion
-  maps on the same points, ``label_probability`` of one structure;
+- ``fuse_labels`` on 3M points (K = 5: the atlases' labels at the first 3M voxels of the box
+  around their labels; and the worst case, random labels everywhere in dispute),
+  ``fuse_at_points`` with joint label fusion maps on the same points, ``label_probability`` of
+  one structure;
 - peak memory of numpy arrays (``tracemalloc``; TensorFlow's own buffers are not counted).
 
 Writes bench/results/fusion.json and fusion.md.
@@ -67,6 +68,9 @@ def timed(function, repeats):
     return float(np.median(times)), peak, result
 
 
+_PER_PATCH_SUMS = {}  # one compiled function per (atlases, grid), so timings exclude compilation
+
+
 def per_patch_errors(scan, atlases, radius=2, min_std=0.01):
     """Joint errors with every patch standardised by its own statistics (Wang et al., ANTs): the
     pairwise sums over 125 shifted copies, XLA-compiled -> [K, K, D, H, W] before the power."""
@@ -82,7 +86,6 @@ def per_patch_errors(scan, atlases, radius=2, min_std=0.01):
     pairs = [(i, j) for i in range(count) for j in range(i + 1)]
     offsets = np.array(list(np.ndindex(size, size, size)), np.int32)
 
-    @tf.function(jit_compile=True)
     def sums(padded, mean, std, offsets):
         def body(k, *accumulators):
             shifted = tf.slice(padded, tf.concat([[0], offsets[k]], 0), [count + 1, *shape])
@@ -96,8 +99,9 @@ def per_patch_errors(scan, atlases, radius=2, min_std=0.01):
                             (tf.constant(0),) + tuple(tf.zeros(shape) for _ in pairs))
         return tf.stack(out[1:])
 
+    compiled = _PER_PATCH_SUMS.setdefault((count, shape), tf.function(sums, jit_compile=True))
     args = [tf.constant(a, tf.float32) for a in (padded, mean, std)] + [tf.constant(offsets)]
-    pair_sums = sums(*args).numpy() / (inside - 1)
+    pair_sums = compiled(*args).numpy() / (inside - 1)
     errors = np.empty((count, count, *shape), np.float32)
     for (i, j), pair_sum in zip(pairs, pair_sums):
         errors[i, j] = errors[j, i] = pair_sum
@@ -146,7 +150,11 @@ def weight_timings(scan, atlases, mask, repeats):
 
 def vote_timings(labels, points_count, jlf_maps, repeats):
     rows = {}
-    brain = np.flatnonzero(np.any(labels != 0, axis=0).ravel())[:points_count]
+    # The first points of the labelled region's bounding box (what native.py pulls labels for).
+    box = np.argwhere(np.any(labels != 0, axis=0))
+    in_box = np.zeros(labels.shape[1:], bool)
+    in_box[tuple(slice(low, high + 1) for low, high in zip(box.min(0), box.max(0)))] = True
+    brain = np.flatnonzero(in_box.ravel())[:points_count]
     candidates = labels.reshape(len(labels), -1)[:, brain]
     disputed = float(np.mean(np.any(candidates != candidates[0], axis=0)))
     rng = np.random.default_rng(0)
@@ -200,7 +208,9 @@ def fusion_quality(scan, atlases, labels, reference, mask):
 
 def write_markdown(results, path):
     lines = ["# Label fusion (`bench/fusion.py`)", "", f"commit {results['commit']}, "
-             f"{results['machine']}", "", "| measurement | seconds | numpy peak MB |",
+             f"{results['machine']}, load average {results['load_average_at_start']} at the start,"
+             f" {results['load_average_at_end']} at the end (1, 5, 15 min; other users' jobs)", "",
+             "| measurement | seconds | numpy peak MB |",
              "|---|---|---|"]
     for name, row in {**results["weights"], **results["vote"]}.items():
         if isinstance(row, dict):
@@ -222,11 +232,13 @@ def main(argv):
     scan, atlases, reference = coarse[-1], coarse[:-1], labels[-1]
     mask = scan > 0
     results = {"commit": git_commit(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+               "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
                "grid": list(scan.shape), "atlases": FLAGS.atlases, "scan": FLAGS.scan}
     results["weights"] = weight_timings(scan, atlases, mask, FLAGS.repeats)
     jlf_maps = fusion.joint_label_fusion_weights(scan, atlases, mask=mask)
     results["vote"] = vote_timings(labels[:-1], FLAGS.points, jlf_maps, FLAGS.repeats)
     results["quality"] = fusion_quality(scan, atlases, labels[:-1], reference, mask)
+    results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     write_json(results, os.path.join(FLAGS.results_dir, "fusion.json"))
     write_markdown(results, os.path.join(FLAGS.results_dir, "fusion.md"))
 
