@@ -185,7 +185,10 @@ def fusion_quality(scan, atlases, labels, reference, mask):
     points = ((grid + 0.5) / 2 - 0.5).astype(np.float32)
     candidates = labels.reshape(len(labels), -1)
     jlf = fusion.joint_label_fusion_weights(scan, atlases, mask=mask)
-    exact = weights_from_errors(per_patch_errors(scan, atlases), mask)
+    per_patch = per_patch_errors(scan, atlases)
+    window_sums = fusion._pairwise_errors(scan, atlases, 5, 0.01 * np.ptp(scan))
+    ratio = np.median(window_sums[:, :, mask] / np.maximum(per_patch[:, :, mask], 1e-6))
+    exact = weights_from_errors(per_patch, mask)
     rules = {"majority_vote": None,
              "locally_weighted_voting": fusion.locally_weighted_voting_weights(scan, atlases),
              "joint_label_fusion": jlf,
@@ -202,6 +205,7 @@ def fusion_quality(scan, atlases, labels, reference, mask):
     agreement = np.mean(fused["joint_label_fusion"][brain]
                         == fused["joint_label_fusion_per_patch_standardisation"][brain])
     scores["single_atlases"] = [round(s, 4) for s in single]
+    scores["median_ratio_of_joint_errors_window_sums_to_per_patch"] = round(float(ratio), 3)
     scores["jlf_window_sums_vs_per_patch_label_agreement_in_brain"] = round(float(agreement), 4)
     return scores
 
