@@ -11,9 +11,10 @@ structures against labels/sub-06.
 
 Measured (``time.perf_counter``, the median of ``--repeats`` calls after one untimed call):
 - weight maps for K = 5 (and 10: the five atlases twice) on 80×96×112: locally weighted voting,
-  joint label fusion on the whole grid and within the scan's non-zero voxels, and for comparison
-  joint errors with per-patch standardisation (the exact formulation, XLA-compiled, 125 shifted
-  products per voxel) instead of the module's window sums;
+  joint label fusion on the whole grid and within the scan's non-zero voxels, and for K = 5 the
+  joint errors alone (before the power, the solve and the vote), with the module's window sums
+  and with per-patch standardisation (the exact formulation, XLA-compiled, 125 shifted products
+  per voxel);
 - ``fuse_labels`` on 3M points (K = 5: the atlases' labels at the first 3M voxels of the box
   around their labels; and the worst case, random labels everywhere in dispute),
   ``fuse_at_points`` with joint label fusion maps on the same points, ``label_probability`` of
@@ -140,8 +141,10 @@ def weight_timings(scan, atlases, mask, repeats):
                 ("joint_label_fusion", lambda: fusion.joint_label_fusion_weights(scan, stack)),
                 ("joint_label_fusion_in_mask", lambda: fusion.joint_label_fusion_weights(
                     scan, stack, mask=mask)),
+                ("joint_errors_window_sums", lambda: fusion._pairwise_errors(
+                    scan, stack, 5, 0.01 * np.ptp(scan))),
                 ("joint_errors_per_patch_standardisation", lambda: per_patch_errors(
-                    scan, stack))][:3 if count > 5 else 4]:
+                    scan, stack))][:3 if count > 5 else 5]:
             seconds, peak, _ = timed(function, repeats)
             rows[f"{name}_K{count}"] = {"seconds": round(seconds, 3), "numpy_peak_mb": round(peak)}
             print(f"K={count} {name}: {seconds:.3f} s, numpy peak {peak:.0f} MB", flush=True)
