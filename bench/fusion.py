@@ -9,7 +9,7 @@ where fusion rules differ most). Weights are computed on the refinement grid (80
 average pooling), read at the full grid's voxels and fused there; Dice of the 28 benchmark
 structures against labels/sub-06.
 
-Measured (``time.perf_counter``, the median of ``--repeats`` calls after one untimed call):
+Measured (``time.perf_counter``, median and minimum of ``--repeats`` calls after one untimed call):
 - weight maps for K = 5 (and 10: the five atlases twice) on 80×96×112: locally weighted voting,
   joint label fusion on the whole grid and within the scan's non-zero voxels, and for K = 5 the
   joint errors alone (before the power, the solve and the vote), with the module's window sums
@@ -50,12 +50,13 @@ flags.DEFINE_string("results_dir", os.path.join(ROOT, "bench", "results"), "Wher
 flags.DEFINE_list("atlases", ["sub-01", "sub-02", "sub-03", "sub-04", "sub-05"], "Atlases.")
 flags.DEFINE_string("scan", "sub-06", "The scan segmented (never one of the atlases).")
 flags.DEFINE_integer("points", 3_000_000, "Points fused in the timing of fuse_labels.")
-flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (the median is reported).")
+flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (median and minimum reported: "
+                     "other users' jobs on a shared machine slow some calls).")
 
 
 def timed(function, repeats):
-    """-> (median seconds of ``repeats`` calls after one untimed call, numpy peak MB of one more
-    call, result)."""
+    """-> (seconds of ``repeats`` calls after one untimed call, numpy peak MB of one more call,
+    result)."""
     result = function()
     times = []
     for _ in range(repeats):
@@ -66,7 +67,12 @@ def timed(function, repeats):
     function()
     peak = tracemalloc.get_traced_memory()[1] / 2 ** 20
     tracemalloc.stop()
-    return float(np.median(times)), peak, result
+    return np.array(times), peak, result
+
+
+def summary(seconds, peak):
+    return {"median_seconds": round(float(np.median(seconds)), 3),
+            "min_seconds": round(float(seconds.min()), 3), "numpy_peak_mb": round(peak)}
 
 
 _PER_PATCH_SUMS = {}  # one compiled function per (atlases, grid), so timings exclude compilation
@@ -110,7 +116,8 @@ def per_patch_errors(scan, atlases, radius=2, min_std=0.01):
 
 
 def load(data_dir, subjects):
-    """-> (full-grid images [S, 160, 192, 224] in [0, 1], label maps, 2 mm images [S, 80, 96, 112])."""
+    """-> (full-grid images [S, 160, 192, 224] in [0, 1], label maps, 2 mm images
+    [S, 80, 96, 112])."""
     images = np.stack([data.load_scan(os.path.join(data_dir, "images", f"{s}.nii.gz")).data
                        for s in subjects]).astype(np.float32)
     labels = np.stack([data.load_label_map(os.path.join(data_dir, "labels", f"{s}.nii.gz")).data
@@ -146,8 +153,8 @@ def weight_timings(scan, atlases, mask, repeats):
                 ("joint_errors_per_patch_standardisation", lambda: per_patch_errors(
                     scan, stack))][:3 if count > 5 else 5]:
             seconds, peak, _ = timed(function, repeats)
-            rows[f"{name}_K{count}"] = {"seconds": round(seconds, 3), "numpy_peak_mb": round(peak)}
-            print(f"K={count} {name}: {seconds:.3f} s, numpy peak {peak:.0f} MB", flush=True)
+            rows[f"{name}_K{count}"] = summary(seconds, peak)
+            print(f"K={count} {name}: {rows[f'{name}_K{count}']}", flush=True)
     return rows
 
 
@@ -174,9 +181,8 @@ def vote_timings(labels, points_count, jlf_maps, repeats):
                 candidates, jlf_maps, points)),
             ("label_probability", lambda: fusion.label_probability(candidates, weights, 17))]:
         seconds, peak, _ = timed(function, repeats)
-        rows[name] = {"seconds": round(seconds, 3), "numpy_peak_mb": round(peak)}
-        print(f"N={len(brain)} K={len(labels)} {name}: {seconds:.3f} s, numpy peak {peak:.0f} MB",
-              flush=True)
+        rows[name] = summary(seconds, peak)
+        print(f"N={len(brain)} K={len(labels)} {name}: {rows[name]}", flush=True)
     rows["points"], rows["disputed_fraction"] = len(brain), round(disputed, 3)
     return rows
 
@@ -217,11 +223,12 @@ def write_markdown(results, path):
     lines = ["# Label fusion (`bench/fusion.py`)", "", f"commit {results['commit']}, "
              f"{results['machine']}, load average {results['load_average_at_start']} at the start,"
              f" {results['load_average_at_end']} at the end (1, 5, 15 min; other users' jobs)", "",
-             "| measurement | seconds | numpy peak MB |",
-             "|---|---|---|"]
+             "| measurement | median s | min s | numpy peak MB |",
+             "|---|---|---|---|"]
     for name, row in {**results["weights"], **results["vote"]}.items():
         if isinstance(row, dict):
-            lines.append(f"| {name} | {row['seconds']} | {row['numpy_peak_mb']} |")
+            lines.append(f"| {name} | {row['median_seconds']} | {row['min_seconds']} | "
+                         f"{row['numpy_peak_mb']} |")
     lines += ["", f"fuse_labels points: {results['vote']['points']}, disputed fraction "
               f"{results['vote']['disputed_fraction']}", "", "| fusion (sub-06, 5 affine atlases)"
               " | mean Dice (28) |", "|---|---|"]
