@@ -52,8 +52,9 @@ from ltnet_tf import inference, refinement
 
 # Points fused at a time: the vote holds a few [K, chunk] arrays (K = 10: ~40 bytes per point each).
 POINTS_PER_CHUNK = 1 << 20
-# Slices of the weight grid per slab in joint label fusion: bounds its K² maps of pairwise errors.
-VOXELS_PER_SLAB = 1 << 20
+# Joint errors (K² per voxel) held at a time in joint label fusion, which works in slabs of whole
+# slices: 64 MB of float32, ~300 MB of numpy arrays in all (bench/fusion.py).
+ERRORS_PER_SLAB = 1 << 24
 
 
 # ------------------------------------------------------------------------------------ the vote
@@ -232,7 +233,7 @@ def locally_weighted_voting_weights(scan, warped_atlases, window: int = 5, gain:
     Source: Artaechevarria, Muñoz-Barrutia & Ortiz-de-Solórzano, "Combination strategies in
     multi-atlas image segmentation", IEEE TMI 28(8) 2009 (local weighted voting: weight = local
     similarity to the power of a gain, MSD inverted); the "inverse distance" weighting
-    ||A_k - T||^(-β) that Wang et al. 2013 compare against is this with β = 2·gain. Why the inverse
+    ||A_k - T||^(-β) among Wang et al.'s baselines is this with β = 2·gain. Why the inverse
     power rather than Sabuncu et al.'s (IEEE TMI 2010) Gaussian exp(-MSD / 2σ²): weights are
     normalised per voxel, so a common intensity scale cancels and no σ must be matched to the
     scan's intensities. gain = 1 (β = 2) is moderate: an atlas twice as far from the scan gets
@@ -289,7 +290,7 @@ def _pairwise_errors(scan: np.ndarray, atlases: np.ndarray, size: int, min_std: 
 
 
 def _solve_weights(errors: np.ndarray, alpha: float, clip_negative: bool) -> np.ndarray:
-    """[K, K, m] matrices M -> [K, m] w = (M + αI)^-1 1 / 1ᵀ(M + αI)^-1 1 (Wang et al. Eq. 9)."""
+    """[K, K, m] matrices M -> [K, m] w = (M + αI)^-1 1 / 1ᵀ(M + αI)^-1 1 (Wang et al. 2013)."""
     atlases = errors.shape[0]
     matrices = np.moveaxis(errors, -1, 0) + alpha * np.eye(atlases, dtype=np.float32)
     weights = np.linalg.solve(matrices, np.ones((len(matrices), atlases, 1), np.float32))[..., 0]
@@ -303,7 +304,7 @@ def joint_label_fusion_weights(scan, warped_atlases, patch_radius: int = 2, alph
                                vote_over_patch: bool = True, min_std: float = 0.01,
                                mask=None) -> np.ndarray:
     """Joint label fusion weights (Wang, Suh, Das, Pluta, Craige & Yushkevich, "Multi-atlas
-    segmentation with joint label fusion", IEEE TPAMI 35(3) 2013, Eqs. 9-11), as ANTs computes
+    segmentation with joint label fusion", IEEE TPAMI 35(3) 2013), as ANTs computes
     them without local search (module docstring: the differences and why).
 
     Per voxel x, the K×K matrix of pairwise joint errors of standardised intensities Â_i, T̂
@@ -316,8 +317,10 @@ def joint_label_fusion_weights(scan, warped_atlases, patch_radius: int = 2, alph
         scan: [D, H, W] intensities; warped_atlases: [K, D, H, W] the atlas images registered to
             the scan on its grid.
         patch_radius: patch of (2r + 1)³ voxels (ANTs' default 2; at least 1).
-        alpha: added to M's diagonal, > 0 (Wang et al.'s and ANTs' default 0.1).
-        beta: exponent of the joint errors (Wang et al.'s and antsJointFusion's default 2).
+        alpha: added to M's diagonal, > 0 (ANTs' default 0.1; antspyx passes 0.01, as does
+            Wang's PICSL tool).
+        beta: exponent of the joint errors (ANTs' and the PICSL tool's default 2; antspyx
+            passes 4).
         clip_negative: set negative weights to 0 before normalising (ANTs) or keep them (the
             paper); ``fuse_labels`` takes either: negative weights count against their label.
         vote_over_patch: average each voxel's weights over the patches that contain it (ANTs).
@@ -340,7 +343,7 @@ def joint_label_fusion_weights(scan, warped_atlases, patch_radius: int = 2, alph
     weights = np.full((atlases, *shape), 1.0 / atlases, np.float32)
     # Slabs of whole slices, each read with a margin of 2r slices: a patch reaches r voxels and
     # the standardisation of its voxels r more.
-    slices = max(1, VOXELS_PER_SLAB * 16 // (atlases * atlases * shape[1] * shape[2]))
+    slices = max(1, ERRORS_PER_SLAB // (atlases * atlases * shape[1] * shape[2]))
     margin = 2 * patch_radius
     for start in range(0, shape[0], slices):
         stop = min(shape[0], start + slices)

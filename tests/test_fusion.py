@@ -244,7 +244,7 @@ def test_joint_weights_match_a_voxel_by_voxel_computation_in_slabs(monkeypatch):
     shape = (5, 6, 7)
     scan = rng.random(shape).astype(np.float32)
     atlases = rng.random((3, *shape)).astype(np.float32)
-    monkeypatch.setattr(fusion, "VOXELS_PER_SLAB", 10)  # slabs of one slice, margins of 2
+    monkeypatch.setattr(fusion, "ERRORS_PER_SLAB", 10)  # slabs of one slice, margins of 2
     raw = fusion.joint_label_fusion_weights(scan, atlases, patch_radius=1, clip_negative=False,
                                             vote_over_patch=False)
     np.testing.assert_allclose(raw, brute_force_joint_weights(scan, atlases, 1), atol=2e-5)
