@@ -33,7 +33,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from ltnet_tf import alignment, data, prediction
+from ltnet_tf import alignment, cohort, data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "
@@ -98,8 +98,9 @@ def score(set_name: str, images: list, labels: list) -> dict:
     output_dir = os.path.join(FLAGS.work_dir, f"predict_{set_name}")
     shutil.rmtree(output_dir, ignore_errors=True)
     start = time.time()
-    result = prediction.predict_files(FLAGS.model_dir, ",".join(images), output_dir, ",".join(labels),
-                               refine=FLAGS.refine)
+    result = cohort.predict_files(",".join(images), output_dir, ",".join(labels),
+                                  model_dir=FLAGS.model_dir,
+                                  options=cohort.PredictOptions(refine=FLAGS.refine, qc=False))
     wall = time.time() - start
     scans = {name: r for name, r in result["scans"].items() if name != FLAGS.warmup_subject}
     per_subject = {name: r["mean_dice"] for name, r in scans.items()}

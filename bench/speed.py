@@ -303,9 +303,9 @@ def _scan_path(name):
 
 
 def part_infer(source: str) -> dict:
-    """End to end through ``prediction.predict_files`` in a fresh process, then a warm per-stage split."""
+    """End to end through ``cohort.predict_files`` in a fresh process, then a warm per-stage split."""
     import tensorflow as tf
-    from ltnet_tf import data, prediction
+    from ltnet_tf import cohort, data
     from ltnet_tf.inference import (MIXED_CELL, LabelTransfer, resample_displacement,
                                     warp_image, warp_labels)
     from ltnet_tf.sources import RunFolderNetwork as Predictor
@@ -314,8 +314,9 @@ def part_infer(source: str) -> dict:
     output_dir = tempfile.mkdtemp(prefix=f"ltnet_speed_{source}_")
     base = max_rss_gib()
     start = time.perf_counter()
-    prediction.predict_files(FLAGS.model_dir, _scan_path(FLAGS.scan), os.path.join(output_dir, "e2e"),
-                      source=source)
+    cohort.predict_files(_scan_path(FLAGS.scan), os.path.join(output_dir, "e2e"),
+                         model_dir=FLAGS.model_dir,
+                         options=cohort.PredictOptions(source=source, qc=False))
     end_to_end_s = time.perf_counter() - start
     peak_after_e2e = max_rss_gib()
 
@@ -489,7 +490,7 @@ def _markdown(results: dict, command: str) -> str:
         if not infer:
             continue
         lines += [f"## Inference, {source} (one real 160×192×224 scan, downsample 1)", "",
-                  f"- end to end (`prediction.predict_files`, fresh process: model load, tracing, read, "
+                  f"- end to end (`cohort.predict_files`, fresh process: model load, tracing, read, "
                   f"segment, write): **{infer['end_to_end_s']:.1f} s**",
                   f"- peak RSS: **{infer['peak_rss_gib']:.2f} GiB**", "",
                   f"Warm split on a second scan ({infer['warm_split_scan']}):", "",

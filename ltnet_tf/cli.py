@@ -169,6 +169,10 @@ def _train_flags() -> flags.FlagValues:
     flags.DEFINE_string("val_images", None, "Optional labelled validation scans (folder/files).",
                         flag_values=fv)
     flags.DEFINE_string("val_labels", None, "Their label maps, matched by file name.", flag_values=fv)
+    flags.DEFINE_string("label_names", None, "Names (and colours) of the atlas's structures: a "
+                        "FreeSurfer colour LUT, an ITK-SNAP label description file or a BIDS "
+                        "dseg.tsv (default: FreeSurfer's names); kept in the run folder for "
+                        "predict.py and the export.", flag_values=fv)
     flags.DEFINE_string("config", None, "JSON config to start from (e.g. another run's config.json).",
                         flag_values=fv)
     flags.DEFINE_enum("profile", "paper", list(PROFILES),
@@ -192,17 +196,6 @@ def _train_flags() -> flags.FlagValues:
     return fv
 
 
-def default_atlas_labels(atlas_path: str):
-    from ltnet_tf.data import scan_name
-    folder = os.path.dirname(os.path.abspath(atlas_path))
-    for candidate in (f"{scan_name(atlas_path)}_labels.nii.gz", f"{scan_name(atlas_path)}_labels.mgz",
-                      "atlas_labels.nii.gz"):
-        path = os.path.join(folder, candidate)
-        if os.path.isfile(path) and os.path.abspath(path) != os.path.abspath(atlas_path):
-            return path
-    return None
-
-
 def _train(fv: flags.FlagValues) -> int:
     from ltnet_tf import distribute, training
     from ltnet_tf.data import DataError
@@ -215,6 +208,8 @@ def _train(fv: flags.FlagValues) -> int:
         raise ConfigError("--val_images and --val_labels go together")
     if not os.path.exists(fv.atlas):
         raise DataError(f"{fv.atlas}: file not found")
+    from ltnet_tf.atlases import default_atlas_labels
+
     atlas_labels = fv.atlas_labels or default_atlas_labels(fv.atlas)
     if atlas_labels is None:
         raise ConfigError(f"{fv.atlas}: --atlas_labels not given and no "
@@ -232,7 +227,7 @@ def _train(fv: flags.FlagValues) -> int:
         model_dir = training.train(config, fv.atlas, atlas_labels, fv.unlabeled, fv.model_dir,
                                    val_images=fv.val_images, val_labels=fv.val_labels,
                                    resume=fv.resume, strategy=strategy, export=fv.export,
-                                   verbose=verbose, align=fv.align)
+                                   verbose=verbose, align=fv.align, label_names=fv.label_names)
     except KeyboardInterrupt:
         print(_interrupted_message(model_dir), file=sys.stderr)
         return 130
@@ -268,20 +263,44 @@ def train_main(argv=None) -> int:
 
 
 # ------------------------------------------------------------------------------- predict
-PREDICT_USAGE = ("Segment scans with a trained LT-Net run folder.\n"
-                 "usage: python predict.py --model_dir models/RUN --images DIR_OR_FILES "
-                 "--output_dir OUT [--labels DIR]")
+PREDICT_USAGE = (
+    "Segment scans by label transfer from a trained run folder and/or labelled atlases.\n"
+    "usage: python predict.py --model_dir models/RUN --images DIR_OR_FILES --output_dir OUT "
+    "[--labels DIR]\n"
+    "   or: python predict.py --atlas A.nii.gz --atlas_labels L.nii.gz --images DIR_OR_FILES "
+    "--output_dir OUT    (no training: refinement from the identity; several atlases are fused)")
 
 
 def _predict_flags() -> flags.FlagValues:
     fv = flags.FlagValues()
-    flags.DEFINE_string("model_dir", None, "A run folder written by train.py.", flag_values=fv)
+    flags.DEFINE_string("model_dir", None, "A run folder written by train.py (its G_F starts the "
+                        "registration to its atlas). Without it, --atlas is needed and every "
+                        "registration starts from the identity.", flag_values=fv)
+    flags.DEFINE_string("atlas", None, "Labelled scan(s) to transfer labels from: a file, "
+                        "comma-separated files, or a folder. With several, each is registered to "
+                        "every scan and the labels are fused (--fusion); with --model_dir, these "
+                        "are atlases besides the run's.", flag_values=fv)
+    flags.DEFINE_string("atlas_labels", None, "Their label maps, in the same order (a folder: "
+                        "matched by file name); default: <atlas>_labels.nii.gz or "
+                        "atlas_labels.nii.gz beside each atlas.", flag_values=fv)
     flags.DEFINE_string("images", None, "Scans to segment: folder, file, or comma-separated files.",
                         flag_values=fv)
     flags.DEFINE_string("output_dir", None, "Where <scan>_seg.nii.gz files are written.",
                         flag_values=fv)
-    flags.DEFINE_string("labels", None, "Optional reference label maps (matched by file name): "
-                        "writes dice.csv and dice.json.", flag_values=fv)
+    flags.DEFINE_string("labels", None, "Optional reference label maps (matched by file name; "
+                        "others are ignored, scans without one are left out of Dice): writes "
+                        "dice.csv and dice.json.", flag_values=fv)
+    flags.DEFINE_string("label_names", None, "Names (and colours) of the structures: a "
+                        "FreeSurfer colour LUT, an ITK-SNAP label description file or a BIDS "
+                        "dseg.tsv. Default: the run folder's, else FreeSurfer's names.",
+                        flag_values=fv)
+    flags.DEFINE_enum("fusion", "local", ["majority", "local", "jlf"], "Label fusion of several "
+                      "atlases: majority vote, locally weighted voting, or joint label fusion.",
+                      flag_values=fv)
+    flags.DEFINE_string("shard", None, "K/N: segment only the K-th of N shares of the sorted scan "
+                        "list (for N processes or cluster jobs); the run's tables are written as "
+                        "*.shard-K-of-N.* (join them with python -m ltnet_tf.merge).",
+                        flag_values=fv)
     flags.DEFINE_enum("source", "auto", ["auto", "saved_model", "checkpoint"],
                       "Run the exported SavedModel (auto: if present; what TF Serving runs) or "
                       "rebuild G_F from a checkpoint.", flag_values=fv)
@@ -298,34 +317,49 @@ def _predict_flags() -> flags.FlagValues:
     flags.DEFINE_bool("save_aligned", False, "Also write the atlas-space outputs: "
                       "<scan>_aligned.nii.gz (the scan on the atlas grid) and "
                       "<scan>_aligned_seg.nii.gz.", flag_values=fv)
-    defaults = RefinementSettings()
-    flags.DEFINE_bool("refine", True, "Test-time refinement: Adam on each scan's displacement, on "
-                      "the training objective, coarse to fine (+0.08 mean Dice on real brains for "
-                      "about 3 CPU-seconds per scan, bench/results/refinement.md); --norefine "
-                      "segments with the network alone.", flag_values=fv)
-    flags.DEFINE_integer("refine_steps", None, f"Refinement steps on the fine grid (default "
-                         f"{defaults.steps}).", lower_bound=0, flag_values=fv)
-    flags.DEFINE_integer("refine_coarse_steps", None, f"Refinement steps on the network's working "
-                         f"grid first (default {defaults.coarse_steps}).", lower_bound=0,
-                         flag_values=fv)
-    flags.DEFINE_integer("refine_factor", None, f"Fine refinement grid: the atlas grid shrunk this "
-                         f"many times (default {defaults.factor}).", lower_bound=1, flag_values=fv)
+    flags.DEFINE_bool("qc", True, "Write <scan>_qc.png (three slices with the segmentation's "
+                      "outlines) and report.html (every scan, flagged ones first).",
+                      flag_values=fv)
+    _define_refinement_flags(fv)
     _define_verbose_flag(fv)
     return fv
 
 
+def _define_refinement_flags(fv: flags.FlagValues) -> None:
+    defaults = RefinementSettings()
+    flags.DEFINE_bool("refine", True, "Test-time refinement: Adam on each scan's displacement, on "
+                      "the training objective, coarse to fine (bench/results/refinement.md); "
+                      "--norefine segments with the network alone.", flag_values=fv)
+    flags.DEFINE_integer("refine_steps", None, f"Refinement steps on the fine grid (default "
+                         f"{defaults.steps}).", lower_bound=0, flag_values=fv)
+    flags.DEFINE_integer("refine_coarse_steps", None, f"Refinement steps on the coarse grid "
+                         f"first (the network's working grid; default {defaults.coarse_steps}).",
+                         lower_bound=0, flag_values=fv)
+    flags.DEFINE_integer("refine_factor", None, f"Fine refinement grid: the atlas grid shrunk this "
+                         f"many times (default {defaults.factor}).", lower_bound=1, flag_values=fv)
+
+
 def _predict(fv: flags.FlagValues) -> int:
-    for name in ("model_dir", "images", "output_dir"):
+    from ltnet_tf.cohort import PredictOptions, parse_shard, predict_files
+
+    if not fv.model_dir and not fv.atlas:
+        raise ConfigError("--model_dir is required, or --atlas (with --atlas_labels) to segment "
+                          "without a trained network (see --helpfull)")
+    for name in ("images", "output_dir"):
         if not fv[name].value:
             raise ConfigError(f"--{name} is required (see --helpfull)")
-    from ltnet_tf.prediction import predict_files
-
-    result = predict_files(fv.model_dir, fv.images, fv.output_dir, fv.labels, source=fv.source,
-                           checkpoint=fv.checkpoint, save_warped_atlas=fv.save_warped_atlas,
-                           save_flow=fv.save_flow, save_aligned=fv.save_aligned, align=fv.align,
-                           refine=fv.refine, refine_steps=fv.refine_steps,
-                           refine_coarse_steps=fv.refine_coarse_steps,
-                           refine_factor=fv.refine_factor)
+    refine = fv.refine and not (fv.refine_steps == 0 and fv.refine_coarse_steps == 0)
+    options = PredictOptions(
+        source=fv.source, checkpoint=fv.checkpoint, align=fv.align, refine=refine,
+        refinement=RefinementSettings().replace(steps=fv.refine_steps,
+                                                coarse_steps=fv.refine_coarse_steps,
+                                                factor=fv.refine_factor),
+        fusion=fv.fusion, save_warped_atlas=fv.save_warped_atlas, save_flow=fv.save_flow,
+        save_aligned=fv.save_aligned, qc=fv.qc,
+        shard=parse_shard(fv.shard) if fv.shard else None)
+    result = predict_files(fv.images, fv.output_dir, fv.labels, model_dir=fv.model_dir,
+                           atlas=fv.atlas, atlas_labels=fv.atlas_labels,
+                           label_names=fv.label_names, options=options)
     print(f"{len(result['outputs'])} segmentations written to {os.path.abspath(fv.output_dir)}")
     if result["dice"] is not None:
         mean = result["dice"]["mean_dice"]

@@ -53,7 +53,8 @@ def scan_name(path: str) -> str:
     return name
 
 
-def _split_paths(paths) -> list:
+def split_paths(paths) -> list:
+    """A path, a list of paths or a comma-separated string of them -> a list of paths."""
     if isinstance(paths, (str, os.PathLike)):
         path = os.fspath(paths)
         # A comma-separated list, unless the string itself names an existing path.
@@ -70,7 +71,7 @@ def list_images(paths) -> list:
     files of ``save_nifti``) and other files in a folder are skipped.
     """
     images = []
-    for path in _split_paths(paths):
+    for path in split_paths(paths):
         if os.path.isdir(path):
             found = sorted(
                 os.path.join(path, name) for name in os.listdir(path)

@@ -13,7 +13,7 @@ import time
 
 from absl import flags
 
-from ltnet_tf import cli, data, evaluation, prediction, synthetic
+from ltnet_tf import cli, cohort, data, evaluation, synthetic
 
 DEMO_SETTINGS = dict(downsample=2, steps=400, checkpoint_every=100, g_learning_rate=1e-3,
                      d_learning_rate=1e-4, enc_features="16,16,16", dec_features="16,16,16,16,16")
@@ -58,8 +58,8 @@ def run_demo(workdir: str, steps: int, preset: str = "ltnet", seed: int = 0) -> 
         raise SystemExit(1)
     output_dir = os.path.join(workdir, "segmentations")
     # The network alone, what the demo shows off; predict.py also refines each scan by default.
-    result = prediction.predict_files(model_dir, ",".join(test_scans), output_dir, ",".join(test_labels),
-                               refine=False)
+    result = cohort.predict_files(",".join(test_scans), output_dir, ",".join(test_labels),
+                                  model_dir=model_dir, options=cohort.PredictOptions(refine=False))
     after = result["dice"]["mean_dice"]
     summary = {"dice_no_registration": sum(before) / len(before), "dice_ltnet": after,
                "model_dir": model_dir, "segmentations": output_dir,

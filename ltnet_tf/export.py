@@ -47,7 +47,7 @@ from absl import logging
 import ltnet_tf
 from ltnet_tf.config import RefinementSettings
 from ltnet_tf.inference import LabelTransfer
-from ltnet_tf.labels import structure_name
+from ltnet_tf.label_names import LabelNames
 from ltnet_tf.modeldir import SAVED_MODEL_METADATA, ModelDir, ModelDirError
 from ltnet_tf.refinement import Refinement
 
@@ -126,8 +126,9 @@ class ServingModule(tf.Module):
         return self.label_transfer.transfer_with_atlas(atlas, atlas_labels, scan)
 
     def _segment_refined(self, scan, steps, coarse_steps):
-        refine = lambda scan_normalized, flow_working: self.refinement(  # noqa: E731
-            scan_normalized, flow_working, steps=steps, coarse_steps=coarse_steps)
+        refine = lambda scan_normalized, flow_working, full_grid: self.refinement(  # noqa: E731
+            scan_normalized, flow_working, steps=steps, coarse_steps=coarse_steps,
+            full_grid=full_grid)
         return self.label_transfer.segment(scan, refinement=refine)
 
     def signatures(self) -> dict:
@@ -184,11 +185,13 @@ def _signature_json(concrete_function) -> dict:
 
 
 def serving_metadata(config, signatures: dict, checkpoint: str, version: int,
-                     refinement: Refinement = None) -> dict:
+                     refinement: Refinement = None, names: LabelNames = None) -> dict:
     """The JSON a client reads to know what to send: grid, signatures, label IDs and names.
 
-    ``signatures``: name -> concrete function; ``checkpoint``: where the weights came from.
+    ``signatures``: name -> concrete function; ``checkpoint``: where the weights came from;
+    ``names``: the structures' names (default FreeSurfer's).
     """
+    names = names or LabelNames.freesurfer()
     metadata = {
         "format": METADATA_FORMAT,
         "version": version,
@@ -198,7 +201,8 @@ def serving_metadata(config, signatures: dict, checkpoint: str, version: int,
         "intensities": "raw; per-scan min-max normalisation to [0, 1] is inside the signatures",
         "signatures": {name: _signature_json(fn) for name, fn in signatures.items()},
         "label_ids": [int(i) for i in config.label_ids],
-        "structure_names": {str(int(i)): structure_name(i) for i in config.label_ids},
+        "structure_names": {str(int(i)): names.name(i) for i in config.label_ids},
+        "label_names": names.to_dict(),
         "checkpoint": checkpoint,
         "ltnet_tf_version": ltnet_tf.__version__,
         "tensorflow_version": tf.__version__,
@@ -289,7 +293,7 @@ def _write_saved_model(model_dir: ModelDir, config, generator, checkpoint: str, 
         with open(metadata_path, "w") as f:
             metadata = serving_metadata(config, signatures,
                                         os.path.relpath(checkpoint, model_dir.path), version,
-                                        refinement)
+                                        refinement, model_dir.load_label_names())
             json.dump(metadata, f, indent=2)
             f.write("\n")
         if os.path.exists(final):

@@ -66,6 +66,48 @@ def resample_displacement(flow: tf.Tensor, ratio: float, shape) -> tf.Tensor:
     return flow * float(ratio)
 
 
+class Displacement:
+    """A displacement on the atlas grid (VoxelMorph's pull convention, full voxels) given as a sum
+    of fields on coarser grids, as refinement leaves it: ``components`` [(values [B, d, h, w, 3]
+    in that grid's voxels, grid factor)], e.g. G_F's working-grid displacement plus a correction at
+    half resolution. It equals the sum of ``resample_displacement`` of each component; the whole
+    atlas-grid field (82 MB for 160×192×224) is built only by ``full_grid``, while ``at_points``
+    samples it where a label pull needs it.
+    """
+
+    def __init__(self, components):
+        self.components = [(tf.convert_to_tensor(values, tf.float32), factor)
+                           for values, factor in components]
+
+    def full_grid(self, shape, count=None) -> tf.Tensor:
+        """[B, *shape, 3] on the atlas grid (``count``: B, needed when there is no component)."""
+        if not self.components:
+            return tf.zeros(tf.concat([[count], shape, [3]], 0), tf.float32)
+        return tf.add_n([resample_displacement(values, factor, shape)
+                         for values, factor in self.components])
+
+    def element(self, index: int) -> list:
+        """Batch element ``index``'s components [(values [d, h, w, 3], factor)]."""
+        return [(values[index], factor) for values, factor in self.components]
+
+
+def sample_coarse(values: tf.Tensor, factor, points: tf.Tensor) -> tf.Tensor:
+    """Trilinear samples of ``values`` [d, h, w, C], on a grid ``factor`` times coarser than the
+    atlas grid, at atlas-grid voxel coordinates ``points`` [..., 3] -> [..., C]: at
+    (p + 0.5) / factor - 0.5 (voxel centres as average pooling places them), clipped to the grid,
+    which is where ``resample_displacement``'s linear upsampling reads them."""
+    size = tf.constant([s - 1 for s in values.shape.as_list()[:3]], tf.float32)
+    coordinates = points if factor == 1 else (points + 0.5) / float(factor) - 0.5
+    return sample_linear(values, tf.clip_by_value(coordinates, 0.0, size))
+
+
+def sample_displacement(values: tf.Tensor, factor, points: tf.Tensor) -> tf.Tensor:
+    """A displacement ``values`` [d, h, w, 3] on a grid ``factor`` times coarser than the atlas
+    grid (in its voxels), at atlas-grid voxel coordinates ``points`` [..., 3] -> [..., 3] full
+    voxels: what ``resample_displacement`` gives at the atlas voxels."""
+    return sample_coarse(values, factor, points) * float(factor)
+
+
 def _sampling_points(flow: tf.Tensor, shape) -> tf.Tensor:
     """Where pull-warping by ``flow`` [B, D, H, W, 3] samples: [B, N, 3] voxel coordinates.
 
@@ -238,7 +280,7 @@ class LabelTransfer(tf.Module):
         if refinement is None:
             flow = resample_displacement(flow_working, self.config.downsample, self.full_shape)
         else:
-            flow = refinement(scan_normalized, flow_working)["flow"]
+            flow = refinement(scan_normalized, flow_working, full_grid=True)["flow"]
         segmentation = warp_labels(atlas_labels, flow, atlas_cells)
         if not extras:
             return {"segmentation": segmentation}

@@ -12,6 +12,7 @@ its one owner: it creates it, names every file in it, and reads it back.
     RUN/saved_model/<version>/  the TF Serving SavedModel (its metadata in assets.extra/)
     RUN/logs/                   TensorBoard
     RUN/qc.png                  three slices of a scan with its transferred labels outlined
+    RUN/label_names.json        the structures' names and colours (train.py --label_names)
 """
 from __future__ import annotations
 
@@ -83,6 +84,7 @@ class ModelDir:
     saved_model_base = property(lambda self: self._join("saved_model"))
     log_dir = property(lambda self: self._join("logs"))
     qc_path = property(lambda self: self._join("qc.png"))
+    label_names_path = property(lambda self: self._join("label_names.json"))
     validation_history_path = property(lambda self: self._join("validation.json"))
 
     # ---------------------------------------------------------------- creating and resuming
@@ -151,6 +153,14 @@ class ModelDir:
             raise ModelDirError(f"{self.config_path}: config has no atlas_shape/label_ids; "
                                 f"was this folder written by train.py?")
         return config
+
+    def load_label_names(self):
+        """The structures' names: ``label_names.json`` if the run has one, else FreeSurfer's."""
+        from ltnet_tf.label_names import LabelNames
+
+        if os.path.isfile(self.label_names_path):
+            return LabelNames.load(self.label_names_path)
+        return LabelNames.freesurfer()
 
     def load_atlas(self):
         """(atlas Volume, atlas label Volume)."""

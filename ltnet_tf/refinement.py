@@ -35,7 +35,7 @@ import tensorflow as tf
 
 from ltnet_tf import data
 from ltnet_tf.config import LTNetConfig, RefinementSettings
-from ltnet_tf.inference import resample_displacement
+from ltnet_tf.inference import Displacement, resample_displacement
 
 
 # ------------------------------------------------------------------------------- the loss terms
@@ -121,32 +121,40 @@ def smoothness(displacement: tf.Tensor, for_xla: bool = True) -> tf.Tensor:
 
 
 class AtlasSampler:
-    """Trilinear pull-warping of one fixed image [D, H, W], as ``inference.warp_image``.
+    """Trilinear pull-warping of fixed images [A, D, H, W] (A atlases), as ``inference.warp_image``.
 
     Each voxel's cell (itself and its 7 upper neighbours, the last voxel repeated at the far edges)
     is stored as one row of 8 values, so sampling a point is a single gather of its lower corner's
-    row. Points are clipped to the volume (VoxelMorph's ``fill_value=None``).
+    row. Points are clipped to the volume (VoxelMorph's ``fill_value=None``). A flow batch of B
+    displacements is pulled through atlas b when A == B, through the one atlas when A == 1.
     """
 
-    def __init__(self, image):
-        image = tf.convert_to_tensor(image, tf.float32)
-        self.shape = tuple(image.shape.as_list())
+    def __init__(self, images):
+        images = tf.convert_to_tensor(images, tf.float32)
+        if images.shape.rank == 3:
+            images = images[None]
+        self.count = int(images.shape[0])
+        self.shape = tuple(images.shape.as_list()[1:])
         depth, height, width = self.shape
-        padded = tf.pad(image, [[0, 1]] * 3, mode="SYMMETRIC")  # repeats the last voxel
-        corners = [padded[dz:dz + depth, dy:dy + height, dx:dx + width]
+        padded = tf.pad(images, [[0, 0]] + [[0, 1]] * 3, mode="SYMMETRIC")  # repeats the last voxel
+        corners = [padded[:, dz:dz + depth, dy:dy + height, dx:dx + width]
                    for dz, dy, dx in itertools.product((0, 1), repeat=3)]
-        self.cells = tf.reshape(tf.stack(corners, -1), [-1, 8])
+        self.cells = tf.reshape(tf.stack(corners, -1), [self.count, -1, 8])
         self.grid = tf.stack(tf.meshgrid(*[tf.range(s, dtype=tf.float32) for s in self.shape],
                                          indexing="ij"), -1)
         self.last = tf.constant([s - 1 for s in self.shape], tf.float32)
 
     def __call__(self, flow: tf.Tensor) -> tf.Tensor:
-        """flow [B, D, H, W, 3] (voxels) -> image pulled by it, [B, D, H, W]."""
+        """flow [B, D, H, W, 3] (voxels) -> images pulled by it, [B, D, H, W]."""
         points = tf.clip_by_value(self.grid[None] + flow, 0.0, self.last)
         lower = tf.floor(points)
         fz, fy, fx = tf.unstack(points - lower, axis=-1)
         z, y, x = tf.unstack(tf.cast(lower, tf.int32), axis=-1)
-        cell = tf.gather(self.cells, (z * self.shape[1] + y) * self.shape[2] + x)
+        index = (z * self.shape[1] + y) * self.shape[2] + x
+        if self.count == 1:
+            cell = tf.gather(self.cells[0], index)
+        else:
+            cell = tf.gather(self.cells, index, batch_dims=1)
         c = tf.unstack(cell, axis=-1)  # corner (dz, dy, dx) is c[4 dz + 2 dy + dx]
         along_x = [c[i] + fx * (c[i + 1] - c[i]) for i in (0, 2, 4, 6)]
         along_y = [along_x[i] + fy * (along_x[i + 1] - along_x[i]) for i in (0, 2)]
@@ -166,18 +174,17 @@ def to_grid(volume: tf.Tensor, factor: int) -> tf.Tensor:
 # ------------------------------------------------------------------------------- the optimiser
 class GridStage:
     """Adam on a correction of the displacement at one grid (the atlas grid shrunk ``factor``
-    times): the atlas there, its loss, and the traced loop."""
+    times): the atlases there, the loss, and the traced loop."""
 
-    def __init__(self, atlas_full: tf.Tensor, factor: int, window: int, learning_rate: float,
+    def __init__(self, atlases_full: tf.Tensor, factor: int, window: int, learning_rate: float,
                  weight_smooth: float, jit_compile: bool):
         self.factor = factor
-        self.grid_shape = tuple(int(math.ceil(s / factor)) for s in atlas_full.shape.as_list())
-        self.atlas_sampler = AtlasSampler(to_grid(atlas_full[None, ..., None], factor)[0])
+        self.grid_shape = tuple(int(math.ceil(s / factor)) for s in atlases_full.shape[1:4])
+        self.atlas_sampler = AtlasSampler(to_grid(atlases_full[..., None], factor))
         self.ncc = FixedScanNCC(self.grid_shape, window)
         self.learning_rate = learning_rate
         self.weight_smooth = weight_smooth
         self.jit_compile = jit_compile
-        self.optimise = tf.function(self._optimise)
         # XLA fuses the loss's elementwise chains and slices; compiling the whole loop was no
         # faster than compiling the step (bench/results/refinement.md).
         self._loss_and_gradient = tf.function(self._loss_and_gradient_eager,
@@ -194,10 +201,10 @@ class GridStage:
         with tf.GradientTape() as tape:
             tape.watch(correction)
             loss = self.loss(scan_sums, flow_start + correction)
-            total = tf.reduce_sum(loss)  # scans are independent: each gets its own gradient
+            total = tf.reduce_sum(loss)  # pairs are independent: each gets its own gradient
         return loss, tape.gradient(total, correction)
 
-    def _optimise(self, scan_sums, flow_start, steps):
+    def optimise(self, scan_sums, flow_start, steps):
         """Adam (β 0.9/0.999, ε 1e-7 as Keras) from a zero correction; returns the correction."""
         beta_1, beta_2, epsilon = 0.9, 0.999, 1e-7
 
@@ -216,39 +223,49 @@ class GridStage:
 
 
 class Refinement(tf.Module):
-    """Adam on one scan's displacement, started at G_F's, on the training objective.
+    """Adam on one scan's displacement, on G_F's training objective, coarse to fine.
 
-    ``__call__(scan_normalized [B, D, H, W, 1], flow_working [B, *working, 3])`` ->
-    ``{"flow": [B, D, H, W, 3] full-grid displacement in full voxels, "loss": [B] objective of the
-    returned displacement, "loss_start": [B] objective of G_F's}``, both losses on the grid of
-    ``factor``.
+    ``__call__(scan_normalized [B, D, H, W, 1], flow_working [B, *working, 3] or None)`` ->
+    ``{"coarse_correction": [B, *coarse grid, 3] (absent without a coarse stage),
+    "fine_correction": [B, *grid, 3], "warped_atlas": [B, *grid] the atlas pulled by the refined
+    displacement on the fine grid, "scan": [B, *grid] the scan there, "loss": [B] the refined
+    displacement's objective there, "loss_start": [B] the start's}``, and with ``full_grid`` also ``"flow"``: [B, D, H, W, 3], the refined displacement
+    on the atlas grid in full voxels. The refined displacement is the start plus the corrections,
+    each on its own grid in its own voxels (``components``, ``inference.Displacement``): a label
+    pull samples it where it needs it, and only ``full_grid`` builds a whole atlas-grid field.
 
-    Coarse to fine: ``coarse_steps`` steps at grid factor ``coarse_factor`` (default: the
-    network's working grid, where a step costs ~10x less) first, then ``steps`` at ``factor``.
-    What is optimised at each grid is a correction added to G_F's displacement, so the result is
-    G_F's displacement exactly as ``inference.resample_displacement`` puts it on the full grid
-    plus the upsampled corrections: 0 steps changes nothing.
+    The start: G_F's working-grid displacement (``config`` gives its grid factor,
+    ``config.downsample``) or, with ``config`` None or ``flow_working`` None, the identity (zero
+    displacement: segmenting without a trained network). Coarse to fine: ``coarse_steps`` steps
+    at grid factor ``coarse_factor`` (default: the network's working grid; 4 without a network),
+    then ``steps`` at ``factor``. What is optimised at each grid is a correction: 0 steps leaves
+    the start exactly as it is.
 
+    ``atlas_images_normalized``: [D, H, W], or [A, D, H, W] for A atlases registered to one scan
+    at once (B = 1 scan, tiled; the result has A entries) or to as many scans (A == B).
     ``settings``: a ``config.RefinementSettings`` (default: its measured defaults); keyword
-    ``options`` override its fields (steps, factor, learning_rate, weight_smooth, coarse_steps,
-    coarse_factor, jit_compile). Raises ConfigError (a ValueError) for invalid settings.
+    ``options`` override its fields. Raises ConfigError (a ValueError) for invalid settings.
     """
 
-    def __init__(self, config: LTNetConfig, atlas_image_normalized_full,
-                 settings: RefinementSettings = None, name: str = "refinement", **options):
+    IDENTITY_COARSE_FACTOR = 4  # without a network: the CPU profile's working grid
+
+    def __init__(self, config, atlas_images_normalized, settings: RefinementSettings = None,
+                 name: str = "refinement", **options):
         super().__init__(name=name)
         settings = (settings or RefinementSettings()).replace(**options)
-        coarse_factor = (config.downsample if settings.coarse_factor is None
-                         else settings.coarse_factor)
-        atlas = tf.convert_to_tensor(atlas_image_normalized_full, tf.float32)
-        self.config = config
-        self.full_shape = tuple(atlas.shape.as_list())
+        atlases = tf.convert_to_tensor(atlas_images_normalized, tf.float32)
+        atlases = atlases[None] if atlases.shape.rank == 3 else atlases
+        self.start_factor = None if config is None else int(config.downsample)
+        window = LTNetConfig().ncc_window if config is None else config.ncc_window
+        coarse_factor = settings.coarse_factor or self.start_factor or self.IDENTITY_COARSE_FACTOR
+        self.full_shape = tuple(atlases.shape.as_list()[1:])
+        self.atlas_count = int(atlases.shape[0])
         self.factor = settings.factor
         self.steps = settings.steps
         self.learning_rate = float(settings.learning_rate)
         self.weight_smooth = float(settings.weight_smooth)
         self.jit_compile = bool(settings.jit_compile)
-        stage = lambda f: GridStage(atlas, f, config.ncc_window, self.learning_rate,  # noqa: E731
+        stage = lambda f: GridStage(atlases, f, window, self.learning_rate,  # noqa: E731
                                     self.weight_smooth, self.jit_compile)
         self.fine = stage(self.factor)
         self.grid_shape = self.fine.grid_shape
@@ -257,33 +274,62 @@ class Refinement(tf.Module):
         self.coarse_factor = coarse_factor if self.coarse else None
         self.coarse_steps = settings.coarse_steps if self.coarse else 0
 
-    def __call__(self, scan_normalized: tf.Tensor, flow_working: tf.Tensor, steps=None,
-                 coarse_steps=None) -> dict:
+    def settings_record(self) -> dict:
+        """What ran, for prediction.json and the export metadata."""
+        return {"steps": self.steps, "factor": self.factor, "grid": list(self.grid_shape),
+                "coarse_steps": self.coarse_steps, "coarse_factor": self.coarse_factor,
+                "learning_rate": self.learning_rate, "weight_smooth": self.weight_smooth,
+                "jit_compile": self.jit_compile,
+                "start": "network" if self.start_factor else "identity"}
+
+    def __call__(self, scan_normalized: tf.Tensor, flow_working: tf.Tensor = None, steps=None,
+                 coarse_steps=None, full_grid: bool = False) -> dict:
         """See the class docstring; ``steps``, ``coarse_steps`` override the constructor's
         (tensors are fine)."""
         steps = tf.convert_to_tensor(self.steps if steps is None else steps, tf.int32)
         coarse_steps = tf.convert_to_tensor(
             self.coarse_steps if coarse_steps is None else coarse_steps, tf.int32)
-        flow_working = tf.cast(flow_working, tf.float32)
         scan_normalized = tf.cast(scan_normalized, tf.float32)
-        working = self.config.downsample
-        flow = resample_displacement(flow_working, self.config.downsample, self.full_shape)
-        fine_start = resample_displacement(flow_working, working / self.factor, self.grid_shape)
+        if self.atlas_count > 1 and scan_normalized.shape[0] == 1:
+            scan_normalized = tf.repeat(scan_normalized, self.atlas_count, axis=0)
+        count = tf.shape(scan_normalized)[0]
+        start = self._start(flow_working, self.fine, count)
+        fine_start, result = start, {}
         if self.coarse is not None:
             coarse = self.coarse
             scan_sums = coarse.ncc.scan_sums(to_grid(scan_normalized, coarse.factor))
-            correction = coarse.optimise(
-                scan_sums, resample_displacement(flow_working, working / coarse.factor,
-                                                 coarse.grid_shape), coarse_steps)
-            ratio = coarse.factor / self.factor
-            fine_start += resample_displacement(correction, ratio, self.grid_shape)
-            flow += resample_displacement(correction, coarse.factor, self.full_shape)
+            result["coarse_correction"] = coarse.optimise(
+                scan_sums, self._start(flow_working, coarse, count), coarse_steps)
+            fine_start = start + resample_displacement(
+                result["coarse_correction"], coarse.factor / self.factor, self.grid_shape)
         scan_sums = self.fine.ncc.scan_sums(to_grid(scan_normalized, self.factor))
-        correction = self.fine.optimise(scan_sums, fine_start, steps)
-        flow += resample_displacement(correction, self.factor, self.full_shape)
-        g_f_start = resample_displacement(flow_working, working / self.factor, self.grid_shape)
-        return {"flow": flow, "loss": self.fine.loss(scan_sums, fine_start + correction),
-                "loss_start": self.fine.loss(scan_sums, g_f_start)}
+        result["fine_correction"] = self.fine.optimise(scan_sums, fine_start, steps)
+        grid_flow = fine_start + result["fine_correction"]
+        result.update(warped_atlas=self.fine.atlas_sampler(grid_flow), scan=scan_sums[0],
+                      loss=self.fine.loss(scan_sums, grid_flow),
+                      loss_start=self.fine.loss(scan_sums, start))
+        if full_grid:
+            result["flow"] = Displacement(self.components(flow_working, result)).full_grid(
+                self.full_shape, count)
+        return result
+
+    def components(self, flow_working, outputs: dict) -> list:
+        """The refined displacement as [(values [B, *grid, 3] in that grid's voxels, grid
+        factor)]: G_F's start (if any), the coarse and the fine correction."""
+        parts = []
+        if flow_working is not None and self.start_factor is not None:
+            parts.append((flow_working, self.start_factor))
+        if "coarse_correction" in outputs:
+            parts.append((outputs["coarse_correction"], self.coarse_factor))
+        parts.append((outputs["fine_correction"], self.factor))
+        return parts
+
+    def _start(self, flow_working, stage: GridStage, count) -> tf.Tensor:
+        """The starting displacement on ``stage``'s grid: G_F's resampled there, or zero."""
+        if flow_working is None or self.start_factor is None:
+            return tf.zeros(tf.concat([[count], stage.grid_shape, [3]], 0), tf.float32)
+        return resample_displacement(tf.cast(flow_working, tf.float32),
+                                     self.start_factor / stage.factor, stage.grid_shape)
 
     @classmethod
     def for_label_transfer(cls, label_transfer, settings: RefinementSettings = None,
@@ -295,25 +341,45 @@ class Refinement(tf.Module):
 
 # ------------------------------------------------------------------------------- predict.py
 class ScanRefiner:
-    """Refinement as ``predict.py`` runs it, for one aligned scan (a ``data.Volume`` on the atlas
-    grid) and G_F's displacement as ``Predictor.working_displacement`` returns it."""
+    """Refinement as ``predict.py`` runs it: one aligned scan (a ``data.Volume`` on the atlas
+    grid), one or several atlas images on that grid, G_F's displacement or the identity.
 
-    def __init__(self, config: LTNetConfig, atlas_image, settings: RefinementSettings = None):
-        self.config = config
-        atlas = data.normalize_intensity(
-            tf.constant(np.asarray(atlas_image, np.float32)[None, ..., None]))
-        self.refinement = Refinement(config, atlas[0, ..., 0], settings)
+    ``config``: the network's (its working grid is where G_F's displacement starts) or None
+    (start from the identity). One traced call per scan; XLA compiles the steps once per process.
+    """
+
+    def __init__(self, config, atlas_images, settings: RefinementSettings = None):
+        atlases = np.asarray(atlas_images, np.float32)
+        atlases = atlases[None] if atlases.ndim == 3 else atlases
+        normalized = data.normalize_intensity(tf.constant(atlases[..., None]))[..., 0]
+        self.refinement = Refinement(config, normalized, settings)
+        count, shape = len(atlases), tuple(atlases.shape[1:])
+        scan_spec = tf.TensorSpec([1, *shape, 1], tf.float32)
+        if config is None:
+            self._refine = tf.function(lambda scan: self.refinement(scan),
+                                       input_signature=[scan_spec])
+        else:
+            working = tuple(config.working_shape(shape))
+            self._refine = tf.function(
+                lambda scan, flow: self.refinement(scan, flow),
+                input_signature=[scan_spec, tf.TensorSpec([count, *working, 3], tf.float32)])
 
     def settings(self) -> dict:
-        r = self.refinement
-        return {"steps": r.steps, "factor": r.factor, "grid": list(r.grid_shape),
-                "coarse_steps": r.coarse_steps, "coarse_factor": r.coarse_factor,
-                "learning_rate": r.learning_rate, "weight_smooth": r.weight_smooth,
-                "jit_compile": r.jit_compile}
+        return self.refinement.settings_record()
 
-    def __call__(self, scan, flow_working: np.ndarray) -> np.ndarray:
-        """Aligned scan, G_F's working-grid displacement [*working, 3] -> the refined one on the
-        atlas grid [D, H, W, 3] (full voxels)."""
+    def __call__(self, scan: data.Volume, flow_working: np.ndarray = None) -> tuple:
+        """Aligned scan, G_F's working-grid displacement [(A,) *working, 3] or None ->
+        (``inference.Displacement`` of the A refined displacements, numpy {"warped_atlas"
+        [A, *grid] and "scan" [*grid] on the fine grid, "loss" [A], "loss_start" [A]})."""
         scan_normalized = data.normalize_intensity(
             tf.constant(np.asarray(scan.data, np.float32)[None, ..., None]))
-        return self.refinement(scan_normalized, flow_working[None])["flow"][0].numpy()
+        if flow_working is None:
+            outputs = self._refine(scan_normalized)
+        else:
+            flow_working = np.asarray(flow_working, np.float32)
+            flow_working = flow_working[None] if flow_working.ndim == 4 else flow_working
+            outputs = self._refine(scan_normalized, flow_working)
+        displacement = Displacement(self.refinement.components(flow_working, outputs))
+        refined = {name: outputs[name].numpy() for name in ("warped_atlas", "loss", "loss_start")}
+        refined["scan"] = outputs["scan"][0].numpy()
+        return displacement, refined

@@ -237,9 +237,14 @@ def _timings_and_refinement(record: dict) -> str:
     return "".join(parts)
 
 
-def _swatch(structure: str) -> str:
-    """The structure's default outline colour in the QC picture (``qc.label_colour``)."""
+def _swatch(structure: str, colours: dict = None) -> str:
+    """The structure's outline colour in the QC picture: the prediction's ``label_colours``
+    (the user's names and colours), else the default (``qc.label_colour``)."""
     from ltnet_tf.qc import label_colour  # matplotlib only when a page is drawn
+
+    if colours and isinstance(colours.get(structure), (list, tuple)):
+        red, green, blue = (int(c) for c in colours[structure][:3])
+        return f'<span class="swatch" style="background: rgb({red}, {green}, {blue})"></span>'
 
     label = _LABEL_IDS.get(structure)
     if label is None and structure.startswith("label ") and structure[6:].strip().isdigit():
@@ -250,7 +255,7 @@ def _swatch(structure: str) -> str:
     return f'<span class="swatch" style="background: rgb({red}, {green}, {blue})"></span>'
 
 
-def _structures(record: dict) -> str:
+def _structures(record: dict, colours: dict = None) -> str:
     volumes = record.get("volumes_mm3") or {}
     dice = record.get("dice") or {}
     if not volumes and not dice:
@@ -259,7 +264,7 @@ def _structures(record: dict) -> str:
     header = ["", "structure", "volume (mm&sup3;)"] + (["Dice", ""] if dice else [])
     rows = []
     for name in names:
-        row = [_swatch(str(name)), _e(name), (_number(volumes.get(name), 1), "num")]
+        row = [_swatch(str(name), colours), _e(name), (_number(volumes.get(name), 1), "num")]
         if dice:
             value = dice.get(name)
             width = int(round(80 * value)) if _number(value) != "n/a" else 0
@@ -271,7 +276,7 @@ def _structures(record: dict) -> str:
     return f"<h3>{title}</h3>{_table(header, rows)}"
 
 
-def _scan_section(index: int, output_dir: str, entry) -> str:
+def _scan_section(index: int, output_dir: str, entry, colours: dict = None) -> str:
     name, record, reasons = entry
     badge = (f'<span class="badge flagged">FLAGGED: {_e("; ".join(reasons))}</span>' if reasons
              else '<span class="badge">ok</span>')
@@ -285,7 +290,7 @@ def _scan_section(index: int, output_dir: str, entry) -> str:
     return (f'<section class="scan{" flagged" if reasons else ""}" id="scan-{index}">'
             f"<h2>{_e(name)} {badge}</h2>{warning_box}"
             f'<div class="paths">{paths}</div>{_qc_picture(output_dir, name, record)}'
-            f'<div class="columns"><div>{left}</div><div>{_structures(record)}</div></div>'
+            f'<div class="columns"><div>{left}</div><div>{_structures(record, colours)}</div></div>'
             "</section>")
 
 
@@ -295,7 +300,10 @@ def render_report_html(output_dir: str, prediction: dict) -> str:
         raise ValueError(f"{output_dir}: the prediction record is a {type(prediction).__name__}, "
                          "not a JSON object")
     entries = flagged_first(prediction)
-    sections = "".join(_scan_section(i, output_dir, entry) for i, entry in enumerate(entries))
+    colours = prediction.get("label_colours") if isinstance(prediction.get("label_colours"),
+                                                            dict) else None
+    sections = "".join(_scan_section(i, output_dir, entry, colours)
+                       for i, entry in enumerate(entries))
     title = f"ltnet-tf report: {len(entries)} scan{'s' if len(entries) != 1 else ''}"
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             '<meta name="viewport" content="width=device-width, initial-scale=1">'

@@ -13,7 +13,8 @@ from absl import logging
 
 from ltnet_tf import evaluation
 from ltnet_tf.files import atomic_write, write_json
-from ltnet_tf.labels import BENCHMARK_LABELS, structure_name
+from ltnet_tf.label_names import LabelNames
+from ltnet_tf.labels import BENCHMARK_LABELS
 
 DICE_REPORTS = ("dice.csv", "dice.json")
 
@@ -34,14 +35,17 @@ def mean_labels(label_ids) -> list:
     return evaluation.evaluation_labels(label_ids, BENCHMARK_LABELS)
 
 
-def write_dice_reports(per_scan: dict, label_ids, output_dir: str) -> dict:
-    """Writes ``dice.csv`` (one row per scan and structure, then the scan's mean) and ``dice.json``
-    into ``output_dir``; returns the JSON's content.
+def write_dice_reports(per_scan: dict, label_ids, output_dir: str, names=None,
+                       suffix: str = "") -> dict:
+    """Writes ``dice<suffix>.csv`` (one row per scan and structure, then the scan's mean) and
+    ``dice<suffix>.json`` into ``output_dir``; returns the JSON's content. ``names``: a
+    ``label_names.LabelNames`` (default FreeSurfer's names).
 
     dice.json: ``scans`` {scan: {mean_dice, dice {label ID: Dice}}}, ``structures`` {label ID:
     {name, mean_dice}}, ``mean_dice`` (mean over scans) and ``mean_over_labels`` (the structures a
     scan's mean is taken over). Undefined Dice values are ``nan`` in the CSV and null in the JSON.
     """
+    name = (names or LabelNames.freesurfer()).name
     over = mean_labels(label_ids)
     labels = [int(i) for i in label_ids if int(i) != 0]
     rows, report = [], {"mean_over_labels": over, "scans": {}, "structures": {}}
@@ -50,42 +54,46 @@ def write_dice_reports(per_scan: dict, label_ids, output_dir: str) -> dict:
         report["scans"][scan] = {"mean_dice": finite_or_none(scan_mean),
                                  "dice": {str(k): finite_or_none(v) for k, v in scores.items()}}
         for label in labels:
-            rows.append([scan, label, structure_name(label), scores.get(label, float("nan"))])
+            rows.append([scan, label, name(label), scores.get(label, float("nan"))])
         rows.append([scan, "mean", f"mean of {len(over)} structures", scan_mean])
     for label in labels:
         report["structures"][str(label)] = {
-            "name": structure_name(label),
+            "name": name(label),
             "mean_dice": finite_or_none(_nan_mean(s.get(label) for s in per_scan.values()))}
     report["mean_dice"] = finite_or_none(_nan_mean(v["mean_dice"]
                                                    for v in report["scans"].values()))
-    with atomic_write(os.path.join(output_dir, "dice.csv"), newline="") as f:
+    with atomic_write(os.path.join(output_dir, f"dice{suffix}.csv"), newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["scan", "label", "structure", "dice"])
         for row in rows:
             writer.writerow([*row[:3], f"{row[3]:.6f}"])
-    write_json(report, os.path.join(output_dir, "dice.json"))
+    write_json(report, os.path.join(output_dir, f"dice{suffix}.json"))
     return report
 
 
-def remove_earlier_dice_reports(output_dir: str) -> None:
+def remove_earlier_dice_reports(output_dir: str, suffix: str = "") -> None:
     """A run without references: Dice reports of an earlier run there describe other
     segmentations."""
     for name in DICE_REPORTS:
-        path = os.path.join(output_dir, name)
+        stem, extension = os.path.splitext(name)
+        path = os.path.join(output_dir, f"{stem}{suffix}{extension}")
         if os.path.isfile(path):
             os.remove(path)
             logging.warning("%s: removed (from an earlier prediction with --labels; this one has "
                             "no reference labels)", path)
 
 
-def write_volumes_csv(volumes: dict, label_ids, output_dir: str) -> str:
-    """``volumes.csv``: one row per scan, one column per structure (FreeSurfer name), mm³ on the
-    scan's own grid — the table FastSurfer and SynthSeg users expect. Returns its path."""
+def write_volumes_csv(volumes: dict, label_ids, output_dir: str, names=None,
+                      suffix: str = "") -> str:
+    """``volumes<suffix>.csv``: one row per scan, one column per structure (by ``names``, default
+    FreeSurfer's), mm³ on the scan's own grid — the table FastSurfer and SynthSeg users expect.
+    Returns its path."""
+    name = (names or LabelNames.freesurfer()).name
     labels = [int(i) for i in label_ids if int(i) != 0]
-    path = os.path.join(output_dir, "volumes.csv")
+    path = os.path.join(output_dir, f"volumes{suffix}.csv")
     with atomic_write(path, newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["scan", *[structure_name(label) for label in labels]])
+        writer.writerow(["scan", *[name(label) for label in labels]])
         for scan, per_label in volumes.items():
             writer.writerow([scan, *[f"{per_label[label]:.1f}" for label in labels]])
     return path
@@ -103,7 +111,7 @@ def warn_unmatched_label_ids(reference, label_ids) -> None:
                         unknown[:10], missing[:10])
 
 
-def write_prediction_json(output_dir: str, **fields) -> str:
-    """``prediction.json``: what produced the outputs (``fields``: model_dir, source, images,
-    labels, outputs, align, alignment_settings, refinement, alignment_failed, scans, mean_dice)."""
-    return write_json(fields, os.path.join(output_dir, "prediction.json"))
+def write_prediction_json(output_dir: str, prediction: dict, suffix: str = "") -> str:
+    """``prediction<suffix>.json``: what produced the outputs (model or atlases, settings) and per
+    scan its alignment, timings, refinement, volumes, Dice and warnings."""
+    return write_json(prediction, os.path.join(output_dir, f"prediction{suffix}.json"))

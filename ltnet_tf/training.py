@@ -21,6 +21,7 @@ from ltnet_tf.callbacks import (CheckpointSaver, Checkpointing, DivergenceError,
 from ltnet_tf.config import LTNetConfig
 from ltnet_tf.dataset import make_training_dataset
 from ltnet_tf.inference import LabelTransfer
+from ltnet_tf.label_names import LabelNames
 from ltnet_tf.model import LTNet
 from ltnet_tf.modeldir import ModelDir
 
@@ -89,13 +90,15 @@ def make_checkpoint(model: LTNet) -> tf.train.Checkpoint:
 
 def train(config: LTNetConfig, atlas_path, atlas_labels_path, scan_paths, model_dir, *,
           val_images=None, val_labels=None, resume: bool = False, strategy=None,
-          export: bool = True, verbose: int = 1, align: str = "auto") -> ModelDir:
+          export: bool = True, verbose: int = 1, align: str = "auto",
+          label_names: str = None) -> ModelDir:
     """Train LT-Net; returns the run folder (see ``ltnet_tf.modeldir`` for what it holds).
 
     ``align='auto'``: scans and validation scans on other grids than the atlas's are aligned to it
     first; ``'never'``: every scan must be on the atlas grid. ``resume``: continue the run in
     ``model_dir`` from its newest intact checkpoint, with ``config``'s ``RESUME_CHANGEABLE``
-    fields. Raises DataError (inputs), ModelDirError (the folder), TrainingError (the run cannot
+    fields. ``label_names``: a FreeSurfer LUT, ITK-SNAP label file or BIDS dseg.tsv naming the
+    atlas's structures, kept in the run folder (``label_names.json``) for prediction and export. Raises DataError (inputs), ModelDirError (the folder), TrainingError (the run cannot
     start or save), DivergenceError (a non-finite loss or weights).
     """
     strategy = strategy or tf.distribute.get_strategy()
@@ -109,11 +112,16 @@ def train(config: LTNetConfig, atlas_path, atlas_labels_path, scan_paths, model_
     pairs = data.load_validation_pairs(val_images, val_labels) if val_images else []
     pairs = align_validation_pairs(atlas, pairs, align)
     config = resolve_config(config, atlas, atlas_labels)
+    names = LabelNames.from_file(label_names) if label_names else None
+    if names is not None:
+        names.check_covers(config.label_ids, f"the atlas labels {atlas_labels.path}")
     saved_config = model_dir.check().load_config() if resume else None  # not yet rewritten
     if resume:
         config = model_dir.resumed_config(config)
     elif chief:
         config = model_dir.create(config, atlas, atlas_labels)
+    if chief and names is not None:
+        names.save(model_dir.label_names_path)
     tf.keras.utils.set_random_seed(config.seed)
     if config.mixed_precision:
         tf.keras.mixed_precision.set_global_policy("mixed_float16")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from helpers import SHAPE, copy_into, files_under, the_error_line, write_nifti
-from ltnet_tf import cli, prediction
+from ltnet_tf import cli, cohort
 from ltnet_tf.labels import structure_name
 
 
@@ -105,9 +105,11 @@ def test_predict_mgz_and_checkpoint_source(trained_run, dataset, tmp_path):
 
 def test_predict_files_library_call(trained_run, dataset, tmp_path):
     out = tmp_path / "out"
-    result = prediction.predict_files(trained_run.path, ",".join(dataset.images[:2]), str(out))
+    result = cohort.predict_files(",".join(dataset.images[:2]), str(out),
+                                  model_dir=trained_run.path)
     assert set(result["outputs"]) == {"scan_00", "scan_01"} and result["dice"] is None
-    assert sorted(os.listdir(out)) == ["prediction.json", "scan_00_seg.nii.gz",
+    assert sorted(os.listdir(out)) == ["prediction.json", "report.html", "scan_00_qc.png",
+                                       "scan_00_seg.nii.gz", "scan_01_qc.png",
                                        "scan_01_seg.nii.gz", "volumes.csv"]
 
 
@@ -167,9 +169,6 @@ def _bad_predict_input(case, trained_run, dataset, tmp_path):
         reference = np.asarray(nib.load(dataset.labels[0]).dataobj)[:, :-1]
         path = write_nifti(labels / "scan_00.nii.gz", reference, affine)
         return {"--images": str(images), "--labels": str(labels)}, path
-    if case == "label_missing":
-        labels = copy_into(tmp_path / "labels", dataset.labels[1])
-        return {"--images": str(images), "--labels": labels}, os.path.join(images, "scan_00.nii.gz")
     if case == "model_dir_missing":
         path = str(tmp_path / "no_model")
         return {"--model_dir": path}, path
@@ -208,7 +207,6 @@ PREDICT_CASES = {
     "duplicate_names": "same scan name 'scan_00'",
     "labels_not_integer": "label values are not integers",
     "labels_other_grid": "differs from the shape",
-    "label_missing": "no label map named 'scan_00'",
     "model_dir_missing": "model folder not found",
     "model_dir_not_a_model": "not an LT-Net model folder",
     "model_dir_without_config": "not an LT-Net model folder",
@@ -235,3 +233,22 @@ def test_predict_requires_its_flags(program, tmp_path, capsys):
     the_error_line(capsys, "--model_dir is required")
     assert cli.predict_main([*program, "--helpfull"]) == 0
     assert "--model_dir" in capsys.readouterr().out
+
+
+def test_a_reference_folder_of_the_whole_study(trained_run, dataset, tmp_path, caplog):
+    """References of scans not segmented here are ignored (one line says how many); a scan
+    without a reference is segmented and left out of Dice."""
+    images = copy_into(tmp_path / "images", *dataset.images[:2])
+    labels = copy_into(tmp_path / "labels", dataset.labels[1], dataset.labels[2])
+    caplog.set_level("INFO")
+    out = tmp_path / "out"
+    assert cli.predict_main(["predict.py", "--model_dir", trained_run.path, "--images", images,
+                             "--labels", labels, "--output_dir", str(out), "--norefine"]) == 0
+    assert "1 reference label maps" in caplog.text and "ignored" in caplog.text
+    assert "no reference label map for 1 scans (scan_00)" in caplog.text
+    assert (out / "scan_00_seg.nii.gz").exists() and (out / "scan_01_seg.nii.gz").exists()
+    report = json.loads((out / "dice.json").read_text())
+    assert set(report["scans"]) == {"scan_01"}
+    prediction = json.loads((out / "prediction.json").read_text())
+    assert "mean_dice" not in prediction["scans"]["scan_00"]
+    assert prediction["scans"]["scan_01"]["mean_dice"] == pytest.approx(report["mean_dice"])

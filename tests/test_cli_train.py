@@ -16,7 +16,7 @@ import pytest
 
 from helpers import (REPO, SHAPE, STEPS, SUBPROCESS_TIMEOUT, copy_into,
                      read_checkpoint_iterations, the_error_line, train_argv, write_nifti)
-from ltnet_tf import cli, training
+from ltnet_tf import atlases, cli, training
 from ltnet_tf import dataset as datasets
 from ltnet_tf.config import LTNetConfig
 from ltnet_tf.modeldir import ModelDir
@@ -325,4 +325,4 @@ def test_train_atlas_labels_default_beside_the_atlas(dataset, tmp_path, capsys):
     argv[argv.index("--atlas") + 1] = os.path.join(folder, "atlas.nii.gz")
     assert cli.train_main(argv) == 1
     the_error_line(capsys, "atlas.nii.gz", "--atlas_labels not given")
-    assert cli.default_atlas_labels(dataset.atlas) == dataset.atlas_labels
+    assert atlases.default_atlas_labels(dataset.atlas) == dataset.atlas_labels

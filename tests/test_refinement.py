@@ -89,7 +89,7 @@ def test_zero_steps_returns_the_generator_displacement():
     scans = tf.constant(np.stack([blob(SHAPE), blob(SHAPE, (1, 1, 1))])[..., None])
     refinement = Refinement(config, blob(SHAPE), steps=0, factor=2, coarse_steps=0)
     assert refinement.coarse is not None  # a coarse stage that runs 0 steps
-    outputs = refinement(scans, flow_working)
+    outputs = refinement(scans, flow_working, full_grid=True)
     expected = inference.resample_displacement(flow_working, config.downsample, SHAPE)
     np.testing.assert_array_equal(outputs["flow"], expected)
     np.testing.assert_array_equal(outputs["loss"], outputs["loss_start"])
@@ -124,7 +124,7 @@ def test_refinement_lowers_the_loss_and_moves_in_full_voxels(downsample, factor)
     refinement = Refinement(config, atlas, steps=60, factor=factor, learning_rate=0.25,
                             weight_smooth=1.0, coarse_steps=0)
     flow_working = tf.zeros([1, *config.working_shape(), 3])
-    outputs = refinement(tf.constant(scan[None, ..., None]), flow_working)
+    outputs = refinement(tf.constant(scan[None, ..., None]), flow_working, full_grid=True)
     assert outputs["flow"].shape == (1, *SHAPE, 3)
     assert float(outputs["loss"][0]) < 0.2 * float(outputs["loss_start"][0])
     centre = outputs["flow"][0, 6:-6, 6:-6, 6:-6].numpy().reshape(-1, 3)
@@ -137,8 +137,10 @@ def test_coarse_to_fine_finds_the_shift_with_fewer_fine_steps():
     scan = tf.constant(scan[None, ..., None])
     flow_working = tf.zeros([1, *config.working_shape(), 3])
     options = dict(steps=15, factor=1, learning_rate=0.25, weight_smooth=1.0)
-    fine_only = Refinement(config, atlas, coarse_steps=0, **options)(scan, flow_working)
-    coarse_to_fine = Refinement(config, atlas, coarse_steps=40, **options)(scan, flow_working)
+    fine_only = Refinement(config, atlas, coarse_steps=0, **options)(scan, flow_working,
+                                                                     full_grid=True)
+    coarse_to_fine = Refinement(config, atlas, coarse_steps=40, **options)(scan, flow_working,
+                                                                           full_grid=True)
     np.testing.assert_allclose(coarse_to_fine["loss_start"], fine_only["loss_start"])
     assert float(coarse_to_fine["loss"][0]) < float(fine_only["loss"][0])
     centre = coarse_to_fine["flow"][0, 6:-6, 6:-6, 6:-6].numpy().reshape(-1, 3)
@@ -151,7 +153,7 @@ def test_constant_generator_displacement_is_in_full_voxels():
         config = config_for(downsample=downsample)
         flow_working = tf.fill([1, *config.working_shape(), 3], 0.5)
         outputs = Refinement(config, blob(SHAPE), steps=0, factor=factor, coarse_steps=0)(
-            tf.constant(blob(SHAPE)[None, ..., None]), flow_working)
+            tf.constant(blob(SHAPE)[None, ..., None]), flow_working, full_grid=True)
         np.testing.assert_allclose(outputs["flow"], 0.5 * downsample, rtol=1e-6)
 
 
@@ -160,8 +162,8 @@ def test_scans_of_a_batch_are_refined_independently():
     scans = np.stack([blob(SHAPE, (0, 0, 2)), blob(SHAPE, (1, -1, 0))])[..., None]
     flow_working = random_flow(config.working_shape(), 0.5, batch=2)
     refinement = Refinement(config, blob(SHAPE), steps=5, factor=2)
-    together = refinement(tf.constant(scans), flow_working)
-    alone = refinement(tf.constant(scans[1:]), flow_working[1:])
+    together = refinement(tf.constant(scans), flow_working, full_grid=True)
+    alone = refinement(tf.constant(scans[1:]), flow_working[1:], full_grid=True)
     np.testing.assert_allclose(together["flow"][1], alone["flow"][0], rtol=0, atol=1e-4)
     np.testing.assert_allclose(together["loss"][1], alone["loss"][0], rtol=0, atol=1e-6)
 
@@ -170,8 +172,8 @@ def test_with_and_without_xla_the_same_refinement():
     config = config_for()
     scans = tf.constant(blob(SHAPE, (0, 0, 2))[None, ..., None])
     flow_working = random_flow(config.working_shape(), 0.5)
-    compiled, plain = (Refinement(config, blob(SHAPE), steps=5, jit_compile=jit)(scans, flow_working)
-                       for jit in (True, False))
+    compiled, plain = (Refinement(config, blob(SHAPE), steps=5, jit_compile=jit)(
+        scans, flow_working, full_grid=True) for jit in (True, False))
     np.testing.assert_allclose(compiled["flow"], plain["flow"], rtol=0, atol=1e-3)
     np.testing.assert_allclose(compiled["loss"], plain["loss"], rtol=0, atol=1e-5)
 

@@ -1,0 +1,341 @@
+"""Segmenting a cohort of scan files: ``predict.py`` is a thin layer on ``predict_files``.
+
+    sources    a trained run folder (G_F + its atlas), or atlases given as files (no network)
+    checks     every scan and reference read once, before the network is loaded or anything written
+    shard      this process's share of the sorted scan list (``--shard K/N``)
+    per scan   ``prediction.Predictor.segment``, then the scan's files (``outputs``), its QC
+               picture (``qc``), volumes, Dice, warnings
+    reports    volumes.csv, dice.csv/json, prediction.json, report.html (``reports``, ``report``)
+"""
+from __future__ import annotations
+
+from ltnet_tf import compat  # noqa: F401
+
+import contextlib
+import logging as pylogging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from absl import logging
+
+from ltnet_tf import alignment as alignment_lib
+from ltnet_tf import data, evaluation, reports
+from ltnet_tf.atlases import AtlasSet, atlas_files
+from ltnet_tf.config import ConfigError, RefinementSettings
+from ltnet_tf.label_names import LabelNames
+from ltnet_tf.modeldir import ModelDir
+from ltnet_tf.native import structure_volumes_mm3
+from ltnet_tf.outputs import OutputFolder
+from ltnet_tf.prediction import Predictor, check_scan
+
+
+@dataclass
+class PredictOptions:
+    """What ``predict.py``'s flags ask for, beyond the inputs (see its --helpfull)."""
+    source: str = "auto"
+    checkpoint: str = "auto"
+    align: str = "auto"
+    refine: bool = True
+    refinement: RefinementSettings = field(default_factory=RefinementSettings)
+    fusion: str = "local"
+    save_warped_atlas: bool = False
+    save_flow: bool = False
+    save_aligned: bool = False
+    qc: bool = True
+    shard: Optional[tuple] = None  # (K, N): this process segments the K-th of N shares
+
+
+def parse_shard(text: str) -> tuple:
+    """'K/N' (1 <= K <= N) -> (K, N); ConfigError otherwise."""
+    try:
+        k, n = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must be K/N (e.g. 3/10), got {text!r}") from None
+    if not 1 <= k <= n:
+        raise ConfigError(f"--shard {text}: K must be between 1 and N")
+    return k, n
+
+
+def shard_of(paths: list, shard) -> list:
+    """The K-th of N shares of ``paths`` sorted by scan name: every N-th scan from the K-th, so
+    each share is as long as the others (+-1) and the split is the same on every machine."""
+    ordered = sorted(paths, key=lambda p: (data.scan_name(p), p))
+    if shard is None:
+        return ordered
+    k, n = shard
+    return ordered[k - 1::n]
+
+
+def _pairs(images, labels, output: OutputFolder, shard) -> list:
+    """[(scan path, reference path or None)] of this shard; references of other scans are
+    ignored with one line saying how many."""
+    scans = shard_of(output.scans_among(images), shard)
+    if not labels:
+        return [(path, None) for path in scans]
+    references = {}
+    for path in data.list_images(labels):
+        name = data.scan_name(path)
+        if name in references:
+            raise data.DataError(f"{path}: same scan name '{name}' as {references[name]}")
+        references[name] = path
+    pairs = [(path, references.get(data.scan_name(path))) for path in scans]
+    used = {reference for _, reference in pairs if reference}
+    if len(references) > len(used):
+        logging.info("%d reference label maps in %s are of scans not segmented here: ignored",
+                     len(references) - len(used), labels)
+    missing = [data.scan_name(path) for path, reference in pairs if reference is None]
+    if missing:
+        logging.info("no reference label map for %d scans (%s%s): segmented, left out of Dice",
+                     len(missing), ", ".join(missing[:3]), ", ..." if len(missing) > 3 else "")
+    return pairs
+
+
+def check_inputs(pairs, aligner: alignment_lib.AtlasAligner, align: str) -> None:
+    """Read every scan and reference once before anything is loaded or written, so a bad file
+    stops the run at once with its own message. Raises DataError naming the file."""
+    names = {}
+    for image_path, label_path in pairs:
+        name = data.scan_name(image_path)
+        if name in names:
+            raise data.DataError(f"{image_path}: same scan name '{name}' as {names[name]} (both "
+                                 f"would be written to {name}_seg.nii.gz)")
+        names[name] = image_path
+        scan = data.load_scan(image_path)
+        check_scan(scan, aligner, align)
+        if label_path:
+            data.check_same_grid(scan, data.load_label_map(label_path), strict=False)
+
+
+@contextlib.contextmanager
+def collected_warnings():
+    """The one-line warnings logged meanwhile (they are also shown as usual), for the record."""
+    found = []
+
+    class Collect(pylogging.Handler):
+        def emit(self, record):
+            found.append(record.getMessage().splitlines()[0])
+
+    handler = Collect(level=pylogging.WARNING)
+    logger = logging.get_absl_logger()
+    logger.addHandler(handler)
+    try:
+        yield found
+    finally:
+        logger.removeHandler(handler)
+
+
+def load_atlases(model_dir=None, atlas=None, atlas_labels=None) -> tuple:
+    """(AtlasSet, ModelDir or None): a run folder's atlas first (if ``model_dir``), then the
+    atlases given as files (``atlas``, ``atlas_labels``: paths, lists or comma-separated).
+    Raises ModelDirError, DataError, ConfigError."""
+    pairs = atlas_files(atlas, atlas_labels) if atlas else []
+    images, label_maps = [p for p, _ in pairs], [p for _, p in pairs]
+    run = None
+    if model_dir:
+        run = ModelDir(model_dir).check()
+        run.load_config()
+        images, label_maps = [run.atlas_path, *images], [run.atlas_labels_path, *label_maps]
+    if not images:
+        raise ConfigError("give a trained run folder (--model_dir) or an atlas (--atlas and "
+                          "--atlas_labels) to transfer labels from")
+    return AtlasSet.load(images, label_maps), run
+
+
+def load_label_names(path, run: Optional[ModelDir], label_ids) -> LabelNames:
+    """The user's names (``path``), else the run folder's, else FreeSurfer's; checked against the
+    atlas IDs (warnings name what is missing)."""
+    if path:
+        names = LabelNames.from_file(path)
+    elif run is not None:
+        names = run.load_label_names()
+    else:
+        names = LabelNames.freesurfer()
+    names.check_covers(label_ids, "the atlas labels")
+    return names
+
+
+def predict_files(images, output_dir, labels=None, *, model_dir=None, atlas=None,
+                  atlas_labels=None, label_names=None, options: PredictOptions = None) -> dict:
+    """Segment ``images`` (a folder, files, or comma-separated files; any grid) into
+    ``output_dir`` with a trained run folder ``model_dir`` and/or atlases given as files
+    (``atlas``, ``atlas_labels``; several are fused); returns {'outputs': {scan: path}, 'dice':
+    dice.json's content or None, 'scans': {scan: record}}.
+
+    Writes per scan the files listed in ``ltnet_tf.outputs`` (and ``<scan>_qc.png``), and for the
+    run ``volumes.csv``, ``prediction.json``, ``report.html`` and, with reference label maps
+    ``labels`` (matched by file name; others ignored), ``dice.csv``/``dice.json`` — with
+    ``options.shard`` (K, N) under names marked ``.shard-K-of-N`` (``python -m ltnet_tf.merge``
+    joins them). Every input is checked before the network is loaded or the output folder written.
+    Raises DataError (a scan, a label map, an atlas, the output folder), ModelDirError (the run
+    folder), ConfigError (flags that do not go together).
+    """
+    options = options or PredictOptions()
+    output = OutputFolder(output_dir)
+    pairs = _pairs(images, labels, output, options.shard)
+    atlases, run = load_atlases(model_dir, atlas, atlas_labels)
+    names = load_label_names(label_names, run, atlases.label_ids)
+    check_inputs(pairs, alignment_lib.AtlasAligner(atlases.primary.image), options.align)
+    network = None
+    if run is not None:
+        from ltnet_tf.sources import RunFolderNetwork  # the slow part: after every check
+
+        network = RunFolderNetwork(run.path, source=options.source, checkpoint=options.checkpoint)
+    predictor = Predictor(atlases, network, align=options.align,
+                          refinement=options.refinement if options.refine else None,
+                          fusion_method=options.fusion)
+    output.prepare()
+    run_record = _RunRecord(output, predictor, names, options, run, network)
+    for number, (image_path, label_path) in enumerate(pairs, start=1):
+        record = run_record.add(image_path, label_path)
+        print(_progress_line(number, len(pairs), data.scan_name(image_path), record),
+              flush=True)
+    return run_record.write([p for p, _ in pairs], [r for _, r in pairs] if labels else None)
+
+
+def _progress_line(number: int, total: int, name: str, record: dict) -> str:
+    alignment, seconds = record["alignment"], record["seconds"]
+    where = "atlas grid" if alignment["skipped"] else (
+        f"aligned in {alignment['seconds']:.1f} s, brain overlap {alignment['brain_overlap']:.2f}")
+    if "refine" in seconds:
+        where += f"; refined in {seconds['refine']:.1f} s"
+    line = f"[{number}/{total}] {name}_seg.nii.gz ({where}; {seconds['total']:.1f} s)"
+    if not record["alignment_ok"]:
+        line += " ALIGNMENT LOOKS WRONG: check this scan"
+    if "mean_dice" in record:
+        mean = record["mean_dice"]
+        line += (f": mean Dice {float('nan') if mean is None else mean:.3f} over "
+                 f"{len(record['dice_over'])} structures")
+    return line
+
+
+class _RunRecord:
+    """One prediction run: segments scan files one by one, keeps their records, volumes and
+    Dice, and writes the run's tables at the end."""
+
+    def __init__(self, output: OutputFolder, predictor: Predictor, names: LabelNames,
+                 options: PredictOptions, run: Optional[ModelDir], network):
+        self.output, self.predictor, self.names, self.options = output, predictor, names, options
+        self.run, self.network = run, network
+        self.label_ids = predictor.label_ids
+        self.over = reports.mean_labels(self.label_ids)
+        self.records, self.volumes, self.dice = {}, {}, {}
+
+    def add(self, image_path: str, label_path, scan: data.Volume = None) -> dict:
+        """Segment one scan file (``scan``: it, read already) and write its files; returns its
+        record. Per-stage seconds: read, the predictor's stages, write, scores, qc, total."""
+        start, options = time.time(), self.options
+        name = data.scan_name(image_path)
+        with collected_warnings() as warnings:
+            scan = scan if scan is not None else data.load_scan(image_path)
+            read = time.time() - start
+            result = self.predictor.segment(
+                scan, keep_aligned=options.save_aligned,
+                extras=options.save_warped_atlas or options.save_flow)
+            stage = time.time()
+            path = self.output.write_scan(
+                name, scan, result, self.predictor.atlas.affine,
+                save_aligned=options.save_aligned, save_warped_atlas=options.save_warped_atlas,
+                save_flow=options.save_flow)
+            result["seconds"].update(read=read, write=time.time() - stage)
+            stage = time.time()
+            dice = self._dice(result["segmentation"], label_path)
+            self.volumes[name] = structure_volumes_mm3(result["segmentation"], scan.affine,
+                                                       self.label_ids)
+            result["seconds"]["scores"] = time.time() - stage
+        record = self._record(image_path, path, result, warnings, dice)
+        if options.qc:
+            qc_start = time.time()
+            self._qc_picture(name, scan, result["segmentation"], warnings)
+            record["qc_png"] = f"{name}_qc.png"
+            record["seconds"]["qc"] = round(time.time() - qc_start, 3)
+        record["seconds"]["total"] = round(time.time() - start, 3)
+        self.records[name] = record
+        return {**record, "dice_over": self.over}
+
+    def _dice(self, segmentation, label_path):
+        if not label_path:
+            return None
+        reference = data.load_label_map(label_path)
+        reports.warn_unmatched_label_ids(reference, self.label_ids)
+        return evaluation.dice_per_label(segmentation, reference.data, self.label_ids)
+
+    def _record(self, image_path, path, result, warnings, dice) -> dict:
+        name = data.scan_name(image_path)
+        alignment = result["alignment"]
+        record = {"image": os.path.abspath(image_path), "output": os.path.abspath(path),
+                  "alignment": alignment.to_dict(), "alignment_ok": alignment.ok,
+                  "seconds": {stage: round(value, 3) for stage, value in result["seconds"].items()},
+                  "refinement": _refinement_figures(result["refinement"]),
+                  "volumes_mm3": {self.names.name(label): round(value, 1)
+                                  for label, value in self.volumes[name].items()},
+                  "warnings": list(warnings)}
+        if dice is not None:
+            self.dice[name] = dice
+            record["mean_dice"] = reports.finite_or_none(evaluation.mean_dice(dice, self.over))
+            record["dice"] = {self.names.name(label): reports.finite_or_none(value)
+                              for label, value in dice.items()}
+        return record
+
+    def _qc_picture(self, name, scan, segmentation, warnings) -> None:
+        from ltnet_tf import qc  # matplotlib only when a picture is drawn
+
+        colours = {int(i): self.names.colour(i) for i in self.label_ids if int(i) != 0}
+        qc.save_scan_qc_png(scan, segmentation, self.output.join(f"{name}_qc.png"),
+                            colours=colours, title=f"{name}: transferred labels",
+                            warnings=warnings)
+
+    def write(self, images: list, references) -> dict:
+        """The run's tables and report; -> predict_files' result."""
+        suffix = "" if self.options.shard is None else ".shard-{}-of-{}".format(*self.options.shard)
+        report = (reports.write_dice_reports(self.dice, self.label_ids, self.output.path,
+                                             self.names, suffix) if self.dice else None)
+        if report is None:
+            reports.remove_earlier_dice_reports(self.output.path, suffix)
+        reports.write_volumes_csv(self.volumes, self.label_ids, self.output.path, self.names,
+                                  suffix)
+        outputs = {name: record["output"] for name, record in self.records.items()}
+        prediction = self._prediction(images, references, outputs, report)
+        reports.write_prediction_json(self.output.path, prediction, suffix)
+        if self.options.qc:
+            from ltnet_tf import report as html_report
+
+            html_report.write_report_html(self.output.path, prediction,
+                                          path=self.output.join(f"report{suffix}.html"))
+        return {"outputs": outputs, "dice": report, "scans": self.records}
+
+    def _prediction(self, images, references, outputs, report) -> dict:
+        predictor, options = self.predictor, self.options
+        return {
+            "model_dir": None if self.run is None else self.run.path,
+            "source": None if self.network is None else self.network.source,
+            "network": self.network is not None,
+            "atlases": predictor.atlases.records(),
+            "fusion": options.fusion if len(predictor.atlases) > 1 else None,
+            "label_names": self.names.source,
+            "label_colours": {self.names.name(i): list(self.names.colour(i))
+                              for i in self.label_ids if int(i) != 0},
+            "images": [os.path.abspath(p) for p in images],
+            "labels": None if references is None else [p and os.path.abspath(p)
+                                                       for p in references],
+            "outputs": outputs, "align": options.align,
+            "alignment_settings": predictor.aligner.settings.to_dict(),
+            "refinement": predictor.refinement_record(),
+            "shard": None if options.shard is None else list(options.shard),
+            "alignment_failed": [n for n, r in self.records.items() if not r["alignment_ok"]],
+            "scans": self.records,
+            "mean_dice": report["mean_dice"] if report else None}
+
+
+def _refinement_figures(refinement):
+    """The primary atlas's refinement loss (start and end), and every atlas's when there are
+    several; None without refinement."""
+    if refinement is None:
+        return None
+    figures = {"loss_start": round(float(refinement["loss_start"][0]), 5),
+               "loss": round(float(refinement["loss"][0]), 5)}
+    if len(refinement["loss"]) > 1:
+        figures["per_atlas"] = [{"loss_start": round(float(a), 5), "loss": round(float(b), 5)}
+                                for a, b in zip(refinement["loss_start"], refinement["loss"])]
+    return figures
