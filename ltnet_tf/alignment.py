@@ -44,10 +44,11 @@ class AlignmentSettings:
     rigid_iterations: int = 60       # per level
     affine_iterations: int = 60
     # Failure thresholds, calibrated on the 25 real brains of ../shared/data (native/ and
-    # miccai2012/): correct alignments reach brain-mask Dice 0.935-0.957 and intensity correlation
-    # 0.655-0.776 with the atlas; broken ones (an upside-down header, swapped axes, a noise volume)
-    # reached Dice 0.80-0.90 but correlation 0.41-0.50 (bench/results/alignment.md). Correlation
-    # separates them; the overlap catches gross misplacement.
+    # miccai2012/): correct alignments reach brain-mask Dice 0.924-0.954 and intensity correlation
+    # 0.643-0.779 with the atlas (on robustly normalised intensities); broken ones (an upside-down
+    # header, swapped axes, noise volumes) reach Dice 0.82-0.95 but correlation 0.28-0.50
+    # (bench/results/alignment.md). Correlation separates them; the overlap catches gross
+    # misplacement.
     min_brain_overlap: float = 0.85
     min_correlation: float = 0.58
     # A good overlap with a correlation below this is a contrast mismatch, not a misalignment: MI
@@ -157,9 +158,9 @@ class Alignment:
 def failure_message(scan: data.Volume, alignment: Alignment) -> str:
     """One line naming the likeliest cause of a failed alignment, from its figures and the
     scan's header."""
-    figures = (f"brain overlap {alignment.brain_overlap:.2f}, min {alignment.min_brain_overlap:.2f}; "
-               f"intensity correlation {alignment.correlation or 0.0:.2f}, "
-               f"min {alignment.min_correlation:.2f}")
+    figures = (f"brain overlap {alignment.brain_overlap:.2f}, min "
+               f"{alignment.min_brain_overlap:.2f}; intensity correlation "
+               f"{alignment.correlation or 0.0:.2f}, min {alignment.min_correlation:.2f}")
     if alignment.diagnosis == "contrast":
         relation = "anti-correlated" if (alignment.correlation or 0.0) <= -0.1 else "uncorrelated"
         return (f"{scan.path}: intensities {relation} with the atlas (r = "

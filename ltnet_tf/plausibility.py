@@ -64,13 +64,14 @@ def check_brain_size(scan: data.Volume, min_ml: float, max_ml: float, values=Non
         other_ml = volume_ml * conflict.volume_ratio()
         verdict = "a brain's size" if min_ml <= other_ml <= max_ml else "not a brain's size either"
         raise data.DataError(
-            f"{scan.path}: {amount} of tissue with the voxel sizes of its {conflict.used} ({bound}): "
-            f"{conflict.describe()}; the {conflict.unused} gives {other_ml / 1000:.2f} litres, "
-            f"{verdict}; {conflict.fix(scan.path)}")
-    extent = format_mm(np.round(tissue_extent_mm(values, affine)))
+            f"{scan.path}: {amount} of tissue with the voxel sizes of its {conflict.used} "
+            f"({bound}): {conflict.describe()}; the {conflict.unused} gives "
+            f"{other_ml / 1000:.2f} litres, {verdict}; {conflict.fix(scan.path)}")
+    extent_mm = tissue_extent_mm(values, affine)
+    extent = format_mm(np.round(extent_mm))
     field = np.asarray(scan.shape, float) * voxel_sizes(scan.affine)
     sizes = format_mm(voxel_sizes(scan.affine))
-    if too_large and tissue_extent_mm(values, affine).max() > MAX_HEAD_EXTENT_MM:
+    if too_large and extent_mm.max() > MAX_HEAD_EXTENT_MM:
         raise data.DataError(
             f"{scan.path}: {amount} of tissue spanning {extent}, more than any head: the voxel "
             f"sizes in its header ({sizes}) are likely too large; correct the header")
