@@ -180,8 +180,7 @@ def _read_data(image, path: str, dtype=np.float32) -> np.ndarray:
 def _check_finite(data: np.ndarray, path: str) -> None:
     n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
     if n_bad == data.size:
-        raise DataError(f"{path}: contains {n_bad} NaN/Inf voxels, all of them: a failed "
-                        f"conversion or preprocessing step?")
+        raise DataError(f"{path}: contains {n_bad} NaN/Inf voxels")  # all: nothing to rescue
     if n_bad:
         raise DataError(f"{path}: contains {n_bad} NaN/Inf voxels ({100 * n_bad / data.size:.2g} %): "
                         f"set them to 0 (e.g. fslmaths IN -nan OUT) or redo the step that wrote them")

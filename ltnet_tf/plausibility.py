@@ -81,9 +81,9 @@ def check_brain_size(scan: data.Volume, min_ml: float, max_ml: float, values=Non
             f"{bound}); strip the skull first (e.g. FreeSurfer mri_synthstrip, FSL bet, HD-BET)")
     if field.min() < MIN_BRAIN_FIELD_MM:
         raise data.DataError(
-            f"{scan.path}: {amount} of tissue in a field of view of only "
-            f"{format_mm(np.round(field))}, shorter than a brain: a slab or part of a brain, or "
-            f"voxel sizes in its header ({sizes}) too small")
+            f"{scan.path}: does not look like a brain scan ({amount} of tissue in a field of view "
+            f"of only {format_mm(np.round(field))}, shorter than a brain): a slab or part of a "
+            f"brain, or voxel sizes in its header ({sizes}) too small")
     raise data.DataError(
         f"{scan.path}: does not look like a brain scan ({amount} of tissue spanning {extent}; "
         f"{bound}); check the scan and the voxel sizes in its header ({sizes})")

@@ -45,8 +45,9 @@ def test_a_whole_head_is_told_to_be_skull_stripped():
 
 
 def test_a_slab_or_tiny_voxels_are_named():
-    with pytest.raises(data.DataError, match=r"field of view of only 48 x 56 x 64 mm, shorter "
-                                             r"than a brain: a slab .*\(2 x 2 x 2 mm\) too small"):
+    with pytest.raises(data.DataError, match=r"^b.nii: does not look like a brain scan \(.* in a "
+                                             r"field of view of only 48 x 56 x 64 mm, shorter "
+                                             r"than a brain\): a slab .*\(2 x 2 x 2 mm\) too small"):
         check(brain(voxel_mm=2.0))
     small = brain()
     small.data[:] = 0
