@@ -29,7 +29,8 @@ import numpy as np
 from absl import logging
 from scipy import ndimage
 
-from ltnet_tf import data
+from ltnet_tf import data, intensity, plausibility
+from ltnet_tf.plausibility import tissue_mask, tissue_volume_ml  # noqa: F401  (public here too)
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -43,12 +44,19 @@ class AlignmentSettings:
     rigid_iterations: int = 60       # per level
     affine_iterations: int = 60
     # Failure thresholds, calibrated on the 25 real brains of ../shared/data (native/ and
-    # miccai2012/): correct alignments reach brain-mask Dice 0.935-0.957 and intensity correlation
-    # 0.655-0.776 with the atlas; broken ones (an upside-down header, swapped axes, a noise volume)
-    # reached Dice 0.80-0.90 but correlation 0.41-0.50 (bench/results/alignment.md). Correlation
-    # separates them; the overlap catches gross misplacement.
+    # miccai2012/): correct alignments reach brain-mask Dice 0.924-0.954 and intensity correlation
+    # 0.643-0.779 with the atlas (on robustly normalised intensities); broken ones (an upside-down
+    # header, swapped axes, noise volumes) reach Dice 0.82-0.95 but correlation 0.28-0.50
+    # (bench/results/alignment.md). Correlation separates them; the overlap catches gross
+    # misplacement.
     min_brain_overlap: float = 0.85
     min_correlation: float = 0.58
+    # A good overlap with a correlation below this is a contrast mismatch, not a misalignment: MI
+    # aligns an inverted (T2-like) or FLAIR-like scan as well as a T1 one, and its intensities then
+    # correlate with the atlas's at -0.46 to 0.18 (the 25 brains in those contrasts), while broken
+    # orientations reach 0.49-0.50 and noise volumes 0.28-0.30 (bench/results/alignment.md): the
+    # threshold sits halfway between 0.18 and 0.28.
+    max_contrast_correlation: float = 0.23
     # Skull-stripped adult brains (with the CSF inside the mask) hold 1.0-1.9 litres of tissue; a
     # whole head is 3-5 litres, a single organ or a phantom far less.
     min_tissue_ml: float = 500.0
@@ -73,11 +81,24 @@ class Alignment:
     skipped: bool = False                 # the scan was on the atlas grid already
     min_brain_overlap: float = 0.0
     min_correlation: float = 0.0
+    max_contrast_correlation: float = 0.0
 
     @property
     def ok(self) -> bool:
         return self.skipped or (self.brain_overlap >= self.min_brain_overlap
                                 and (self.correlation or 0.0) >= self.min_correlation)
+
+    @property
+    def diagnosis(self) -> str:
+        """'ok'; 'contrast' when the brain outlines match but the intensities do not correlate
+        with the atlas's (another contrast, e.g. T2); else 'orientation' (misaligned: a wrong or
+        disagreeing header orientation, swapped axes, or not a brain)."""
+        if self.ok:
+            return "ok"
+        if (self.brain_overlap >= self.min_brain_overlap
+                and (self.correlation or 0.0) < self.max_contrast_correlation):
+            return "contrast"
+        return "orientation"
 
     @property
     def atlas_voxel_to_scan_voxel(self) -> np.ndarray:
@@ -92,7 +113,7 @@ class Alignment:
         """The scan resampled linearly onto the atlas grid (zero outside its field of view)."""
         if self.skipped:
             return scan
-        return data.Volume(data=self._resample(scan.data.astype(np.float32), order=1),
+        return data.Volume(data=self._resample(scan.data.astype(np.float32), 1, scan.path),
                            affine=self.atlas_affine.copy(), path=scan.path)
 
     def resample_labels(self, labels: data.Volume) -> data.Volume:
@@ -100,13 +121,14 @@ class Alignment:
         and validation in atlas space only; segmentations are never made this way)."""
         if self.skipped:
             return labels
-        return data.Volume(data=self._resample(labels.data, order=0).astype(np.int32),
+        return data.Volume(data=self._resample(labels.data, 0, labels.path).astype(np.int32),
                            affine=self.atlas_affine.copy(), path=labels.path)
 
-    def _resample(self, values: np.ndarray, order: int) -> np.ndarray:
+    def _resample(self, values: np.ndarray, order: int, path: str) -> np.ndarray:
         if tuple(values.shape) != tuple(self.scan_shape):
-            raise data.DataError(f"volume of shape {values.shape} is not on the aligned scan's grid "
-                                 f"{self.scan_shape}")
+            raise data.DataError(f"{path}: shape {values.shape} is not that of the scan this "
+                                 f"alignment was found for ({self.scan_shape}); pair each label "
+                                 f"map with its own scan")
         matrix = self.atlas_voxel_to_scan_voxel
         return ndimage.affine_transform(values, matrix[:3, :3], offset=matrix[:3, 3],
                                         output_shape=tuple(self.atlas_shape), order=order,
@@ -120,7 +142,7 @@ class Alignment:
                 "mutual_information": (None if self.mutual_information is None
                                        else round(float(self.mutual_information), 4)),
                 "seconds": round(float(self.seconds), 3), "skipped": bool(self.skipped),
-                "ok": bool(self.ok)}
+                "ok": bool(self.ok), "diagnosis": self.diagnosis}
 
     def itk_transform_text(self) -> str:
         """The affine as an ITK/ANTs transform file (LPS, atlas -> scan), e.g. for
@@ -131,6 +153,31 @@ class Alignment:
                 "Transform: AffineTransform_double_3_3\n"
                 f"Parameters: {' '.join(repr(float(p)) for p in parameters)}\n"
                 "FixedParameters: 0 0 0\n")
+
+
+def failure_message(scan: data.Volume, alignment: Alignment) -> str:
+    """One line naming the likeliest cause of a failed alignment, from its figures and the
+    scan's header."""
+    figures = (f"brain overlap {alignment.brain_overlap:.2f}, min "
+               f"{alignment.min_brain_overlap:.2f}; intensity correlation "
+               f"{alignment.correlation or 0.0:.2f}, min {alignment.min_correlation:.2f}")
+    if alignment.diagnosis == "contrast":
+        relation = "anti-correlated" if (alignment.correlation or 0.0) <= -0.1 else "uncorrelated"
+        return (f"{scan.path}: intensities {relation} with the atlas (r = "
+                f"{alignment.correlation or 0.0:.2f}) although the brain outlines match (overlap "
+                f"{alignment.brain_overlap:.2f}): a T2-weighted or inverted-contrast scan? LT-Net "
+                f"expects the atlas's contrast (T1-weighted); the alignment is likely right, the "
+                f"segmentation less accurate (flagged: diagnosis 'contrast')")
+    if scan.header_conflict is not None:
+        cause = (f"{scan.header_conflict.describe()}, the likeliest cause; "
+                 f"{scan.header_conflict.fix(scan.path)}")
+    elif alignment.brain_overlap >= alignment.min_brain_overlap:
+        cause = ("the brain outlines match but the anatomy does not line up: axes flipped or "
+                 "swapped in the header orientation?")
+    else:
+        cause = "check the header orientation (and that the scan is a whole, skull-stripped brain)"
+    return (f"{scan.path}: alignment to the atlas looks wrong ({figures}): {cause}; its "
+            f"segmentation is likely bad (flagged: diagnosis 'orientation')")
 
 
 def resample_onto(volume: data.Volume, affine: np.ndarray, shape, order: int,
@@ -197,19 +244,11 @@ def _to_sitk(values: np.ndarray, affine: np.ndarray):
     return image
 
 
-def tissue_mask(values: np.ndarray) -> np.ndarray:
-    """Voxels brighter than 5% of the 99th percentile of the non-zero ones (skull-stripped scans
-    have zero or near-zero background)."""
-    positive = values[values > 0]
-    if positive.size == 0:
-        return np.zeros(values.shape, bool)
-    return values > 0.05 * float(np.percentile(positive, 99))
-
-
-def tissue_volume_ml(volume: data.Volume, values=None, affine=None) -> float:
-    values = volume.data if values is None else values
-    affine = volume.affine if affine is None else affine
-    return float(tissue_mask(values).sum()) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+def normalized(volume: data.Volume) -> data.Volume:
+    """The volume with robustly normalised intensities (``ltnet_tf.intensity``): the registration
+    metric, the tissue masks and the correlation see [0, 1] with the background at 0, so a few
+    extreme voxels cannot squeeze the brain into one or two histogram bins."""
+    return dataclasses.replace(volume, data=intensity.normalize_array(volume.data))
 
 
 class AtlasAligner:
@@ -218,23 +257,16 @@ class AtlasAligner:
     def __init__(self, atlas: data.Volume, settings: AlignmentSettings = AlignmentSettings()):
         self.atlas = atlas
         self.settings = settings
-        self._atlas_values, self._atlas_coarse_affine = coarse_grid(atlas, settings.spacing_mm)
+        self._atlas_values, self._atlas_coarse_affine = coarse_grid(normalized(atlas),
+                                                                    settings.spacing_mm)
         self._atlas_mask = tissue_mask(self._atlas_values)
 
     def check_brain(self, scan: data.Volume, values=None, affine=None) -> float:
-        """The scan's tissue volume in ml; a clear error when it cannot be a skull-stripped brain."""
-        volume_ml = tissue_volume_ml(scan, values, affine)
-        if volume_ml > self.settings.max_tissue_ml:
-            raise data.DataError(
-                f"{scan.path}: does not look skull-stripped ({volume_ml / 1000:.1f} litres of "
-                f"tissue, a brain has under {self.settings.max_tissue_ml / 1000:.1f}); strip the "
-                f"skull first (e.g. FreeSurfer mri_synthstrip, FSL bet, HD-BET)")
-        if volume_ml < self.settings.min_tissue_ml:
-            raise data.DataError(
-                f"{scan.path}: does not look like a brain scan ({volume_ml:.0f} ml of tissue, a "
-                f"brain has over {self.settings.min_tissue_ml:.0f}; check the scan and the voxel "
-                f"sizes in its header)")
-        return volume_ml
+        """The scan's tissue volume in ml; a ``data.DataError`` naming the likeliest cause when it
+        cannot be a skull-stripped brain (``plausibility.check_brain_size``). ``values``: its
+        normalised coarse image on the grid ``affine``, when the caller has it."""
+        return plausibility.check_brain_size(scan, self.settings.min_tissue_ml,
+                                             self.settings.max_tissue_ml, values, affine)
 
     def align(self, scan: data.Volume, force: bool = False) -> Alignment:
         """The affine taking the atlas grid to the scan; identity for a scan on the atlas grid."""
@@ -244,7 +276,7 @@ class AtlasAligner:
 
         start = time.time()
         settings = self.settings
-        scan_values, scan_coarse_affine = coarse_grid(scan, settings.spacing_mm)
+        scan_values, scan_coarse_affine = coarse_grid(normalized(scan), settings.spacing_mm)
         self.check_brain(scan, scan_values, scan_coarse_affine)
         fixed = _to_sitk(self._atlas_values, self._atlas_coarse_affine)
         moving = _to_sitk(scan_values, scan_coarse_affine)
@@ -271,16 +303,13 @@ class AtlasAligner:
                               atlas_shape=tuple(self.atlas.shape), scan_shape=tuple(scan.shape),
                               mutual_information=-float(metric),
                               min_brain_overlap=settings.min_brain_overlap,
-                              min_correlation=settings.min_correlation)
+                              min_correlation=settings.min_correlation,
+                              max_contrast_correlation=settings.max_contrast_correlation)
         alignment.brain_overlap, alignment.correlation = self._quality(alignment, scan_values,
                                                                        scan_coarse_affine)
         alignment.seconds = time.time() - start
         if not alignment.ok:
-            logging.warning("%s: alignment to the atlas looks wrong (brain overlap %.2f, min %.2f; "
-                            "intensity correlation %.2f, min %.2f): check the header orientation; "
-                            "its segmentation is likely bad (flagged as alignment_ok: false)",
-                            scan.path, alignment.brain_overlap, settings.min_brain_overlap,
-                            alignment.correlation, settings.min_correlation)
+            logging.warning("%s", failure_message(scan, alignment))
         return alignment
 
     def _register(self, fixed, moving, transform, iterations, shrink, sigmas_mm):
@@ -382,7 +411,8 @@ def align_training_scans(atlas: data.Volume, atlas_path: str, paths, folder=None
         else:
             logging.info("[%d/%d] %s: aligned to the atlas in %.1f s (brain overlap %.2f)%s",
                          number, len(todo), os.path.basename(path), alignment.seconds,
-                         alignment.brain_overlap, "" if alignment.ok else " LOOKS WRONG")
+                         alignment.brain_overlap,
+                         "" if alignment.ok else f" FLAGGED ({alignment.diagnosis}, see above)")
     return [replaced.get(p, p) for p in paths]
 
 

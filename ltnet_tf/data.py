@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -17,6 +17,8 @@ from absl import logging
 
 from ltnet_tf import compat  # noqa: F401  (before TensorFlow)
 import tensorflow as tf  # noqa: E402
+
+from ltnet_tf import headers, intensity  # noqa: E402
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mgz")
 AFFINE_TOLERANCE = 1e-3
@@ -33,6 +35,7 @@ class Volume:
     affine: np.ndarray
     path: str
     header: Any = None  # the source header, so outputs can be written with the scan's own header
+    header_conflict: Optional[headers.HeaderConflict] = None  # the file's sform and qform disagree
 
     @property
     def shape(self) -> tuple:
@@ -42,6 +45,38 @@ class Volume:
 # --------------------------------------------------------------------------------------- file names
 def _has_image_extension(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+# Formats people hold brain scans in that are not read here, and how to convert them.
+OTHER_FORMATS = {".dcm": "DICOM: convert with dcm2niix",
+                 ".ima": "DICOM: convert with dcm2niix",
+                 ".hdr": "Analyze: convert with FreeSurfer mri_convert or nibabel",
+                 ".img": "Analyze: convert with FreeSurfer mri_convert or nibabel",
+                 ".nrrd": "NRRD: convert with SimpleITK or 3D Slicer",
+                 ".nhdr": "NRRD: convert with SimpleITK or 3D Slicer",
+                 ".mha": "MetaImage: convert with SimpleITK",
+                 ".mhd": "MetaImage: convert with SimpleITK",
+                 ".mnc": "MINC: convert with mnc2nii"}
+
+
+def _not_an_image(path: str) -> str:
+    """The message for a file that is not a NIfTI/MGZ by its name, naming its format if known."""
+    extension = os.path.splitext(path.lower().removesuffix(".gz"))[1]
+    known = OTHER_FORMATS.get(extension)
+    return (f"{path}: not a NIfTI/MGZ image (expected .nii, .nii.gz or .mgz"
+            + (f"; this looks like {known})" if known else ")"))
+
+
+def _folder_contents(path: str) -> str:
+    """What a folder without NIfTI/MGZ images holds, for the message."""
+    names = [n for n in os.listdir(path) if not n.startswith(".")]
+    extensions = [os.path.splitext(n.lower().removesuffix(".gz"))[1] for n in names]
+    known = {OTHER_FORMATS[e] for e in extensions if e in OTHER_FORMATS}
+    if known:
+        return f"it holds {len(names)} files of another format ({'; '.join(sorted(known))})"
+    if names and all(e == "" for e in extensions):
+        return f"it holds {len(names)} files without extension (DICOM? convert with dcm2niix)"
+    return "it is empty" if not names else f"it holds {len(names)} other files"
 
 
 def scan_name(path: str) -> str:
@@ -78,12 +113,12 @@ def list_images(paths) -> list:
                 if not name.startswith(".") and _has_image_extension(name)
                 and os.path.isfile(os.path.join(path, name)))
             if not found:
-                raise DataError(f"{path}: no NIfTI/MGZ images in folder")
+                raise DataError(f"{path}: no NIfTI/MGZ images in folder ({_folder_contents(path)})")
             images.extend(found)
         elif not os.path.exists(path):
             raise DataError(f"{path}: file not found")
         elif not _has_image_extension(path):
-            raise DataError(f"{path}: not a NIfTI/MGZ image (expected .nii, .nii.gz or .mgz)")
+            raise DataError(_not_an_image(path))
         else:
             images.append(path)
     if not images:
@@ -97,12 +132,22 @@ def _load_image(path) -> nib.spatialimages.SpatialImage:
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
     if os.path.isdir(path) or not _has_image_extension(path):
-        raise DataError(f"{path}: not a NIfTI/MGZ image (expected .nii, .nii.gz or .mgz)")
+        raise DataError(_not_an_image(path))
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: is empty (0 bytes): an interrupted copy or download?")
     try:
         return nib.load(path)
     except Exception as e:  # nibabel raises many types for corrupt files
-        raise DataError(f"{path}: not a NIfTI/MGZ image ({type(e).__name__}: {e})".replace("\n", " ")) \
-            from None
+        raise DataError(_unreadable(path, e)) from None
+
+
+def _unreadable(path: str, error: Exception) -> str:
+    """One line for a file nibabel could not read; a cut-off file is named as such."""
+    reason = f"{type(error).__name__}: {error}".replace("\n", " ")
+    if isinstance(error, EOFError) or "ended before" in str(error) or "truncat" in str(error):
+        return (f"{path}: is truncated ({reason}; {os.path.getsize(path)} bytes): an interrupted "
+                f"copy or download?")
+    return f"{path}: not a NIfTI/MGZ image ({reason})"
 
 
 def load_grid(path) -> tuple:
@@ -118,8 +163,11 @@ def _as_3d(data: np.ndarray, path: str) -> np.ndarray:
         raise DataError(f"{path}: is {len(shape)}D with shape {shape}; expected a 3D volume")
     if any(s != 1 for s in shape[3:]):
         if len(shape) == 4:
-            raise DataError(f"{path}: is 4D with {shape[3]} frames; expected a 3D volume")
-        raise DataError(f"{path}: is {len(shape)}D with shape {shape}; expected a 3D volume")
+            raise DataError(f"{path}: is 4D with {shape[3]} frames; expected a 3D volume (a time "
+                            f"series, multi-echo or diffusion scan? give one frame, e.g. "
+                            f"fslroi IN OUT 0 1)")
+        raise DataError(f"{path}: is {len(shape)}D with shape {shape}; expected a 3D volume"
+                        + (" (a vector or RGB image?)" if len(shape) == 5 else ""))
     if min(shape[:3]) < MIN_AXIS_VOXELS:
         raise DataError(f"{path}: has only {min(shape[:3])} voxel(s) along an axis (shape "
                         f"{shape[:3]}): a 2D image or a single slice; expected a 3D volume")
@@ -133,14 +181,30 @@ def _read_data(image, path: str, dtype=np.float32) -> np.ndarray:
             return np.asanyarray(image.dataobj)
         return image.get_fdata(dtype=dtype)
     except Exception as e:  # truncated or corrupt file
-        raise DataError(f"{path}: not a NIfTI/MGZ image ({type(e).__name__}: {e})".replace("\n", " ")) \
-            from None
+        raise DataError(_unreadable(path, e)) from None
 
 
 def _check_finite(data: np.ndarray, path: str) -> None:
     n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if n_bad == data.size:
+        raise DataError(f"{path}: contains {n_bad} NaN/Inf voxels")  # all: nothing to rescue
     if n_bad:
-        raise DataError(f"{path}: contains {n_bad} NaN/Inf voxels")
+        raise DataError(f"{path}: contains {n_bad} NaN/Inf voxels ({100 * n_bad / data.size:.2g} %): "
+                        f"set them to 0 (e.g. fslmaths IN -nan OUT) or redo the step that wrote them")
+
+
+_WARNED_CONFLICTS = set()  # files whose sform/qform disagreement was reported already
+
+
+def _header_conflict(image, path: str) -> Optional[headers.HeaderConflict]:
+    """The file's sform/qform disagreement, reported in one warning line the first time only (a
+    scan is often read more than once: checked first, then segmented)."""
+    conflict = headers.find_conflict(image)
+    key = os.path.abspath(path)
+    if conflict is not None and key not in _WARNED_CONFLICTS:
+        _WARNED_CONFLICTS.add(key)
+        logging.warning("%s: %s; %s", path, conflict.describe(), conflict.fix(path))
+    return conflict
 
 
 def load_scan(path) -> Volume:
@@ -153,9 +217,11 @@ def load_scan(path) -> Volume:
     _check_finite(data, path)
     low, high = float(data.min()), float(data.max())
     if low == high:
-        raise DataError(f"{path}: is empty/constant (every voxel is {low:g})")
+        raise DataError(f"{path}: is empty/constant (every voxel is {low:g})"
+                        + (": a mask that removed everything, or a failed conversion?"
+                           if low == 0 else ""))
     return Volume(data=data, affine=np.asarray(image.affine, dtype=np.float64), path=path,
-                  header=image.header)
+                  header=image.header, header_conflict=_header_conflict(image, path))
 
 
 def load_label_map(path) -> Volume:
@@ -179,18 +245,22 @@ def load_label_map(path) -> Volume:
     if not np.any(labels):
         raise DataError(f"{path}: label map has no non-zero labels")
     return Volume(data=labels, affine=np.asarray(image.affine, dtype=np.float64), path=path,
-                  header=image.header)
+                  header=image.header, header_conflict=_header_conflict(image, path))
 
 
 def check_same_grid(reference: Volume, other: Volume, *, strict: bool) -> None:
-    """Shapes must match; a different affine is an error only when ``strict``, else a warning."""
+    """Shapes must match; a different affine is an error only when ``strict``, else a warning.
+    Both messages say how the grids differ (axis order, voxel sizes, orientation, position)."""
     if tuple(reference.shape) != tuple(other.shape):
+        hint = ("; the same sizes in another axis order: was one of the two reoriented (e.g. "
+                "fslreorient2std) and not the other?"
+                if sorted(reference.shape) == sorted(other.shape) else "")
         raise DataError(f"{other.path}: shape {tuple(other.shape)} differs from the shape "
-                        f"{tuple(reference.shape)} of {reference.path}")
+                        f"{tuple(reference.shape)} of {reference.path}{hint}")
     difference = float(np.max(np.abs(np.asarray(reference.affine) - np.asarray(other.affine))))
     if difference > AFFINE_TOLERANCE:
         message = (f"{other.path}: header affine differs from that of {reference.path} by up to "
-                   f"{difference:.4g}")
+                   f"{difference:.4g} ({headers.how_affines_differ(reference.affine, other.affine)})")
         if strict:
             raise DataError(message)
         logging.warning("%s; assuming the scan is affinely pre-aligned to the atlas (voxel grids "
@@ -269,14 +339,10 @@ def indices_to_labels(indices: np.ndarray, label_ids: Sequence[int]) -> np.ndarr
 
 # --------------------------------------------------------------------------------------- TF graph ops
 def normalize_intensity(scan: tf.Tensor) -> tf.Tensor:
-    """Per-scan min-max to [0, 1]; a constant scan gives zeros rather than NaN."""
-    scan = tf.convert_to_tensor(scan)
-    if not scan.dtype.is_floating:
-        scan = tf.cast(scan, tf.float32)
-    axes = list(range(1, scan.shape.rank))
-    low = tf.reduce_min(scan, axis=axes, keepdims=True)
-    high = tf.reduce_max(scan, axis=axes, keepdims=True)
-    return tf.math.divide_no_nan(scan - low, high - low)
+    """[B, D, H, W, C] -> float32 in [0, 1], per scan: the 0.5th and 99.5th percentiles of its
+    non-background voxels to 0 and 1, clipped, the background exactly 0 (``ltnet_tf.intensity``, which
+    says what counts as background); a constant or all-zero scan gives zeros rather than NaN."""
+    return intensity.normalize(scan)
 
 
 def pad_to_shape(volume: tf.Tensor, shape: Sequence[int]) -> tf.Tensor:

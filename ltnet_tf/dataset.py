@@ -36,7 +36,8 @@ def make_training_dataset(scan_paths, config, *, shuffle: bool = True, repeat: b
         path = path_bytes.decode() if isinstance(path_bytes, bytes) else str(path_bytes)
         scan = load_scan(path)
         if scan.shape != full_shape:
-            raise DataError(f"{path}: shape {scan.shape} differs from the atlas shape {full_shape}")
+            raise DataError(f"{path}: shape {scan.shape} differs from the atlas shape {full_shape} "
+                            f"(train.py --align auto aligns scans on other grids to the atlas)")
         return scan.data
 
     def load_and_preprocess(path):

@@ -96,13 +96,108 @@ def test_a_failed_alignment_is_flagged(caplog):
     rng = np.random.default_rng(3)
     from scipy import ndimage
     noise = ndimage.gaussian_filter(rng.random(SHAPE).astype(np.float32), 1.5)
-    noise = np.where(atlas.data > 0, noise, 0.0).astype(np.float32)  # brain-shaped, no anatomy
-    shifted = data.Volume(np.roll(noise, 5, axis=1), atlas.affine.copy(), "noise_volume.nii.gz")
-    found = alignment.AtlasAligner(atlas).align(shifted, force=True)
-    assert not found.ok
-    assert found.to_dict()["ok"] is False
+    box = np.zeros(SHAPE, np.float32)
+    box[4:20, 4:24, 5:27] = 1.0  # a box of noise: no brain outline, no anatomy
+    found = alignment.AtlasAligner(atlas).align(
+        data.Volume(noise * box, atlas.affine.copy(), "noise_volume.nii.gz"), force=True)
+    assert not found.ok and found.brain_overlap < found.min_brain_overlap
+    assert found.diagnosis == "orientation"
+    assert found.to_dict()["ok"] is False and found.to_dict()["diagnosis"] == "orientation"
     assert any("noise_volume.nii.gz" in r.getMessage() and "looks wrong" in r.getMessage()
-               for r in caplog.records)
+               and "header orientation" in r.getMessage() for r in caplog.records)
+
+
+def moved_to_scanner_grid(volume: data.Volume, truth: np.ndarray) -> data.Volume:
+    affine, shape = scanner_grid()
+    return alignment.resample_onto(volume, affine, shape, order=1,
+                                   world_transform=np.linalg.inv(truth))
+
+
+def far_rotated(degrees=8.0, axis=2):
+    truth = rotation(degrees, axis)
+    truth[:3, 3] = FAR_CENTRE
+    return truth
+
+
+def test_t2_like_scan_is_a_contrast_mismatch_not_an_orientation(tmp_path, caplog):
+    atlas = phantom()
+    inside = atlas.data > 0
+    inverted = np.where(inside, atlas.data.max() - atlas.data + 0.05, 0.0).astype(np.float32)
+    truth = far_rotated()
+    moved = moved_to_scanner_grid(data.Volume(inverted, atlas.affine, "t2"), truth)
+    path = tmp_path / "t2_like.nii.gz"
+    data.save_nifti(moved.data, moved.affine, path)
+    found = alignment.AtlasAligner(atlas).align(data.load_scan(path))
+    assert point_error_mm(found, truth, atlas) < 2.0  # the alignment itself is right
+    assert found.brain_overlap >= found.min_brain_overlap and found.correlation < -0.3
+    assert found.diagnosis == "contrast" and not found.ok
+    assert found.to_dict()["diagnosis"] == "contrast"
+    messages = [r.getMessage() for r in caplog.records if "t2_like.nii.gz" in r.getMessage()]
+    assert len(messages) == 1 and "anti-correlated with the atlas (r = -0." in messages[0]
+    assert "T2-weighted" in messages[0] and "orientation" not in messages[0]
+
+
+def test_outliers_and_a_negative_background_align_as_the_clean_scan(tmp_path):
+    """The phantom x968 as int16 on a scanner grid, then (in the file) 24 background voxels at
+    +-32,000, or the background at -1024: the same affine, overlap and correlation."""
+    atlas = phantom()
+    truth = far_rotated()
+    clean = moved_to_scanner_grid(data.Volume(np.round(atlas.data * 968), atlas.affine, "c"), truth)
+    clean_values = np.round(clean.data).astype(np.int16)
+    background = clean_values == 0
+    dirty = clean_values.copy()
+    picked = np.random.default_rng(1).choice(np.flatnonzero(background.ravel()), 24, replace=False)
+    dirty.ravel()[picked] = np.where(np.arange(24) % 2, 32000, -32000)
+    ct_like = np.where(background, -1024, clean_values).astype(np.int16)
+    aligner = alignment.AtlasAligner(atlas)
+    found = {}
+    for name, values in (("clean", clean_values), ("outliers", dirty), ("ct_like", ct_like)):
+        path = tmp_path / f"{name}.nii.gz"
+        data.save_nifti(values, clean.affine, path, dtype=np.int16)
+        scan = data.load_scan(path)
+        found[name] = aligner.align(scan)
+        found[name].tissue_ml = aligner.check_brain(scan)
+    assert found["clean"].ok and point_error_mm(found["clean"], truth, atlas) < 2.0
+    for name in ("outliers", "ct_like"):
+        np.testing.assert_allclose(found[name].atlas_to_scan_world,
+                                   found["clean"].atlas_to_scan_world, atol=1e-6)
+        assert found[name].brain_overlap == pytest.approx(found["clean"].brain_overlap, abs=1e-6)
+        assert found[name].correlation == pytest.approx(found["clean"].correlation, abs=1e-6)
+        assert found[name].tissue_ml == pytest.approx(found["clean"].tissue_ml, rel=1e-6)
+
+
+def test_sform_that_disagrees_with_the_qform_is_named_when_the_size_check_fails(tmp_path, caplog):
+    """The true voxels are 3 x 3 x 6 mm (the qform); the sform says 6 mm, so the brain looks 4x
+    too large: the refusal names the disagreement, both voxel sizes, the one used, and the fix."""
+    import nibabel as nib
+
+    shape = (SHAPE[0] * 2, SHAPE[1] * 2, SHAPE[2])
+    tissues = synthetic.phantom_tissues(shape)
+    brain = (synthetic.TISSUE_INTENSITIES[tissues] * (synthetic.TISSUE_LABEL_IDS[tissues] > 0))
+    true_affine = synthetic.demo_affine(shape, 1.0) @ np.diag([3.0, 3.0, 6.0, 1.0])
+    image = nib.Nifti1Image(brain.astype(np.float32), None)
+    image.set_qform(true_affine, code=1)
+    image.set_sform(synthetic.demo_affine(shape, 6.0), code=1)
+    path = str(tmp_path / "half_mm.nii.gz")
+    nib.save(image, path)
+    scan = data.load_scan(path)
+    data.load_scan(path)  # read twice, warned once
+    warnings = [r.getMessage() for r in caplog.records if "sform and qform" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(path)
+    with pytest.raises(data.DataError) as refused:
+        alignment.AtlasAligner(phantom()).align(scan)
+    message = str(refused.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    for part in ("litres of tissue with the voxel sizes of its sform",
+                 "sform and qform disagree", "sform 6 x 6 x 6 mm voxels, used",
+                 "qform 3 x 3 x 6 mm", "a brain's size", "fslorient -copyqform2sform"):
+        assert part in message, part
+    # With the qform copied over the sform (the suggested fix) the same scan is accepted.
+    image.set_sform(true_affine, code=1)
+    nib.save(image, path)
+    fixed = data.load_scan(path)
+    assert fixed.header_conflict is None
+    assert 500 < alignment.AtlasAligner(phantom()).check_brain(fixed) < 2800
 
 
 def test_scan_that_is_not_skull_stripped_is_refused():

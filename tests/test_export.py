@@ -449,9 +449,31 @@ def test_grpc_predict_request(served, tmp_path):
 
 
 # ------------------------------------------------------------------------------- VoxelMorph .h5
+def normalize_numpy(volume, max_samples=2 ** 18):
+    """The normalisation of docs/serving.md's recipe, as printed there."""
+    volume = np.asarray(volume, np.float32)
+    sample = volume.ravel()[::-(-volume.size // max_samples)]
+    values, counts = np.unique(sample, return_counts=True)
+    background = values[counts.argmax()] if counts.max() >= 0.1 * sample.size else None
+    tissue = sample if background is None else sample[sample != background]
+    if tissue.size == 0:
+        return np.zeros_like(volume)
+    q1, q3 = np.percentile(tissue, [25, 75])
+    if q3 > q1:
+        tissue = tissue[(tissue >= q1 - 3 * (q3 - q1)) & (tissue <= q3 + 3 * (q3 - q1))]
+    low, high = np.percentile(tissue, [0.5, 99.5])
+    if high <= low and background is not None:
+        low = background
+    scaled = (volume - low) / (high - low) if high != low else np.zeros_like(volume)
+    normalized = np.where(scaled > 4.0, 0.0, np.clip(scaled, 0.0, 1.0))
+    if background is not None:
+        normalized[volume == background] = 0.0
+    return normalized.astype(np.float32)
+
+
 def working_grid_numpy(volume: np.ndarray, working_shape, factor: int) -> np.ndarray:
-    """The recipe of docs/serving.md for VoxelMorph users: [0, 1], zero-pad the end, mean-pool."""
-    volume = (volume - volume.min()) / (volume.max() - volume.min())
+    """The recipe of docs/serving.md for VoxelMorph users: normalise, zero-pad the end, mean-pool."""
+    volume = normalize_numpy(volume)
     padded = np.zeros([s * factor for s in working_shape], np.float32)
     padded[:volume.shape[0], :volume.shape[1], :volume.shape[2]] = volume
     d, h, w = working_shape
