@@ -1,40 +1,50 @@
-"""Accuracy and time per scan on real brains: LT-Net ablation vs ANTs SyN, in one run.
+"""Accuracy and time per scan on real brains: label transfer with and without a trained network,
+against ANTs SyN, in one run.
 
-The atlas of ../shared/data is the one labelled scan; sub-01..05 are the unlabelled training scans
-(their labels are never read). Every configuration segments the same validation scans and is scored
-with Dice on the 28 structures of the paper's Table 1, on the atlas grid at full resolution:
+The atlas of ../shared/data is the one labelled scan. Trained configurations use the README's CPU
+recipe (``train.py --profile cpu``) on 17 unlabelled scans (sub-01..05 and MICCAI 2012 1009-1125;
+their labels are never read), validated on sub-06/07. Every configuration segments the same
+validation scans and is scored with Dice on the 28 structures of the paper's Table 1, on the atlas
+grid at full resolution:
 
     shared       sub-06, sub-07 of ../shared/data (FreeSurfer aseg labels, aligned to the atlas)
-    miccai2012   a subset of ../shared/data/miccai2012 (manual labels of another protocol: they
-                 compare methods, not absolute accuracy), each scan aligned affinely to the atlas
-                 once by ltnet_tf.alignment and cached, so every method reads the same input
+    miccai2012   MICCAI 2012 1000-1008 (manual labels of another protocol: they compare methods,
+                 not absolute accuracy), each aligned affinely to the atlas once by
+                 ltnet_tf.alignment and cached, so every method reads the same input
 
-Configurations (``bench/anchors.py`` holds the segmenters):
+Configurations (``bench/anchors.py`` holds the segmenters; the product's go through
+``ltnet_tf.prediction.Predictor``, exactly as predict.py):
 
     affine                    the atlas labels as they are (no registration): the floor
     ants_syn, ants_syn_half   ANTs SyN with antspyx's defaults, on the full grid / on 2 mm grids
-    voxelmorph, ..., ltnet    a trained run folder (``--model_dirs``, else trained here as before)
-    <trained>_refined         the same G_F plus test-time refinement (ltnet_tf.refinement)
+    ltnet, voxelmorph, ...    a trained run folder's G_F alone (``--model_dirs``, else trained here)
+    <preset>_refined          the same G_F plus predict.py's default refinement
+    identity_refined          no network: predict.py's default refinement from the identity
+    <start>_c<N>[_f<M>]       a refinement budget from either start (a preset or ``identity``):
+                              N steps on the coarse grid (the network's working grid, 1/4), then
+                              M at half resolution; ``identity_c0_f0`` times the fixed cost
 
 Each records Dice (per set, subject and structure), seconds per scan (one scan end to end on this
-machine: read, normalise, register, warp the labels, write; loading the model or atlas is timed
-separately) and the folding fraction (brain voxels with Jacobian determinant <= 0).
+machine: read, normalise, register, refine, pull the labels, write; loading the model or atlas and
+the first call's tracing are timed separately), the refinement's own seconds, and the folding
+fraction (brain voxels with Jacobian determinant <= 0).
 
     python -m bench.accuracy --configs affine,ants_syn_half --sets shared      # a quick look
-    python -m bench.accuracy --model_dirs ltnet=RUN1,voxelmorph=RUN2           # the frontier
+    python -m bench.accuracy --model_dirs ltnet=RUN                            # the frontier
 
 Writes bench/results/accuracy.json, accuracy.md, accuracy_frontier.png (Dice against seconds per
-scan), accuracy_structures.png and accuracy_curve.png.
+scan, with the budget curves of both starts), accuracy_structures.png and accuracy_curve.png.
 """
 from __future__ import annotations
 
 import os
 
 from ltnet_tf import compat  # noqa: F401
-from bench.provenance import DATA_DIR, command_line, git_commit, write_json
+from bench.provenance import DATA_DIR, command_line, git_commit, portable, write_json
 
 import gc
 import json
+import re
 import platform
 import shutil
 import time
@@ -44,21 +54,28 @@ from absl import app, flags
 
 from bench import anchors
 from ltnet_tf import cli, data, evaluation
+from ltnet_tf.config import RefinementSettings
 from ltnet_tf.labels import BENCHMARK_LABELS, structure_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINED = ("voxelmorph", "voxelmorph_gan", "voxelmorph_cycle", "ltnet")
-CONFIGS = ("affine", "ants_syn_half", "ants_syn", *TRAINED, *(f"{t}_refined" for t in TRAINED))
+STARTS = ("identity", *TRAINED)
+FIXED = ("affine", "ants_syn_half", "ants_syn")
+BUDGET = re.compile(r"^(?P<start>[a-z_]+?)_c(?P<coarse>\d+)(?:_f(?P<fine>\d+))?$")
 SETS = ("shared", "miccai2012")
-FRONTIER = ("affine", "ants_syn_half", "ants_syn", "voxelmorph", "ltnet", "voxelmorph_refined",
-            "ltnet_refined")
+# Refinement budgets swept for both starts: (coarse steps, fine steps).
+SWEEP = ((10, 0), (25, 0), (25, 10), (50, 25), (100, 25))
+FRONTIER = ("affine", "ants_syn_half", "ants_syn", "ltnet", "ltnet_refined", "identity_refined",
+            "identity_c0_f0",
+            *(f"{start}_c{c}_f{f}" for start in ("ltnet", "identity") for c, f in SWEEP))
 
 flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "
                     "../shared/data beside the repository).")
 flags.DEFINE_string("work_dir", os.path.join(ROOT, "bench", "scratch", "accuracy"),
                     "Run folders trained here, aligned MICCAI scans, segmentations.")
 flags.DEFINE_string("results_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
-flags.DEFINE_list("configs", list(FRONTIER), f"Configurations to run, in this order: {CONFIGS}.")
+flags.DEFINE_list("configs", list(FRONTIER), "Configurations to run, in this order (see the "
+                  "module docstring).")
 flags.DEFINE_list("sets", list(SETS), "Validation sets; the first one gives the headline figures.")
 flags.DEFINE_list("miccai_subjects", list(anchors.MICCAI_SUBJECTS),
                   "MICCAI 2012 subjects to validate on (never ones used for training).")
@@ -67,35 +84,47 @@ flags.DEFINE_list("model_dirs", [], "Trained run folders to evaluate instead of 
                   "<name>'s folder.")
 flags.DEFINE_string("training_results", None, "accuracy.json of the bench run that trained the "
                     "--model_dirs folders: their training time and command are copied from it.")
-flags.DEFINE_integer("refine_steps", None, "Test-time refinement: steps on the fine grid "
-                     "(default: predict.py's).")
-flags.DEFINE_integer("refine_coarse_steps", None, "Refinement steps on the working grid first "
-                     "(default: predict.py's).")
-flags.DEFINE_integer("refine_factor", None, "Fine refinement grid = atlas grid / this factor.")
-flags.DEFINE_float("refine_lr", None, "Refinement learning rate (default: predict.py's).")
-flags.DEFINE_float("refine_weight_smooth", None, "Refinement smoothness weight (default: "
-                   "predict.py's).")
-flags.DEFINE_bool("refine_xla", True, "Refinement loss and gradient compiled with XLA (the "
-                  "module's default).")
-flags.DEFINE_integer("steps", 300, "Training steps per configuration trained here.")
-flags.DEFINE_integer("checkpoint_every", 50, "Validation (Dice vs steps) every this many steps.")
-flags.DEFINE_integer("downsample", 4, "Working resolution factor (4: 40x48x56).")
-flags.DEFINE_list("enc_features", ["16", "32", "32"], "U-Net encoder (3 levels at quarter res).")
-flags.DEFINE_list("dec_features", ["32", "32", "32", "16", "16"], "U-Net decoder.")
-flags.DEFINE_float("g_learning_rate", 1e-3, "Generator learning rate.")
-flags.DEFINE_integer("cycle_warmup_steps", 100, "Steps over which the cycle terms ramp in.")
-flags.DEFINE_integer("seed", 0, "Seed.")
+flags.DEFINE_list("train_flags", [], "Extra train.py flags for every configuration trained "
+                  "here, after --profile cpu (e.g. steps=600).")
 flags.DEFINE_bool("merge", True, "Keep the configurations of an existing accuracy.json that are "
                   "not rerun (each entry records its own command and commit).")
-flags.DEFINE_list("extra", [], "Extra train flags for every trained config, e.g. weight_adv=0.1.")
 FLAGS = flags.FLAGS
 
 TRAIN_SUBJECTS = ("sub-01", "sub-02", "sub-03", "sub-04", "sub-05")
+# MICCAI 2012 subjects used as unlabelled training scans (the others validate).
+MICCAI_TRAIN = ("1009", "1010", "1011", "1012", "1013", "1014", "1015", "1017", "1107", "1113",
+                "1119", "1125")
 VAL_SUBJECTS = anchors.SHARED_SUBJECTS
 
 
 def _paths(kind, subjects):
     return ",".join(os.path.join(FLAGS.data_dir, kind, f"{s}.nii.gz") for s in subjects)
+
+
+def unlabeled_scans() -> str:
+    """The recipe's 17 unlabelled training scans (comma-separated)."""
+    miccai = ",".join(os.path.join(FLAGS.data_dir, "miccai2012", "images", f"{s}.nii.gz")
+                      for s in MICCAI_TRAIN)
+    return f"{_paths('images', TRAIN_SUBJECTS)},{miccai}"
+
+
+def parse_config(name: str) -> dict:
+    """{'kind': fixed|network|refined|budget, 'start': preset or 'identity', 'refinement':
+    RefinementSettings or None}; SystemExit for an unknown name."""
+    defaults = RefinementSettings()
+    if name in FIXED:
+        return {"kind": "fixed", "start": None, "refinement": None}
+    if name in TRAINED:
+        return {"kind": "network", "start": name, "refinement": None}
+    if name.endswith("_refined") and name[:-len("_refined")] in STARTS:
+        return {"kind": "refined", "start": name[:-len("_refined")], "refinement": defaults}
+    budget = BUDGET.match(name)
+    if budget and budget["start"] in STARTS:
+        return {"kind": "budget", "start": budget["start"], "refinement": defaults.replace(
+            coarse_steps=int(budget["coarse"]), steps=int(budget["fine"] or 0))}
+    raise SystemExit(f"unknown configuration {name!r}: one of {', '.join(FIXED)}, a preset "
+                     f"({', '.join(TRAINED)}), <start>_refined or <start>_c<N>[_f<M>] with "
+                     f"start in {', '.join(STARTS)}")
 
 
 def _summarise(cases: list) -> dict:
@@ -117,21 +146,16 @@ def _summarise(cases: list) -> dict:
 
 # ------------------------------------------------------------------------------- trained runs
 def train(name: str) -> str:
-    """Train one preset as the bench always did; -> its run folder."""
+    """Train one preset with the README's CPU recipe; -> its run folder."""
     model_dir = os.path.join(FLAGS.work_dir, name)
     shutil.rmtree(model_dir, ignore_errors=True)
-    argv = ["train", "--atlas", os.path.join(FLAGS.data_dir, "atlas.nii.gz"),
+    argv = ["train", "--profile", "cpu", "--preset", name,
+            "--atlas", os.path.join(FLAGS.data_dir, "atlas.nii.gz"),
             "--atlas_labels", os.path.join(FLAGS.data_dir, "atlas_labels.nii.gz"),
-            "--unlabeled", _paths("images", TRAIN_SUBJECTS), "--model_dir", model_dir,
+            "--unlabeled", unlabeled_scans(), "--model_dir", model_dir,
             "--val_images", _paths("images", VAL_SUBJECTS),
             "--val_labels", _paths("labels", VAL_SUBJECTS),
-            "--preset", name, f"--steps={FLAGS.steps}",
-            f"--checkpoint_every={FLAGS.checkpoint_every}", f"--downsample={FLAGS.downsample}",
-            f"--enc_features={','.join(FLAGS.enc_features)}",
-            f"--dec_features={','.join(FLAGS.dec_features)}",
-            f"--g_learning_rate={FLAGS.g_learning_rate}", f"--seed={FLAGS.seed}",
-            f"--cycle_warmup_steps={FLAGS.cycle_warmup_steps}",
-            *[f"--{e}" for e in FLAGS.extra]]
+            *[f"--{e}" for e in FLAGS.train_flags]]
     start = time.time()
     if cli.train_main(argv) != 0:
         raise SystemExit(f"training {name} failed")
@@ -150,7 +174,8 @@ def run_record(name: str, model_dir: str) -> tuple:
     if os.path.isfile(os.path.join(model_dir, "validation.json")):
         with open(os.path.join(model_dir, "validation.json")) as f:
             curve = [{"step": r["step"], "val_dice": r["val_dice"]} for r in json.load(f)]
-    record = {"model_dir": os.path.abspath(model_dir), "preset": name, "steps": config["steps"],
+    record = {"model_dir": portable(os.path.abspath(model_dir)), "preset": name,
+              "steps": config["steps"],
               "downsample": config["downsample"],
               "working_grid": "x".join(str(s // config["downsample"])
                                        for s in config["atlas_shape"]),
@@ -185,16 +210,12 @@ def make_segmenter(name: str, model_dirs: dict):
         return anchors.AtlasLabels(atlas_labels)
     if name.startswith("ants_syn"):
         return anchors.AntsSyn(atlas, atlas_labels, spacing=2.0 if name.endswith("_half") else None)
-    trained = name[:-len("_refined")] if name.endswith("_refined") else name
-    if trained not in model_dirs:
-        model_dirs[trained] = train(trained)
-    refinement = None
-    if name.endswith("_refined"):
-        refinement = anchors.RefinementOptions(
-            steps=FLAGS.refine_steps, factor=FLAGS.refine_factor, learning_rate=FLAGS.refine_lr,
-            jit_compile=FLAGS.refine_xla, coarse_steps=FLAGS.refine_coarse_steps,
-            weight_smooth=FLAGS.refine_weight_smooth)
-    return anchors.Network(model_dirs[trained], refinement)
+    config = parse_config(name)
+    if config["start"] == "identity":
+        return anchors.Product(None, config["refinement"], atlases=[(atlas, atlas_labels)])
+    if config["start"] not in model_dirs:
+        model_dirs[config["start"]] = train(config["start"])
+    return anchors.Product(model_dirs[config["start"]], config["refinement"])
 
 
 def evaluate(name: str, cases: list, model_dirs: dict) -> dict:
@@ -211,6 +232,7 @@ def evaluate(name: str, cases: list, model_dirs: dict) -> dict:
         dice = evaluation.dice_per_label(result["segmentation"], reference, BENCHMARK_LABELS)
         records.append({"set": case.set_name, "subject": case.subject, "dice": dice,
                         "seconds": result["seconds"],
+                        "refine_seconds": result.get("stage_seconds", {}).get("refine"),
                         "folding_fraction": result["folding_fraction"],
                         "refinement_loss": result.get("refinement_loss")})
         print(f"[{name} {number}/{len(cases)}] {case.set_name} {case.subject}: Dice "
@@ -226,12 +248,14 @@ def evaluate(name: str, cases: list, model_dirs: dict) -> dict:
               "seconds_per_scan_all_sets": float(np.mean([r["seconds"] for r in records])),
               "model_load_s": segmenter.load_seconds, "curve": [],
               "load_average_1_5_15min": {**load_average, "end": os.getloadavg()}}
-    if isinstance(segmenter, anchors.Network):
-        trained = name[:-len("_refined")] if name.endswith("_refined") else name
-        result["run"], result["curve"] = run_record(trained, model_dirs[trained])
-        result["run"]["checkpoint"] = segmenter.checkpoint
-        if name.endswith("_refined"):
-            result["refinement"] = segmenter.refiner.settings()
+    if isinstance(segmenter, anchors.Product):
+        start = parse_config(name)["start"]
+        if start != "identity":
+            result["run"], result["curve"] = run_record(start, model_dirs[start])
+            result["run"]["checkpoint"] = portable(segmenter.checkpoint)
+        result["refinement"] = segmenter.predictor.refinement_record()
+        refine = [r["refine_seconds"] for r in records if r["refine_seconds"] is not None]
+        result["refine_seconds_per_scan"] = float(np.mean(refine)) if refine else None
     del segmenter
     gc.collect()
     return result
@@ -277,7 +301,9 @@ def _markdown(results: dict) -> list:
                      f"{100 * np.mean([v['folding_fraction'] for v in r['sets'].values()]):.3f}% "
                      f"| {r['model_load_s']:.1f} s | {training} |")
     lines += ["", "s/scan and folding: over all scans of every set (one grid size); per set in "
-              "accuracy.json.", "", "Per subject (Dice / seconds):", "",
+              "accuracy.json.", ""]
+    lines += _network_vs_identity(configs, sets)
+    lines += ["", "Per subject (Dice / seconds):", "",
               "| set | subject | " + " | ".join(configs) + " |",
               "|---|---|" + "---|" * len(configs)]
     for s in sets:
@@ -312,24 +338,87 @@ def _markdown(results: dict) -> list:
     return lines
 
 
+def _network_vs_identity(configs: dict, sets: list) -> list:
+    """What the trained network buys: each configuration that starts from G_F against the best
+    identity start that takes the same time (within 10%), per set; the refinement's fixed cost."""
+    network = {n: r for n, r in configs.items() if parse_config(n)["start"] not in (None,
+                                                                                   "identity")}
+    identity = {n: r for n, r in configs.items() if parse_config(n)["start"] == "identity"}
+    if not network or not identity:
+        return []
+    lines = ["## What the trained network buys", "",
+             "Each configuration starting from G_F against the identity-start configuration of "
+             "the highest Dice among those within 10% of its seconds per scan (none: no identity "
+             "budget that close).", "",
+             "| network config | s/scan | " + " | ".join(f"Dice {s}" for s in sets)
+             + " | identity at equal time | s/scan | " + " | ".join(f"Dice {s}" for s in sets)
+             + " | " + " | ".join(f"difference {s}" for s in sets) + " |",
+             "|---|---|" + "---|" * len(sets) + "---|---|" + "---|" * (2 * len(sets))]
+    for name, r in network.items():
+        seconds = r["seconds_per_scan_all_sets"]
+        close = {n: i for n, i in identity.items()
+                 if abs(i["seconds_per_scan_all_sets"] - seconds) <= 0.1 * seconds}
+        dice = [r["sets"][s]["mean_dice"] for s in sets]
+        row = f"| {name} | {seconds:.2f} | " + " | ".join(f"{d:.3f}" for d in dice)
+        if not close:
+            lines.append(row + " | none | | " + " | " * (2 * len(sets) - 1) + " |")
+            continue
+        best = max(close, key=lambda n: np.mean([close[n]["sets"][s]["mean_dice"] for s in sets]))
+        other = [close[best]["sets"][s]["mean_dice"] for s in sets]
+        lines.append(row + f" | {best} | {close[best]['seconds_per_scan_all_sets']:.2f} | "
+                     + " | ".join(f"{d:.3f}" for d in other) + " | "
+                     + " | ".join(f"{a - b:+.3f}" for a, b in zip(dice, other)) + " |")
+    fixed = configs.get("identity_c0_f0", {}).get("refine_seconds_per_scan")
+    if fixed is not None:
+        lines += ["", f"Refinement's fixed cost (0 steps, identity start): {fixed:.3f} s per scan "
+                  f"(the refine stage alone)."]
+        slopes = []
+        for name, r in identity.items():
+            settings, seconds = r.get("refinement"), r.get("refine_seconds_per_scan")
+            if settings and seconds and settings["coarse_steps"] and not settings["steps"]:
+                slopes.append(("coarse", (seconds - fixed) / settings["coarse_steps"]))
+        for kind, slope in slopes[:1]:
+            lines.append(f"Per {kind} step: {slope:.4f} s (from the coarse-only budgets).")
+    return lines + [""]
+
+
 def _plots(results: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     configs = results["configs"]
-    figure, ax = plt.subplots(figsize=(7, 5))
+    figure, ax = plt.subplots(figsize=(8, 5.5))
     markers = dict(zip(SETS, ("o", "s", "^", "D")))
-    colours = {name: f"C{i}" for i, name in enumerate(configs)}
-    for name, r in configs.items():
-        for s, figures in r["sets"].items():
-            ax.plot(figures["seconds_per_scan"], figures["mean_dice"], markers.get(s, "x"),
-                    color=colours[name], ms=8)
-        first = next(iter(r["sets"].values()))
+    curves = {start: [n for n in configs if parse_config(n)["kind"] in ("refined", "budget")
+                      and parse_config(n)["start"] == start] for start in STARTS}
+    single = [n for n in configs if parse_config(n)["kind"] in ("fixed", "network")]
+    colours = {name: f"C{i}" for i, name in enumerate([*single, *[s for s in STARTS
+                                                                   if curves[s]]])}
+    for s in dict.fromkeys(s for r in configs.values() for s in r["sets"]):
+        for start, names in curves.items():  # a refinement budget curve per start and set
+            points = sorted((configs[n]["sets"][s]["seconds_per_scan"],
+                             configs[n]["sets"][s]["mean_dice"]) for n in names
+                            if s in configs[n]["sets"])
+            if points:
+                ax.plot(*zip(*points), "-" + markers.get(s, "x"), color=colours[start], ms=6,
+                        alpha=0.8)
+        for name in single:
+            if s in configs[name]["sets"]:
+                figures = configs[name]["sets"][s]
+                ax.plot(figures["seconds_per_scan"], figures["mean_dice"], markers.get(s, "x"),
+                        color=colours[name], ms=9)
+    for name in single:
+        first = next(iter(configs[name]["sets"].values()))
         ax.annotate(name, (first["seconds_per_scan"], first["mean_dice"]), fontsize=7,
                     xytext=(5, 4), textcoords="offset points", color=colours[name])
-    for name in configs:
-        ax.plot([], [], "-", color=colours[name], label=name)
+    for name in single:
+        ax.plot([], [], "o", color=colours[name], label=name)
+    for start in STARTS:
+        if curves[start]:
+            label = ("refinement from the identity (no network)" if start == "identity"
+                     else f"refinement from {start}'s G_F")
+            ax.plot([], [], "-", color=colours[start], label=f"{label}: budgets")
     for s in dict.fromkeys(s for r in configs.values() for s in r["sets"]):
         ax.plot([], [], markers.get(s, "x"), color="gray", label=_set_title(results, s))
     ax.set_xscale("log")
@@ -398,10 +487,11 @@ def validation_cases() -> tuple:
 
 def main(argv):
     del argv
-    for values, known, what in ((FLAGS.configs, CONFIGS, "configs"), (FLAGS.sets, SETS, "sets")):
-        unknown = set(values) - set(known)
-        if unknown:
-            raise SystemExit(f"unknown {what}: {', '.join(sorted(unknown))}")
+    for name in FLAGS.configs:
+        parse_config(name)
+    unknown = set(FLAGS.sets) - set(SETS)
+    if unknown:
+        raise SystemExit(f"unknown sets: {', '.join(sorted(unknown))}")
     model_dirs = dict(item.split("=", 1) for item in FLAGS.model_dirs)
     unknown = set(model_dirs) - set(TRAINED)
     if unknown:
@@ -424,7 +514,6 @@ def main(argv):
     for name in FLAGS.configs:
         results["configs"][name] = evaluate(name, cases, model_dirs)
         results["configs"][name].update(command=results["command"], git_commit=results["git_commit"])
-        results["configs"] = {n: results["configs"][n] for n in CONFIGS if n in results["configs"]}
         r = results["configs"][name]
         print(f"=== {name}: " + ", ".join(f"{s} Dice {v['mean_dice']:.4f} "
                                           f"({v['seconds_per_scan']:.1f} s/scan)"

@@ -285,114 +285,56 @@ class AntsMajorityVote(_AntsAtlases):
         return fusion.fuse_labels(candidates).reshape(scan.shape)
 
 
-@dataclasses.dataclass(frozen=True)
-class RefinementOptions:
-    """Overrides of ``ltnet_tf.refinement.Refinement``'s defaults (None: predict.py's default)."""
-    steps: int = None
-    factor: int = None
-    learning_rate: float = None
-    jit_compile: bool = True
-    coarse_steps: int = None
-    weight_smooth: float = None
+class Product:
+    """The product's own per-scan pipeline (``ltnet_tf.prediction.Predictor``), as predict.py runs
+    it on a scan on the atlas grid: a run folder's G_F (``model_dir``) or none (registration from
+    the identity), refined with ``refinement`` (a ``RefinementSettings``) or not (network alone),
+    one atlas or several (``atlases``: [(image path, label path)], fused with ``fusion``)."""
 
-    def given(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+    def __init__(self, model_dir: str = None, refinement=None, atlases=None,
+                 fusion: str = "local"):
+        from ltnet_tf import cohort, prediction, sources
 
-
-class Refiner:
-    """The seam to ``ltnet_tf.refinement``: the only place the bench builds or calls a refinement.
-
-    ``__call__(scan_normalized [1, D, H, W, 1], flow_working, steps=None)`` -> (full-grid
-    displacement [1, D, H, W, 3], {"loss_start", "loss"}: the objective of G_F's displacement and
-    of the refined one, on the refinement grid).
-    """
-
-    def __init__(self, config, atlas_normalized, options: RefinementOptions):
-        from ltnet_tf.refinement import Refinement
-        self.refinement = Refinement(config, atlas_normalized[0, ..., 0], **options.given())
-
-    def settings(self) -> dict:
-        r = self.refinement
-        return {"steps": r.steps, "factor": r.factor, "coarse_steps": r.coarse_steps,
-                "coarse_factor": r.coarse_factor, "learning_rate": r.learning_rate,
-                "weight_smooth": r.weight_smooth, "xla": r.jit_compile}
-
-    def __call__(self, scan_normalized, flow_working, steps=None):
-        result = self.refinement(scan_normalized, flow_working, steps=steps)
-        return result["flow"], {"loss_start": float(result["loss_start"][0]),
-                                "loss": float(result["loss"][0])}
-
-
-class Network:
-    """A run folder's G_F (best checkpoint) on the scan, the displacement put on the full grid —
-    by upsampling (what ``predict.py`` does) or by test-time refinement — and the atlas labels
-    warped with ``ltnet_tf.inference.warp_labels`` (the product's label warp)."""
-
-    def __init__(self, model_dir: str, refinement: RefinementOptions = None):
-        import tensorflow as tf
-        from ltnet_tf import inference
-        from ltnet_tf.modeldir import ModelDir
-
-        self.tf, self.inference = tf, inference
         start = time.time()
-        folder = ModelDir(model_dir).check()
-        self.config = folder.load_config()
-        atlas, atlas_labels = folder.load_atlas()
-        self.checkpoint = folder.checkpoint("auto")
-        self.generator = folder.restore_forward_generator(self.config, "auto")
-        self.full_shape = tuple(int(s) for s in self.config.atlas_shape)
-        atlas_normalized = data.normalize_intensity(
-            tf.constant(atlas.data[None, ..., None], tf.float32))
-        self.atlas_working = tf.constant(data.to_working_grid(atlas_normalized, self.config))
-        self.atlas_labels = tf.constant(atlas_labels.data.astype(np.int32))
-        self.atlas_cells = tf.constant(inference.uniform_cell_labels(self.atlas_labels))
-        self.refiner = (Refiner(self.config, atlas_normalized, refinement) if refinement
-                        else None)
-        self.description = (f"G_F of {folder.path} ({os.path.basename(self.checkpoint)})"
-                            + (f", refined: {self.refiner.settings()}"
-                               if refinement else ", displacement upsampled"))
-        scan_spec = tf.TensorSpec([1, *self.full_shape, 1], tf.float32)
-        self._network = tf.function(self._network_flow).get_concrete_function(scan_spec)
-        working_spec = tf.TensorSpec([1, *self.config.working_shape(self.full_shape), 3],
-                                     tf.float32)
-        self._upsample = tf.function(self._upsampled_flow).get_concrete_function(working_spec)
-        flow_spec = tf.TensorSpec([1, *self.full_shape, 3], tf.float32)
-        self._warp = tf.function(self._warped_labels).get_concrete_function(flow_spec)
-        # One untimed pass (on the atlas itself, refinement with 0 steps: the same graph):
-        # TensorFlow optimises a graph on its first call, which costs more than a warm scan; a
-        # served model pays that once, at start-up.
-        self._segment_array(atlas.data, refine_steps=0)
+        network = None if model_dir is None else sources.RunFolderNetwork(model_dir)
+        atlas_set, _ = cohort.load_atlases(
+            model_dir, [p for p, _ in atlases or []] or None, [p for _, p in atlases or []] or None)
+        self.predictor = prediction.Predictor(atlas_set, network, refinement=refinement,
+                                              fusion_method=fusion)
+        self.checkpoint = None if network is None else network.source
+        self.description = self._describe(network, atlas_set, refinement, fusion)
+        # One untimed scan (the primary atlas itself): tracing and XLA compilation are paid once
+        # per process, as a served model or a cohort run pays them once.
+        self.predictor.segment(atlas_set.primary.image)
         self.load_seconds = time.time() - start
 
-    def _network_flow(self, scan):
-        scan_normalized = data.normalize_intensity(scan)
-        scan_working = data.to_working_grid(scan_normalized, self.config)
-        _, flow_working = self.generator([self.atlas_working, scan_working], training=False)
-        return scan_normalized, self.tf.cast(flow_working, self.tf.float32)
-
-    def _upsampled_flow(self, flow_working):
-        return self.inference.resample_displacement(flow_working, self.config.downsample,
-                                                    self.full_shape)
-
-    def _warped_labels(self, flow):
-        return self.inference.warp_labels(self.atlas_labels, flow, self.atlas_cells)[0]
-
-    def _segment_array(self, scan: np.ndarray, refine_steps=None):
-        """-> (segmentation [D, H, W], displacement [1, D, H, W, 3], refinement losses)."""
-        scan_normalized, flow_working = self._network(
-            self.tf.constant(scan[None, ..., None], self.tf.float32))
-        if self.refiner is None:
-            flow, losses = self._upsample(flow_working), {}
-        else:
-            flow, losses = self.refiner(scan_normalized, flow_working, steps=refine_steps)
-        return self._warp(flow).numpy(), flow, losses
+    @staticmethod
+    def _describe(network, atlas_set, refinement, fusion) -> str:
+        start = ("G_F of a run folder (" + os.path.basename(network.source) + ")"
+                 if network is not None else "no network (identity start)")
+        refined = ("network alone" if refinement is None else
+                   f"refined {refinement.coarse_steps} steps at grid / {refinement.coarse_factor or 'working'}"
+                   f", then {refinement.steps} at / {refinement.factor}")
+        atlases = (f"; {len(atlas_set)} atlases fused by {fusion}" if len(atlas_set) > 1 else "")
+        return f"{start}, {refined}{atlases}"
 
     def segment(self, image_path: str, output_path: str) -> dict:
         start = time.time()
         scan = data.load_scan(image_path)
-        segmentation, flow, losses = self._segment_array(scan.data)
-        data.save_nifti(segmentation, scan.affine, output_path, header=scan.header)
+        result = self.predictor.segment(scan)
+        data.save_nifti(result["segmentation"], scan.affine, output_path, header=scan.header)
         seconds = time.time() - start
-        return {"segmentation": segmentation, "seconds": seconds,
-                "folding_fraction": evaluation.folding_fraction(flow[0].numpy(), scan.data > 0),
-                **({"refinement_loss": losses} if losses else {})}
+        displacement = result["displacement"]
+        if displacement is None:  # the network alone segmented in one call: its displacement
+            from ltnet_tf.inference import Displacement
+
+            network = self.predictor.network
+            displacement = Displacement([(network.working_displacement(scan)[None],
+                                          network.config.downsample)])
+        flow = displacement.full_grid(scan.shape)[0].numpy()
+        refinement = result.get("refinement")
+        return {"segmentation": result["segmentation"], "seconds": seconds,
+                "stage_seconds": dict(result["seconds"]),
+                "folding_fraction": evaluation.folding_fraction(flow, scan.data > 0),
+                **({"refinement_loss": {"loss_start": refinement["loss_start"][0],
+                                        "loss": refinement["loss"][0]}} if refinement else {})}

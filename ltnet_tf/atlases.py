@@ -78,15 +78,31 @@ def label_ids_of(labels: data.Volume) -> list:
     return [0, *sorted(int(i) for i in np.unique(labels.data) if i != 0)]
 
 
+# Atlases of one labelling protocol share most IDs (FreeSurfer asegs differ in a few rare ones,
+# e.g. 5th-Ventricle, non-WM-hypointensities); below this overlap (Jaccard) they are of different
+# protocols, and fusing them would mix structures.
+MIN_SHARED_IDS = 0.5
+
+
+def _id_list(ids) -> str:
+    ids = sorted(ids)
+    return f"{ids[:10]}{' ...' if len(ids) > 10 else ''}"
+
+
 def _check_same_ids(first: Atlas, other: Atlas) -> None:
-    ids, other_ids = set(label_ids_of(first.labels)), set(label_ids_of(other.labels))
-    if ids != other_ids:
-        only_first, only_other = sorted(ids - other_ids), sorted(other_ids - ids)
+    """Refuse an atlas of another labelling protocol; warn about IDs only some atlases have."""
+    ids, other_ids = set(label_ids_of(first.labels)) - {0}, set(label_ids_of(other.labels)) - {0}
+    if ids == other_ids:
+        return
+    only_first, only_other = ids - other_ids, other_ids - ids
+    if len(ids & other_ids) < MIN_SHARED_IDS * len(ids | other_ids):
         raise data.DataError(
             f"{other.labels.path}: label IDs differ from {first.labels.path}'s (only there: "
-            f"{only_first[:10]}{' ...' if len(only_first) > 10 else ''}; only here: "
-            f"{only_other[:10]}{' ...' if len(only_other) > 10 else ''}); every atlas must use "
-            f"the same label IDs")
+            f"{_id_list(only_first)}; only here: {_id_list(only_other)}): atlases must label the "
+            f"same structures with the same IDs")
+    logging.warning("%s: label IDs %s are only in %s, %s only here; those structures are voted "
+                    "for by the atlases that have them", other.labels.path, _id_list(only_first),
+                    first.labels.path, _id_list(only_other))
 
 
 class AtlasSet:
@@ -105,7 +121,14 @@ class AtlasSet:
         self.atlases = list(atlases)
 
     primary = property(lambda self: self.atlases[0])
-    label_ids = property(lambda self: label_ids_of(self.primary.labels))
+
+    @property
+    def label_ids(self) -> list:
+        """Background (0) first, then every atlas's foreground IDs in increasing order."""
+        ids = set()
+        for atlas in self.atlases:
+            ids |= set(label_ids_of(atlas.labels))
+        return [0, *sorted(ids - {0})]
 
     def __len__(self):
         return len(self.atlases)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ltnet_tf import compat  # noqa: F401
 
+import concurrent.futures
 import contextlib
 import logging as pylogging
 import os
@@ -24,6 +25,7 @@ from ltnet_tf import alignment as alignment_lib
 from ltnet_tf import data, evaluation, reports
 from ltnet_tf.atlases import AtlasSet, atlas_files
 from ltnet_tf.config import ConfigError, RefinementSettings
+from ltnet_tf.files import file_digest
 from ltnet_tf.label_names import LabelNames
 from ltnet_tf.modeldir import ModelDir
 from ltnet_tf.native import structure_volumes_mm3
@@ -187,11 +189,32 @@ def predict_files(images, output_dir, labels=None, *, model_dir=None, atlas=None
                           fusion_method=options.fusion)
     output.prepare()
     run_record = _RunRecord(output, predictor, names, options, run, network)
-    for number, (image_path, label_path) in enumerate(pairs, start=1):
-        record = run_record.add(image_path, label_path)
+    for number, (image_path, label_path, scan, reading) in enumerate(_read_ahead(pairs),
+                                                                       start=1):
+        record = run_record.add(image_path, label_path, scan, reading)
         print(_progress_line(number, len(pairs), data.scan_name(image_path), record),
               flush=True)
     return run_record.write([p for p, _ in pairs], [r for _, r in pairs] if labels else None)
+
+
+def _timed_load(path: str) -> tuple:
+    start = time.time()
+    return data.load_scan(path), time.time() - start
+
+
+def _read_ahead(pairs):
+    """(scan path, reference path, the scan read, {'read': s, 'wait': s}) in order: the next scan
+    is read (decompressed) in a thread while the current one is segmented, so only the wait for
+    it is on the way. A read error is raised at that scan's turn."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
+        upcoming = reader.submit(_timed_load, pairs[0][0]) if pairs else None
+        for index, (image_path, label_path) in enumerate(pairs):
+            start = time.time()
+            scan, seconds = upcoming.result()
+            reading = {"read": seconds, "wait": time.time() - start}
+            upcoming = (reader.submit(_timed_load, pairs[index + 1][0])
+                        if index + 1 < len(pairs) else None)
+            yield image_path, label_path, scan, reading
 
 
 def _progress_line(number: int, total: int, name: str, record: dict) -> str:
@@ -222,14 +245,18 @@ class _RunRecord:
         self.over = reports.mean_labels(self.label_ids)
         self.records, self.volumes, self.dice = {}, {}, {}
 
-    def add(self, image_path: str, label_path, scan: data.Volume = None) -> dict:
-        """Segment one scan file (``scan``: it, read already) and write its files; returns its
-        record. Per-stage seconds: read, the predictor's stages, write, scores, qc, total."""
+    def add(self, image_path: str, label_path, scan: data.Volume = None,
+            reading: dict = None) -> dict:
+        """Segment one scan file (``scan``: it, read already, ``reading``: {'read', 'wait'}
+        seconds) and write its files; returns its record. Per-stage seconds: read (in the
+        background when read ahead), wait (for it), the predictor's stages, write, scores, qc, and
+        the total on the way: the wait and everything after it."""
         start, options = time.time(), self.options
         name = data.scan_name(image_path)
         with collected_warnings() as warnings:
-            scan = scan if scan is not None else data.load_scan(image_path)
-            read = time.time() - start
+            if scan is None:
+                scan, read = _timed_load(image_path)
+                reading = {"read": read, "wait": 0.0}  # already inside this scan's clock
             result = self.predictor.segment(
                 scan, keep_aligned=options.save_aligned,
                 extras=options.save_warped_atlas or options.save_flow)
@@ -238,7 +265,7 @@ class _RunRecord:
                 name, scan, result, self.predictor.atlas.affine,
                 save_aligned=options.save_aligned, save_warped_atlas=options.save_warped_atlas,
                 save_flow=options.save_flow)
-            result["seconds"].update(read=read, write=time.time() - stage)
+            result["seconds"].update(write=time.time() - stage, **reading)
             stage = time.time()
             dice = self._dice(result["segmentation"], label_path)
             self.volumes[name] = structure_volumes_mm3(result["segmentation"], scan.affine,
@@ -250,7 +277,7 @@ class _RunRecord:
             self._qc_picture(name, scan, result["segmentation"], warnings)
             record["qc_png"] = f"{name}_qc.png"
             record["seconds"]["qc"] = round(time.time() - qc_start, 3)
-        record["seconds"]["total"] = round(time.time() - start, 3)
+        record["seconds"]["total"] = round(time.time() - start + reading["wait"], 3)
         self.records[name] = record
         return {**record, "dice_over": self.over}
 
@@ -305,9 +332,31 @@ class _RunRecord:
                                           path=self.output.join(f"report{suffix}.html"))
         return {"outputs": outputs, "dice": report, "scans": self.records}
 
+    def producer(self) -> dict:
+        """What made the outputs, by content (file digests, settings): shares of one cohort
+        (``--shard``) must agree on it to be merged (``ltnet_tf.merge``)."""
+        predictor, options = self.predictor, self.options
+        network = None
+        if self.network is not None:
+            weights = self.network.source
+            weights_file = (os.path.join(weights, "saved_model.pb") if os.path.isdir(weights)
+                            else f"{weights}.index")
+            network = {"config_sha256": file_digest(self.run.config_path),
+                       "weights": os.path.basename(weights),
+                       "weights_sha256": file_digest(weights_file)}
+        return {"network": network,
+                "atlases": [{"name": a.name, "image_sha256": file_digest(a.image.path),
+                             "labels_sha256": file_digest(a.labels.path)}
+                            for a in predictor.atlases.atlases],
+                "align": options.align, "alignment_settings": predictor.aligner.settings.to_dict(),
+                "refinement": predictor.refinement_record(),
+                "fusion": options.fusion if len(predictor.atlases) > 1 else None,
+                "label_names": self.names.to_dict()}
+
     def _prediction(self, images, references, outputs, report) -> dict:
         predictor, options = self.predictor, self.options
         return {
+            "producer": self.producer(),
             "model_dir": None if self.run is None else self.run.path,
             "source": None if self.network is None else self.network.source,
             "network": self.network is not None,

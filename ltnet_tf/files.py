@@ -7,6 +7,7 @@ a folder is atomic, so a reader sees either the old file or the whole new one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 
@@ -46,3 +47,12 @@ def write_json(payload, path: str, *, indent: int = 2) -> str:
         json.dump(payload, f, indent=indent, allow_nan=False)
         f.write("\n")
     return path
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a file's content (hex): what identifies an atlas or a model across machines."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -92,7 +92,9 @@ class Predictor:
     def segment(self, scan: data.Volume, *, keep_aligned: bool = False,
                 extras: bool = False) -> dict:
         """One scan -> {'segmentation' [scan grid] label IDs, 'alignment', 'seconds' {stage: s},
-        'refinement' ({'loss_start', 'loss'} per atlas, or None)}, with ``keep_aligned`` also
+        'refinement' ({'loss_start', 'loss'} per atlas, or None), 'displacement' (an
+        ``inference.Displacement`` per atlas, on the atlas grid; None when the network segmented
+        in one call)}, with ``keep_aligned`` also
         'aligned_scan', 'aligned_segmentation' (atlas grid), with ``extras`` the primary atlas's
         'flow' [D, H, W, 3] and 'warped_atlas' [D, H, W, 1] (atlas grid)."""
         seconds = {}
@@ -101,13 +103,15 @@ class Predictor:
                      else alignment_lib.identity(self.atlas, scan))
         aligned = alignment.resample_scan(scan)
         seconds["align"] = time.time() - start
-        result = {"alignment": alignment, "seconds": seconds, "refinement": None}
+        result = {"alignment": alignment, "seconds": seconds, "refinement": None,
+                  "displacement": None}
         if alignment.skipped and self.refiner is None and not keep_aligned:
             start = time.time()  # network and label warp in one call (one graph)
             result.update(self.network.segment(aligned, extras=extras))
             seconds["network_and_labels"] = time.time() - start
             return result
         displacement, refined = self._displacement(aligned, seconds)
+        result["displacement"] = displacement
         start = time.time()
         weights = self._fusion_weights(aligned, refined)
         grid_shape = self.atlas.shape

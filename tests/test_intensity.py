@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 
 from ltnet_tf import data, intensity, synthetic
-from ltnet_tf.config import LTNetConfig
+from ltnet_tf.config import LTNetConfig, RefinementSettings
 from ltnet_tf.export import ServingModule
 from ltnet_tf.inference import LabelTransfer
 from ltnet_tf.networks import ForwardGenerator
@@ -221,9 +221,9 @@ def test_scan_refiner_and_saved_model_use_it(transfer_setup, tmp_path):
     assert mean_dice(outputs["clean"][0], outputs["dirty"][0], labels) >= 0.995
     assert mean_dice(outputs["clean"][1], outputs["dirty"][1], labels) >= 0.995
     # predict.py's refiner (numpy in, numpy out) normalises the same way.
-    refiner = ScanRefiner(config, atlas, steps=5, coarse_steps=5)
+    refiner = ScanRefiner(config, atlas, RefinementSettings(steps=5, coarse_steps=5))
     flow_working = label_transfer.displacement(tf.constant(clean[None, ..., None], tf.float32))
     flows = [refiner(data.Volume(scan.astype(np.float32), np.eye(4), name),
-                     flow_working["flow_working"][0].numpy())
+                     flow_working["flow_working"][0].numpy())[0].full_grid(atlas.shape).numpy()
              for name, scan in (("clean", clean), ("dirty", dirty))]
     np.testing.assert_allclose(flows[0], flows[1], atol=1e-5)
