@@ -207,7 +207,7 @@ def default_atlas_labels(atlas_path: str):
 
 
 def _train(fv: flags.FlagValues) -> int:
-    from ltnet_tf import distribute, training
+    from ltnet_tf import distribute, signals, training
     from ltnet_tf.data import DataError
     from ltnet_tf.modeldir import ModelDir
 
@@ -232,13 +232,14 @@ def _train(fv: flags.FlagValues) -> int:
     # reads better in a log file or a CI job.
     verbose = 1 if sys.stdout.isatty() else 2
     try:
-        model_dir = training.train(config, fv.atlas, atlas_labels, fv.unlabeled, fv.model_dir,
-                                   val_images=fv.val_images, val_labels=fv.val_labels,
-                                   resume=fv.resume, strategy=strategy, export=fv.export,
-                                   verbose=verbose, align=fv.align)
-    except KeyboardInterrupt:
-        print(_interrupted_message(ModelDir(fv.model_dir)), file=sys.stderr)
-        return 130
+        with signals.stop_on_signals() as stop_request:  # SIGTERM, Ctrl-C: save the step, stop
+            model_dir = training.train(config, fv.atlas, atlas_labels, fv.unlabeled, fv.model_dir,
+                                       val_images=fv.val_images, val_labels=fv.val_labels,
+                                       resume=fv.resume, strategy=strategy, export=fv.export,
+                                       verbose=verbose, align=fv.align, stop_request=stop_request)
+    except KeyboardInterrupt as stop:
+        print(training.stopped_message(ModelDir(fv.model_dir), stop), file=sys.stderr)
+        return signals.exit_code(stop)
     if training.is_chief(strategy):  # other workers wrote nothing there
         print(f"model written to {model_dir.path}")
     return 0
@@ -276,17 +277,6 @@ def _resume_config(fv: flags.FlagValues, asked: LTNetConfig, saved_path: str) ->
         print("resuming with " + ", ".join(f"{k}={getattr(saved, k)} -> {v}"
                                            for k, v in changes.items()), flush=True)
     return saved.replace(**changes)
-
-
-def _interrupted_message(model_dir) -> str:
-    """One line for Ctrl-C: which checkpoint the run can be continued from."""
-    import tensorflow as tf  # already imported by training
-
-    last = tf.train.latest_checkpoint(model_dir.checkpoint_dir)
-    if last is None:
-        return f"interrupted before the first checkpoint of {model_dir.path}: nothing to resume"
-    return (f"interrupted: continue from {os.path.basename(last)} with "
-            f"python train.py --resume --model_dir {model_dir.path} (and the same data flags)")
 
 
 def train_main(argv=None) -> int:

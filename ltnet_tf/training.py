@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -18,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from ltnet_tf import alignment, data, evaluation, labels as label_names
+from ltnet_tf import alignment, data, evaluation, labels as label_names, signals
 from ltnet_tf.config import RESUME_CHANGEABLE, LTNetConfig
 from ltnet_tf.inference import LabelTransfer
 from ltnet_tf.model import LTNet
@@ -315,11 +316,14 @@ def prepare_run_folder(config: LTNetConfig, model_dir: ModelDir, atlas, atlas_la
 
 def train(config: LTNetConfig, atlas_path, atlas_labels_path, scan_paths, model_dir, *,
           val_images=None, val_labels=None, resume: bool = False, strategy=None,
-          export: bool = True, verbose: int = 1, align: str = "auto") -> ModelDir:
+          export: bool = True, verbose: int = 1, align: str = "auto",
+          stop_request: signals.StopRequest = None) -> ModelDir:
     """Train LT-Net; returns the run folder. Raises DataError / TrainingError on bad input.
 
     ``align='auto'``: scans and validation scans on other grids than the atlas's are aligned to it
-    first; ``'never'``: every scan must be on the atlas grid."""
+    first; ``'never'``: every scan must be on the atlas grid. ``stop_request`` (from
+    ``signals.stop_on_signals``): a stop signal during training saves the current step and raises
+    ``signals.Stopped``."""
     strategy = strategy or tf.distribute.get_strategy()
     chief = is_chief(strategy)
     if config.batch_size % strategy.num_replicas_in_sync:
@@ -369,7 +373,7 @@ def train(config: LTNetConfig, atlas_path, atlas_labels_path, scan_paths, model_
     else:
         try:
             _fit(model, config, scan_paths, pairs, atlas, atlas_labels, model_dir, manager,
-                 best_manager, steps_done, strategy, chief, verbose)
+                 best_manager, steps_done, strategy, chief, verbose, stop_request)
         except DivergenceError:
             if status is not None and chief and not manager.saved_steps:
                 saved_config.save(model_dir.config_path)  # its checkpoints' settings, not these
@@ -414,7 +418,7 @@ def is_exported(model_dir: ModelDir) -> bool:
 
 
 def _fit(model, config, scan_paths, pairs, atlas, atlas_labels, model_dir, manager, best_manager,
-         steps_done, strategy, chief, verbose):
+         steps_done, strategy, chief, verbose, stop_request=None):
     dataset = data.make_training_dataset(scan_paths, config, skip_batches=steps_done)
     validator = None
     if pairs:
@@ -424,6 +428,9 @@ def _fit(model, config, scan_paths, pairs, atlas, atlas_labels, model_dir, manag
     callbacks = [guard, StopAtStep(model.g_optimizer, config.steps),
                  Checkpointing(manager, best_manager, model.g_optimizer.iterations, validator,
                                model_dir.validation_history_path if chief else None, guard)]
+    if stop_request is not None:
+        callbacks.append(signals.StopAtSignal(stop_request, _saver_of_current_step(manager, guard),
+                                              strategy))
     if chief:
         callbacks.append(tf.keras.callbacks.TensorBoard(model_dir.log_dir, update_freq=10))
         if verbose and not sys.stdout.isatty():
@@ -444,6 +451,40 @@ def _fit(model, config, scan_paths, pairs, atlas, atlas_labels, model_dir, manag
         raise DivergenceError(divergence_message(model_dir, config, guard))
     logging.info("trained %d steps in %.0f s", config.steps - steps_done, time.time() - start)
     manager.save_step(int(model.g_optimizer.iterations.numpy()))
+
+
+def _saver_of_current_step(manager: CheckpointSaver, guard: DivergenceGuard):
+    """For a stop on a signal: a function that saves the current step and returns it, or returns
+    None when the weights diverged or the save failed (then the newest checkpoint stays)."""
+    def save():
+        if not guard.usable():
+            return None
+        step = int(guard.step_variable.numpy())
+        try:
+            manager.save_step(step)
+        except TrainingError as e:
+            logging.warning("%s", e)
+            return None
+        return step
+
+    return save
+
+
+def stopped_message(model_dir: ModelDir, interrupt: KeyboardInterrupt) -> str:
+    """One line for a run stopped by Ctrl-C or a signal (``signals.Stopped``): the checkpoint
+    ``--resume`` continues from, and the command."""
+    signum = signals.signal_number(interrupt)
+    how = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}.get(signum, "stopped")
+    how = f"{how} ({signal.Signals(signum).name})"
+    resume = (f"python train.py --resume --model_dir {model_dir.path} (and the same data flags)")
+    step = getattr(interrupt, "step", None)
+    if step is not None:
+        return f"{how} at step {step}: saved ckpt-{step}; continue from it with {resume}"
+    try:
+        last = os.path.basename(newest_intact_checkpoint(model_dir))
+    except ModelDirError:
+        return f"{how} before the first checkpoint of {model_dir.path}: nothing to resume"
+    return f"{how}, nothing saved after {last}: continue from it with {resume}"
 
 
 def divergence_message(model_dir: ModelDir, config: LTNetConfig, guard: DivergenceGuard) -> str:
