@@ -166,7 +166,8 @@ def test_sigterm_outside_the_step_loop_names_the_checkpoint_to_resume_from(datas
 
 
 def test_stop_message_before_the_first_checkpoint(tmp_path):
-    line = training.stopped_message(ModelDir(str(tmp_path / "run")), signals.Stopped(signal.SIGTERM))
+    line = training.stopped_message(ModelDir(str(tmp_path / "run")),
+                                    signals.Stopped(signal.SIGTERM))
     assert line == f"terminated (SIGTERM) before the first checkpoint of {tmp_path / 'run'}: " \
                    f"nothing to resume"
     assert signals.exit_code(signals.Stopped(signal.SIGTERM)) == 143
