@@ -476,7 +476,7 @@ def stopped_message(model_dir: ModelDir, interrupt: KeyboardInterrupt) -> str:
     signum = signals.signal_number(interrupt)
     how = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}.get(signum, "stopped")
     how = f"{how} ({signal.Signals(signum).name})"
-    resume = (f"python train.py --resume --model_dir {model_dir.path} (and the same data flags)")
+    resume = f"python train.py --resume --model_dir {model_dir.path} (and the same data flags)"
     step = getattr(interrupt, "step", None)
     if step is not None:
         return f"{how} at step {step}: saved ckpt-{step}; continue from it with {resume}"
