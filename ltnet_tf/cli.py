@@ -197,7 +197,7 @@ def _train_flags() -> flags.FlagValues:
 
 
 def _train(fv: flags.FlagValues) -> int:
-    from ltnet_tf import distribute, training
+    from ltnet_tf import distribute, signals, training
     from ltnet_tf.data import DataError
     from ltnet_tf.modeldir import ModelDir
 
@@ -224,13 +224,15 @@ def _train(fv: flags.FlagValues) -> int:
     # reads better in a log file or a CI job.
     verbose = 1 if sys.stdout.isatty() else 2
     try:
-        model_dir = training.train(config, fv.atlas, atlas_labels, fv.unlabeled, fv.model_dir,
-                                   val_images=fv.val_images, val_labels=fv.val_labels,
-                                   resume=fv.resume, strategy=strategy, export=fv.export,
-                                   verbose=verbose, align=fv.align, label_names=fv.label_names)
-    except KeyboardInterrupt:
-        print(_interrupted_message(model_dir), file=sys.stderr)
-        return 130
+        with signals.stop_on_signals() as stop_request:  # SIGTERM, Ctrl-C: save the step, stop
+            model_dir = training.train(
+                config, fv.atlas, atlas_labels, fv.unlabeled, fv.model_dir,
+                val_images=fv.val_images, val_labels=fv.val_labels, resume=fv.resume,
+                strategy=strategy, export=fv.export, verbose=verbose, align=fv.align,
+                label_names=fv.label_names, stop_request=stop_request)
+    except KeyboardInterrupt as stop:
+        print(training.stopped_message(model_dir, stop), file=sys.stderr)
+        return signals.exit_code(stop)
     if distribute.is_chief(strategy):  # other workers wrote nothing there
         print(f"model written to {model_dir.path}")
     return 0
@@ -245,17 +247,6 @@ def _given_fields(fv: flags.FlagValues) -> set:
     if fv["preset"].present:
         given |= set(PRESETS[fv.preset])
     return given
-
-
-def _interrupted_message(model_dir) -> str:
-    """One line for Ctrl-C: which checkpoint the run can be continued from."""
-    import tensorflow as tf  # already imported by training
-
-    last = tf.train.latest_checkpoint(model_dir.checkpoint_dir)
-    if last is None:
-        return f"interrupted before the first checkpoint of {model_dir.path}: nothing to resume"
-    return (f"interrupted: continue from {os.path.basename(last)} with "
-            f"python train.py --resume --model_dir {model_dir.path} (and the same data flags)")
 
 
 def train_main(argv=None) -> int:

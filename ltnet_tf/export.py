@@ -21,8 +21,11 @@ so the serving side needs TensorFlow only: no ltnet_tf, VoxelMorph or neurite. S
     displacement(scan) -> flow_working [B, *working_shape, 3]: G_F's displacement on its
         working grid (working voxels), for clients that refine or pull labels themselves
 
-Scans are raw intensities on the atlas grid (D, H, W) = config.atlas_shape; min-max normalisation,
-padding and downsampling happen inside the signature. Library functions raise ``ModelDirError`` or
+Scans are raw intensities on the atlas grid (D, H, W) = config.atlas_shape; intensity normalisation
+(percentiles of the brain, ``ltnet_tf.intensity``), padding and downsampling happen inside the
+signature. The signatures declare their inputs without a shape and check it first
+(``ltnet_tf.serving_inputs``): a wrong one fails with a message naming the expected shape and the
+fix, in TF Serving and ``saved_model_cli`` too. Library functions raise ``ModelDirError`` or
 ``DataError`` with a one-line message; the command line (``ltnet_tf.cli.export_main``) prints it
 and exits with status 1:
 
@@ -50,6 +53,7 @@ from ltnet_tf.inference import LabelTransfer
 from ltnet_tf.label_names import LabelNames
 from ltnet_tf.modeldir import SAVED_MODEL_METADATA, ModelDir, ModelDirError
 from ltnet_tf.refinement import Refinement
+from ltnet_tf.serving_inputs import for_atlas_grid
 
 SERVING_SIGNATURE = "serving_default"
 REGISTER_SIGNATURE = "register"
@@ -70,6 +74,11 @@ METADATA_PATH = SAVED_MODEL_METADATA
 METADATA_FORMAT = "ltnet_serving/1"
 
 
+def serving_inputs(grid) -> dict:
+    """Input name -> ``serving_inputs.ServingInput`` of the signatures for atlas grid ``grid``."""
+    return for_atlas_grid(grid, SCAN_INPUT, (STEPS_INPUT, COARSE_STEPS_INPUT))
+
+
 class _Untracked:
     """Holds an object out of TensorFlow's dependency tracking."""
 
@@ -78,7 +87,9 @@ class _Untracked:
 
 
 class ServingModule(tf.Module):
-    """``LabelTransfer`` behind ``tf.function`` signatures with static spatial shapes.
+    """``LabelTransfer`` behind ``tf.function`` signatures whose inputs are checked inside
+    (``ltnet_tf.serving_inputs``): a scan of the wrong shape fails with a message that names the
+    expected shape and the fix, in TF Serving and ``saved_model_cli`` too.
 
     Only G_F's variables are tracked, not the Keras model itself: ``tf.saved_model.save`` would
     otherwise also serialise Keras metadata and trace every layer, which is slower and of no use to
@@ -91,19 +102,16 @@ class ServingModule(tf.Module):
         self._label_transfer = _Untracked(label_transfer)
         self._refinement = _Untracked(refinement)
         self.generator_variables = list(label_transfer.forward_generator.variables)
-        grid = list(label_transfer.full_shape)
-        scan = tf.TensorSpec([None, *grid, 1], tf.float32, name=SCAN_INPUT)
-        self.serve = tf.function(self._serve, input_signature=[scan])
-        self.segment = tf.function(self._segment, input_signature=[scan])
-        self.displacement = tf.function(self._displacement, input_signature=[scan])
-        self.register = tf.function(self._register, input_signature=[
-            tf.TensorSpec(grid, tf.float32, name="atlas"),
-            tf.TensorSpec(grid, tf.int32, name="atlas_labels"),
-            scan])
+        self._inputs = _Untracked(serving_inputs(label_transfer.full_shape))
+        specs = lambda *names: [self.inputs[name].signature_spec for name in names]  # noqa: E731
+        self.serve = tf.function(self._serve, input_signature=specs(SCAN_INPUT))
+        self.segment = tf.function(self._segment, input_signature=specs(SCAN_INPUT))
+        self.displacement = tf.function(self._displacement, input_signature=specs(SCAN_INPUT))
+        self.register = tf.function(self._register, input_signature=specs(
+            "atlas", "atlas_labels", SCAN_INPUT))
         if refinement is not None:
-            self.segment_refined = tf.function(self._segment_refined, input_signature=[
-                scan, tf.TensorSpec([], tf.int32, name=STEPS_INPUT),
-                tf.TensorSpec([], tf.int32, name=COARSE_STEPS_INPUT)])
+            self.segment_refined = tf.function(self._segment_refined, input_signature=specs(
+                SCAN_INPUT, STEPS_INPUT, COARSE_STEPS_INPUT))
 
     @property
     def label_transfer(self) -> LabelTransfer:
@@ -113,19 +121,32 @@ class ServingModule(tf.Module):
     def refinement(self):
         return self._refinement.value
 
+    @property
+    def inputs(self) -> dict:
+        """Input name -> ``serving_inputs.ServingInput``: what a client must send."""
+        return self._inputs.value
+
+    def _checked(self, **tensors):
+        """The inputs, in the order given, after their shape checks."""
+        checked = [self.inputs[name].checked(tensor) for name, tensor in tensors.items()]
+        return checked[0] if len(checked) == 1 else checked
+
     def _serve(self, scan):
-        return self.label_transfer.transfer(scan)
+        return self.label_transfer.transfer(self._checked(scan=scan))
 
     def _segment(self, scan):
-        return self.label_transfer.segment(scan)
+        return self.label_transfer.segment(self._checked(scan=scan))
 
     def _displacement(self, scan):
-        return self.label_transfer.displacement(scan)
+        return self.label_transfer.displacement(self._checked(scan=scan))
 
     def _register(self, atlas, atlas_labels, scan):
-        return self.label_transfer.transfer_with_atlas(atlas, atlas_labels, scan)
+        return self.label_transfer.transfer_with_atlas(
+            *self._checked(atlas=atlas, atlas_labels=atlas_labels, scan=scan))
 
     def _segment_refined(self, scan, steps, coarse_steps):
+        scan, steps, coarse_steps = self._checked(scan=scan, steps=steps,
+                                                  coarse_steps=coarse_steps)
         refine = lambda scan_normalized, flow_working, full_grid: self.refinement(  # noqa: E731
             scan_normalized, flow_working, steps=steps, coarse_steps=coarse_steps,
             full_grid=full_grid)
@@ -175,10 +196,13 @@ def _spec_json(spec) -> dict:
     return {"dtype": spec.dtype.name, "shape": spec.shape.as_list()}
 
 
-def _signature_json(concrete_function) -> dict:
+def _signature_json(concrete_function, expected_inputs: dict) -> dict:
+    """Inputs as a client must send them (``expected_inputs``: name -> ServingInput; the signature
+    itself accepts any shape and checks it inside), outputs as the signature declares them."""
     inputs, _ = concrete_function.structured_input_signature
     return {
-        "inputs": {spec.name: _spec_json(spec) for spec in inputs},
+        "inputs": {spec.name: _spec_json(expected_inputs[spec.name].expected_spec)
+                   for spec in inputs},
         "outputs": {name: _spec_json(tensor)
                     for name, tensor in sorted(concrete_function.structured_outputs.items())},
     }
@@ -192,14 +216,17 @@ def serving_metadata(config, signatures: dict, checkpoint: str, version: int,
     ``names``: the structures' names (default FreeSurfer's).
     """
     names = names or LabelNames.freesurfer()
+    expected_inputs = serving_inputs(config.atlas_shape)
     metadata = {
         "format": METADATA_FORMAT,
         "version": version,
         "atlas_shape": [int(s) for s in config.atlas_shape],
         "working_shape": [int(s) for s in config.working_shape()],
         "downsample": int(config.downsample),
-        "intensities": "raw; per-scan min-max normalisation to [0, 1] is inside the signatures",
-        "signatures": {name: _signature_json(fn) for name, fn in signatures.items()},
+        "intensities": "raw; per-scan normalisation (percentiles of the brain, clipped to [0, 1]) "
+                       "is inside the signatures",
+        "signatures": {name: _signature_json(fn, expected_inputs)
+                       for name, fn in signatures.items()},
         "label_ids": [int(i) for i in config.label_ids],
         "structure_names": {str(int(i)): names.name(i) for i in config.label_ids},
         "label_names": names.to_dict(),

@@ -8,6 +8,7 @@ from ltnet_tf import compat  # noqa: F401
 
 import math
 import os
+import signal
 import sys
 import time
 
@@ -15,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from ltnet_tf import alignment, data, distribute
+from ltnet_tf import alignment, data, distribute, signals
 from ltnet_tf.callbacks import (CheckpointSaver, Checkpointing, DivergenceError, DivergenceGuard,
                                 ProgressLog, StopAtStep, TrainingError, Validator)
 from ltnet_tf.config import LTNetConfig
@@ -91,15 +92,18 @@ def make_checkpoint(model: LTNet) -> tf.train.Checkpoint:
 def train(config: LTNetConfig, atlas_path, atlas_labels_path, scan_paths, model_dir, *,
           val_images=None, val_labels=None, resume: bool = False, strategy=None,
           export: bool = True, verbose: int = 1, align: str = "auto",
-          label_names: str = None) -> ModelDir:
+          label_names: str = None, stop_request: signals.StopRequest = None) -> ModelDir:
     """Train LT-Net; returns the run folder (see ``ltnet_tf.modeldir`` for what it holds).
 
     ``align='auto'``: scans and validation scans on other grids than the atlas's are aligned to it
     first; ``'never'``: every scan must be on the atlas grid. ``resume``: continue the run in
     ``model_dir`` from its newest intact checkpoint, with ``config``'s ``RESUME_CHANGEABLE``
     fields. ``label_names``: a FreeSurfer LUT, ITK-SNAP label file or BIDS dseg.tsv naming the
-    atlas's structures, kept in the run folder (``label_names.json``) for prediction and export. Raises DataError (inputs), ModelDirError (the folder), TrainingError (the run cannot
-    start or save), DivergenceError (a non-finite loss or weights).
+    atlas's structures, kept in the run folder (``label_names.json``) for prediction and export.
+    ``stop_request`` (from ``signals.stop_on_signals``): a stop signal (SIGTERM from a scheduler,
+    Ctrl-C) during training saves the current step and raises ``signals.Stopped``.
+    Raises DataError (inputs), ModelDirError (the folder), TrainingError (the run cannot start or
+    save), DivergenceError (a non-finite loss or weights).
     """
     strategy = strategy or tf.distribute.get_strategy()
     chief = distribute.is_chief(strategy)
@@ -142,7 +146,7 @@ def train(config: LTNetConfig, atlas_path, atlas_labels_path, scan_paths, model_
     else:
         try:
             _fit(model, config, scan_paths, pairs, atlas, atlas_labels, model_dir, manager,
-                 best_manager, steps_done, chief, verbose)
+                 best_manager, steps_done, (strategy, chief), verbose, stop_request)
         except DivergenceError:
             if resume and chief and not manager.saved_steps:
                 saved_config.save(model_dir.config_path)  # its checkpoints' settings, not these
@@ -173,7 +177,8 @@ def _restore_for_resume(model, checkpoint, model_dir: ModelDir, config: LTNetCon
 
 
 def _fit(model, config, scan_paths, pairs, atlas, atlas_labels, model_dir, manager, best_manager,
-         steps_done, chief, verbose):
+         steps_done, workers, verbose, stop_request=None):
+    strategy, chief = workers
     dataset = make_training_dataset(scan_paths, config, skip_batches=steps_done)
     validator = None
     if pairs:
@@ -183,6 +188,9 @@ def _fit(model, config, scan_paths, pairs, atlas, atlas_labels, model_dir, manag
     callbacks = [guard, StopAtStep(model.g_optimizer, config.steps),
                  Checkpointing(manager, best_manager, model.g_optimizer.iterations, model_dir,
                                validator, chief, guard)]
+    if stop_request is not None:
+        callbacks.append(signals.StopAtSignal(stop_request, _saver_of_current_step(manager, guard),
+                                              strategy))
     if chief:
         callbacks.append(tf.keras.callbacks.TensorBoard(model_dir.log_dir, update_freq=10))
         if verbose and not sys.stdout.isatty():
@@ -203,6 +211,42 @@ def _fit(model, config, scan_paths, pairs, atlas, atlas_labels, model_dir, manag
         raise DivergenceError(divergence_message(model_dir, config, guard))
     logging.info("trained %d steps in %.0f s", config.steps - steps_done, time.time() - start)
     manager.save_step(int(model.g_optimizer.iterations.numpy()))
+
+
+def _saver_of_current_step(manager: CheckpointSaver, guard: DivergenceGuard):
+    """For a stop on a signal: a function that saves the current step and returns it, or returns
+    None when the weights diverged or the save failed (then the newest checkpoint stays)."""
+    def save():
+        if not guard.usable():
+            return None
+        step = int(guard.step_variable.numpy())
+        try:
+            manager.save_step(step)
+        except TrainingError as e:
+            logging.warning("%s", e)
+            return None
+        return step
+
+    return save
+
+
+def stopped_message(model_dir: ModelDir, interrupt: KeyboardInterrupt) -> str:
+    """One line for a run stopped by Ctrl-C or a signal (``signals.Stopped``): the checkpoint
+    ``--resume`` continues from, and the command."""
+    from ltnet_tf.modeldir import ModelDirError
+
+    signum = signals.signal_number(interrupt)
+    how = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}.get(signum, "stopped")
+    how = f"{how} ({signal.Signals(signum).name})"
+    resume = f"python train.py --resume --model_dir {model_dir.path} (and the same data flags)"
+    step = getattr(interrupt, "step", None)
+    if step is not None:
+        return f"{how} at step {step}: saved ckpt-{step}; continue from it with {resume}"
+    try:
+        last = os.path.basename(model_dir.newest_intact_checkpoint())
+    except ModelDirError:
+        return f"{how} before the first checkpoint of {model_dir.path}: nothing to resume"
+    return f"{how}, nothing saved after {last}: continue from it with {resume}"
 
 
 def divergence_message(model_dir: ModelDir, config: LTNetConfig, guard: DivergenceGuard) -> str:

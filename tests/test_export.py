@@ -317,15 +317,17 @@ def saved_model_cli():
 
 
 def parse_show_all(text: str) -> dict:
-    """``saved_model_cli show --all`` -> {signature: {inputs|outputs: {name: (dtype, shape)}}}."""
+    """``saved_model_cli show --all`` -> {signature: {inputs|outputs: {name: (dtype, shape)}}};
+    shape None: unknown rank."""
     signatures = {}
     blocks = re.split(r"^signature_def\['([^']+)'\]:$", text, flags=re.M)
     for name, block in zip(blocks[1::2], blocks[2::2]):
         tensors = {"inputs": {}, "outputs": {}}
         for kind, key, dtype, shape in re.findall(
-                r"(inputs|outputs)\['([^']+)'\] tensor_info:\s+dtype: (\w+)\s+shape: \(([^)]*)\)",
-                block):
-            dims = tuple(int(s) for s in shape.replace(" ", "").split(",") if s)
+                r"(inputs|outputs)\['([^']+)'\] tensor_info:\s+dtype: (\w+)\s+"
+                r"shape: (\([^)]*\)|unknown_rank)", block):
+            dims = None if shape == "unknown_rank" else tuple(
+                int(s) for s in shape.strip("()").replace(" ", "").split(",") if s)
             tensors[kind][key] = (dtype, dims)
         signatures[name] = tensors
     return signatures
@@ -337,22 +339,25 @@ def test_saved_model_cli_show_and_run(runs, tmp_path):
     shown = run_quietly(saved_model_cli() + ["show", "--dir", run.saved_model, "--all"],
                         env=serving_environment()).stdout
     signatures = parse_show_all(shown)
+    # Inputs of any shape, checked inside the signature (test_wrong_inputs_*); outputs static.
     assert signatures["serving_default"] == {
-        "inputs": {"scan": ("DT_FLOAT", (-1, *grid, 1))},
+        "inputs": {"scan": ("DT_FLOAT", None)},
         "outputs": {"segmentation": ("DT_INT32", (-1, *grid)),
                     "flow": ("DT_FLOAT", (-1, *grid, 3)),
                     "warped_atlas": ("DT_FLOAT", (-1, *grid, 1))}}
     assert signatures["register"]["inputs"] == {
-        "atlas": ("DT_FLOAT", grid), "atlas_labels": ("DT_INT32", grid),
-        "scan": ("DT_FLOAT", (-1, *grid, 1))}
+        "atlas": ("DT_FLOAT", None), "atlas_labels": ("DT_INT32", None),
+        "scan": ("DT_FLOAT", None)}
     assert signatures["register"]["outputs"] == signatures["serving_default"]["outputs"]
     assert signatures["segment"] == {
-        "inputs": {"scan": ("DT_FLOAT", (-1, *grid, 1))},
+        "inputs": {"scan": ("DT_FLOAT", None)},
         "outputs": {"segmentation": ("DT_INT32", (-1, *grid))}}
     assert signatures["segment_refined"] == {
-        "inputs": {"scan": ("DT_FLOAT", (-1, *grid, 1)), "steps": ("DT_INT32", ()),
-                   "coarse_steps": ("DT_INT32", ())},
+        "inputs": {"scan": ("DT_FLOAT", None), "steps": ("DT_INT32", None),
+                   "coarse_steps": ("DT_INT32", None)},
         "outputs": {"segmentation": ("DT_INT32", (-1, *grid))}}
+    assert signatures["displacement"]["outputs"] == {
+        "flow_working": ("DT_FLOAT", (-1, *run.config.working_shape(), 3))}
     assert "PyFunc" not in shown and "EagerPyFunc" not in shown
 
     scan_path, out_dir = tmp_path / "scan.npy", tmp_path / "out"
@@ -365,6 +370,128 @@ def test_saved_model_cli_show_and_run(runs, tmp_path):
     assert_outputs_match(written, {k: v[:1] for k, v in run.expected.items()})
 
 
+# ------------------------------------------------------------------------------- wrong inputs
+# The messages in full, written out here (not taken from ltnet_tf) so that a change is seen.
+SCAN_MESSAGE = ("scan must be [batch, 20, 18, 16, 1] float32 raw intensities on the atlas grid, "
+                "not of shape [{}]: align it to the atlas and resample it onto the atlas grid "
+                "first (docs/serving.md)")
+WRONG_SCANS = {"native 256^3": (1, 256, 256, 256, 1), "no channel axis": (1, 20, 18, 16),
+               "no batch axis": (20, 18, 16, 1), "rank 6": (1, 1, 20, 18, 16, 1),
+               "other grid": (2, 16, 18, 20, 1)}
+
+
+def scan_message(shape) -> str:
+    return SCAN_MESSAGE.format(" ".join(str(s) for s in shape))
+
+
+WRONG_INPUTS_CHILD = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+
+    saved_model, cases = sys.argv[1], json.loads(sys.argv[2])
+    signatures = tf.saved_model.load(saved_model).signatures
+    right = {"scan": np.zeros([1, 20, 18, 16, 1], np.float32), "steps": np.int32(1),
+             "coarse_steps": np.int32(0), "atlas": np.zeros([20, 18, 16], np.float32),
+             "atlas_labels": np.zeros([20, 18, 16], np.int32)}
+    messages = {}
+    for key, (signature, name, shape, dtype) in cases.items():
+        inputs = signatures[signature].structured_input_signature[1]
+        feed = {n: tf.constant(right[n]) for n in inputs}
+        feed[name] = tf.zeros(shape, dtype)
+        try:
+            signatures[signature](**feed)
+            messages[key] = None
+        except tf.errors.InvalidArgumentError as e:
+            messages[key] = str(e)
+    print(json.dumps(messages))
+""")
+
+
+def test_wrong_inputs_are_named_with_the_fix_in_a_clean_process(runs, tmp_path):
+    """``tf.saved_model.load`` signatures in a process without ltnet_tf: every signature checks
+    its inputs first, so a scan of the wrong shape never reaches the network's ops."""
+    cases = {f"{signature} {what}": (signature, "scan", shape, "float32")
+             for signature in ("serving_default", "segment", "displacement", "register",
+                               "segment_refined") for what, shape in WRONG_SCANS.items()}
+    cases.update({
+        "register atlas": ("register", "atlas", [20, 18, 17], "float32"),
+        "register atlas_labels": ("register", "atlas_labels", [1, 20, 18, 16], "int32"),
+        "segment_refined steps": ("segment_refined", "steps", [1], "int32"),
+        "segment_refined coarse_steps": ("segment_refined", "coarse_steps", [2, 1], "int32"),
+        "float64 scan": ("segment", "scan", [1, 20, 18, 16, 1], "float64"),
+    })
+    result = run_quietly([sys.executable, "-c", WRONG_INPUTS_CHILD, runs[2].saved_model,
+                          json.dumps(cases)], cwd=tmp_path, env=serving_environment())
+    messages = json.loads(result.stdout.strip().splitlines()[-1])
+    for key, (_, name, shape, _) in cases.items():
+        message = messages[key]
+        assert message is not None, f"{key}: accepted"
+        if name == "scan" and key != "float64 scan":
+            assert f"assertion failed: [{scan_message(shape)}]" in message, (key, message)
+            assert "ConcatOp" not in message and "reduction" not in message
+    expected = {
+        "register atlas": "atlas must be [20, 18, 16] float32 raw intensities (another atlas, "
+                          "same grid), not of shape [20 18 17]: resample it onto the atlas grid "
+                          "first (docs/serving.md)",
+        "register atlas_labels": "atlas_labels must be [20, 18, 16] int32 label IDs of that "
+                                 "atlas, not of shape [1 20 18 16]: resample them onto the atlas "
+                                 "grid first (nearest label) (docs/serving.md)",
+        "segment_refined steps": "steps must be a scalar int32 number of refinement steps, not "
+                                 "of shape [1]: send one number, e.g. 10 (docs/serving.md)",
+        "segment_refined coarse_steps": "coarse_steps must be a scalar int32 number of "
+                                        "refinement steps, not of shape [2 1]: send one number, "
+                                        "e.g. 10 (docs/serving.md)"}
+    for key, text in expected.items():
+        assert f"assertion failed: [{text}]" in messages[key], (key, messages[key])
+    # The dtype is the signature's own, checked by TensorFlow before the graph runs.
+    assert "was expected to be a float tensor but is a double tensor" in messages["float64 scan"]
+
+
+def saved_model_cli_run(saved_model, signature, out_dir, *inputs):
+    """``saved_model_cli run`` in a fresh process; returns the finished process."""
+    return subprocess.run(saved_model_cli() + ["run", "--dir", saved_model, "--tag_set", "serve",
+                                               "--signature_def", signature, "--outdir",
+                                               str(out_dir), "--overwrite", *inputs],
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
+                          env=serving_environment())
+
+
+def literal(shape) -> str:
+    """A Python literal of an array of ``shape`` (``--input_exprs`` takes literals only)."""
+    return json.dumps(np.full(shape, 0.5).tolist())
+
+
+def test_wrong_inputs_through_saved_model_cli(runs, tmp_path):
+    """``saved_model_cli run`` feeds the graph through a session, as TF Serving does: the shape
+    check is the graph's assertion, not a Python one."""
+    run = runs[2]
+    native = tmp_path / "native.npy"
+    np.save(native, np.zeros([1, 256, 256, 256, 1], np.float32))
+    cases = [("segment", ["--inputs", f"scan={native}"], scan_message([1, 256, 256, 256, 1])),
+             ("serving_default", ["--input_exprs", f"scan={literal([1, 20, 18, 16])}"],
+              scan_message([1, 20, 18, 16])),
+             ("displacement", ["--input_exprs", f"scan={literal([20, 18, 16])}"],
+              scan_message([20, 18, 16])),
+             ("segment_refined", ["--input_exprs", f"scan={literal([1, 20, 18, 16, 1])};"
+                                  f"steps=[3];coarse_steps=0"],
+              "steps must be a scalar int32 number of refinement steps, not of shape [1]: "
+              "send one number, e.g. 10 (docs/serving.md)")]
+    for signature, inputs, message in cases:
+        result = saved_model_cli_run(run.saved_model, signature, tmp_path / "out", *inputs)
+        assert result.returncode != 0, (signature, result.stdout[-2000:])
+        assert f"assertion failed: [{message}]" in result.stderr, (signature,
+                                                                   result.stderr[-3000:])
+    # Another dtype is cast by saved_model_cli's session to the signature's float32.
+    as_float64 = tmp_path / "scan64.npy"
+    np.save(as_float64, run.scans[:1].astype(np.float64))
+    result = saved_model_cli_run(run.saved_model, "segment", tmp_path / "out64",
+                                 "--inputs", f"scan={as_float64}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "out64" / "segmentation.npy"),
+                                  run.expected["segmentation"][:1])
+
+
 # ------------------------------------------------------------------------------- TF Serving clients
 @pytest.fixture(scope="module")
 def served(runs):
@@ -373,12 +500,15 @@ def served(runs):
     return run, tf.saved_model.load(run.saved_model).signatures["serving_default"]
 
 
-def check_accepts(signature, array: np.ndarray):
-    """The signature's declared input accepts exactly this tensor; returns its outputs."""
+def check_accepts(signature, array: np.ndarray, saved_model: str):
+    """The signature's input, as its metadata JSON says a client must send it, is exactly this
+    tensor; returns the signature's outputs."""
     args, kwargs = signature.structured_input_signature
     assert not args and list(kwargs) == [export.SCAN_INPUT]
-    spec = kwargs[export.SCAN_INPUT]
-    assert array.dtype == spec.dtype.as_numpy_dtype
+    with open(os.path.join(saved_model, export.METADATA_PATH)) as f:
+        expected = json.load(f)["signatures"]["serving_default"]["inputs"][export.SCAN_INPUT]
+    spec = tf.TensorSpec(expected["shape"], expected["dtype"])
+    assert array.dtype == spec.dtype.as_numpy_dtype == kwargs[export.SCAN_INPUT].dtype
     assert spec.is_compatible_with(tf.TensorSpec.from_tensor(tf.constant(array)))
     return numpy_outputs(signature(**{export.SCAN_INPUT: tf.constant(array)}))
 
@@ -400,7 +530,7 @@ def test_rest_request_bodies(served):
         values = request[form] if form == "instances" else request[form][export.SCAN_INPUT]
         array = np.asarray(values, dtype=np.float32)
         np.testing.assert_array_equal(array, scan[None])  # JSON round trip is exact for float32
-        outputs = check_accepts(signature, array)
+        outputs = check_accepts(signature, array, run.saved_model)
         assert_outputs_match(outputs, {k: v[:1] for k, v in run.expected.items()})
         json.dumps({"predictions": [{k: v[0].tolist() for k, v in outputs.items()}]})
 
@@ -426,7 +556,7 @@ def test_grpc_predict_request(served, tmp_path):
     received = predict_pb2.PredictRequest.FromString(request.SerializeToString())
     assert received.inputs["scan"].dtype == tf.float32.as_datatype_enum
     assert [d.size for d in received.inputs["scan"].tensor_shape.dim] == [1, *GRIDS[2], 1]
-    outputs = check_accepts(signature, tf.make_ndarray(received.inputs["scan"]))
+    outputs = check_accepts(signature, tf.make_ndarray(received.inputs["scan"]), run.saved_model)
     assert_outputs_match(outputs, {k: v[:1] for k, v in run.expected.items()})
 
     response = predict_pb2.PredictResponse()

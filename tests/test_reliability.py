@@ -8,6 +8,7 @@ import gc
 import json
 import logging as pylogging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -262,8 +263,9 @@ def test_resume_of_a_finished_run_applies_the_learning_rate_quietly(run_copy, da
     assert run_copy.load_config().g_learning_rate == 5e-5
 
 
-def test_ctrl_c_says_where_to_resume_from(run_copy, dataset, capsys):
-    """A real SIGINT once a checkpoint of the resumed run is on disk: one line, exit 130."""
+def test_ctrl_c_saves_the_step_reached_and_says_where_to_resume_from(run_copy, dataset, capsys):
+    """A real SIGINT once a checkpoint of the resumed run is on disk: the step under way is
+    finished and saved, one line names it, exit 130."""
 
     def resumed_run_saved():
         # Any checkpoint past the resumed step: on a fast machine a given one (ckpt-6) can be
@@ -296,7 +298,14 @@ def test_ctrl_c_says_where_to_resume_from(run_copy, dataset, capsys):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "interrupted" in line]
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert "--resume" in lines[0] and run_copy.path in lines[0] and "ckpt-" in lines[0]
+    found = re.fullmatch(r"interrupted \(SIGINT\) at step (\d+): saved ckpt-\1; continue from it "
+                         r"with python train\.py --resume --model_dir (\S+) \(and the same data "
+                         r"flags\)", lines[0])
+    assert found and found.group(2) == run_copy.path, lines[0]
+    step = int(found.group(1))
+    assert step > STEPS + EVERY  # acted on after the batch end of the checkpoint waited for
+    assert run_copy.checkpoint("last").endswith(f"ckpt-{step}")
+    assert read_checkpoint_iterations(run_copy.checkpoint("last")) == step
 
 
 # ------------------------------------------------------------------------------- output folders
