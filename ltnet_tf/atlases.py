@@ -18,6 +18,7 @@ from absl import logging
 
 from ltnet_tf import alignment as alignment_lib
 from ltnet_tf import data
+from ltnet_tf.dataset import pair_images_and_labels
 
 
 @dataclass
@@ -58,16 +59,18 @@ def atlas_files(atlas, atlas_labels=None) -> list:
         if not atlas_labels:
             raise data.DataError(f"{images[0]}: a folder of atlases needs --atlas_labels (a "
                                  f"folder of their label maps, matched by file name)")
-        return data.pair_images_and_labels(images[0], atlas_labels)
+        return pair_images_and_labels(images[0], atlas_labels)
     labels = data.split_paths(atlas_labels) if atlas_labels else [None] * len(images)
     if len(labels) != len(images):
         raise data.DataError(f"{len(images)} atlas images but {len(labels)} label maps: give one "
                              f"label map per atlas, in the same order")
     pairs = []
     for image, label_map in zip(images, labels):
+        if not os.path.exists(image):
+            raise data.DataError(f"{image}: file not found")
         label_map = label_map or default_atlas_labels(image)
         if label_map is None:
-            raise data.DataError(f"{image}: no label map given (--atlas_labels) and no "
+            raise data.DataError(f"{image}: --atlas_labels not given and no "
                                  f"<atlas>_labels.nii.gz / atlas_labels.nii.gz beside it")
         pairs.append((image, label_map))
     return pairs

@@ -8,65 +8,22 @@ from __future__ import annotations
 
 from ltnet_tf import compat  # noqa: F401
 
-import dataclasses
 import logging as pylogging
 import os
 import re
 import sys
-import typing
 
 from absl import flags, logging
 
-from ltnet_tf.config import PRESETS, PROFILES, ConfigError, LTNetConfig, RefinementSettings
+from ltnet_tf.config import PRESETS, PROFILES, ConfigError, RefinementSettings
+from ltnet_tf.config_flags import config_from_flags as _config_from_flags
+from ltnet_tf.config_flags import define_config_flags as _define_config_flags
+from ltnet_tf.config_flags import given_fields as _given_fields
 from ltnet_tf.distribute import STRATEGIES
 
-_RESOLVED_FIELDS = ("atlas_shape", "label_ids")  # set from the data, not by flags
 
 
 # ------------------------------------------------------------------------------- flag plumbing
-def _define_config_flags(flag_values: flags.FlagValues) -> None:
-    hints = typing.get_type_hints(LTNetConfig)
-    defaults = LTNetConfig()
-    for f in dataclasses.fields(LTNetConfig):
-        if f.name in _RESOLVED_FIELDS:
-            continue
-        default = getattr(defaults, f.name)
-        text = f"{f.metadata['help']} (default: {default})"
-        hint = hints[f.name]
-        if hint is bool:
-            flags.DEFINE_bool(f.name, None, text, flag_values=flag_values)
-        elif hint is int:
-            flags.DEFINE_integer(f.name, None, text, flag_values=flag_values)
-        elif hint is float:
-            flags.DEFINE_float(f.name, None, text, flag_values=flag_values)
-        elif hint is str:
-            flags.DEFINE_string(f.name, None, text, flag_values=flag_values)
-        else:
-            flags.DEFINE_list(f.name, None, text + " Comma-separated integers.",
-                              flag_values=flag_values)
-
-
-def _config_from_flags(flag_values: flags.FlagValues) -> LTNetConfig:
-    config = LTNetConfig().replace(**PRESETS[flag_values.preset],
-                                   **PROFILES[flag_values.profile])
-    if flag_values.config:
-        file_config = LTNetConfig.load(flag_values.config).to_dict()
-        config = config.replace(**{k: v for k, v in file_config.items() if k not in _RESOLVED_FIELDS})
-    changes = {}
-    for f in dataclasses.fields(LTNetConfig):
-        if f.name in _RESOLVED_FIELDS or flag_values[f.name].value is None:
-            continue
-        value = flag_values[f.name].value
-        if isinstance(value, list):
-            try:
-                value = [int(v) for v in value]
-            except ValueError:
-                raise ConfigError(f"--{f.name} must be comma-separated integers, "
-                                  f"got {','.join(value)!r}") from None
-        changes[f.name] = value
-    return config.replace(**changes)
-
-
 def _parse(flag_values: flags.FlagValues, argv, usage: str):
     """Parse argv; returns None after printing help (then exit 0)."""
     argv = list(argv if argv is not None else sys.argv)
@@ -158,8 +115,12 @@ TRAIN_USAGE = ("Train LT-Net on one labelled atlas and a folder of unlabelled sc
 
 def _train_flags() -> flags.FlagValues:
     fv = flags.FlagValues()
-    flags.DEFINE_string("atlas", None, "The labelled scan (NIfTI/MGZ).", flag_values=fv)
-    flags.DEFINE_string("atlas_labels", None, "Its label map; default: ATLAS_labels.nii.gz or "
+    flags.DEFINE_string("atlas", None, "The labelled scan (NIfTI/MGZ). Several (comma-separated, "
+                        "or a folder): G_F learns the first; the others are kept in the run "
+                        "folder, and predict.py registers them too and fuses their labels.",
+                        flag_values=fv)
+    flags.DEFINE_string("atlas_labels", None, "Its label map (several: in the same order, or a "
+                        "folder matched by file name); default: ATLAS_labels.nii.gz or "
                         "atlas_labels.nii.gz beside the atlas.", flag_values=fv)
     flags.DEFINE_string("unlabeled", None, "Folder (or comma-separated files) of unlabelled scans, "
                         "on any grid: scans not on the atlas grid are aligned to the atlas once "
@@ -198,7 +159,6 @@ def _train_flags() -> flags.FlagValues:
 
 def _train(fv: flags.FlagValues) -> int:
     from ltnet_tf import distribute, signals, training
-    from ltnet_tf.data import DataError
     from ltnet_tf.modeldir import ModelDir
 
     for name in ("atlas", "unlabeled", "model_dir"):
@@ -206,14 +166,9 @@ def _train(fv: flags.FlagValues) -> int:
             raise ConfigError(f"--{name} is required (see --helpfull)")
     if bool(fv.val_images) != bool(fv.val_labels):
         raise ConfigError("--val_images and --val_labels go together")
-    if not os.path.exists(fv.atlas):
-        raise DataError(f"{fv.atlas}: file not found")
-    from ltnet_tf.atlases import default_atlas_labels
+    from ltnet_tf.atlases import atlas_files
 
-    atlas_labels = fv.atlas_labels or default_atlas_labels(fv.atlas)
-    if atlas_labels is None:
-        raise ConfigError(f"{fv.atlas}: --atlas_labels not given and no "
-                          f"<atlas>_labels.nii.gz / atlas_labels.nii.gz beside it")
+    (atlas, atlas_labels), *extra_atlases = atlas_files(fv.atlas, fv.atlas_labels)
     config = _config_from_flags(fv)
     model_dir = ModelDir(fv.model_dir)
     if fv.resume and os.path.isfile(model_dir.config_path):
@@ -226,27 +181,17 @@ def _train(fv: flags.FlagValues) -> int:
     try:
         with signals.stop_on_signals() as stop_request:  # SIGTERM, Ctrl-C: save the step, stop
             model_dir = training.train(
-                config, fv.atlas, atlas_labels, fv.unlabeled, fv.model_dir,
+                config, atlas, atlas_labels, fv.unlabeled, fv.model_dir,
                 val_images=fv.val_images, val_labels=fv.val_labels, resume=fv.resume,
                 strategy=strategy, export=fv.export, verbose=verbose, align=fv.align,
-                label_names=fv.label_names, stop_request=stop_request)
+                label_names=fv.label_names, extra_atlases=extra_atlases,
+                stop_request=stop_request)
     except KeyboardInterrupt as stop:
         print(training.stopped_message(model_dir, stop), file=sys.stderr)
         return signals.exit_code(stop)
     if distribute.is_chief(strategy):  # other workers wrote nothing there
         print(f"model written to {model_dir.path}")
     return 0
-
-
-def _given_fields(fv: flags.FlagValues) -> set:
-    """Config fields the user asked for: explicit flags, the --config file, an explicit --preset."""
-    given = {f.name for f in dataclasses.fields(LTNetConfig)
-             if f.name not in _RESOLVED_FIELDS and fv[f.name].present}
-    if fv.config:
-        given |= set(LTNetConfig.load(fv.config).to_dict()) - set(_RESOLVED_FIELDS)
-    if fv["preset"].present:
-        given |= set(PRESETS[fv.preset])
-    return given
 
 
 def train_main(argv=None) -> int:
@@ -308,6 +253,9 @@ def _predict_flags() -> flags.FlagValues:
     flags.DEFINE_bool("save_aligned", False, "Also write the atlas-space outputs: "
                       "<scan>_aligned.nii.gz (the scan on the atlas grid) and "
                       "<scan>_aligned_seg.nii.gz.", flag_values=fv)
+    flags.DEFINE_list("save_probabilities", None, "Also write <scan>_probabilities.nii.gz: the "
+                      "fused probability of each of these label IDs ('all': every structure; a "
+                      "byte per voxel and structure) on the scan's grid.", flag_values=fv)
     flags.DEFINE_bool("qc", True, "Write <scan>_qc.png (three slices with the segmentation's "
                       "outlines) and report.html (every scan, flagged ones first).",
                       flag_values=fv)
@@ -346,7 +294,7 @@ def _predict(fv: flags.FlagValues) -> int:
                                                 coarse_steps=fv.refine_coarse_steps,
                                                 factor=fv.refine_factor),
         fusion=fv.fusion, save_warped_atlas=fv.save_warped_atlas, save_flow=fv.save_flow,
-        save_aligned=fv.save_aligned, qc=fv.qc,
+        save_aligned=fv.save_aligned, qc=fv.qc, probabilities=fv.save_probabilities,
         shard=parse_shard(fv.shard) if fv.shard else None)
     result = predict_files(fv.images, fv.output_dir, fv.labels, model_dir=fv.model_dir,
                            atlas=fv.atlas, atlas_labels=fv.atlas_labels,

@@ -16,6 +16,8 @@ import numpy as np
 from absl import logging
 
 from ltnet_tf import compat  # noqa: F401  (before TensorFlow)
+from ltnet_tf.errors import DataError  # noqa: F401  (raised here; part of this module's API)
+from ltnet_tf.files import atomic_path
 import tensorflow as tf  # noqa: E402
 
 from ltnet_tf import headers, intensity  # noqa: E402
@@ -24,9 +26,6 @@ IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mgz")
 AFFINE_TOLERANCE = 1e-3
 MIN_AXIS_VOXELS = 4  # fewer along any axis: a 2D image or a single slice, not a volume
 
-
-class DataError(ValueError):
-    """An input file is missing, unreadable or not what the method needs; the message names the file."""
 
 
 @dataclass
@@ -287,11 +286,7 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path, *, header=None, dtype
     """
     path = os.fspath(path)
     lower = path.lower()
-    if lower.endswith(".nii.gz"):
-        extension = ".nii.gz"
-    elif lower.endswith(".nii"):
-        extension = ".nii"
-    else:
+    if not lower.endswith((".nii.gz", ".nii")):
         raise DataError(f"{path}: output file name must end in .nii or .nii.gz")
     data = np.asarray(data)
     out_dtype = _output_dtype(data, dtype)
@@ -306,16 +301,12 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path, *, header=None, dtype
     image = nib.Nifti1Image(data.astype(out_dtype, copy=False), np.asarray(affine, np.float64),
                             header=header)
     image.set_data_dtype(out_dtype)
-    tmp_path = os.path.join(folder, f".{scan_name(path)}.tmp-{os.getpid()}{extension}")
     try:
-        nib.save(image, tmp_path)
-        os.replace(tmp_path, path)
+        with atomic_path(path) as tmp_path:
+            nib.save(image, tmp_path)
     except OSError as e:
         raise DataError(f"{folder}: cannot write {os.path.basename(path)} ({e.strerror or e})") \
             from None
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
 
 
 # --------------------------------------------------------------------------------------- label IDs
@@ -396,39 +387,3 @@ def atlas_onehot_working(label_indices: np.ndarray, n_labels: int, config) -> np
         onehot = tf.cast(tf.equal(padded[..., None], channels), tf.float32)
         fractions.append(to_working_grid(onehot, config)[0].numpy())
     return np.concatenate(fractions, axis=-1)
-
-
-# --------------------------------------------------------------------------------------- validation
-def pair_images_and_labels(image_paths, label_paths) -> list:
-    """Match scans to label maps by ``scan_name``; [(image_path, label_path)] in scan order."""
-    images = list_images(image_paths)
-    labels = list_images(label_paths)
-
-    def by_name(paths):
-        named = {}
-        for path in paths:
-            name = scan_name(path)
-            if name in named:
-                raise DataError(f"{path}: same scan name '{name}' as {named[name]}")
-            named[name] = path
-        return named
-
-    labels_by_name = by_name(labels)
-    images_by_name = by_name(images)
-    for name, path in images_by_name.items():
-        if name not in labels_by_name:
-            raise DataError(f"{path}: no label map named '{name}' among the label maps")
-    for name, path in labels_by_name.items():
-        if name not in images_by_name:
-            raise DataError(f"{path}: no scan named '{name}' among the scans")
-    return [(path, labels_by_name[scan_name(path)]) for path in images]
-
-
-def load_validation_pairs(image_paths, label_paths) -> list:
-    """Load the validation set as [(scan Volume, label Volume)], each label map on its scan's grid."""
-    pairs = []
-    for image_path, label_path in pair_images_and_labels(image_paths, label_paths):
-        scan, labels = load_scan(image_path), load_label_map(label_path)
-        check_same_grid(scan, labels, strict=False)
-        pairs.append((scan, labels))
-    return pairs

@@ -1,5 +1,6 @@
-"""The streaming tf.data pipeline of unlabelled training scans (working resolution, seeded order,
-sharded by DATA across ``tf.distribute`` workers).
+"""Training data: the streaming tf.data pipeline of unlabelled scans (working resolution, seeded
+order, sharded by DATA across ``tf.distribute`` workers), and scans paired with their label maps by
+file name (validation, references).
 """
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from ltnet_tf import compat  # noqa: F401  (before TensorFlow)
 import numpy as np
 import tensorflow as tf
 
-from ltnet_tf.data import (DataError, list_images, load_grid, load_scan, normalize_intensity,
-                           to_working_grid)
+from ltnet_tf.data import (DataError, check_same_grid, list_images, load_grid, load_label_map,
+                           load_scan, normalize_intensity, scan_name, to_working_grid)
 
 # Training sets up to this size (float32 at the working resolution) are kept in memory.
 CACHE_LIMIT_BYTES = 2 * 1024 ** 3
@@ -66,3 +67,38 @@ def make_training_dataset(scan_paths, config, *, shuffle: bool = True, repeat: b
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return dataset.with_options(options)
+
+
+def pair_images_and_labels(image_paths, label_paths) -> list:
+    """Match scans to label maps by ``scan_name``; [(image_path, label_path)] in scan order."""
+    images = list_images(image_paths)
+    labels = list_images(label_paths)
+
+    def by_name(paths):
+        named = {}
+        for path in paths:
+            name = scan_name(path)
+            if name in named:
+                raise DataError(f"{path}: same scan name '{name}' as {named[name]}")
+            named[name] = path
+        return named
+
+    labels_by_name = by_name(labels)
+    images_by_name = by_name(images)
+    for name, path in images_by_name.items():
+        if name not in labels_by_name:
+            raise DataError(f"{path}: no label map named '{name}' among the label maps")
+    for name, path in labels_by_name.items():
+        if name not in images_by_name:
+            raise DataError(f"{path}: no scan named '{name}' among the scans")
+    return [(path, labels_by_name[scan_name(path)]) for path in images]
+
+
+def load_validation_pairs(image_paths, label_paths) -> list:
+    """Load the validation set as [(scan Volume, label Volume)], each label map on its scan's grid."""
+    pairs = []
+    for image_path, label_path in pair_images_and_labels(image_paths, label_paths):
+        scan, labels = load_scan(image_path), load_label_map(label_path)
+        check_same_grid(scan, labels, strict=False)
+        pairs.append((scan, labels))
+    return pairs

@@ -35,13 +35,10 @@ from __future__ import annotations
 
 from ltnet_tf import compat  # noqa: F401  (before TensorFlow)
 
-import contextlib
 import json
-import logging as pylogging
 import os
 import shutil
 import tempfile
-import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -49,6 +46,7 @@ from absl import logging
 
 import ltnet_tf
 from ltnet_tf.config import RefinementSettings
+from ltnet_tf.export_h5 import write_generator_h5
 from ltnet_tf.inference import LabelTransfer
 from ltnet_tf.label_names import LabelNames
 from ltnet_tf.modeldir import SAVED_MODEL_METADATA, ModelDir, ModelDirError
@@ -347,48 +345,6 @@ def export_saved_model(model_dir, *, which: str = "auto", version=None,
                               refine_xla)
 
 
-# ------------------------------------------------------------------------------- VoxelMorph .h5
-@contextlib.contextmanager
-def _without_tf_log(prefix: str):
-    """Drop TensorFlow log records that start with ``prefix`` (noise that would alarm a user)."""
-    class Drop(pylogging.Filter):
-        def filter(self, record):
-            return not str(record.getMessage()).startswith(prefix)
-
-    drop = Drop()
-    tf.get_logger().addFilter(drop)
-    try:
-        yield
-    finally:
-        tf.get_logger().removeFilter(drop)
-
-
-def _write_generator_h5(model_dir: ModelDir, generator) -> str:
-    path = model_dir.generator_h5_path
-    staging = os.path.join(model_dir.path, f".generator.tmp-{os.getpid()}.h5")
-    if not os.access(model_dir.path, os.W_OK):
-        raise ModelDirError(f"{model_dir.path}: cannot write {os.path.basename(path)} (folder is "
-                            f"not writable)")
-    try:
-        # HDF5 is "legacy" to Keras but it is VoxelMorph's format; and G_F is saved uncompiled.
-        with warnings.catch_warnings(), _without_tf_log("Compiled the loaded model"):
-            warnings.filterwarnings("ignore", message=".*HDF5 file via `model.save\\(\\)`")
-            generator.save(staging, save_format="h5", include_optimizer=False)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
-    logging.info("wrote %s", path)
-    return path
-
-
-def export_generator_h5(model_dir, *, which: str = "auto") -> str:
-    """Write G_F as ``RUN/generator.h5`` for ``vxm.networks.VxmDense.load``; returns its path."""
-    model_dir = _as_model_dir(model_dir)
-    _, generator, _ = _restore(model_dir, which)
-    return _write_generator_h5(model_dir, generator)
-
-
 def export_all(model_dir, which: str = "auto", *, version=None,
                refine_factor=RefinementSettings().factor, refine_xla: bool = REFINE_XLA) -> dict:
     """Both exports from one restore: {'saved_model', 'generator_h5', 'checkpoint'} paths."""
@@ -397,7 +353,7 @@ def export_all(model_dir, which: str = "auto", *, version=None,
     return {
         "saved_model": _write_saved_model(model_dir, config, generator, checkpoint, version,
                                           refine_factor, refine_xla),
-        "generator_h5": _write_generator_h5(model_dir, generator),
+        "generator_h5": write_generator_h5(model_dir, generator),
         "checkpoint": checkpoint,
     }
 

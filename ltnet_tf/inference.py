@@ -124,7 +124,7 @@ def _flat_index(coordinates, shape):
     return (z * shape[1] + y) * shape[2] + x
 
 
-def _corners(points: tf.Tensor, shape):
+def corners(points: tf.Tensor, shape):
     """Sampling points [..., 3] -> their 8 neighbours' flat indices [..., 8] and weights [..., 8]."""
     lower = tf.floor(points)
     fraction = points - lower
@@ -183,7 +183,7 @@ def labels_at_points(label_map: tf.Tensor, points: tf.Tensor, cell_labels=None) 
     labels = tf.gather(tf.reshape(cell_labels, [-1]), lower_index)  # [B, N]
     # The vote, only where the corners disagree (11% of the benchmark atlas's cells).
     mixed = tf.where(tf.equal(labels, MIXED_CELL))  # [M, 2]
-    indices, weights = _corners(tf.gather_nd(points, mixed), shape)  # [M, 8]
+    indices, weights = corners(tf.gather_nd(points, mixed), shape)  # [M, 8]
     corner_labels = tf.gather(tf.reshape(label_map, [-1]), indices)
     candidates, corner_weights = tf.unstack(corner_labels, axis=-1), tf.unstack(weights, axis=-1)
     votes = list(corner_weights)
@@ -199,7 +199,7 @@ def labels_at_points(label_map: tf.Tensor, points: tf.Tensor, cell_labels=None) 
 def sample_linear(volume: tf.Tensor, points: tf.Tensor) -> tf.Tensor:
     """Trilinear samples of ``volume`` [D, H, W, C] at ``points`` [..., 3] (inside it) -> [..., C]."""
     shape = volume.shape.as_list()[:3]
-    indices, weights = _corners(points, shape)  # [..., 8]
+    indices, weights = corners(points, shape)  # [..., 8]
     values = tf.gather(tf.reshape(volume, [-1, volume.shape[-1]]), indices)  # [..., 8, C]
     return tf.reduce_sum(values * tf.cast(weights, values.dtype)[..., None], axis=-2)
 

@@ -21,7 +21,7 @@ import re
 import unicodedata
 from typing import List, NamedTuple, Optional, Tuple
 
-from ltnet_tf.data import DataError
+from ltnet_tf.errors import DataError
 
 FREESURFER_LUT = "FreeSurfer colour table"
 ITKSNAP = "ITK-SNAP label description file"

@@ -26,7 +26,8 @@ from typing import Dict, Iterable, Iterator, Optional, Tuple
 from absl import logging
 
 from ltnet_tf import label_files
-from ltnet_tf.data import DataError
+from ltnet_tf.errors import DataError
+from ltnet_tf.files import atomic_write
 from ltnet_tf.labels import FREESURFER_COLOURS, FREESURFER_NAMES
 
 FREESURFER_SOURCE = "FreeSurfer"
@@ -213,19 +214,12 @@ class LabelNames(Mapping):
         return cls(names, colours, source if isinstance(source, str) else origin)
 
     def save(self, path) -> str:
-        """Writes ``to_dict()`` as JSON to ``path`` atomically (``<path>.tmp``, then a rename), so a
+        """Writes ``to_dict()`` as JSON to ``path`` atomically (a temporary name, then a rename), so a
         reader never sees half a file. Returns the path written."""
         path = os.fspath(path)
-        temporary = f"{path}.tmp"
-        try:
-            with open(temporary, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
-                f.write("\n")
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-            raise
+        with atomic_write(path, encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
+            f.write("\n")
         return path
 
     @classmethod

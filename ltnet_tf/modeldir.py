@@ -13,6 +13,8 @@ its one owner: it creates it, names every file in it, and reads it back.
     RUN/logs/                   TensorBoard
     RUN/qc.png                  three slices of a scan with its transferred labels outlined
     RUN/label_names.json        the structures' names and colours (train.py --label_names)
+    RUN/atlases/NAME.nii.gz     further atlases (train.py --atlas A,B,...) with their label maps
+    RUN/atlases/NAME_labels.nii.gz   (predict.py registers them too and fuses the labels)
 """
 from __future__ import annotations
 
@@ -161,6 +163,28 @@ class ModelDir:
         if os.path.isfile(self.label_names_path):
             return LabelNames.load(self.label_names_path)
         return LabelNames.freesurfer()
+
+    def keep_atlases(self, atlases) -> None:
+        """Copy further atlases [(image path, label path)] into ``atlases/`` (their own grids)."""
+        folder = self._join("atlases")
+        os.makedirs(folder, exist_ok=True)
+        for image_path, label_path in atlases:
+            image, labels = data.load_scan(image_path), data.load_label_map(label_path)
+            name = data.scan_name(image_path)
+            data.save_nifti(image.data, image.affine, os.path.join(folder, f"{name}.nii.gz"),
+                            header=image.header, dtype="float32")
+            data.save_nifti(labels.data, labels.affine,
+                            os.path.join(folder, f"{name}_labels.nii.gz"), header=labels.header)
+
+    def extra_atlases(self) -> list:
+        """[(image path, label path)] of the further atlases kept in ``atlases/``, by name."""
+        folder = self._join("atlases")
+        if not os.path.isdir(folder):
+            return []
+        images = sorted(n for n in os.listdir(folder) if n.endswith(".nii.gz")
+                        and not n.endswith("_labels.nii.gz") and not n.startswith("."))
+        return [(os.path.join(folder, n), os.path.join(folder, n[:-7] + "_labels.nii.gz"))
+                for n in images]
 
     def load_atlas(self):
         """(atlas Volume, atlas label Volume)."""

@@ -70,8 +70,9 @@ class NativeLabelPull(tf.Module):
                                                     grid_shape).numpy()
         return segmentation.reshape(native_shape)
 
-    @tf.function(reduce_retracing=True)
-    def _labels(self, components, grid_points, grid_shape):
+    def _atlas_points(self, components, grid_points, grid_shape):
+        """Where each grid point's label is read: the point moved by the displacement, then
+        (for an atlas on a grid of its own) into this atlas's voxels; clipped to the volumes."""
         limit = tf.constant([s - 1 for s in grid_shape], tf.float32)
         on_grid = tf.clip_by_value(grid_points, 0.0, limit)
         displaced = on_grid + tf.add_n([inference.sample_displacement(values, factor, on_grid)
@@ -82,28 +83,50 @@ class NativeLabelPull(tf.Module):
             displaced = displaced @ tf.transpose(matrix[:3, :3]) + matrix[:3, 3]
             displaced = tf.clip_by_value(
                 displaced, 0.0, tf.constant([s - 1 for s in self.atlas_shape], tf.float32))
-        return inference.labels_at_points(self.atlas_labels, displaced[None], self.atlas_cells)[0]
+        return displaced
+
+    @tf.function(reduce_retracing=True)
+    def _labels(self, components, grid_points, grid_shape):
+        points = self._atlas_points(components, grid_points, grid_shape)
+        return inference.labels_at_points(self.atlas_labels, points[None], self.atlas_cells)[0]
+
+    @tf.function(reduce_retracing=True)
+    def _fractions(self, components, grid_points, grid_shape, label_ids):
+        """[L, N]: the share of each of ``label_ids`` in the one-hot-linear vote at each point
+        (the trilinear weights of the 8 neighbours that carry it)."""
+        points = self._atlas_points(components, grid_points, grid_shape)
+        indices, weights = inference.corners(points, self.atlas_shape)  # [N, 8]
+        corner_labels = tf.gather(tf.reshape(self.atlas_labels, [-1]), indices)
+        same = tf.cast(tf.equal(corner_labels[None], label_ids[:, None, None]), tf.float32)
+        return tf.reduce_sum(same * weights[None], axis=-1)
 
 
 def pull_fused(pulls: list, displacement, native_to_grid: np.ndarray, native_shape, grid_shape,
                weights: np.ndarray = None, weights_factor: int = None,
-               mask: np.ndarray = None) -> np.ndarray:
+               mask: np.ndarray = None, probabilities=None):
     """Several atlases' labels pulled onto ``native_shape`` voxels and fused (``fusion.fuse_labels``).
 
     ``pulls``: one ``NativeLabelPull`` per atlas; ``displacement``: an ``inference.Displacement``
     with one element per atlas; ``weights``: per-atlas weight maps [A, *grid] on a grid
     ``weights_factor`` times coarser than the atlas grid, sampled (trilinear) at each voxel's
-    position on the atlas grid, or None (majority vote); ``mask`` as ``NativeLabelPull``. Native
-    voxels are done a chunk at a time, so memory is A labels and weights per voxel of a chunk,
-    never per voxel of the scan.
+    position on the atlas grid, or None (majority vote); ``mask`` as ``NativeLabelPull``;
+    ``probabilities``: label IDs whose fused probability to return as well (the atlases' one-hot
+    linear shares, averaged with their weights). Native voxels are done a chunk at a time, so
+    memory is A labels and weights per voxel of a chunk, never per voxel of the scan.
+
+    Returns label IDs [*native_shape] int32, or with ``probabilities`` (that, [L, *native_shape]
+    uint8 probabilities x 255).
     """
     from ltnet_tf import fusion
 
     native_shape = tuple(int(s) for s in native_shape)
     segmentation = np.zeros(int(np.prod(native_shape)), np.int32)
+    wanted = None if probabilities is None else tf.constant(list(probabilities), tf.int32)
+    shares = None if wanted is None else np.zeros((len(probabilities), segmentation.size), np.uint8)
     boxes = [p.label_box for p in pulls if p.label_box is not None]
     if not boxes:
-        return segmentation.reshape(native_shape)
+        return segmentation.reshape(native_shape) if shares is None else (
+            segmentation.reshape(native_shape), shares.reshape(-1, *native_shape))
     box = (np.min([b[0] for b in boxes], 0), np.max([b[1] for b in boxes], 0))
     elements = [tuple((tf.constant(np.asarray(v, np.float32)), f)
                       for v, f in displacement.element(k)) for k in range(len(pulls))]
@@ -123,7 +146,24 @@ def pull_fused(pulls: list, displacement, native_to_grid: np.ndarray, native_sha
             chunk_weights = np.moveaxis(inference.sample_coarse(
                 weight_maps, weights_factor, grid_points).numpy(), -1, 0)
         segmentation[flat_index] = fusion.fuse_labels(candidates, chunk_weights)
-    return segmentation.reshape(native_shape)
+        if shares is not None:
+            shares[:, flat_index] = _fused_shares(pulls, elements, grid_points, grid_shape,
+                                                  wanted, chunk_weights)
+    if shares is None:
+        return segmentation.reshape(native_shape)
+    return segmentation.reshape(native_shape), shares.reshape(-1, *native_shape)
+
+
+def _fused_shares(pulls, elements, grid_points, grid_shape, wanted, weights) -> np.ndarray:
+    """[L, N] uint8: each wanted label's one-hot-linear share, weighted over the atlases (x 255)."""
+    fractions = np.stack([pull._fractions(element, grid_points, grid_shape, wanted).numpy()
+                          for pull, element in zip(pulls, elements)])  # [A, L, N]
+    if weights is None:
+        fused = fractions.mean(axis=0)
+    else:  # JLF weights may be negative: a probability is clipped to [0, 1]
+        total = np.where(np.abs(weights.sum(0)) > 1e-12, weights.sum(0), 1.0)
+        fused = np.einsum("aln,an->ln", fractions, weights) / total
+    return np.rint(255 * np.clip(fused, 0.0, 1.0)).astype(np.uint8)
 
 
 def _native_points_in_reach(native_to_atlas_voxel, native_shape, label_box, reach, mask=None):

@@ -6,6 +6,8 @@
     OUT/<scan>_aligned_seg.nii.gz     and its segmentation there
     OUT/<scan>_warped_atlas.nii.gz    with --save_warped_atlas (atlas grid, or the scan's when it
     OUT/<scan>_flow.nii.gz            with --save_flow          was on the atlas grid already)
+    OUT/<scan>_probabilities.nii.gz   with --save_probabilities: 4D, one volume per structure
+                                      (order in prediction.json), the scan's grid, values 0..1
     OUT/volumes.csv, dice.csv, dice.json, prediction.json     see ``ltnet_tf.reports``
 
 Every file is written under a temporary name and renamed (``ltnet_tf.files``).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from absl import logging
 
 from ltnet_tf import data
@@ -85,4 +88,21 @@ class OutputFolder:
         if save_flow:
             data.save_nifti(result["flow"], grid_affine, self.join(f"{name}_flow.nii.gz"),
                             dtype="float32")
+        return path
+
+    def write_probabilities(self, name: str, scan: data.Volume, probabilities) -> str:
+        """``<scan>_probabilities.nii.gz``: [*scan grid, L] fused label probabilities, stored as
+        uint8 with a scale factor of 1/255 (readers get 0..1 from the header's scaling)."""
+        import nibabel as nib
+
+        from ltnet_tf.files import atomic_path
+
+        path = self.join(f"{name}_probabilities.nii.gz")
+        image = nib.Nifti1Image(np.moveaxis(np.asarray(probabilities, np.uint8), 0, -1),
+                                scan.affine)
+        image.set_data_dtype(np.uint8)
+        image.header.set_slope_inter(1.0 / 255.0, 0.0)
+        image.header.set_intent("estimate", name="probabilities")
+        with atomic_path(path) as tmp:
+            nib.save(image, tmp)
         return path

@@ -89,14 +89,15 @@ class Predictor:
         check_scan(scan, self.aligner, self.align_mode)
 
     # ------------------------------------------------------------------ one scan
-    def segment(self, scan: data.Volume, *, keep_aligned: bool = False,
-                extras: bool = False) -> dict:
+    def segment(self, scan: data.Volume, *, keep_aligned: bool = False, extras: bool = False,
+                probabilities=None) -> dict:
         """One scan -> {'segmentation' [scan grid] label IDs, 'alignment', 'seconds' {stage: s},
         'refinement' ({'loss_start', 'loss'} per atlas, or None), 'displacement' (an
         ``inference.Displacement`` per atlas, on the atlas grid; None when the network segmented
         in one call)}, with ``keep_aligned`` also
         'aligned_scan', 'aligned_segmentation' (atlas grid), with ``extras`` the primary atlas's
-        'flow' [D, H, W, 3] and 'warped_atlas' [D, H, W, 1] (atlas grid)."""
+        'flow' [D, H, W, 3] and 'warped_atlas' [D, H, W, 1] (atlas grid); with ``probabilities``
+        (label IDs) 'probabilities' [L, *scan grid] uint8 (x 255), each label's fused share."""
         seconds = {}
         start = time.time()
         alignment = (self.aligner.align(scan) if self.needs_alignment(scan)
@@ -105,7 +106,7 @@ class Predictor:
         seconds["align"] = time.time() - start
         result = {"alignment": alignment, "seconds": seconds, "refinement": None,
                   "displacement": None}
-        if alignment.skipped and self.refiner is None and not keep_aligned:
+        if alignment.skipped and self.refiner is None and not (keep_aligned or probabilities):
             start = time.time()  # network and label warp in one call (one graph)
             result.update(self.network.segment(aligned, extras=extras))
             seconds["network_and_labels"] = time.time() - start
@@ -114,23 +115,24 @@ class Predictor:
         result["displacement"] = displacement
         start = time.time()
         weights = self._fusion_weights(aligned, refined)
-        grid_shape = self.atlas.shape
-        if alignment.skipped or keep_aligned:
-            atlas_grid = self._labels(displacement, np.eye(4), grid_shape, weights,
-                                      brain_mask(aligned.data))
-        result["segmentation"] = (atlas_grid if alignment.skipped else self._labels(
-            displacement, alignment.scan_voxel_to_atlas_voxel, scan.shape, weights,
-            brain_mask(scan.data)))
+        native_to_grid = np.eye(4) if alignment.skipped else alignment.scan_voxel_to_atlas_voxel
+        labels = self._labels(displacement, native_to_grid, scan.shape, weights,
+                              brain_mask(scan.data), probabilities)
+        if probabilities:
+            labels, result["probabilities"] = labels
+        result["segmentation"] = labels
         seconds["labels"] = time.time() - start
         if refined is not None:
             result["refinement"] = {"loss_start": refined["loss_start"].tolist(),
                                     "loss": refined["loss"].tolist()}
         if keep_aligned:
+            atlas_grid = labels if alignment.skipped else self._labels(
+                displacement, np.eye(4), self.atlas.shape, weights, brain_mask(aligned.data))
             result.update(aligned_scan=aligned, aligned_segmentation=atlas_grid)
         if extras:
             primary = inference.Displacement([(values[:1], factor)
                                               for values, factor in displacement.components])
-            flow = primary.full_grid(grid_shape)[0].numpy()
+            flow = primary.full_grid(self.atlas.shape)[0].numpy()
             result.update(flow=flow, warped_atlas=self._warped_atlas(flow))
         return result
 
@@ -167,14 +169,16 @@ class Predictor:
                           np.float32)
 
     def _labels(self, displacement, native_to_grid: np.ndarray, native_shape, weights,
-                mask) -> np.ndarray:
-        """The (fused) labels of every atlas pulled onto the ``native_shape`` voxels of ``mask``."""
-        if len(self.pulls) == 1:
+                mask, probabilities=None):
+        """The (fused) labels of every atlas pulled onto the ``native_shape`` voxels of ``mask``
+        (and with ``probabilities``, the wanted labels' fused shares: see ``native.pull_fused``)."""
+        if len(self.pulls) == 1 and not probabilities:
             return self.pulls[0](displacement.element(0), native_to_grid, native_shape,
                                  grid_shape=self.atlas.shape, mask=mask)
         return pull_fused(self.pulls, displacement, native_to_grid, native_shape,
                           self.atlas.shape, weights,
-                          None if weights is None else self.refiner.refinement.factor, mask)
+                          None if weights is None else self.refiner.refinement.factor, mask,
+                          probabilities or None)
 
     def _warped_atlas(self, flow: np.ndarray) -> np.ndarray:
         atlas = data.normalize_intensity(tf.constant(

@@ -28,6 +28,8 @@ from nibabel import affines, orientations
 from PIL import Image  # matplotlib's own dependency
 from scipy import ndimage
 
+from ltnet_tf.files import atomic_path
+
 if TYPE_CHECKING:  # ltnet_tf.data imports TensorFlow; drawing a picture must not
     from ltnet_tf.data import Volume
 
@@ -277,13 +279,6 @@ def _save_atomically(figure: Figure, path: str) -> str:
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
     rgb = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3])
-    folder, name = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(folder, f".{name}.tmp-{os.getpid()}.png")  # hidden, same filesystem
-    try:
+    with atomic_path(path) as temporary:
         rgb.save(temporary, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
     return path

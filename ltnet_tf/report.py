@@ -16,6 +16,7 @@ import math
 import os
 
 import ltnet_tf
+from ltnet_tf.files import atomic_write
 from ltnet_tf.labels import FREESURFER_NAMES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -325,14 +326,6 @@ def write_report_html(output_dir: str, prediction: dict, *, path=None) -> str:
     """
     path = os.fspath(path) if path is not None else os.path.join(output_dir, "report.html")
     page = render_report_html(output_dir, prediction)
-    folder, name = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(folder, f".{name}.tmp-{os.getpid()}")  # hidden, same filesystem
-    try:
-        with open(temporary, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    with atomic_write(path, encoding="utf-8") as f:
+        f.write(page)
     return path

@@ -16,11 +16,12 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from ltnet_tf import alignment, data, distribute, signals
+from ltnet_tf import alignment, alignment_cache, data, distribute, signals
+from ltnet_tf.atlases import AtlasSet
 from ltnet_tf.callbacks import (CheckpointSaver, Checkpointing, DivergenceError, DivergenceGuard,
                                 ProgressLog, StopAtStep, TrainingError, Validator)
 from ltnet_tf.config import LTNetConfig
-from ltnet_tf.dataset import make_training_dataset
+from ltnet_tf.dataset import load_validation_pairs, make_training_dataset
 from ltnet_tf.inference import LabelTransfer
 from ltnet_tf.label_names import LabelNames
 from ltnet_tf.model import LTNet
@@ -42,7 +43,7 @@ def check_inputs(atlas_path, atlas_labels_path, scan_paths, align: str = "auto")
         if align == "never" or alignment.on_atlas_grid(atlas, scan):
             data.check_same_grid(atlas, scan, strict=False)
     if align == "auto":
-        paths = alignment.align_training_scans(atlas, atlas_path, paths)
+        paths = alignment_cache.align_training_scans(atlas, atlas_path, paths)
     return atlas, atlas_labels, paths
 
 
@@ -92,7 +93,8 @@ def make_checkpoint(model: LTNet) -> tf.train.Checkpoint:
 def train(config: LTNetConfig, atlas_path, atlas_labels_path, scan_paths, model_dir, *,
           val_images=None, val_labels=None, resume: bool = False, strategy=None,
           export: bool = True, verbose: int = 1, align: str = "auto",
-          label_names: str = None, stop_request: signals.StopRequest = None) -> ModelDir:
+          label_names: str = None, extra_atlases=(),
+          stop_request: signals.StopRequest = None) -> ModelDir:
     """Train LT-Net; returns the run folder (see ``ltnet_tf.modeldir`` for what it holds).
 
     ``align='auto'``: scans and validation scans on other grids than the atlas's are aligned to it
@@ -100,6 +102,9 @@ def train(config: LTNetConfig, atlas_path, atlas_labels_path, scan_paths, model_
     ``model_dir`` from its newest intact checkpoint, with ``config``'s ``RESUME_CHANGEABLE``
     fields. ``label_names``: a FreeSurfer LUT, ITK-SNAP label file or BIDS dseg.tsv naming the
     atlas's structures, kept in the run folder (``label_names.json``) for prediction and export.
+    ``extra_atlases``: [(image, label map)] of further labelled scans, checked now (label IDs,
+    alignment to the atlas) and kept in the run folder (``atlases/``); G_F learns the atlas, and
+    predict.py registers every atlas to each scan and fuses their labels.
     ``stop_request`` (from ``signals.stop_on_signals``): a stop signal (SIGTERM from a scheduler,
     Ctrl-C) during training saves the current step and raises ``signals.Stopped``.
     Raises DataError (inputs), ModelDirError (the folder), TrainingError (the run cannot start or
@@ -113,30 +118,14 @@ def train(config: LTNetConfig, atlas_path, atlas_labels_path, scan_paths, model_
     model_dir = ModelDir(model_dir)
     atlas, atlas_labels, scan_paths = check_inputs(atlas_path, atlas_labels_path, scan_paths,
                                                    align)
-    pairs = data.load_validation_pairs(val_images, val_labels) if val_images else []
+    pairs = load_validation_pairs(val_images, val_labels) if val_images else []
     pairs = align_validation_pairs(atlas, pairs, align)
     config = resolve_config(config, atlas, atlas_labels)
-    names = LabelNames.from_file(label_names) if label_names else None
-    if names is not None:
-        names.check_covers(config.label_ids, f"the atlas labels {atlas_labels.path}")
     saved_config = model_dir.check().load_config() if resume else None  # not yet rewritten
-    if resume:
-        config = model_dir.resumed_config(config)
-    elif chief:
-        config = model_dir.create(config, atlas, atlas_labels)
-    if chief and names is not None:
-        names.save(model_dir.label_names_path)
-    tf.keras.utils.set_random_seed(config.seed)
-    if config.mixed_precision:
-        tf.keras.mixed_precision.set_global_policy("mixed_float16")
-
-    with strategy.scope():
-        model = build_model(config, atlas, atlas_labels)
-        checkpoint = make_checkpoint(model)
-    manager = CheckpointSaver(checkpoint, distribute.writable_dir(model_dir.checkpoint_dir, chief),
-                              max_to_keep=3)
-    best_manager = CheckpointSaver(
-        checkpoint, distribute.writable_dir(model_dir.best_checkpoint_dir, chief), max_to_keep=1)
+    config = _prepare_run_folder(model_dir, config, (atlas, atlas_labels), resume, chief,
+                                 label_names, extra_atlases)
+    model, checkpoint, manager, best_manager = _build(config, (atlas, atlas_labels), model_dir,
+                                                      strategy, chief)
     status = _restore_for_resume(model, checkpoint, model_dir, config, chief) if resume else None
     steps_done = int(model.g_optimizer.iterations.numpy())
     if steps_done >= config.steps:
@@ -156,8 +145,46 @@ def train(config: LTNetConfig, atlas_path, atlas_labels_path, scan_paths, model_
             logging.info("%s is already exported from its checkpoint; not exporting again",
                          model_dir.latest_saved_model())
         else:
-            finish_run(model_dir, config, pairs, scan_paths)
+            finish_run(model_dir, config, pairs[0][0] if pairs else data.load_scan(scan_paths[0]))
     return model_dir
+
+
+def _build(config: LTNetConfig, atlas_volumes, model_dir: ModelDir, strategy, chief: bool):
+    """(model, checkpoint, checkpoint manager, best-checkpoint manager), seeded, under the
+    strategy; a non-chief worker's managers save into scratch folders."""
+    tf.keras.utils.set_random_seed(config.seed)
+    if config.mixed_precision:
+        tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    with strategy.scope():
+        model = build_model(config, *atlas_volumes)
+        checkpoint = make_checkpoint(model)
+    manager = CheckpointSaver(checkpoint, distribute.writable_dir(model_dir.checkpoint_dir, chief),
+                              max_to_keep=3)
+    best_manager = CheckpointSaver(
+        checkpoint, distribute.writable_dir(model_dir.best_checkpoint_dir, chief), max_to_keep=1)
+    return model, checkpoint, manager, best_manager
+
+
+def _prepare_run_folder(model_dir: ModelDir, config: LTNetConfig, atlas_volumes, resume: bool,
+                        chief: bool, label_names=None, extra_atlases=()) -> LTNetConfig:
+    """The config the run trains with; a new run's folder created (by the chief), the label names
+    and further atlases checked and kept. Every check comes before anything is written."""
+    atlas, atlas_labels = atlas_volumes
+    if extra_atlases:
+        AtlasSet.load([atlas.path, *[i for i, _ in extra_atlases]],
+                      [atlas_labels.path, *[label for _, label in extra_atlases]])
+    names = LabelNames.from_file(label_names) if label_names else None
+    if names is not None:
+        names.check_covers(config.label_ids, f"the atlas labels {atlas_labels.path}")
+    if resume:
+        config = model_dir.resumed_config(config)
+    elif chief:
+        config = model_dir.create(config, atlas, atlas_labels)
+    if chief and names is not None:
+        names.save(model_dir.label_names_path)
+    if chief and extra_atlases:
+        model_dir.keep_atlases(extra_atlases)
+    return config
 
 
 def _restore_for_resume(model, checkpoint, model_dir: ModelDir, config: LTNetConfig, chief: bool):
@@ -262,8 +289,9 @@ def divergence_message(model_dir: ModelDir, config: LTNetConfig, guard: Divergen
             f"{advice} and continue from it with --resume")
 
 
-def finish_run(model_dir: ModelDir, config: LTNetConfig, pairs, scan_paths) -> None:
-    """Export (SavedModel + VoxelMorph .h5) and draw the QC picture from the exported model."""
+def finish_run(model_dir: ModelDir, config: LTNetConfig, scan: data.Volume) -> None:
+    """Export (SavedModel + VoxelMorph .h5) and draw the QC picture of ``scan`` (a validation
+    scan, else a training scan) from the exported model."""
     from ltnet_tf import export, qc  # heavy imports only at the end of a run
     # Exports are float32 whatever the training precision (serving inputs and tests are float32).
     tf.keras.mixed_precision.set_global_policy("float32")
@@ -271,7 +299,6 @@ def finish_run(model_dir: ModelDir, config: LTNetConfig, pairs, scan_paths) -> N
     generator = model_dir.restore_forward_generator(config)
     atlas, atlas_labels = model_dir.load_atlas()
     label_transfer = LabelTransfer(generator, config, atlas.data, atlas_labels.data)
-    scan = pairs[0][0] if pairs else data.load_scan(scan_paths[0])
     segmentation = label_transfer(scan.data[None, ..., None])["segmentation"][0].numpy()
     qc.save_scan_qc_png(scan, segmentation, model_dir.qc_path,
                         title=f"{os.path.basename(scan.path)}: transferred atlas labels")

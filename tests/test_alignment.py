@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ltnet_tf import alignment, data, synthetic
+from ltnet_tf import alignment, alignment_cache, data, synthetic
 
 SHAPE = (24, 28, 32)
 VOXEL_MM = 6.0
@@ -268,10 +268,10 @@ def test_training_scans_are_aligned_once_and_cached(tmp_path, monkeypatch):
     on_grid_path = str(tmp_path / "on_grid.nii.gz")
     data.save_nifti(atlas.data, atlas.affine, on_grid_path)
 
-    first = alignment.align_training_scans(atlas, atlas_path, [native_path, on_grid_path])
+    first = alignment_cache.align_training_scans(atlas, atlas_path, [native_path, on_grid_path])
     assert first[1] == on_grid_path  # already on the atlas grid: used as it is
     aligned = data.load_scan(first[0])
     assert aligned.shape == SHAPE and np.allclose(aligned.affine, atlas.affine)
     stamp = __import__("os").path.getmtime(first[0])
-    second = alignment.align_training_scans(atlas, atlas_path, [native_path, on_grid_path])
+    second = alignment_cache.align_training_scans(atlas, atlas_path, [native_path, on_grid_path])
     assert second == first and __import__("os").path.getmtime(first[0]) == stamp  # not redone

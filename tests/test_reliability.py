@@ -2,7 +2,8 @@
 interrupted and resumed runs, reused output folders.
 
 One short run (``run``: 4 steps, a checkpoint every 2, no validation, exported) is trained once;
-each test damages or continues its own copy. The data (conftest.py) and helpers (helpers.py) are shared with the command-line tests.
+each test damages or continues its own copy. The data (conftest.py) and helpers (helpers.py) are
+shared with the command-line tests.
 """
 import gc
 import json

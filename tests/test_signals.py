@@ -6,7 +6,8 @@ sent SIGTERM, and must save the step it reached, say so in one line, exit 143, a
 must continue from exactly that step: the resumed run ends with the weights of a run that was never
 stopped. Under MultiWorkerMirroredStrategy, a signal to one worker stops both at the same step.
 
-The data and helpers are those of ``test_cli`` (one process) and ``test_distribute`` (two workers).
+The data (conftest.py) and helpers (helpers.py) are the command-line tests'; the two workers are
+``test_distribute``'s.
 """
 import json
 import logging as pylogging
@@ -22,8 +23,7 @@ import pytest
 
 from ltnet_tf import cli, signals, training
 from ltnet_tf.modeldir import ModelDir
-from test_cli import (REPO, SUBPROCESS_TIMEOUT, dataset, read_checkpoint_iterations,  # noqa: F401
-                      train_argv)
+from helpers import REPO, SUBPROCESS_TIMEOUT, read_checkpoint_iterations, train_argv
 from test_distribute import (_assert_same_training, _checkpoint, _env, _free_ports,
                              _train_argv as distributed_argv)
 
