@@ -1,7 +1,7 @@
 """A realistic ``report.html`` without running a model, to look at the QC pictures and the page.
 
-    python bench/report_example.py [--data_dir ../shared/data] [--output_dir bench/work/report]
-    python bench/report_screenshot.py bench/work/report/report.html
+    python -m bench.report_example [--data_dir ../shared/data] [--output_dir bench/scratch/report]
+    python -m bench.report_screenshot bench/scratch/report/report.html
 
 Stand-ins, said so on the page: each subject's FreeSurfer ``aseg`` (native/labels/) shifted by
 one voxel plays the segmentation of its native scan (native/images/), scored against the unshifted

@@ -1,7 +1,7 @@
 """Render a ``report.html`` to a PNG with headless Chromium, to see the page as a user's browser
 shows it (offline: the page must need nothing from the network). Not a test: it needs a browser.
 
-    python bench/report_screenshot.py OUTPUT_DIR/report.html [--output page.png]
+    python -m bench.report_screenshot OUTPUT_DIR/report.html [--output page.png]
         [--window_size 1280,2000] [--browser chromium]
 
 Debian: ``apt-get install chromium``. Prints where the screenshot was written; exits non-zero with

@@ -54,7 +54,7 @@ class NativeLabelPull(tf.Module):
         [*native_shape] int32 (0 where no atlas label lands)."""
         if isinstance(displacement, np.ndarray) or tf.is_tensor(displacement):
             displacement = [(displacement, 1)]
-        components = tuple((tf.constant(np.asarray(v, np.float32)), f) for v, f in displacement)
+        components = merged_components(displacement)
         grid_shape = tuple(int(s) for s in (grid_shape or self.atlas_shape))
         native_shape = tuple(int(s) for s in native_shape)
         segmentation = np.zeros(int(np.prod(native_shape)), np.int32)
@@ -101,6 +101,22 @@ class NativeLabelPull(tf.Module):
         return tf.reduce_sum(same * weights[None], axis=-1)
 
 
+def merged_components(components) -> tuple:
+    """A displacement given as fields on several grids [(values [d, h, w, 3], factor)] summed into
+    one field on the finest of them: a point then costs one trilinear sample, not one per field
+    (the sampling, not the label vote, is most of a label pull's time). Coarser fields are
+    upsampled linearly onto the finest grid first, which rounds their corners by at most a
+    fraction of their second difference."""
+    components = [(tf.convert_to_tensor(np.asarray(v, np.float32)), f) for v, f in components]
+    if len(components) == 1:
+        return tuple(components)
+    finest = min(components, key=lambda c: c[1])
+    shape, factor = finest[0].shape.as_list()[:3], finest[1]
+    total = tf.add_n([inference.resample_displacement(values[None], f / factor, shape)[0]
+                      for values, f in components])
+    return ((total, factor),)
+
+
 def pull_fused(pulls: list, displacement, native_to_grid: np.ndarray, native_shape, grid_shape,
                weights: np.ndarray = None, weights_factor: int = None,
                mask: np.ndarray = None, probabilities=None):
@@ -128,8 +144,7 @@ def pull_fused(pulls: list, displacement, native_to_grid: np.ndarray, native_sha
         return segmentation.reshape(native_shape) if shares is None else (
             segmentation.reshape(native_shape), shares.reshape(-1, *native_shape))
     box = (np.min([b[0] for b in boxes], 0), np.max([b[1] for b in boxes], 0))
-    elements = [tuple((tf.constant(np.asarray(v, np.float32)), f)
-                      for v, f in displacement.element(k)) for k in range(len(pulls))]
+    elements = [merged_components(displacement.element(k)) for k in range(len(pulls))]
     reach = max(sum(float(tf.reduce_max(tf.abs(v))) * f for v, f in element)
                 for element in elements) + 1.0
     points = _native_points_in_reach(native_to_grid, native_shape, box, reach, mask)
