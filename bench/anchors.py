@@ -11,7 +11,10 @@ of the map from scan voxels to atlas positions is <= 0.
     AntsSyn         ANTs SyN with antspyx's defaults, at full resolution or on a coarser grid
     AntsJointLabelFusion  several atlases, each by SyN as AntsSyn, fused by ANTs' joint label fusion
     AntsMajorityVote      the same registrations, the warped labels fused by majority vote
-    Network         a trained run folder's G_F, optionally followed by test-time refinement
+    AntsAtlasFusions      the atlases registered once per scan; SyN of the first, majority vote
+                          and joint label fusion of the first N made of those registrations
+    Product         the product's own Predictor: a run folder's G_F and/or test-time refinement,
+                    one atlas or several fused
 """
 from __future__ import annotations
 
@@ -206,22 +209,38 @@ class _AntsAtlases:
     def _fuse(self, scan, warped_images, warped_labels) -> np.ndarray:
         raise NotImplementedError
 
-    def segment(self, image_path: str, output_path: str) -> dict:
+    def register(self, scan, count: int = None, images: bool = True) -> dict:
+        """The first ``count`` atlases (all by default) registered to ``scan`` (an ANTsImage) ->
+        {'registrations', 'warped_labels' and with ``images`` 'warped_images' (ANTsImages on the
+        scan's grid), 'seconds': {'resample': s, 'atlases': [{'register', 'warp_labels',
+        'warp_image'} s per atlas]}}."""
         ants = self.ants
         start = time.time()
-        scan = ants.image_read(image_path)
         fixed = self._resample(scan)
-        registrations, warped_images, warped_labels = [], [], []
-        for moving, atlas, labels in zip(self.moving, self.atlases, self.atlas_labels):
+        seconds = {"resample": time.time() - start, "atlases": []}
+        registered = {"registrations": [], "warped_images": [], "warped_labels": [],
+                      "seconds": seconds}
+        for moving, atlas, labels in list(zip(self.moving, self.atlases,
+                                              self.atlas_labels))[:count]:
+            start = time.time()
             registration = ants.registration(fixed, moving, type_of_transform="SyN")
             transforms = registration["fwdtransforms"]
-            registrations.append(registration)
-            warped_images.append(ants.apply_transforms(scan, atlas, transforms))
-            warped_labels.append(ants.apply_transforms(scan, labels, transforms,
-                                                       interpolator="genericLabel"))
-        segmentation = self._fuse(scan, warped_images, warped_labels)
-        _write_segmentation(segmentation, image_path, output_path)
-        seconds = time.time() - start
+            registered["registrations"].append(registration)
+            stage = time.time()
+            registered["warped_labels"].append(ants.apply_transforms(
+                scan, labels, transforms, interpolator="genericLabel"))
+            times = {"register": stage - start, "warp_labels": time.time() - stage}
+            if images:
+                stage = time.time()
+                registered["warped_images"].append(ants.apply_transforms(scan, atlas, transforms))
+                times["warp_image"] = time.time() - stage
+            seconds["atlases"].append(times)
+        return registered
+
+    def folding(self, scan, registrations) -> list:
+        """The folding fraction of each registration's whole map (affine and warp composed) on
+        the scan's full grid, in its non-zero voxels; removes the registrations' transform files."""
+        ants = self.ants
         mask = scan.numpy() > 0
         folding = []
         for registration, moving in zip(registrations, self.moving):
@@ -234,6 +253,16 @@ class _AntsAtlases:
             for path in {*registration["fwdtransforms"], *registration["invtransforms"]}:
                 for leftover in glob.glob(path):
                     os.remove(leftover)
+        return folding
+
+    def segment(self, image_path: str, output_path: str) -> dict:
+        start = time.time()
+        scan = self.ants.image_read(image_path)
+        registered = self.register(scan)
+        segmentation = self._fuse(scan, registered["warped_images"], registered["warped_labels"])
+        _write_segmentation(segmentation, image_path, output_path)
+        seconds = time.time() - start
+        folding = self.folding(scan, registered["registrations"])
         return {"segmentation": segmentation, "seconds": seconds,
                 "folding_fraction": float(np.mean(folding)), "folding_fractions": folding}
 
@@ -272,6 +301,13 @@ class AntsJointLabelFusion(_AntsAtlases):
             return np.rint(fused["segmentation"].numpy()).astype(np.int32)
 
 
+def _majority_vote(scan, warped_labels) -> np.ndarray:
+    from ltnet_tf import fusion
+    candidates = np.stack([np.rint(labels.numpy()).astype(np.int32).ravel()
+                           for labels in warped_labels])
+    return fusion.fuse_labels(candidates).reshape(scan.shape)
+
+
 class AntsMajorityVote(_AntsAtlases):
     """The SyN-warped atlas labels (``genericLabel``) fused by majority vote
     (``ltnet_tf.fusion.fuse_labels``: ties go to the label of the first atlas listed)."""
@@ -279,10 +315,75 @@ class AntsMajorityVote(_AntsAtlases):
     method = "majority vote of the warped labels (ties: first atlas)"
 
     def _fuse(self, scan, warped_images, warped_labels) -> np.ndarray:
-        from ltnet_tf import fusion
-        candidates = np.stack([np.rint(labels.numpy()).astype(np.int32).ravel()
-                               for labels in warped_labels])
-        return fusion.fuse_labels(candidates).reshape(scan.shape)
+        return _majority_vote(scan, warped_labels)
+
+
+class AntsAtlasFusions(AntsJointLabelFusion):
+    """Each atlas registered to a scan once, and several segmentations made of those
+    registrations, so that the SyN runs are paid once: ``rules`` {name: (rule, count)}, rule
+    'syn' (count 1: the first atlas's warped labels, what ``AntsSyn`` gives), 'majority'
+    (``AntsMajorityVote``) or 'jlf' (``AntsJointLabelFusion``, same settings) of the first
+    ``count`` atlases. Other arguments as ``AntsJointLabelFusion``.
+
+    Each segmentation's seconds are what it would take alone: reading the scan and resampling it
+    (``spacing``), registering the atlases it uses and warping their labels (and, for 'jlf', their
+    images), its own fusion, writing its file ('seconds_parts' gives each part).
+    """
+
+    RULES = ("syn", "majority", "jlf")
+
+    def __init__(self, atlas_paths, atlas_label_paths, rules: dict, spacing: float = None,
+                 search_radius: int = 3, intensity_scale: float = 255.0):
+        for name, (rule, count) in rules.items():
+            if rule not in self.RULES or not 1 <= count <= len(atlas_paths) or (
+                    rule == "syn") != (count == 1):
+                raise ValueError(f"{name}: rule {rule!r} of {count} atlases: 'syn' takes 1, "
+                                 f"'majority' and 'jlf' 2..{len(atlas_paths)}")
+        super().__init__(atlas_paths, atlas_label_paths, spacing, search_radius, intensity_scale)
+        self.rules = dict(rules)
+        grid = f"{spacing:g} mm grids" if spacing else "the full grid"
+        registration = (f"ants.registration(type_of_transform='SyN') (antspyx "
+                        f"{self.ants.__version__} defaults) on {grid}, labels warped with "
+                        f"genericLabel")
+        fusions = {"syn": "no fusion", "majority": AntsMajorityVote.method, "jlf": self.method}
+        self.descriptions = {name: f"{count} atlas{'es' if count > 1 else ''}, each by "
+                                   f"{registration}; {fusions[rule]}"
+                             for name, (rule, count) in self.rules.items()}
+
+    def segment_all(self, image_path: str, output_paths: dict) -> dict:
+        """One scan -> {name: {'segmentation', 'seconds', 'seconds_parts', 'folding_fraction',
+        'folding_fractions'}} for every rule, each written to ``output_paths[name]``."""
+        start = time.time()
+        scan = self.ants.image_read(image_path)
+        read = time.time() - start
+        registered = self.register(scan, max(count for _, count in self.rules.values()),
+                                   images=any(rule == "jlf" for rule, _ in self.rules.values()))
+        per_atlas = registered["seconds"]["atlases"]
+        results = {}
+        for name, (rule, count) in self.rules.items():
+            start = time.time()
+            labels = registered["warped_labels"][:count]
+            if rule == "syn":
+                segmentation = np.rint(labels[0].numpy()).astype(np.int32)
+            elif rule == "majority":
+                segmentation = _majority_vote(scan, labels)
+            else:
+                segmentation = self._fuse(scan, registered["warped_images"][:count], labels)
+            fuse = time.time() - start
+            start = time.time()
+            _write_segmentation(segmentation, image_path, output_paths[name])
+            parts = {"read": read, "resample": registered["seconds"]["resample"],
+                     "register": sum(a["register"] for a in per_atlas[:count]),
+                     "warp": sum(a["warp_labels"] + (a["warp_image"] if rule == "jlf" else 0.0)
+                                 for a in per_atlas[:count]),
+                     "fuse": fuse, "write": time.time() - start}
+            results[name] = {"segmentation": segmentation, "seconds": sum(parts.values()),
+                             "seconds_parts": parts}
+        folding = self.folding(scan, registered["registrations"])
+        for name, (_, count) in self.rules.items():
+            results[name].update(folding_fraction=float(np.mean(folding[:count])),
+                                 folding_fractions=folding[:count])
+        return results
 
 
 class Product:

@@ -1,260 +1,422 @@
-"""Label fusion benchmark: speed and memory of ``ltnet_tf.fusion`` at realistic sizes, and what the
-fusion rules give on real atlases.
+"""Multi-atlas segmentation on real brains: what extra atlases buy the product, what each fusion
+rule gives, and ANTs' multi-atlas pipeline (SyN per atlas, then joint label fusion) on the same
+atlases, in one run.
 
-    python bench/fusion.py        # ~1 min on 2 cores; reads ../shared/data
+Validation sets as ``bench/accuracy.py``; Dice of the 28 structures of Table 1 on the atlas grid at
+full resolution:
 
-Atlases sub-01..05 and the scan sub-06 of ../shared/data are already affinely aligned on one
-160×192×224 grid (no deformable registration here: the atlases are only roughly aligned, which is
-where fusion rules differ most). Weights are computed on the refinement grid (80×96×112, 2×2×2
-average pooling), read at the full grid's voxels and fused there; Dice of the 28 benchmark
-structures against labels/sub-06.
+    shared       sub-06, sub-07 of ../shared/data (on the atlas grid)
+    miccai2012   MICCAI 2012 1000, 1001, 1002, 1006, 1007, 1008 (manual labels of another
+                 protocol), each aligned affinely to the atlas once and cached
 
-Measured (``time.perf_counter``, median and minimum of ``--repeats`` calls after one untimed call):
-- weight maps for K = 5 (and 10: the five atlases twice) on 80×96×112: locally weighted voting,
-  joint label fusion on the whole grid and within the scan's non-zero voxels, and for K = 5 the
-  joint errors alone (before the power, the solve and the vote), with the module's window sums
-  and with per-patch standardisation (the exact formulation, XLA-compiled, 125 shifted products
-  per voxel);
-- ``fuse_labels`` on 3M points (K = 5: the atlases' labels at the first 3M voxels of the box
-  around their labels; and the worst case, random labels everywhere in dispute),
-  ``fuse_at_points`` with joint label fusion maps on the same points, ``label_probability`` of
-  one structure;
-- peak memory of numpy arrays (``tracemalloc``; TensorFlow's own buffers are not counted).
+Atlases: the primary atlas of ../shared/data (atlas.nii.gz, atlas_labels.nii.gz) first, then
+``--extra_atlases`` (default sub-01..04 of images/ and labels/, on the atlas grid; never a
+validation subject). A configuration of N atlases uses the primary one and the first N - 1 extra:
 
-Writes bench/results/fusion.json and fusion.md.
+    atlases_<N>          the product (``anchors.Product``: ``ltnet_tf.prediction.Predictor`` as
+                         predict.py runs it) with N atlases fused by its default rule, locally
+                         weighted voting; ``atlases_1`` is the one-shot result
+    atlases_<N>_<rule>   the same with the fusion rule majority, local or jlf
+    ants_jlf_<N>         ANTs: SyN per atlas, then ants.joint_label_fusion
+    ants_mv_<N>          the same registrations, the warped labels fused by majority vote
+    ants_syn_1           the same registration of the primary atlas alone (accuracy.py's ants_syn)
+
+The product's registrations start from the identity and use predict.py's default refinement, unless
+``--model_dir`` names a trained run folder: then its atlas is the primary one and its G_F starts
+that atlas's registration (the extra atlases still start from the identity).
+
+ANTs is slow: joint label fusion with its default search radius 3 takes ~6 min per atlas and scan
+at 1 mm on 2 cores, SyN ~65 s per atlas. ``--ants_subjects`` runs the ANTs configurations on a
+subset of the validation subjects, ``--ants_spacing`` registers on coarser grids (the labels and
+the fusion stay on the scan's full grid), ``--ants_search_radius`` narrows the search; all are
+recorded. The ANTs configurations share one registration of each atlas per scan
+(``anchors.AntsAtlasFusions``); each one's seconds are what it would take alone: reading the scan,
+registering its atlases and warping them, its own fusion, writing.
+
+Recorded per configuration and set: mean Dice, per subject and per structure; seconds per scan end
+to end (reading the NIfTI to writing the segmentation) and per stage; the model/atlas load seconds
+(with the first call's tracing, paid once per process); the fusion rule; the folding fraction of
+the (primary atlas's) deformation in the brain.
+
+    python -m bench.fusion                                  # everything (hours: ANTs JLF)
+    python -m bench.fusion --ants_subjects sub-06,1000      # ANTs on two scans only
+    python -m bench.fusion --parts speed                    # ltnet_tf.fusion's own speed, ~1 min
+
+Writes bench/results/fusion.json ({"command", "git_commit", "machine", "sets": {set: {config:
+figures}}, "set_info", "speed"}) and fusion.md after every scan, so a long run leaves partial
+results (entries of a set not finished say "complete": false).
 """
 from __future__ import annotations
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ltnet_tf import compat  # noqa: F401
+from bench.provenance import DATA_DIR, ROOT, command_line, git_commit, portable, write_json
 
-from ltnet_tf import compat  # noqa: F401,E402
-from bench.provenance import ROOT, git_commit, write_json  # noqa: E402
+import gc
+import json
+import platform
+import re
 
-import platform  # noqa: E402
-import time  # noqa: E402
-import tracemalloc  # noqa: E402
+import numpy as np
+from absl import app, flags
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from absl import app, flags  # noqa: E402
+from bench import anchors, fusion_report
+from ltnet_tf import data, evaluation
+from ltnet_tf.config import RefinementSettings
+from ltnet_tf.labels import BENCHMARK_LABELS, structure_name
 
-from ltnet_tf import data, evaluation, fusion  # noqa: E402
-from ltnet_tf.labels import BENCHMARK_LABELS  # noqa: E402
+SETS = ("shared", "miccai2012")
+PARTS = ("dice", "speed")
+CONFIGS = ("atlases_1", "atlases_3", "atlases_5", "atlases_5_majority", "atlases_5_jlf",
+           "ants_syn_1", "ants_mv_5", "ants_jlf_5")
+CONFIG = re.compile(r"^(?:atlases_(?P<count>\d+)(?:_(?P<fusion>majority|local|jlf))?"
+                    r"|ants_(?P<ants>syn|mv|jlf)_(?P<ants_count>\d+))$")
+ANTS_RULES = {"syn": "syn", "mv": "majority", "jlf": "jlf"}
+PRODUCT_FUSION = "local"  # predict.py's default --fusion
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", os.path.join(ROOT, "..", "shared", "data"), "Real data.")
+flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "
+                    "../shared/data beside the repository).")
+flags.DEFINE_string("work_dir", os.path.join(ROOT, "bench", "scratch", "fusion"),
+                    "Aligned MICCAI scans, segmentations.")
 flags.DEFINE_string("results_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
-flags.DEFINE_list("atlases", ["sub-01", "sub-02", "sub-03", "sub-04", "sub-05"], "Atlases.")
-flags.DEFINE_string("scan", "sub-06", "The scan segmented (never one of the atlases).")
-flags.DEFINE_integer("points", 3_000_000, "Points fused in the timing of fuse_labels.")
-flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (median and minimum reported: "
-                     "other users' jobs on a shared machine slow some calls).")
+flags.DEFINE_list("parts", list(PARTS), "dice: the configurations on the validation sets; "
+                  "speed: ltnet_tf.fusion's own timings on affinely aligned atlases.")
+flags.DEFINE_list("configs", list(CONFIGS), "Configurations, in this order (module docstring); "
+                  "the ANTs ones run together, where the first of them is listed.")
+flags.DEFINE_list("sets", list(SETS), "Validation sets.")
+flags.DEFINE_list("subjects", ["all"], "Validation subjects of any set (e.g. sub-06,1000), or "
+                  "all.")
+flags.DEFINE_list("extra_atlases", ["sub-01", "sub-02", "sub-03", "sub-04"],
+                  "Subjects of images/ and labels/ used as atlases after the primary one, in "
+                  "order: a configuration of N atlases takes the first N - 1.")
+flags.DEFINE_string("model_dir", None, "A trained run folder: its atlas is the primary one and "
+                    "its G_F starts that atlas's registration (default: no network, identity "
+                    "start).")
+flags.DEFINE_list("ants_subjects", ["all"], "Validation subjects the ANTs configurations run on "
+                  "(e.g. sub-06,1000), all, or none.")
+flags.DEFINE_float("ants_spacing", None, "ANTs registers images resampled to this voxel size "
+                   "in mm (default: the full grid); labels and fusion stay on the full grid.")
+flags.DEFINE_integer("ants_search_radius", 3, "Search radius of ants.joint_label_fusion "
+                     "(antspyx's default 3).")
+flags.DEFINE_bool("merge", True, "Keep the entries of an existing fusion.json that are not "
+                  "rerun (each records its own command and commit).")
+flags.DEFINE_list("speed_atlases", ["sub-01", "sub-02", "sub-03", "sub-04", "sub-05"],
+                  "speed part: atlases (affinely aligned subjects).")
+flags.DEFINE_string("speed_scan", "sub-06", "speed part: the scan (never one of its atlases).")
+flags.DEFINE_integer("points", 3_000_000, "speed part: points fused in the timing of "
+                     "fuse_labels.")
+flags.DEFINE_integer("repeats", 5, "speed part: timed calls per measurement (median and "
+                     "minimum: other users' jobs slow some calls).")
+FLAGS = flags.FLAGS
 
 
-def timed(function, repeats):
-    """-> (seconds of ``repeats`` calls after one untimed call, numpy peak MB of one more call,
-    result)."""
-    result = function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        times.append(time.perf_counter() - start)
-    tracemalloc.start()
-    function()
-    peak = tracemalloc.get_traced_memory()[1] / 2 ** 20
-    tracemalloc.stop()
-    return np.array(times), peak, result
+# ------------------------------------------------------------------------------- what is run
+def parse_config(name: str) -> dict:
+    """{'kind': 'product'|'ants', 'count': atlases, 'fusion': rule or None}; SystemExit for a
+    name that is not a configuration or needs more atlases than there are."""
+    match = CONFIG.match(name)
+    available = 1 + len(FLAGS.extra_atlases)
+    if match and match["ants"]:
+        config = {"kind": "ants", "count": int(match["ants_count"]),
+                  "fusion": ANTS_RULES[match["ants"]]}
+        valid = (config["count"] == 1) == (config["fusion"] == "syn")
+    elif match:
+        count = int(match["count"])
+        config = {"kind": "product", "count": count,
+                  "fusion": match["fusion"] or (PRODUCT_FUSION if count > 1 else None)}
+        valid = count > 1 or match["fusion"] is None
+    if not match or not valid:
+        raise SystemExit(f"unknown configuration {name!r}: atlases_<N>, atlases_<N>_<rule> (rule "
+                         f"majority, local or jlf; N >= 2), ants_jlf_<N>, ants_mv_<N> (N >= 2) "
+                         f"or ants_syn_1")
+    if not 1 <= config["count"] <= available:
+        raise SystemExit(f"{name}: needs {config['count']} atlases; there are {available} (the "
+                         f"primary and --extra_atlases {','.join(FLAGS.extra_atlases)})")
+    return config
 
 
-def summary(seconds, peak):
-    return {"median_seconds": round(float(np.median(seconds)), 3),
-            "min_seconds": round(float(seconds.min()), 3), "numpy_peak_mb": round(peak)}
+def atlas_pairs() -> list:
+    """[(image, label map)]: the primary atlas of --data_dir, then the extra atlases."""
+    pairs = [(os.path.join(FLAGS.data_dir, "atlas.nii.gz"),
+              os.path.join(FLAGS.data_dir, "atlas_labels.nii.gz"))]
+    return pairs + [(os.path.join(FLAGS.data_dir, "images", f"{s}.nii.gz"),
+                     os.path.join(FLAGS.data_dir, "labels", f"{s}.nii.gz"))
+                    for s in FLAGS.extra_atlases]
 
 
-_PER_PATCH_SUMS = {}  # one compiled function per (atlases, grid), so timings exclude compilation
+def check_atlases() -> None:
+    extras = FLAGS.extra_atlases
+    validation = sorted(set(extras) & set(anchors.SHARED_SUBJECTS))
+    if validation:
+        raise SystemExit(f"--extra_atlases: {', '.join(validation)} are validation subjects "
+                         f"and can never be atlases")
+    if len(set(extras)) != len(extras):
+        raise SystemExit("--extra_atlases: a subject is listed twice")
+    for image, labels in atlas_pairs():
+        for path in (image, labels):
+            if not os.path.isfile(path):
+                raise SystemExit(f"{path}: atlas file not found")
 
 
-def per_patch_errors(scan, atlases, radius=2, min_std=0.01):
-    """Joint errors with every patch standardised by its own statistics (Wang et al., ANTs): the
-    pairwise sums over 125 shifted copies, XLA-compiled -> [K, K, D, H, W] before the power."""
-    size, shape, count = 2 * radius + 1, scan.shape, len(atlases)
-    volumes = np.concatenate([scan[None], atlases]).astype(np.float64)
-    inside = fusion._inside_count(shape, size)
-    sums = fusion._window_sums(np.concatenate([volumes, volumes ** 2]), size)
-    mean, mean_square = sums[:count + 1] / inside, sums[count + 1:] / inside
-    std = np.sqrt(np.maximum((mean_square - mean ** 2) * inside / (inside - 1),
-                             (min_std * np.ptp(scan)) ** 2))
-    # Voxels outside the grid are NaN, left out of the sums as ANTs leaves them out.
-    padded = np.pad(volumes, [(0, 0)] + [(radius, radius)] * 3, constant_values=np.nan)
-    pairs = [(i, j) for i in range(count) for j in range(i + 1)]
-    offsets = np.array(list(np.ndindex(size, size, size)), np.int32)
-
-    def sums(padded, mean, std, offsets):
-        def body(k, *accumulators):
-            shifted = tf.slice(padded, tf.concat([[0], offsets[k]], 0), [count + 1, *shape])
-            standardised = (shifted - mean) / std
-            errors = [tf.where(tf.math.is_finite(standardised[i + 1]),
-                               tf.abs(standardised[i + 1] - standardised[0]), 0.0)
-                      for i in range(count)]
-            return (k + 1,) + tuple(a + errors[i] * errors[j]
-                                    for a, (i, j) in zip(accumulators, pairs))
-        out = tf.while_loop(lambda k, *a: k < len(offsets), body,
-                            (tf.constant(0),) + tuple(tf.zeros(shape) for _ in pairs))
-        return tf.stack(out[1:])
-
-    compiled = _PER_PATCH_SUMS.setdefault((count, shape), tf.function(sums, jit_compile=True))
-    args = [tf.constant(a, tf.float32) for a in (padded, mean, std)] + [tf.constant(offsets)]
-    pair_sums = compiled(*args).numpy() / (inside - 1)
-    errors = np.empty((count, count, *shape), np.float32)
-    for (i, j), pair_sum in zip(pairs, pair_sums):
-        errors[i, j] = errors[j, i] = pair_sum
-    return errors
+def _wanted(values: list):
+    """None for 'all', else the set of names."""
+    return None if [v.lower() for v in values] == ["all"] else set(values)
 
 
-def load(data_dir, subjects):
-    """-> (full-grid images [S, 160, 192, 224] in [0, 1], label maps, 2 mm images
-    [S, 80, 96, 112])."""
-    images = np.stack([data.load_scan(os.path.join(data_dir, "images", f"{s}.nii.gz")).data
-                       for s in subjects]).astype(np.float32)
-    labels = np.stack([data.load_label_map(os.path.join(data_dir, "labels", f"{s}.nii.gz")).data
-                       for s in subjects]).astype(np.int32)
-    images = (images - images.min(axis=(1, 2, 3), keepdims=True)) / np.ptp(
-        images, axis=(1, 2, 3), keepdims=True)
-    depth, height, width = images.shape[1:]
-    coarse = images.reshape(len(subjects), depth // 2, 2, height // 2, 2, width // 2, 2)
-    return images, labels, coarse.mean(axis=(2, 4, 6))
+def validation_cases() -> tuple:
+    """(cases, {set: info}) of --sets restricted to --subjects; sets left without a subject are
+    left out, with a line saying so."""
+    wanted = _wanted(FLAGS.subjects)
+    cases, info = [], {}
+    for s in FLAGS.sets:
+        if s == "shared":
+            subjects = [x for x in anchors.SHARED_SUBJECTS if wanted is None or x in wanted]
+            found = anchors.shared_cases(FLAGS.data_dir, subjects)
+            note = {"note": "FreeSurfer aseg labels (the atlas's protocol), aligned to the atlas "
+                            "by the data's provider."}
+        else:
+            subjects = [x for x in anchors.MICCAI_SUBJECTS if wanted is None or x in wanted]
+            found, manifest = anchors.miccai_cases(
+                FLAGS.data_dir, os.path.join(FLAGS.work_dir, "miccai2012_aligned"), subjects)
+            note = {"note": "Manual Neuromorphometrics labels mapped to FreeSurfer IDs (another "
+                            "protocol: compares methods, not absolute accuracy); each scan "
+                            "aligned affinely to the atlas once by ltnet_tf.alignment; every "
+                            "method reads these.", "alignment": manifest}
+        if not subjects:
+            print(f"set {s}: no subject of --subjects in it; left out", flush=True)
+            continue
+        cases += found
+        info[s] = {"subjects": subjects, **note}
+    unknown = (wanted or set()) - {c.subject for c in cases}
+    if unknown:
+        raise SystemExit(f"--subjects: {', '.join(sorted(unknown))} not in the sets "
+                         f"{', '.join(FLAGS.sets)}")
+    return cases, info
 
 
-def weights_from_errors(errors, mask, alpha=0.1, beta=2.0):
-    """The module's solve and vote over patches, on joint errors computed elsewhere."""
-    atlases = errors.shape[0]
-    weights = np.full((atlases, *mask.shape), 1.0 / atlases, np.float32)
-    matrices = errors[:, :, mask] ** beta
-    weights[:, mask] = fusion._solve_weights(matrices, alpha, clip_negative=True)
-    return fusion._mean_over_patches(weights, mask, 5)
+def ants_cases(cases: list) -> list:
+    """The cases --ants_subjects names (all, none, or names of validation subjects)."""
+    if [v.lower() for v in FLAGS.ants_subjects] == ["none"]:
+        return []
+    wanted = _wanted(FLAGS.ants_subjects)
+    unknown = (wanted or set()) - {c.subject for c in cases}
+    if unknown:
+        raise SystemExit(f"--ants_subjects: {', '.join(sorted(unknown))} are not validation "
+                         f"subjects of this run")
+    return [c for c in cases if wanted is None or c.subject in wanted]
 
 
-def weight_timings(scan, atlases, mask, repeats):
-    rows = {}
-    for count in (5, 10):
-        stack = np.concatenate([atlases] * (count // len(atlases)))[:count]
-        for name, function in [
-                ("locally_weighted_voting", lambda: fusion.locally_weighted_voting_weights(
-                    scan, stack)),
-                ("joint_label_fusion", lambda: fusion.joint_label_fusion_weights(scan, stack)),
-                ("joint_label_fusion_in_mask", lambda: fusion.joint_label_fusion_weights(
-                    scan, stack, mask=mask)),
-                ("joint_errors_window_sums", lambda: fusion._pairwise_errors(
-                    scan, stack, 5, 0.01 * np.ptp(scan))),
-                ("joint_errors_per_patch_standardisation", lambda: per_patch_errors(
-                    scan, stack))][:3 if count > 5 else 5]:
-            seconds, peak, _ = timed(function, repeats)
-            rows[f"{name}_K{count}"] = summary(seconds, peak)
-            print(f"K={count} {name}: {rows[f'{name}_K{count}']}", flush=True)
-    return rows
+def _portable(text) -> str:
+    """``portable``, with folders of this machine outside the repository named by their role."""
+    text = portable(text)
+    for folder, role in ((FLAGS.model_dir, "RUN"), (FLAGS.work_dir, "WORK"),
+                         (FLAGS.results_dir, "RESULTS")):
+        if folder and not os.path.abspath(folder).startswith(ROOT + os.sep):
+            text = text.replace(os.path.abspath(folder), role)
+    return text
 
 
-def vote_timings(labels, points_count, jlf_maps, repeats):
-    rows = {}
-    # The first points of the labelled region's bounding box (what native.py pulls labels for).
-    box = np.argwhere(np.any(labels != 0, axis=0))
-    in_box = np.zeros(labels.shape[1:], bool)
-    in_box[tuple(slice(low, high + 1) for low, high in zip(box.min(0), box.max(0)))] = True
-    brain = np.flatnonzero(in_box.ravel())[:points_count]
-    candidates = labels.reshape(len(labels), -1)[:, brain]
-    disputed = float(np.mean(np.any(candidates != candidates[0], axis=0)))
-    rng = np.random.default_rng(0)
-    random_candidates = rng.integers(0, 40, size=candidates.shape).astype(np.int32)
-    weights = rng.random(candidates.shape).astype(np.float32)
-    full_grid = np.stack(np.unravel_index(brain, labels.shape[1:]), -1)
-    points = ((full_grid + 0.5) / 2 - 0.5).astype(np.float32)  # on the 2 mm grid
-    for name, function in [
-            ("fuse_labels_majority", lambda: fusion.fuse_labels(candidates)),
-            ("fuse_labels_weighted", lambda: fusion.fuse_labels(candidates, weights)),
-            ("fuse_labels_weighted_all_disputed", lambda: fusion.fuse_labels(
-                random_candidates, weights)),
-            ("fuse_at_points_joint_label_fusion", lambda: fusion.fuse_at_points(
-                candidates, jlf_maps, points)),
-            ("label_probability", lambda: fusion.label_probability(candidates, weights, 17))]:
-        seconds, peak, _ = timed(function, repeats)
-        rows[name] = summary(seconds, peak)
-        print(f"N={len(brain)} K={len(labels)} {name}: {rows[name]}", flush=True)
-    rows["points"], rows["disputed_fraction"] = len(brain), round(disputed, 3)
-    return rows
+# ------------------------------------------------------------------------------- figures
+def score(case, result: dict, name: str) -> dict:
+    """One scan's record: Dice of the 28 structures, seconds (total and per stage), folding."""
+    reference = data.load_label_map(case.label_path).data
+    dice = evaluation.dice_per_label(result["segmentation"], reference, BENCHMARK_LABELS)
+    stages = result.get("stage_seconds") or result.get("seconds_parts") or {}
+    record = {"subject": case.subject, "dice": dice, "seconds": result["seconds"],
+              "stages": stages, "folding_fraction": result["folding_fraction"],
+              "folding_fractions": result.get("folding_fractions")}
+    print(f"[{name}] {case.set_name} {case.subject}: Dice "
+          f"{evaluation.mean_dice(dice, BENCHMARK_LABELS):.3f}, {result['seconds']:.1f} s ("
+          + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()) + ")", flush=True)
+    return record
 
 
-def fusion_quality(scan, atlases, labels, reference, mask):
-    """Mean Dice (28 structures) of each rule, fused at the full grid's voxels."""
-    shape = reference.shape
-    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3)
-    points = ((grid + 0.5) / 2 - 0.5).astype(np.float32)
-    candidates = labels.reshape(len(labels), -1)
-    jlf = fusion.joint_label_fusion_weights(scan, atlases, mask=mask)
-    per_patch = per_patch_errors(scan, atlases)
-    window_sums = fusion._pairwise_errors(scan, atlases, 5, 0.01 * np.ptp(scan))
-    ratio = np.median(window_sums[:, :, mask] / np.maximum(per_patch[:, :, mask], 1e-6))
-    exact = weights_from_errors(per_patch, mask)
-    rules = {"majority_vote": None,
-             "locally_weighted_voting": fusion.locally_weighted_voting_weights(scan, atlases),
-             "joint_label_fusion": jlf,
-             "joint_label_fusion_per_patch_standardisation": exact}
-    fused, scores = {}, {}
-    for name, maps in rules.items():
-        fused[name] = fusion.fuse_at_points(candidates, maps, points).reshape(shape)
-        per_label = evaluation.dice_per_label(fused[name], reference, BENCHMARK_LABELS)
-        scores[name] = round(evaluation.mean_dice(per_label, BENCHMARK_LABELS), 4)
-        print(f"{name}: mean Dice {scores[name]}", flush=True)
-    single = [evaluation.mean_dice(evaluation.dice_per_label(lab, reference, BENCHMARK_LABELS),
-                                   BENCHMARK_LABELS) for lab in labels]
-    brain = reference > 0
-    agreement = np.mean(fused["joint_label_fusion"][brain]
-                        == fused["joint_label_fusion_per_patch_standardisation"][brain])
-    scores["single_atlases"] = [round(s, 4) for s in single]
-    scores["median_ratio_of_joint_errors_window_sums_to_per_patch"] = round(float(ratio), 3)
-    scores["jlf_window_sums_vs_per_patch_label_agreement_in_brain"] = round(float(agreement), 4)
-    return scores
+def summarise(records: list, total: int) -> dict:
+    """Figures of one configuration on one set from its per-scan records (``total``: the scans
+    it is to run there)."""
+    subjects = {r["subject"]: evaluation.mean_dice(r["dice"], BENCHMARK_LABELS) for r in records}
+    stages = dict.fromkeys(k for r in records for k in r["stages"])
+    return {"mean_dice": float(np.mean(list(subjects.values()))),
+            "seconds_per_scan": float(np.mean([r["seconds"] for r in records])),
+            "subjects": list(subjects), "complete": len(records) == total,
+            "per_subject": subjects,
+            "per_subject_seconds": {r["subject"]: r["seconds"] for r in records},
+            "per_structure": {structure_name(label): float(np.nanmean(
+                [r["dice"][label] for r in records])) for label in BENCHMARK_LABELS},
+            "stage_seconds_per_scan": {k: float(np.mean([r["stages"].get(k, 0.0)
+                                                         for r in records])) for k in stages},
+            "folding_fraction": float(np.mean([r["folding_fraction"] for r in records])),
+            "per_subject_folding": {r["subject"]: r["folding_fraction"] for r in records},
+            **({"per_subject_atlas_folding": {r["subject"]: r["folding_fractions"]
+                                              for r in records}}
+               if records[0]["folding_fractions"] is not None else {})}
 
 
-def write_markdown(results, path):
-    lines = ["# Label fusion (`bench/fusion.py`)", "", f"commit {results['commit']}, "
-             f"{results['machine']}, load average {results['load_average_at_start']} at the start,"
-             f" {results['load_average_at_end']} at the end (1, 5, 15 min; other users' jobs)", "",
-             "| measurement | median s | min s | numpy peak MB |",
-             "|---|---|---|---|"]
-    for name, row in {**results["weights"], **results["vote"]}.items():
-        if isinstance(row, dict):
-            lines.append(f"| {name} | {row['median_seconds']} | {row['min_seconds']} | "
-                         f"{row['numpy_peak_mb']} |")
-    lines += ["", f"fuse_labels points: {results['vote']['points']}, disputed fraction "
-              f"{results['vote']['disputed_fraction']}", "", "| fusion (sub-06, 5 affine atlases)"
-              " | mean Dice (28) |", "|---|---|"]
-    lines += [f"| {name} | {value} |" for name, value in results["quality"].items()]
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)
+# ------------------------------------------------------------------------------- results file
+class Results:
+    """fusion.json as it grows: entries kept from an earlier file (--merge) unless rerun, this
+    run's entries added after every scan, then written with fusion.md."""
+
+    def __init__(self, header: dict, set_info: dict, rerun: set):
+        self.path = os.path.join(FLAGS.results_dir, "fusion.json")
+        self.payload = {**header, "sets": {}, "set_info": {}}
+        if FLAGS.merge and os.path.isfile(self.path):
+            with open(self.path) as f:
+                earlier = json.load(f)
+            for s, entries in earlier.get("sets", {}).items():
+                kept = {n: e for n, e in entries.items() if (s, n) not in rerun}
+                if kept:
+                    self.payload["sets"][s] = kept
+                    self.payload["set_info"][s] = earlier.get("set_info", {}).get(s)
+            speed = earlier.get("speed") or _speed_of_timing_script(earlier)
+            if speed:
+                self.payload["speed"] = speed
+        self.payload["set_info"].update(set_info)
+
+    def set_entry(self, set_name: str, name: str, entry: dict) -> None:
+        self.payload["sets"].setdefault(set_name, {})[name] = entry
+
+    def write(self) -> None:
+        write_json(self.payload, self.path)
+        fusion_report.write_markdown(self.payload, os.path.join(FLAGS.results_dir, "fusion.md"))
+
+
+def _speed_of_timing_script(earlier: dict):
+    """The results of the timing script this benchmark replaced (bench/fusion.py before it had
+    parts): its figures as the speed part's."""
+    if "weights" not in earlier:
+        return None
+    return {"command": "python bench/fusion.py", "git_commit": earlier.get("commit", "unknown"),
+            **{k: v for k, v in earlier.items() if k != "commit"}}
+
+
+# ------------------------------------------------------------------------------- evaluation
+def _output(name: str, case) -> str:
+    return os.path.join(FLAGS.work_dir, "segmentations", name, case.set_name,
+                        f"{case.subject}_seg.nii.gz")
+
+
+def _totals(cases: list) -> dict:
+    return {s: sum(c.set_name == s for c in cases) for s in dict.fromkeys(c.set_name
+                                                                          for c in cases)}
+
+
+def make_product(config: dict) -> anchors.Product:
+    pairs = atlas_pairs()[:config["count"]]
+    fusion = config["fusion"] or PRODUCT_FUSION
+    if FLAGS.model_dir:  # the run's atlas is the primary one (cohort.load_atlases)
+        return anchors.Product(FLAGS.model_dir, RefinementSettings(), atlases=pairs[1:] or None,
+                               fusion=fusion)
+    return anchors.Product(None, RefinementSettings(), atlases=pairs, fusion=fusion)
+
+
+def evaluate_product(name: str, config: dict, cases: list, results: Results) -> None:
+    load_average = {"start": os.getloadavg()}  # the machine is shared: how busy it was
+    segmenter = make_product(config)
+    predictor = segmenter.predictor
+    print(f"=== {name}: {segmenter.description}; loaded in {segmenter.load_seconds:.1f} s",
+          flush=True)
+    common = {"kind": "product", "method": segmenter.description,
+              "start": "G_F of RUN" if FLAGS.model_dir else "identity",
+              "atlases": [{"name": a["name"], "image": _portable(a["image"]),
+                           "labels": _portable(a["labels"])} for a in predictor.atlases.records()],
+              "fusion": config["fusion"], "model_load_s": segmenter.load_seconds,
+              "refinement": predictor.refinement_record(),
+              "command": results.payload["command"], "git_commit": results.payload["git_commit"]}
+    records, totals = {}, _totals(cases)
+    for case in cases:
+        result = segmenter.segment(case.image_path, _output(name, case))
+        records.setdefault(case.set_name, []).append(score(case, result, name))
+        results.set_entry(case.set_name, name, {
+            **common, **summarise(records[case.set_name], totals[case.set_name]),
+            "load_average_1_5_15min": {**load_average, "end": os.getloadavg()}})
+        results.write()
+    del segmenter, predictor
+    gc.collect()
+
+
+def evaluate_ants(names: list, cases: list, results: Results) -> None:
+    """Every ANTs configuration in ``names`` from one registration of each atlas per scan."""
+    load_average = {"start": os.getloadavg()}
+    rules = {name: (parse_config(name)["fusion"], parse_config(name)["count"]) for name in names}
+    pairs = atlas_pairs()[:max(count for _, count in rules.values())]
+    segmenter = anchors.AntsAtlasFusions([p for p, _ in pairs], [p for _, p in pairs], rules,
+                                         spacing=FLAGS.ants_spacing,
+                                         search_radius=FLAGS.ants_search_radius)
+    print(f"=== {', '.join(names)}: {len(pairs)} atlases registered once per scan, on "
+          f"{', '.join(c.subject for c in cases)}; loaded in {segmenter.load_seconds:.1f} s",
+          flush=True)
+    settings = {"subjects": {s: [c.subject for c in cases if c.set_name == s]
+                             for s in _totals(cases)},
+                "spacing_mm": FLAGS.ants_spacing, "search_radius": FLAGS.ants_search_radius,
+                "intensity_scale": segmenter.intensity_scale,
+                "registrations_shared_by": names,
+                "seconds_counted": fusion_report.ANTS_SECONDS}
+    records, totals = {name: {} for name in names}, _totals(cases)
+    for case in cases:
+        found = segmenter.segment_all(case.image_path, {n: _output(n, case) for n in names})
+        for name in names:
+            records[name].setdefault(case.set_name, []).append(score(case, found[name], name))
+            rule, count = rules[name]
+            results.set_entry(case.set_name, name, {
+                "kind": "ants", "method": segmenter.descriptions[name],
+                "start": "ANTs affine stage", "fusion": None if rule == "syn" else rule,
+                "atlases": [{"name": data.scan_name(p), "image": _portable(p),
+                             "labels": _portable(q)} for p, q in pairs[:count]],
+                "model_load_s": segmenter.load_seconds, "ants": settings,
+                "command": results.payload["command"],
+                "git_commit": results.payload["git_commit"],
+                **summarise(records[name][case.set_name], totals[case.set_name]),
+                "load_average_1_5_15min": {**load_average, "end": os.getloadavg()}})
+        results.write()
+    del segmenter
+    gc.collect()
+
+
+# ------------------------------------------------------------------------------- main
+def run_speed(results: Results) -> None:
+    from bench import fusion_speed
+
+    speed = fusion_speed.run(FLAGS.data_dir, FLAGS.speed_atlases, FLAGS.speed_scan, FLAGS.points,
+                             FLAGS.repeats)
+    results.payload["speed"] = {"command": results.payload["command"],
+                                "git_commit": results.payload["git_commit"],
+                                "machine": results.payload["machine"], **speed}
+    results.write()
 
 
 def main(argv):
     del argv
-    if FLAGS.scan in FLAGS.atlases:
-        raise app.UsageError("the scan must not be one of the atlases")
-    images, labels, coarse = load(FLAGS.data_dir, FLAGS.atlases + [FLAGS.scan])
-    scan, atlases, reference = coarse[-1], coarse[:-1], labels[-1]
-    mask = scan > 0
-    results = {"commit": git_commit(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-               "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-               "grid": list(scan.shape), "atlases": FLAGS.atlases, "scan": FLAGS.scan}
-    results["weights"] = weight_timings(scan, atlases, mask, FLAGS.repeats)
-    jlf_maps = fusion.joint_label_fusion_weights(scan, atlases, mask=mask)
-    results["vote"] = vote_timings(labels[:-1], FLAGS.points, jlf_maps, FLAGS.repeats)
-    results["quality"] = fusion_quality(scan, atlases, labels[:-1], reference, mask)
-    results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    write_json(results, os.path.join(FLAGS.results_dir, "fusion.json"))
-    write_markdown(results, os.path.join(FLAGS.results_dir, "fusion.md"))
+    unknown = (set(FLAGS.sets) - set(SETS)) | (set(FLAGS.parts) - set(PARTS))
+    if unknown:
+        raise SystemExit(f"unknown sets or parts: {', '.join(sorted(unknown))}")
+    check_atlases()
+    configs = {name: parse_config(name) for name in FLAGS.configs}
+    import tensorflow as tf
+
+    header = {"command": _portable(command_line()), "git_commit": git_commit(),
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                         f"TF {tf.__version__}, "
+                         f"GPU: {bool(tf.config.list_physical_devices('GPU'))}"}
+    cases, set_info, ants = [], {}, []
+    if "dice" in FLAGS.parts:
+        cases, set_info = validation_cases()
+        ants = ants_cases(cases)
+    ants_names = [n for n, c in configs.items() if c["kind"] == "ants"] if ants else []
+    if not ants and any(c["kind"] == "ants" for c in configs.values()) and cases:
+        print("--ants_subjects none: the ANTs configurations are not run", flush=True)
+    rerun = {(c.set_name, n) for n, config in configs.items() if config["kind"] == "product"
+             for c in cases} | {(c.set_name, n) for n in ants_names for c in ants}
+    results = Results(header, set_info, rerun)
+    for name, config in configs.items():
+        if config["kind"] == "product" and cases:
+            evaluate_product(name, config, cases, results)
+        elif ants_names and name == ants_names[0]:
+            evaluate_ants(ants_names, ants, results)
+    if "speed" in FLAGS.parts:
+        run_speed(results)
+    results.write()
 
 
 if __name__ == "__main__":
