@@ -59,12 +59,13 @@ from ltnet_tf.labels import BENCHMARK_LABELS, structure_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINED = ("voxelmorph", "voxelmorph_gan", "voxelmorph_cycle", "ltnet")
-STARTS = ("identity", *TRAINED)
+STARTS = ["identity", *TRAINED]  # and the names given to --model_dirs (main)
 FIXED = ("affine", "ants_syn_half", "ants_syn")
 BUDGET = re.compile(r"^(?P<start>[a-z_]+?)_c(?P<coarse>\d+)(?:_f(?P<fine>\d+))?$")
 SETS = ("shared", "miccai2012")
 # Refinement budgets swept for both starts: (coarse steps, fine steps).
 SWEEP = ((10, 0), (25, 0), (25, 10), (50, 25), (100, 25))
+COARSE_FACTOR = 4  # the budgets' coarse grid: the CPU recipe's working grid
 FRONTIER = ("affine", "ants_syn_half", "ants_syn", "ltnet", "ltnet_refined", "identity_refined",
             "identity_c0_f0",
             *(f"{start}_c{c}_f{f}" for start in ("ltnet", "identity") for c, f in SWEEP))
@@ -80,8 +81,8 @@ flags.DEFINE_list("sets", list(SETS), "Validation sets; the first one gives the 
 flags.DEFINE_list("miccai_subjects", list(anchors.MICCAI_SUBJECTS),
                   "MICCAI 2012 subjects to validate on (never ones used for training).")
 flags.DEFINE_list("model_dirs", [], "Trained run folders to evaluate instead of training, as "
-                  "name=path (e.g. ltnet=/runs/ltnet,voxelmorph=/runs/vxm); <name>_refined uses "
-                  "<name>'s folder.")
+                  "name=path (e.g. ltnet=RUN1,vxm_half=RUN2): a preset's name, or any name for "
+                  "another run; <name>_refined and <name>_c<N>_f<M> use <name>'s folder.")
 flags.DEFINE_string("training_results", None, "accuracy.json of the bench run that trained the "
                     "--model_dirs folders: their training time and command are copied from it.")
 flags.DEFINE_list("train_flags", [], "Extra train.py flags for every configuration trained "
@@ -114,14 +115,17 @@ def parse_config(name: str) -> dict:
     defaults = RefinementSettings()
     if name in FIXED:
         return {"kind": "fixed", "start": None, "refinement": None}
-    if name in TRAINED:
+    if name in STARTS and name != "identity":
         return {"kind": "network", "start": name, "refinement": None}
     if name.endswith("_refined") and name[:-len("_refined")] in STARTS:
         return {"kind": "refined", "start": name[:-len("_refined")], "refinement": defaults}
     budget = BUDGET.match(name)
     if budget and budget["start"] in STARTS:
+        # Budgets put their coarse steps on the quarter grid whatever the network's own grid,
+        # so that every start spends them alike.
         return {"kind": "budget", "start": budget["start"], "refinement": defaults.replace(
-            coarse_steps=int(budget["coarse"]), steps=int(budget["fine"] or 0))}
+            coarse_steps=int(budget["coarse"]), steps=int(budget["fine"] or 0),
+            coarse_factor=COARSE_FACTOR)}
     raise SystemExit(f"unknown configuration {name!r}: one of {', '.join(FIXED)}, a preset "
                      f"({', '.join(TRAINED)}), <start>_refined or <start>_c<N>[_f<M>] with "
                      f"start in {', '.join(STARTS)}")
@@ -487,15 +491,13 @@ def validation_cases() -> tuple:
 
 def main(argv):
     del argv
+    model_dirs = dict(item.split("=", 1) for item in FLAGS.model_dirs)
+    STARTS.extend(name for name in model_dirs if name not in STARTS)
     for name in FLAGS.configs:
         parse_config(name)
     unknown = set(FLAGS.sets) - set(SETS)
     if unknown:
         raise SystemExit(f"unknown sets: {', '.join(sorted(unknown))}")
-    model_dirs = dict(item.split("=", 1) for item in FLAGS.model_dirs)
-    unknown = set(model_dirs) - set(TRAINED)
-    if unknown:
-        raise SystemExit(f"--model_dirs: not a trained preset: {', '.join(sorted(unknown))}")
     import tensorflow as tf
     cases, sets = validation_cases()
     results = {"command": command_line(), "git_commit": git_commit(),

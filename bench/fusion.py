@@ -17,6 +17,8 @@ validation subject). A configuration of N atlases uses the primary one and the f
                          predict.py runs it) with N atlases fused by its default rule, locally
                          weighted voting; ``atlases_1`` is the one-shot result
     atlases_<N>_<rule>   the same with the fusion rule majority, local or jlf
+    ..._c<C>_f<F>        with a refinement budget other than predict.py's default: C steps on
+                         the coarse grid, F at half resolution (e.g. atlases_5_jlf_c50_f25)
     ants_jlf_<N>         ANTs: SyN per atlas, then ants.joint_label_fusion
     ants_mv_<N>          the same registrations, the warped labels fused by majority vote
     ants_syn_1           the same registration of the primary atlas alone (accuracy.py's ants_syn)
@@ -71,6 +73,7 @@ PARTS = ("dice", "speed")
 CONFIGS = ("atlases_1", "atlases_3", "atlases_5", "atlases_5_majority", "atlases_5_jlf",
            "ants_syn_1", "ants_mv_5", "ants_jlf_5")
 CONFIG = re.compile(r"^(?:atlases_(?P<count>\d+)(?:_(?P<fusion>majority|local|jlf))?"
+                    r"(?:_c(?P<coarse>\d+)_f(?P<fine>\d+))?"
                     r"|ants_(?P<ants>syn|mv|jlf)_(?P<ants_count>\d+))$")
 ANTS_RULES = {"syn": "syn", "mv": "majority", "jlf": "jlf"}
 PRODUCT_FUSION = "local"  # predict.py's default --fusion
@@ -124,12 +127,15 @@ def parse_config(name: str) -> dict:
     elif match:
         count = int(match["count"])
         config = {"kind": "product", "count": count,
-                  "fusion": match["fusion"] or (PRODUCT_FUSION if count > 1 else None)}
+                  "fusion": match["fusion"] or (PRODUCT_FUSION if count > 1 else None),
+                  "refinement": RefinementSettings().replace(
+                      coarse_steps=int(match["coarse"]) if match["coarse"] else None,
+                      steps=int(match["fine"]) if match["fine"] else None)}
         valid = count > 1 or match["fusion"] is None
     if not match or not valid:
         raise SystemExit(f"unknown configuration {name!r}: atlases_<N>, atlases_<N>_<rule> (rule "
-                         f"majority, local or jlf; N >= 2), ants_jlf_<N>, ants_mv_<N> (N >= 2) "
-                         f"or ants_syn_1")
+                         f"majority, local or jlf; N >= 2), either with _c<C>_f<F>, "
+                         f"ants_jlf_<N>, ants_mv_<N> (N >= 2) or ants_syn_1")
     if not 1 <= config["count"] <= available:
         raise SystemExit(f"{name}: needs {config['count']} atlases; there are {available} (the "
                          f"primary and --extra_atlases {','.join(FLAGS.extra_atlases)})")
@@ -306,9 +312,9 @@ def make_product(config: dict) -> anchors.Product:
     pairs = atlas_pairs()[:config["count"]]
     fusion = config["fusion"] or PRODUCT_FUSION
     if FLAGS.model_dir:  # the run's atlas is the primary one (cohort.load_atlases)
-        return anchors.Product(FLAGS.model_dir, RefinementSettings(), atlases=pairs[1:] or None,
+        return anchors.Product(FLAGS.model_dir, config["refinement"], atlases=pairs[1:] or None,
                                fusion=fusion)
-    return anchors.Product(None, RefinementSettings(), atlases=pairs, fusion=fusion)
+    return anchors.Product(None, config["refinement"], atlases=pairs, fusion=fusion)
 
 
 def evaluate_product(name: str, config: dict, cases: list, results: Results) -> None:
