@@ -108,19 +108,29 @@ def _check_same_ids(first: Atlas, other: Atlas) -> None:
                     first.labels.path, _id_list(only_other))
 
 
+def _check_atlases(atlases: list) -> None:
+    """Distinct names (they tell the atlases apart in prediction.json), one labelling protocol."""
+    seen = {}
+    for atlas in atlases:
+        if atlas.name in seen:
+            raise data.DataError(f"{atlas.image.path}: another atlas is also named "
+                                 f"'{atlas.name}' ({seen[atlas.name]}); give each atlas a file "
+                                 f"name of its own")
+        seen[atlas.name] = atlas.image.path
+    for other in atlases[1:]:
+        _check_same_ids(atlases[0], other)
+
+
 class AtlasSet:
     """The atlases of a prediction; ``atlases[0]`` is the primary one."""
 
-    def __init__(self, atlases: list):
+    def __init__(self, atlases: list, checked: bool = False):
+        """``checked``: ``_check_atlases`` ran already (``load`` checks before aligning; checking
+        again would repeat its warnings)."""
         if not atlases:
             raise ValueError("at least one atlas is needed")
-        names = [a.name for a in atlases]
-        for name in names:
-            if names.count(name) > 1:
-                raise data.DataError(f"two atlases are named '{name}'; give them distinct file "
-                                     f"names")
-        for other in atlases[1:]:
-            _check_same_ids(atlases[0], other)
+        if not checked:
+            _check_atlases(atlases)
         self.atlases = list(atlases)
 
     primary = property(lambda self: self.atlases[0])
@@ -163,18 +173,15 @@ class AtlasSet:
             image, labels = data.load_scan(image_path), data.load_label_map(label_path)
             data.check_same_grid(image, labels, strict=True)
             volumes.append((image, labels))
-        primary_image, primary_labels = volumes[0]
-        atlases = [Atlas(data.scan_name(primary_image.path), primary_image, primary_labels)]
-        aligner = None
-        for image, labels in volumes[1:]:
-            atlas = Atlas(data.scan_name(image.path), image, labels)
-            _check_same_ids(atlases[0], atlas)
-            if not alignment_lib.on_atlas_grid(primary_image, image):
+        atlases = [Atlas(data.scan_name(image.path), image, labels) for image, labels in volumes]
+        _check_atlases(atlases)  # before any alignment: a refusal should not wait for it
+        primary_image, aligner = atlases[0].image, None
+        for index, atlas in enumerate(atlases[1:], start=1):
+            if not alignment_lib.on_atlas_grid(primary_image, atlas.image):
                 aligner = aligner or alignment_lib.AtlasAligner(
                     primary_image, settings or alignment_lib.AlignmentSettings())
-                atlas = _aligned_atlas(aligner, atlas)
-            atlases.append(atlas)
-        return cls(atlases)
+                atlases[index] = _aligned_atlas(aligner, atlas)
+        return cls(atlases, checked=True)
 
 
 def _aligned_atlas(aligner, atlas: Atlas) -> Atlas:
