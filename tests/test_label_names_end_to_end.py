@@ -42,7 +42,8 @@ OTHER_ITKSNAP = ("################################################\n"
 DSEG = {2: "White Matter", 3: "Gray Matter", 4: "Lateral Ventricle L", 10: "Thalamus L",
         11: "Caudate L", 17: "Hippocampus L", 43: "Lateral Ventricle R", 49: "Thalamus R",
         50: "Caudate R", 53: "Hippocampus R"}
-DSEG_TSV = "index\tname\tabbreviation\n" + "".join(f"{i}\t{name}\tn/a\n" for i, name in DSEG.items())
+DSEG_TSV = "index\tname\tabbreviation\n" + "".join(f"{i}\t{name}\tn/a\n"
+                                                  for i, name in DSEG.items())
 
 
 def write(folder, name, text) -> str:

@@ -62,9 +62,10 @@ class Runs:
 
     def read(self, out, mean_dice=None) -> SimpleNamespace:
         prediction = json.loads((out / "prediction.json").read_text())
+        if mean_dice is None:
+            mean_dice = prediction["mean_dice"]
         return SimpleNamespace(out=out, segmentations=segmentations(out, self.names),
-                               mean_dice=prediction["mean_dice"] if mean_dice is None else mean_dice,
-                               prediction=prediction)
+                               mean_dice=mean_dice, prediction=prediction)
 
 
 @pytest.fixture(scope="module")
