@@ -191,13 +191,14 @@ def run_dice(config, label_transfer, subjects, this_run: dict) -> list:
         if setting["coarse"]:
             factor_name = f"{setting['coarse'][0]} ({setting['coarse'][1]} steps) > {factor_name}"
         refinement = make_refinement(label_transfer, setting)
-        timed(refinement, subjects[0]["scan"], subjects[0]["flow_working"], steps=1)  # compile
+        timed(refinement, subjects[0]["scan"], subjects[0]["flow_working"], steps=1,
+              full_grid=True)  # compile
         for steps in setting["steps"]:
             row = {"factor": factor_name, "learning_rate": setting["learning_rate"],
                    "weight_smooth": setting["weight_smooth"], "steps": steps, "subjects": {}}
             for subject in subjects:
                 outputs, wall, cpu = timed(refinement, subject["scan"], subject["flow_working"],
-                                           steps=steps)
+                                           steps=steps, full_grid=True)
                 row["subjects"][subject["name"]] = {
                     **score(label_transfer, tf.constant(outputs["flow"]), subject["labels"],
                             subject["brain"]),
