@@ -393,7 +393,7 @@ class Product:
     one atlas or several (``atlases``: [(image path, label path)], fused with ``fusion``)."""
 
     def __init__(self, model_dir: str = None, refinement=None, atlases=None,
-                 fusion: str = "local"):
+                 fusion: str = "jlf"):
         from ltnet_tf import cohort, prediction, sources
 
         start = time.time()

@@ -14,8 +14,8 @@ Atlases: the primary atlas of ../shared/data (atlas.nii.gz, atlas_labels.nii.gz)
 validation subject). A configuration of N atlases uses the primary one and the first N - 1 extra:
 
     atlases_<N>          the product (``anchors.Product``: ``ltnet_tf.prediction.Predictor`` as
-                         predict.py runs it) with N atlases fused by its default rule, locally
-                         weighted voting; ``atlases_1`` is the one-shot result
+                         predict.py runs it) with N atlases fused by its default rule, joint
+                         label fusion; ``atlases_1`` is the one-shot result
     atlases_<N>_<rule>   the same with the fusion rule majority, local or jlf
     ..._c<C>_f<F>        with a refinement budget other than predict.py's default: C steps on
                          the coarse grid, F at half resolution (e.g. atlases_5_jlf_c50_f25)
@@ -76,7 +76,7 @@ CONFIG = re.compile(r"^(?:atlases_(?P<count>\d+)(?:_(?P<fusion>majority|local|jl
                     r"(?:_c(?P<coarse>\d+)_f(?P<fine>\d+))?"
                     r"|ants_(?P<ants>syn|mv|jlf)_(?P<ants_count>\d+))$")
 ANTS_RULES = {"syn": "syn", "mv": "majority", "jlf": "jlf"}
-PRODUCT_FUSION = "local"  # predict.py's default --fusion
+PRODUCT_FUSION = "jlf"  # predict.py's default --fusion
 
 flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "
                     "../shared/data beside the repository).")

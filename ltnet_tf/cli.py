@@ -137,9 +137,11 @@ def _train_flags() -> flags.FlagValues:
     flags.DEFINE_string("config", None, "JSON config to start from (e.g. another run's config.json).",
                         flag_values=fv)
     flags.DEFINE_enum("profile", "paper", list(PROFILES),
-                      "Compute budget: 'paper' (full resolution, the paper's U-Net; for a GPU) or "
+                      "Compute budget: 'paper' (full resolution, the paper's U-Net; for a GPU), "
                       "'cpu' (quarter resolution, slim U-Net, lr 1e-3, 1500 steps: well under an "
-                      "hour on 2 CPU cores).", flag_values=fv)
+                      "hour on 2 CPU cores) or 'cpu_half' (the same at half resolution, ~3x "
+                      "the time: a network that beats refinement alone where time is short).",
+                      flag_values=fv)
     flags.DEFINE_enum("preset", "ltnet", list(PRESETS), "Ablation preset: which loss terms are on.",
                       flag_values=fv)
     flags.DEFINE_bool("resume", False, "Continue the run in --model_dir from its last checkpoint.",
@@ -230,8 +232,10 @@ def _predict_flags() -> flags.FlagValues:
                         "FreeSurfer colour LUT, an ITK-SNAP label description file or a BIDS "
                         "dseg.tsv. Default: the run folder's, else FreeSurfer's names.",
                         flag_values=fv)
-    flags.DEFINE_enum("fusion", "local", ["majority", "local", "jlf"], "Label fusion of several "
-                      "atlases: majority vote, locally weighted voting, or joint label fusion.",
+    flags.DEFINE_enum("fusion", "jlf", ["majority", "local", "jlf"], "Label fusion of several "
+                      "atlases: joint label fusion (Wang et al. 2013; the most accurate on both "
+                      "validation sets, bench/results/fusion.md), majority vote, or locally "
+                      "weighted voting.",
                       flag_values=fv)
     flags.DEFINE_string("shard", None, "K/N: segment only the K-th of N shares of the sorted scan "
                         "list (for N processes or cluster jobs); the run's tables are written as "

@@ -37,7 +37,7 @@ class PredictOptions:
     align: str = "auto"
     refine: bool = True
     refinement: RefinementSettings = field(default_factory=RefinementSettings)
-    fusion: str = "local"
+    fusion: str = "jlf"  # measured best on both validation sets (bench/results/fusion.md)
     save_warped_atlas: bool = False
     save_flow: bool = False
     save_aligned: bool = False

@@ -226,12 +226,19 @@ PRESETS = {
 
 
 # Compute budgets: where a run can afford what. 'paper' is LT-Net as published (full resolution, a
-# GPU); 'cpu' is what trains in well under an hour on 2 CPU cores and reaches, with test-time
-# refinement at prediction, more than ANTs SyN (bench/results/accuracy.md; README).
+# GPU). 'cpu' trains in well under an hour on 2 CPU cores, at quarter resolution: with predict.py's
+# refinement it passes ANTs SyN, but refinement from the identity (no network) gets within 0.004
+# Dice of it. 'cpu_half' is the same U-Net at half resolution (~3x the step time): G_F's
+# displacement is then finer than refinement's coarse stage, and the network alone beats
+# refinement from the identity by 0.03-0.04 Dice at equal seconds per scan, where time is short
+# (bench/results/accuracy.md; README).
 PROFILES = {
     "paper": dict(),
     "cpu": dict(downsample=4, enc_features=[16, 32, 32], dec_features=[32, 32, 32, 16, 16],
                 g_learning_rate=1e-3, cycle_warmup_steps=100, steps=1500, checkpoint_every=100),
+    "cpu_half": dict(downsample=2, enc_features=[16, 32, 32], dec_features=[32, 32, 32, 16, 16],
+                     g_learning_rate=1e-3, cycle_warmup_steps=100, steps=1500,
+                     checkpoint_every=100),
 }
 
 
@@ -248,9 +255,9 @@ class RefinementSettings:
     export's ``segment_refined`` metadata, ``predict.py``'s flags and the benchmarks read them.
 
     Defaults measured on real brains (bench/results/refinement.md): ``coarse_steps`` on a grid
-    ``coarse_factor`` times coarser than the atlas (None: the network's working grid), then
-    ``steps`` at ``factor`` (2: half resolution); a learning rate of 0.2 voxels of the grid per step
-    at most; smoothness weight 4 (at the training weight, 1, a displacement free at every voxel
+    ``coarse_factor`` times coarser than the atlas (None: the network's working grid, but no finer
+    than the quarter grid), then ``steps`` at ``factor`` (2: half resolution); a learning rate of
+    0.2 voxels of the grid per step at most; smoothness weight 4 (at the training weight, 1, a displacement free at every voxel
     folded 1.5-2% of the brain for no better Dice).
     """
     steps: int = 10

@@ -52,7 +52,7 @@ class Predictor:
     """
 
     def __init__(self, atlases: AtlasSet, network=None, *, align: str = "auto",
-                 refinement: RefinementSettings = None, fusion_method: str = "local",
+                 refinement: RefinementSettings = None, fusion_method: str = "jlf",
                  alignment_settings: alignment_lib.AlignmentSettings = None):
         if align not in ("auto", "never"):
             raise ValueError(f"align must be auto or never, got {align!r}")

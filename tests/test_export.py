@@ -199,8 +199,8 @@ def test_layout_version_folder_and_metadata(runs):
                                      "shape": [None, *run.config.working_shape(), 3]}}}
     assert metadata["refinement"] == {
         "signature": "segment_refined", "factor": 2, "grid": [10, 9, 8], "learning_rate": 0.2,
-        "weight_smooth": 4.0, "coarse_factor": None, "recommended_steps": RefinementSettings().steps,
-        "recommended_coarse_steps": 0, "xla": False}
+        "weight_smooth": 4.0, "coarse_factor": 4, "recommended_steps": RefinementSettings().steps,
+        "recommended_coarse_steps": RefinementSettings().coarse_steps, "xla": False}
     assert metadata["signatures"]["register"]["inputs"] == {
         "atlas": {"dtype": "float32", "shape": grid},
         "atlas_labels": {"dtype": "int32", "shape": grid},

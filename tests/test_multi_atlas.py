@@ -209,8 +209,8 @@ def test_folders_of_atlases_are_matched_by_name(runs, dataset, atlas_files, tmp_
     assert [(a["name"], a["image"], a["labels"]) for a in record["atlases"]] == [
         (name, str(images / f"{name}.nii.gz"), str(labels / f"{name}.nii.gz"))
         for name in ("atlas", "b")]
-    assert record["fusion"] == "local"
-    expected = runs.get(("atlas", "b"), "local")
+    assert record["fusion"] == "jlf"  # predict.py's default
+    expected = runs.get(("atlas", "b"), "jlf")
     for name, segmentation in segmentations(out, runs.names).items():
         np.testing.assert_array_equal(segmentation, expected.segmentations[name])
 
