@@ -110,8 +110,9 @@ def merged_components(components) -> tuple:
     components = [(tf.convert_to_tensor(np.asarray(v, np.float32)), f) for v, f in components]
     if len(components) == 1:
         return tuple(components)
-    finest = min(components, key=lambda c: c[1])
-    shape, factor = finest[0].shape.as_list()[:3], finest[1]
+    factor = min(f for _, f in components)
+    # The finest grid's extent: the smallest among its fields (G_F's is padded for the U-Net).
+    shape = np.min([v.shape.as_list()[:3] for v, f in components if f == factor], axis=0).tolist()
     total = tf.add_n([inference.resample_displacement(values[None], f / factor, shape)[0]
                       for values, f in components])
     return ((total, factor),)

@@ -24,7 +24,7 @@ import shutil
 import numpy as np
 import pytest
 
-from ltnet_tf import cohort, synthetic
+from ltnet_tf import cohort, run_records, synthetic
 from ltnet_tf.config import RefinementSettings
 
 SHAPE = (32, 32, 32)
@@ -85,14 +85,14 @@ def test_growth_per_scan_sees_a_leak_and_ignores_a_one_off_step():
 def test_memory_does_not_grow_with_the_number_of_scans(many_scans, tmp_path, monkeypatch):
     demo, images, labels = many_scans
     after_scan = []
-    add = cohort._RunRecord.add
+    add = run_records.RunRecords.add
 
     def measured(self, *args, **kwargs):
         record = add(self, *args, **kwargs)
         after_scan.append(resident_bytes())
         return record
 
-    monkeypatch.setattr(cohort._RunRecord, "add", measured)
+    monkeypatch.setattr(run_records.RunRecords, "add", measured)
     options = cohort.PredictOptions(refinement=RefinementSettings(steps=2, coarse_steps=3))
     result = cohort.predict_files(images, str(tmp_path / "out"), labels, atlas=demo["atlas"],
                                   atlas_labels=demo["atlas_labels"], options=options)

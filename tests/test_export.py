@@ -128,7 +128,8 @@ def runs(tmp_path_factory):
                 other_atlas, other_labels, tf.constant(scans))),
             expected_refined=label_transfer.segment(tf.constant(scans), refinement=(
                 Refinement.for_label_transfer(label_transfer, factor=RefinementSettings().factor,
-                                              steps=REFINED_STEPS, jit_compile=export.REFINE_XLA)
+                                              steps=REFINED_STEPS, coarse_steps=0,
+                                              jit_compile=export.REFINE_XLA)
             ))["segmentation"].numpy())
     return runs
 
