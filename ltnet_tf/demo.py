@@ -84,7 +84,7 @@ def run_demo(workdir: str, steps: int, preset: str = "ltnet", seed: int = 0) -> 
     print(f"mean Dice on {len(test_scans)} held-out scans:")
     print(f"  no registration (atlas labels as they are):   {summary['dice_no_registration']:.3f}")
     print(f"  no training (predict.py --atlas: refinement): {summary['dice_no_training']:.3f}")
-    print(f"  LT-Net ({steps} steps), network alone:         {summary['dice_ltnet']:.3f}")
+    print(f"  {f'LT-Net ({steps} steps), network alone:':46s}{summary['dice_ltnet']:.3f}")
     print(f"  LT-Net + refinement (predict.py's default):   {summary['dice_ltnet_refined']:.3f}")
     print(f"segmentations and report.html: {os.path.join(workdir, 'segmentations')}/*/")
     print(f"model:         {model_dir}  (SavedModel in saved_model/, VoxelMorph G_F in generator.h5)")
