@@ -219,6 +219,10 @@ def load_scan(path) -> Volume:
         raise DataError(f"{path}: is empty/constant (every voxel is {low:g})"
                         + (": a mask that removed everything, or a failed conversion?"
                            if low == 0 else ""))
+    # C order: nibabel hands NIfTI/MGH voxels over in Fortran order, and every later step (numpy,
+    # TensorFlow) would otherwise pay a transposing copy of the whole scan (0.15 s at 256³ on 2
+    # cores, several times per scan); one here is paid while the previous scan is segmented.
+    data = np.ascontiguousarray(data)
     return Volume(data=data, affine=np.asarray(image.affine, dtype=np.float64), path=path,
                   header=image.header, header_conflict=_header_conflict(image, path))
 
@@ -240,7 +244,7 @@ def load_label_map(path) -> Volume:
     info = np.iinfo(np.int32)
     if raw.size and (raw.min() < info.min or raw.max() > info.max):
         raise DataError(f"{path}: label values do not fit in int32")
-    labels = raw.astype(np.int32)
+    labels = np.ascontiguousarray(raw, dtype=np.int32)  # C order, as load_scan
     if not np.any(labels):
         raise DataError(f"{path}: label map has no non-zero labels")
     return Volume(data=labels, affine=np.asarray(image.affine, dtype=np.float64), path=path,
@@ -279,6 +283,18 @@ def _output_dtype(data: np.ndarray, dtype):
     return np.dtype(np.float32)
 
 
+def _fortran_order(data: np.ndarray, dtype) -> np.ndarray:
+    """``data`` as ``dtype`` in Fortran order, the order NIfTI stores voxels in: nibabel writes such
+    an array as it is, and a C-ordered one through a slow transposing path (0.19 s against 0.04 s
+    for a 256³ label map). Copied one slab at a time, which keeps the transposition in cache."""
+    if data.ndim < 2 or data.flags["F_CONTIGUOUS"] or not data.flags["C_CONTIGUOUS"]:
+        return data.astype(dtype, copy=False)
+    out = np.empty(data.shape, dtype, order="F")
+    for start in range(0, data.shape[0], 16):
+        out[start:start + 16] = data[start:start + 16]
+    return out
+
+
 def save_nifti(data: np.ndarray, affine: np.ndarray, path, *, header=None, dtype=None) -> None:
     """Write a NIfTI atomically (temporary file then rename) so a crash never leaves half a file.
 
@@ -298,7 +314,7 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path, *, header=None, dtype
     if not os.access(folder, os.W_OK):
         raise DataError(f"{folder}: output folder is not writable")
 
-    image = nib.Nifti1Image(data.astype(out_dtype, copy=False), np.asarray(affine, np.float64),
+    image = nib.Nifti1Image(_fortran_order(data, out_dtype), np.asarray(affine, np.float64),
                             header=header)
     image.set_data_dtype(out_dtype)
     try:

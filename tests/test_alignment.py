@@ -234,6 +234,29 @@ def test_itk_transform_file_maps_points_as_the_alignment_does(tmp_path):
     assert np.allclose(moved_lps * [-1, -1, 1], expected_ras, atol=1e-6)
 
 
+def test_resampling_gives_the_same_voxels_in_either_memory_order():
+    """ITK reads a C-ordered and a Fortran-ordered array without a transposing copy; both give
+    scipy's values (linear, prefilter off) away from the edge, and each keeps its memory order."""
+    from scipy import ndimage
+
+    values = np.random.default_rng(0).random((20, 24, 28)).astype(np.float32)
+    matrix = np.eye(4)
+    matrix[:3, :3] = [[0.93, 0.11, 0.0], [-0.05, 1.07, 0.02], [0.03, 0.0, 0.81]]
+    matrix[:3, 3] = [1.37, -2.21, 0.73]
+    expected = ndimage.affine_transform(values, matrix[:3, :3], offset=matrix[:3, 3],
+                                        output_shape=(18, 22, 30), order=1, prefilter=False)
+    inside = ndimage.affine_transform(np.ones_like(values), matrix[:3, :3], offset=matrix[:3, 3],
+                                      output_shape=(18, 22, 30), order=0, prefilter=False,
+                                      cval=0) > 0
+    inside = ndimage.binary_erosion(inside, iterations=2)
+    assert inside.sum() > 1000
+    c_ordered = alignment.resample_voxels(values, matrix, (18, 22, 30), 1)
+    f_ordered = alignment.resample_voxels(np.asfortranarray(values), matrix, (18, 22, 30), 1)
+    assert c_ordered.flags["C_CONTIGUOUS"] and f_ordered.flags["F_CONTIGUOUS"]
+    np.testing.assert_allclose(c_ordered, f_ordered, atol=1e-6)
+    np.testing.assert_allclose(c_ordered[inside], expected[inside], atol=1e-5)
+
+
 def test_labels_resample_by_nearest_label():
     atlas = phantom()
     labels = data.Volume(synthetic.TISSUE_LABEL_IDS[synthetic.phantom_tissues(SHAPE)],

@@ -301,6 +301,32 @@ def test_save_nifti_is_atomic_and_keeps_affine_and_dtype(tmp_path):
     assert nib.load(str(tmp_path / "scan.nii")).get_data_dtype() == np.float32
 
 
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_save_nifti_writes_either_memory_order_voxel_for_voxel(tmp_path, order):
+    """Arrays longer than one copied slab along the first axis, 3D and 4D, in C and Fortran order."""
+    rng = np.random.default_rng(3)
+    for shape in [(37, 9, 10), (35, 6, 7, 3)]:
+        labels = np.asarray(rng.integers(0, 60, shape), np.int32, order=order)
+        path = tmp_path / f"labels{len(shape)}.nii.gz"
+        data.save_nifti(labels, AFFINE, path)
+        np.testing.assert_array_equal(np.asanyarray(nib.load(str(path)).dataobj), labels)
+
+
+def test_scans_and_label_maps_load_in_c_order(tmp_path):
+    """NIfTI stores voxels in Fortran order; the loaded arrays are C-ordered (what numpy and
+    TensorFlow use without a transposing copy), with the same voxel values."""
+    values = np.asfortranarray(np.random.default_rng(0).random((12, 13, 14), dtype=np.float32))
+    nib.save(nib.Nifti1Image(values, AFFINE), str(tmp_path / "scan.nii.gz"))
+    scan = data.load_scan(tmp_path / "scan.nii.gz")
+    assert scan.data.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(scan.data, values)
+    labels = np.asfortranarray((values > 0.5).astype(np.int16) * 17)
+    nib.save(nib.Nifti1Image(labels, AFFINE), str(tmp_path / "labels.nii.gz"))
+    label_map = data.load_label_map(tmp_path / "labels.nii.gz")
+    assert label_map.data.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(label_map.data, labels)
+
+
 def test_save_nifti_with_scaled_scan_header_keeps_label_values(tmp_path):
     """A uint8 scan with scl_slope 1/255 must not rescale the label map written with its header."""
     scan_image = nib.Nifti1Image((random_scan() * 255).astype(np.uint8), AFFINE)
