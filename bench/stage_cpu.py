@@ -1,0 +1,97 @@
+"""Wall and CPU seconds of each stage of a warm native scan, in one process: what the two cores
+of a machine could at best do with a scan if every stage kept both busy.
+
+    python -m bench.stage_cpu --model_dir RUN        # ~1 min on 2 CPU cores; RUN: train.py's folder
+
+sub-06 and sub-07 (native 256³, ../shared/data/native) are segmented ``--repeats`` times each by
+``prediction.Predictor`` with the trained network and predict.py's default refinement; the first
+round (tracing, compilation) is left out. Per stage: the median wall seconds and the median CPU
+seconds of the process (user + system, all threads, ``os.times``). The sum of the CPU seconds over
+the number of cores is a floor for a scan's wall time on that machine at these settings, whatever
+the overlap of stages or scans. Writes bench/results/stage_cpu.json and stage_cpu.md.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from ltnet_tf import compat  # noqa: F401
+from bench.provenance import DATA_DIR, command_line, git_commit, write_json
+
+import numpy as np
+from absl import app, flags
+
+from ltnet_tf import data
+from ltnet_tf.atlases import AtlasSet
+from ltnet_tf.config import RefinementSettings
+from ltnet_tf.native import brain_mask
+from ltnet_tf.prediction import Predictor
+from ltnet_tf.sources import RunFolderNetwork
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+flags.DEFINE_string("model_dir", None, "A trained run folder (train.py).")
+flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "
+                    "../shared/data beside the repository).")
+flags.DEFINE_integer("repeats", 4, "Rounds over the two scans (the first is not counted).")
+flags.DEFINE_string("results_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
+FLAGS = flags.FLAGS
+STAGES = ("align", "network + refine", "labels")
+
+
+def _clock():
+    times = os.times()
+    return time.perf_counter(), times.user + times.system
+
+
+def one_scan(predictor: Predictor, scan: data.Volume) -> dict:
+    """{stage: (wall s, CPU s)} of one scan, the stages as Predictor.segment runs them."""
+    marks = [_clock()]
+    alignment = predictor.aligner.align(scan)
+    aligned = alignment.resample_scan(scan)
+    marks.append(_clock())
+    displacement, _ = predictor._displacement(aligned, {})
+    marks.append(_clock())
+    predictor._labels(displacement, alignment.scan_voxel_to_atlas_voxel, scan.shape, None,
+                      brain_mask(scan.data))
+    marks.append(_clock())
+    return {stage: (after[0] - before[0], after[1] - before[1])
+            for stage, before, after in zip(STAGES, marks, marks[1:])}
+
+
+def main(argv):
+    del argv
+    atlases = AtlasSet.load([os.path.join(FLAGS.data_dir, "atlas.nii.gz")],
+                            [os.path.join(FLAGS.data_dir, "atlas_labels.nii.gz")])
+    predictor = Predictor(atlases, RunFolderNetwork(FLAGS.model_dir),
+                          refinement=RefinementSettings())
+    scans = [data.load_scan(os.path.join(FLAGS.data_dir, "native", "images", f"{s}.mgz"))
+             for s in ("sub-06", "sub-07")]
+    rounds = [[one_scan(predictor, scan) for scan in scans] for _ in range(FLAGS.repeats)]
+    warm = [record for round_ in rounds[1:] for record in round_]
+    stages = {stage: {"wall_s": float(np.median([r[stage][0] for r in warm])),
+                      "cpu_s": float(np.median([r[stage][1] for r in warm]))} for stage in STAGES}
+    cores = os.cpu_count()
+    cpu_total = sum(s["cpu_s"] for s in stages.values())
+    results = {"commit": git_commit(), "command": command_line(), "cores": cores,
+               "warm_scans": len(warm), "stages": stages,
+               "wall_s": sum(s["wall_s"] for s in stages.values()), "cpu_s": cpu_total,
+               "floor_s": cpu_total / cores}
+    write_json(results, os.path.join(FLAGS.results_dir, "stage_cpu.json"))
+    lines = ["# A warm native scan's stages: wall and CPU seconds", "",
+             f"sub-06 and sub-07 (native 256³), {len(warm)} warm scans, medians; trained network, "
+             f"predict.py's default refinement, one atlas; {cores} cores.", "",
+             "| stage | wall s | CPU s |", "|---|---|---|"]
+    lines += [f"| {name} | {s['wall_s']:.2f} | {s['cpu_s']:.2f} |" for name, s in stages.items()]
+    lines += [f"| **sum** | **{results['wall_s']:.2f}** | **{cpu_total:.2f}** |", "",
+              f"CPU seconds over the {cores} cores: **{results['floor_s']:.2f} s**, a floor for a "
+              "scan's wall time here at these settings, however stages or scans overlap (reading "
+              "and writing the files come on top).", "",
+              f"Command: `{results['command']}` at `{results['commit']}`.", ""]
+    with open(os.path.join(FLAGS.results_dir, "stage_cpu.md"), "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("model_dir")
+    app.run(main)
