@@ -72,14 +72,18 @@ def main(argv):
                       "cpu_s": float(np.median([r[stage][1] for r in warm]))} for stage in STAGES}
     cores = os.cpu_count()
     cpu_total = sum(s["cpu_s"] for s in stages.values())
-    results = {"commit": git_commit(), "command": command_line(), "cores": cores,
+    command = command_line().replace(os.path.abspath(FLAGS.model_dir), "RUN")
+    config = predictor.network.config
+    results = {"commit": git_commit(), "command": command, "cores": cores,
+               "model": {"path": "RUN", "downsample": config.downsample, "steps": config.steps},
                "warm_scans": len(warm), "stages": stages,
                "wall_s": sum(s["wall_s"] for s in stages.values()), "cpu_s": cpu_total,
                "floor_s": cpu_total / cores}
     write_json(results, os.path.join(FLAGS.results_dir, "stage_cpu.json"))
     lines = ["# A warm native scan's stages: wall and CPU seconds", "",
              f"sub-06 and sub-07 (native 256³), {len(warm)} warm scans, medians; trained network, "
-             f"predict.py's default refinement, one atlas; {cores} cores.", "",
+             f"predict.py's default refinement, one atlas; {cores} cores. RUN: a run folder of "
+             f"train.py (working grid 1/{config.downsample}, {config.steps} steps).", "",
              "| stage | wall s | CPU s |", "|---|---|---|"]
     lines += [f"| {name} | {s['wall_s']:.2f} | {s['cpu_s']:.2f} |" for name, s in stages.items()]
     lines += [f"| **sum** | **{results['wall_s']:.2f}** | **{cpu_total:.2f}** |", "",
