@@ -100,6 +100,8 @@ flags.DEFINE_list("ants_subjects", ["all"], "Validation subjects the ANTs config
                   "(e.g. sub-06,1000), all, or none.")
 flags.DEFINE_float("ants_spacing", None, "ANTs registers images resampled to this voxel size "
                    "in mm (default: the full grid); labels and fusion stay on the full grid.")
+flags.DEFINE_bool("ants_histogram_match", True, "Histogram-match each warped atlas to the scan "
+                  "before ants.joint_label_fusion (bench.anchors.AntsJointLabelFusion).")
 flags.DEFINE_integer("ants_search_radius", 3, "Search radius of ants.joint_label_fusion "
                      "(antspyx's default 3).")
 flags.DEFINE_bool("merge", True, "Keep the entries of an existing fusion.json that are not "
@@ -349,13 +351,15 @@ def evaluate_ants(names: list, cases: list, results: Results) -> None:
     pairs = atlas_pairs()[:max(count for _, count in rules.values())]
     segmenter = anchors.AntsAtlasFusions([p for p, _ in pairs], [p for _, p in pairs], rules,
                                          spacing=FLAGS.ants_spacing,
-                                         search_radius=FLAGS.ants_search_radius)
+                                         search_radius=FLAGS.ants_search_radius,
+                                         histogram_match=FLAGS.ants_histogram_match)
     print(f"=== {', '.join(names)}: {len(pairs)} atlases registered once per scan, on "
           f"{', '.join(c.subject for c in cases)}; loaded in {segmenter.load_seconds:.1f} s",
           flush=True)
     settings = {"subjects": {s: [c.subject for c in cases if c.set_name == s]
                              for s in _totals(cases)},
                 "spacing_mm": FLAGS.ants_spacing, "search_radius": FLAGS.ants_search_radius,
+                "histogram_match": FLAGS.ants_histogram_match,
                 "intensity_scale": segmenter.intensity_scale,
                 "registrations_shared_by": names,
                 "seconds_counted": fusion_report.ANTS_SECONDS}
