@@ -187,25 +187,24 @@ def resample_voxels(values: np.ndarray, output_to_input: np.ndarray, output_shap
 
     values = np.asarray(values)
     matrix = np.asarray(output_to_input, float)
-    if not values.flags["C_CONTIGUOUS"] and values.flags["F_CONTIGUOUS"]:
-        values = values.T  # the same voxels as a C-ordered array of reversed axes: no copy
-        matrix = _REVERSED_AXES @ matrix @ _REVERSED_AXES
-        output_shape = tuple(output_shape)[::-1]
-        transpose = True
+    # SimpleITK's index (x, y, z) runs over a C-ordered array's axes in reverse. A Fortran-ordered
+    # array, transposed (a view), is C-ordered with its axes reversed: the map applies as it is. A
+    # C-ordered one goes in as it is, with the map's axes reversed. Neither is copied.
+    fortran = values.flags["F_CONTIGUOUS"] and not values.flags["C_CONTIGUOUS"]
+    if fortran:
+        values, size = values.T, tuple(output_shape)
     else:
-        values, transpose = np.ascontiguousarray(values), False
-    # SimpleITK's index (x, y, z) runs over numpy's axes in reverse: with the voxel map's axes
-    # reversed as well, the C-ordered array goes in and comes out without a transposing copy.
-    matrix = _REVERSED_AXES @ matrix @ _REVERSED_AXES
+        values, size = np.ascontiguousarray(values), tuple(output_shape)[::-1]
+        matrix = _REVERSED_AXES @ matrix @ _REVERSED_AXES
     image = sitk.GetImageFromArray(values)
     transform = sitk.AffineTransform(3)
     transform.SetMatrix([float(v) for v in matrix[:3, :3].ravel()])
     transform.SetTranslation([float(v) for v in matrix[:3, 3]])
-    reference = sitk.Image([int(s) for s in tuple(output_shape)[::-1]], image.GetPixelID())
+    reference = sitk.Image([int(s) for s in size], image.GetPixelID())
     resampled = sitk.Resample(image, reference, transform,
                               sitk.sitkLinear if order == 1 else sitk.sitkNearestNeighbor, 0)
     resampled = sitk.GetArrayFromImage(resampled)
-    return resampled.T if transpose else resampled
+    return resampled.T if fortran else resampled
 
 
 _REVERSED_AXES = np.eye(4)[[2, 1, 0, 3]]  # voxel (i, j, k) <-> (k, j, i)
