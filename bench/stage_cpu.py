@@ -5,15 +5,14 @@ of a machine could at best do with a scan if every stage kept both busy.
 
 sub-06 and sub-07 (native 256³, ../shared/data/native) are segmented ``--repeats`` times each by
 ``prediction.Predictor`` with the trained network and predict.py's default refinement; the first
-round (tracing, compilation) is left out. Per stage: the median wall seconds and the median CPU
-seconds of the process (user + system, all threads, ``os.times``). The sum of the CPU seconds over
-the number of cores is a floor for a scan's wall time on that machine at these settings, whatever
-the overlap of stages or scans. Writes bench/results/stage_cpu.json and stage_cpu.md.
+round (tracing, compilation) is left out. Per stage (``Predictor.segment``'s own stage clock):
+the median wall seconds and the median CPU seconds of the process (user + system, all threads).
+The sum of the CPU seconds over the number of cores is a floor for a scan's wall time on that
+machine at these settings, whatever the overlap of stages or scans. Writes bench/results/stage_cpu.json and stage_cpu.md.
 """
 from __future__ import annotations
 
 import os
-import time
 
 from ltnet_tf import compat  # noqa: F401
 from bench.provenance import DATA_DIR, command_line, git_commit, write_json
@@ -24,7 +23,6 @@ from absl import app, flags
 from ltnet_tf import data
 from ltnet_tf.atlases import AtlasSet
 from ltnet_tf.config import RefinementSettings
-from ltnet_tf.native import brain_mask
 from ltnet_tf.prediction import Predictor
 from ltnet_tf.sources import RunFolderNetwork
 
@@ -35,27 +33,7 @@ flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_
 flags.DEFINE_integer("repeats", 4, "Rounds over the two scans (the first is not counted).")
 flags.DEFINE_string("results_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
 FLAGS = flags.FLAGS
-STAGES = ("align", "network + refine", "labels")
-
-
-def _clock():
-    times = os.times()
-    return time.perf_counter(), times.user + times.system
-
-
-def one_scan(predictor: Predictor, scan: data.Volume) -> dict:
-    """{stage: (wall s, CPU s)} of one scan, the stages as Predictor.segment runs them."""
-    marks = [_clock()]
-    alignment = predictor.aligner.align(scan)
-    aligned = alignment.resample_scan(scan)
-    marks.append(_clock())
-    displacement, _ = predictor._displacement(aligned, {})
-    marks.append(_clock())
-    predictor._labels(displacement, alignment.scan_voxel_to_atlas_voxel, scan.shape, None,
-                      brain_mask(scan.data))
-    marks.append(_clock())
-    return {stage: (after[0] - before[0], after[1] - before[1])
-            for stage, before, after in zip(STAGES, marks, marks[1:])}
+STAGES = ("align", "network", "refine", "labels")
 
 
 def main(argv):
@@ -66,10 +44,11 @@ def main(argv):
                           refinement=RefinementSettings())
     scans = [data.load_scan(os.path.join(FLAGS.data_dir, "native", "images", f"{s}.mgz"))
              for s in ("sub-06", "sub-07")]
-    rounds = [[one_scan(predictor, scan) for scan in scans] for _ in range(FLAGS.repeats)]
-    warm = [record for round_ in rounds[1:] for record in round_]
-    stages = {stage: {"wall_s": float(np.median([r[stage][0] for r in warm])),
-                      "cpu_s": float(np.median([r[stage][1] for r in warm]))} for stage in STAGES}
+    rounds = [[predictor.segment(scan) for scan in scans] for _ in range(FLAGS.repeats)]
+    warm = [result for round_ in rounds[1:] for result in round_]
+    stages = {stage: {"wall_s": float(np.median([r["seconds"][stage] for r in warm])),
+                      "cpu_s": float(np.median([r["cpu_seconds"][stage] for r in warm]))}
+              for stage in STAGES}
     cores = os.cpu_count()
     cpu_total = sum(s["cpu_s"] for s in stages.values())
     command = command_line().replace(os.path.abspath(FLAGS.model_dir), "RUN")

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from ltnet_tf import compat  # noqa: F401
 
+import contextlib
+import os
 import time
 
 import numpy as np
@@ -39,6 +41,26 @@ def check_scan(scan: data.Volume, aligner: alignment_lib.AtlasAligner, align: st
         raise data.DataError(f"{scan.path}: shape {tuple(scan.shape)} differs from the atlas "
                              f"grid {tuple(atlas.shape)} (use --align auto to align scans on "
                              f"other grids)")
+
+
+class StageClock:
+    """Wall and CPU seconds (the process's, all threads: what the stage costs the machine) of named
+    stages: ``with clock("align"): ...`` -> ``seconds`` and ``cpu_seconds`` {stage: s}."""
+
+    def __init__(self):
+        self.seconds, self.cpu_seconds = {}, {}
+
+    @staticmethod
+    def _cpu() -> float:
+        times = os.times()
+        return times.user + times.system
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        wall, cpu = time.time(), self._cpu()
+        yield
+        self.seconds[stage] = time.time() - wall
+        self.cpu_seconds[stage] = self._cpu() - cpu
 
 
 class Predictor:
@@ -97,31 +119,30 @@ class Predictor:
         in one call)}, with ``keep_aligned`` also
         'aligned_scan', 'aligned_segmentation' (atlas grid), with ``extras`` the primary atlas's
         'flow' [D, H, W, 3] and 'warped_atlas' [D, H, W, 1] (atlas grid); with ``probabilities``
-        (label IDs) 'probabilities' [L, *scan grid] uint8 (x 255), each label's fused share."""
-        seconds = {}
-        start = time.time()
-        alignment = (self.aligner.align(scan) if self.needs_alignment(scan)
-                     else alignment_lib.identity(self.atlas, scan))
-        aligned = alignment.resample_scan(scan)
-        seconds["align"] = time.time() - start
-        result = {"alignment": alignment, "seconds": seconds, "refinement": None,
-                  "displacement": None}
+        (label IDs) 'probabilities' [L, *scan grid] uint8 (x 255), each label's fused share;
+        'cpu_seconds' {stage: s} is the CPU time of each stage of 'seconds'."""
+        clock = StageClock()
+        with clock("align"):
+            alignment = (self.aligner.align(scan) if self.needs_alignment(scan)
+                         else alignment_lib.identity(self.atlas, scan))
+            aligned = alignment.resample_scan(scan)
+        result = {"alignment": alignment, "seconds": clock.seconds,
+                  "cpu_seconds": clock.cpu_seconds, "refinement": None, "displacement": None}
         if alignment.skipped and self.refiner is None and not (keep_aligned or probabilities):
-            start = time.time()  # network and label warp in one call (one graph)
-            result.update(self.network.segment(aligned, extras=extras))
-            seconds["network_and_labels"] = time.time() - start
+            with clock("network_and_labels"):  # network and label warp in one call (one graph)
+                result.update(self.network.segment(aligned, extras=extras))
             return result
-        displacement, refined = self._displacement(aligned, seconds)
+        displacement, refined = self._displacement(aligned, clock)
         result["displacement"] = displacement
-        start = time.time()
-        weights = self._fusion_weights(aligned, refined)
-        native_to_grid = np.eye(4) if alignment.skipped else alignment.scan_voxel_to_atlas_voxel
-        labels = self._labels(displacement, native_to_grid, scan.shape, weights,
-                              brain_mask(scan.data), probabilities)
-        if probabilities:
-            labels, result["probabilities"] = labels
-        result["segmentation"] = labels
-        seconds["labels"] = time.time() - start
+        with clock("labels"):
+            weights = self._fusion_weights(aligned, refined)
+            native_to_grid = (np.eye(4) if alignment.skipped
+                              else alignment.scan_voxel_to_atlas_voxel)
+            labels = self._labels(displacement, native_to_grid, scan.shape, weights,
+                                  brain_mask(scan.data), probabilities)
+            if probabilities:
+                labels, result["probabilities"] = labels
+            result["segmentation"] = labels
         if refined is not None:
             result["refinement"] = {"loss_start": refined["loss_start"].tolist(),
                                     "loss": refined["loss"].tolist()}
@@ -136,24 +157,21 @@ class Predictor:
             result.update(flow=flow, warped_atlas=self._warped_atlas(flow))
         return result
 
-    def _displacement(self, aligned: data.Volume, seconds: dict) -> tuple:
+    def _displacement(self, aligned: data.Volume, clock: StageClock) -> tuple:
         """(``inference.Displacement`` with one element per atlas, the refinement's numpy outputs
         or None)."""
-        start = time.time()
         flow_working = None
         if self.network is not None:
-            flow_working = self.network.working_displacement(aligned)[None]
-            if len(self.atlases) > 1:  # the other atlases start from the identity
-                flow_working = np.concatenate(
-                    [flow_working, np.zeros((len(self.atlases) - 1, *flow_working.shape[1:]),
-                                            np.float32)])
-            seconds["network"] = time.time() - start
+            with clock("network"):
+                flow_working = self.network.working_displacement(aligned)[None]
+                if len(self.atlases) > 1:  # the other atlases start from the identity
+                    flow_working = np.concatenate(
+                        [flow_working, np.zeros((len(self.atlases) - 1, *flow_working.shape[1:]),
+                                                np.float32)])
         if self.refiner is None:
             return inference.Displacement([(flow_working, self.config.downsample)]), None
-        start = time.time()
-        displacement, refined = self.refiner(aligned, flow_working)
-        seconds["refine"] = time.time() - start
-        return displacement, refined
+        with clock("refine"):
+            return self.refiner(aligned, flow_working)
 
     def _fusion_weights(self, aligned: data.Volume, refined):
         """Per-atlas weight maps on the refinement's fine grid [A, *grid], or None (one atlas,

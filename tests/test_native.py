@@ -153,3 +153,22 @@ def test_train_and_predict_on_scans_on_their_own_grids(tmp_path, monkeypatch, ca
     assert report["scans"]["scan_00"]["alignment"]["skipped"] is True
     assert nib.load(out_on_grid / "scan_00_seg.nii.gz").shape == shape
     assert not (out_on_grid / "scan_00_affine.txt").exists()
+
+
+def test_stage_clock_counts_wall_and_cpu_seconds_apart():
+    """A stage that sleeps takes wall time but almost no CPU; one that computes takes both. The
+    benchmarks read the CPU seconds to know what a scan costs the machine's cores."""
+    import time
+
+    from ltnet_tf.prediction import StageClock
+
+    clock = StageClock()
+    with clock("sleep"):
+        time.sleep(0.3)
+    with clock("compute"):
+        deadline = time.time() + 0.3
+        while time.time() < deadline:
+            sum(range(1000))
+    assert set(clock.seconds) == set(clock.cpu_seconds) == {"sleep", "compute"}
+    assert clock.seconds["sleep"] >= 0.3 and clock.cpu_seconds["sleep"] < 0.1
+    assert clock.cpu_seconds["compute"] >= 0.2
