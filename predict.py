@@ -1,6 +1,6 @@
 import sys
 
-from ltnet_tf.cli import predict_main
+from ltnet_tf.commands.cli import predict_main
 
 if __name__ == "__main__":
     sys.exit(predict_main(sys.argv))

@@ -34,10 +34,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "ltnet-train=ltnet_tf.cli:train_entry",
-            "ltnet-predict=ltnet_tf.cli:predict_entry",
-            "ltnet-export=ltnet_tf.cli:export_entry",
-            "ltnet-demo=ltnet_tf.demo:entry",
+            "ltnet-train=ltnet_tf.commands.cli:train_entry",
+            "ltnet-predict=ltnet_tf.commands.cli:predict_entry",
+            "ltnet-export=ltnet_tf.commands.cli:export_entry",
+            "ltnet-demo=ltnet_tf.commands.demo:entry",
         ],
     },
 )

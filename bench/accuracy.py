@@ -10,10 +10,10 @@ grid at full resolution:
     shared       sub-06, sub-07 of ../shared/data (FreeSurfer aseg labels, aligned to the atlas)
     miccai2012   MICCAI 2012 1000-1008 (manual labels of another protocol: they compare methods,
                  not absolute accuracy), each aligned affinely to the atlas once by
-                 ltnet_tf.alignment and cached, so every method reads the same input
+                 ltnet_tf.registration.alignment and cached, so every method reads the same input
 
 Configurations (``bench/anchors.py`` holds the segmenters; the product's go through
-``ltnet_tf.prediction.Predictor``, exactly as predict.py):
+``ltnet_tf.prediction.predictor.Predictor``, exactly as predict.py):
 
     affine                    the atlas labels as they are (no registration): the floor
     ants_syn, ants_syn_half   ANTs SyN with antspyx's defaults, on the full grid / on 2 mm grids
@@ -53,9 +53,10 @@ import numpy as np
 from absl import app, flags
 
 from bench import anchors
-from ltnet_tf import cli, data, evaluation
+from ltnet_tf.commands import cli
 from ltnet_tf.config import RefinementSettings
-from ltnet_tf.labels import BENCHMARK_LABELS, structure_name
+from ltnet_tf.io import evaluation, volumes as data
+from ltnet_tf.io.labels import BENCHMARK_LABELS, structure_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINED = ("voxelmorph", "voxelmorph_gan", "voxelmorph_cycle", "ltnet")
@@ -483,7 +484,7 @@ def validation_cases() -> tuple:
             info[s] = {"subjects": list(FLAGS.miccai_subjects),
                        "note": "Manual Neuromorphometrics labels mapped to FreeSurfer IDs (another "
                                "protocol: compares methods, not absolute accuracy); each scan "
-                               "aligned affinely to the atlas once by ltnet_tf.alignment, labels "
+                               "aligned affinely to the atlas once by ltnet_tf.registration.alignment, labels "
                                "by nearest label; every method reads these.",
                        "alignment": manifest}
     return cases, info

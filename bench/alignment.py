@@ -7,7 +7,7 @@ in two other contrasts made inside its brain mask: inverted (T2-like) and FLAIR-
 matter brighter than white). Then broken inputs made from native sub-06: its header turned upside
 down, its first two voxel axes swapped under the same header, a smooth noise volume of brain size
 (box-shaped, and inside sub-06's brain mask); and sub-06 x4 as int16 with 60 background voxels at
-+-32,000, which must align as sub-06 does. The thresholds in ``ltnet_tf.alignment.AlignmentSettings``
++-32,000, which must align as sub-06 does. The thresholds in ``ltnet_tf.registration.alignment.AlignmentSettings``
 (brain overlap, intensity correlation, contrast correlation) sit between the groups. Writes
 bench/results/alignment.json and alignment.md.
 """
@@ -24,7 +24,8 @@ import numpy as np
 from absl import app, flags
 from scipy import ndimage
 
-from ltnet_tf import alignment, data
+from ltnet_tf.io import volumes as data
+from ltnet_tf.registration import alignment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "

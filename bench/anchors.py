@@ -31,7 +31,7 @@ import time
 import nibabel as nib
 import numpy as np
 
-from ltnet_tf import data, evaluation
+from ltnet_tf.io import evaluation, volumes as data
 
 SHARED_SUBJECTS = ("sub-06", "sub-07")
 MICCAI_SUBJECTS = ("1000", "1001", "1002", "1006", "1007", "1008")
@@ -60,9 +60,9 @@ def _source_hash(path: str) -> str:
 
 
 def miccai_cases(data_dir: str, cache_dir: str, subjects=MICCAI_SUBJECTS, log=print) -> tuple:
-    """MICCAI 2012 subjects aligned once to the atlas (``ltnet_tf.alignment``), cached as NIfTI on
+    """MICCAI 2012 subjects aligned once to the atlas (``ltnet_tf.registration.alignment``), cached as NIfTI on
     the atlas grid so that every method reads the same input. -> (cases, manifest)."""
-    from ltnet_tf import alignment
+    from ltnet_tf.registration import alignment
 
     source = os.path.join(data_dir, "miccai2012")
     manifest_path = os.path.join(cache_dir, "alignment.json")
@@ -276,7 +276,7 @@ class AntsJointLabelFusion(_AntsAtlases):
     Images go in multiplied by ``intensity_scale``: ANTs floors each patch's standard deviation at
     1 intensity unit before standardising, which on the [0, 1] intensities read from the shared
     data would leave patches unscaled and the joint errors far below alpha, i.e. weights ~ equal
-    (sub-01 against sub-06 on 2 mm grids, ``ltnet_tf.fusion``'s errors with that floor: median
+    (sub-01 against sub-06 on 2 mm grids, ``ltnet_tf.registration.fusion``'s errors with that floor: median
     1e-5 against alpha 0.01; at 255, the files' stored uint8 scale, 0.5).
     The search costs (2·3 + 1)³ patch comparisons per voxel and atlas: ~160 µs per voxel and
     atlas on 2 cores (a 40³ crop of sub-06), ~6 min per atlas over a 1 mm brain's 2.3M voxels;
@@ -315,7 +315,7 @@ class AntsJointLabelFusion(_AntsAtlases):
 
 
 def _majority_vote(scan, warped_labels) -> np.ndarray:
-    from ltnet_tf import fusion
+    from ltnet_tf.registration import fusion
     candidates = np.stack([np.rint(labels.numpy()).astype(np.int32).ravel()
                            for labels in warped_labels])
     return fusion.fuse_labels(candidates).reshape(scan.shape)
@@ -323,7 +323,7 @@ def _majority_vote(scan, warped_labels) -> np.ndarray:
 
 class AntsMajorityVote(_AntsAtlases):
     """The SyN-warped atlas labels (``genericLabel``) fused by majority vote
-    (``ltnet_tf.fusion.fuse_labels``: ties go to the label of the first atlas listed)."""
+    (``ltnet_tf.registration.fusion.fuse_labels``: ties go to the label of the first atlas listed)."""
 
     method = "majority vote of the warped labels (ties: first atlas)"
 
@@ -402,14 +402,14 @@ class AntsAtlasFusions(AntsJointLabelFusion):
 
 
 class Product:
-    """The product's own per-scan pipeline (``ltnet_tf.prediction.Predictor``), as predict.py runs
+    """The product's own per-scan pipeline (``ltnet_tf.prediction.predictor.Predictor``), as predict.py runs
     it on a scan on the atlas grid: a run folder's G_F (``model_dir``) or none (registration from
     the identity), refined with ``refinement`` (a ``RefinementSettings``) or not (network alone),
     one atlas or several (``atlases``: [(image path, label path)], fused with ``fusion``)."""
 
     def __init__(self, model_dir: str = None, refinement=None, atlases=None,
                  fusion: str = "jlf"):
-        from ltnet_tf import cohort, prediction, sources
+        from ltnet_tf.prediction import cohort, predictor as prediction, sources
 
         start = time.time()
         network = None if model_dir is None else sources.RunFolderNetwork(model_dir)
@@ -442,7 +442,7 @@ class Product:
         seconds = time.time() - start
         displacement = result["displacement"]
         if displacement is None:  # the network alone segmented in one call: its displacement
-            from ltnet_tf.inference import Displacement
+            from ltnet_tf.registration.transfer import Displacement
 
             network = self.predictor.network
             displacement = Displacement([(network.working_displacement(scan)[None],

@@ -8,7 +8,7 @@
               warm ones), and of the process: wall time from start to exit, peak resident
               memory (``os.wait4``), CPU seconds, load average at start and end
     dice      both versions' segmentations at equal settings, Dice on the 28 structures of the
-              benchmark (``ltnet_tf.evaluation``): the native set (sub-06/07, FreeSurfer aseg)
+              benchmark (``ltnet_tf.io.evaluation``): the native set (sub-06/07, FreeSurfer aseg)
               and MICCAI 2012 subjects on their own grids (manual labels; a separate, untimed
               pass)
     memory    the current predict.py (--noqc) on 2 and on 100 small copies of a native scan
@@ -45,7 +45,7 @@ import numpy as np
 from absl import app, flags
 
 from bench import cohort_inputs, cohort_report, measured
-from ltnet_tf.labels import BENCHMARK_LABELS
+from ltnet_tf.io.labels import BENCHMARK_LABELS
 
 PARTS = ("stages", "dice", "memory", "refusal")
 # The benchmarks' MICCAI 2012 validation subjects (as bench/anchors.py, which imports TensorFlow).

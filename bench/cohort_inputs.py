@@ -2,7 +2,7 @@
 (symlinks), small copies of a scan for the memory part, bad inputs for the refusal part, Dice
 against reference label maps and voxel differences between two output folders.
 
-Nothing here imports TensorFlow (nibabel, numpy, ltnet_tf.evaluation only).
+Nothing here imports TensorFlow (nibabel, numpy, ltnet_tf.io.evaluation only).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import nibabel as nib
 import nibabel.processing
 import numpy as np
 
-from ltnet_tf import evaluation
-from ltnet_tf.labels import BENCHMARK_LABELS, structure_name
+from ltnet_tf.io import evaluation
+from ltnet_tf.io.labels import BENCHMARK_LABELS, structure_name
 
 
 def native_cohort(data_dir: str, work: str, scans, copies: int) -> str:

@@ -13,7 +13,7 @@ Atlases: the primary atlas of ../shared/data (atlas.nii.gz, atlas_labels.nii.gz)
 ``--extra_atlases`` (default sub-01..04 of images/ and labels/, on the atlas grid; never a
 validation subject). A configuration of N atlases uses the primary one and the first N - 1 extra:
 
-    atlases_<N>          the product (``anchors.Product``: ``ltnet_tf.prediction.Predictor`` as
+    atlases_<N>          the product (``anchors.Product``: ``ltnet_tf.prediction.predictor.Predictor`` as
                          predict.py runs it) with N atlases fused by its default rule, joint
                          label fusion; ``atlases_1`` is the one-shot result
     atlases_<N>_<rule>   the same with the fusion rule majority, local or jlf
@@ -42,7 +42,7 @@ the (primary atlas's) deformation in the brain.
 
     python -m bench.fusion                                  # everything (hours: ANTs JLF)
     python -m bench.fusion --ants_subjects sub-06,1000      # ANTs on two scans only
-    python -m bench.fusion --parts speed                    # ltnet_tf.fusion's own speed, ~1 min
+    python -m bench.fusion --parts speed                    # ltnet_tf.registration.fusion's own speed, ~1 min
 
 Writes bench/results/fusion.json ({"command", "git_commit", "machine", "sets": {set: {config:
 figures}}, "set_info", "speed"}) and fusion.md after every scan, so a long run leaves partial
@@ -64,9 +64,9 @@ import numpy as np
 from absl import app, flags
 
 from bench import anchors, fusion_report
-from ltnet_tf import data, evaluation
 from ltnet_tf.config import RefinementSettings
-from ltnet_tf.labels import BENCHMARK_LABELS, structure_name
+from ltnet_tf.io import evaluation, volumes as data
+from ltnet_tf.io.labels import BENCHMARK_LABELS, structure_name
 
 SETS = ("shared", "miccai2012")
 PARTS = ("dice", "speed")
@@ -84,7 +84,7 @@ flags.DEFINE_string("work_dir", os.path.join(ROOT, "bench", "scratch", "fusion")
                     "Aligned MICCAI scans, segmentations.")
 flags.DEFINE_string("results_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
 flags.DEFINE_list("parts", list(PARTS), "dice: the configurations on the validation sets; "
-                  "speed: ltnet_tf.fusion's own timings on affinely aligned atlases.")
+                  "speed: ltnet_tf.registration.fusion's own timings on affinely aligned atlases.")
 flags.DEFINE_list("configs", list(CONFIGS), "Configurations, in this order (module docstring); "
                   "the ANTs ones run together, where the first of them is listed.")
 flags.DEFINE_list("sets", list(SETS), "Validation sets.")
@@ -189,7 +189,7 @@ def validation_cases() -> tuple:
                 FLAGS.data_dir, os.path.join(FLAGS.work_dir, "miccai2012_aligned"), subjects)
             note = {"note": "Manual Neuromorphometrics labels mapped to FreeSurfer IDs (another "
                             "protocol: compares methods, not absolute accuracy); each scan "
-                            "aligned affinely to the atlas once by ltnet_tf.alignment; every "
+                            "aligned affinely to the atlas once by ltnet_tf.registration.alignment; every "
                             "method reads these.", "alignment": manifest}
         if not subjects:
             print(f"set {s}: no subject of --subjects in it; left out", flush=True)

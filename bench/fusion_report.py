@@ -4,14 +4,14 @@ Per validation set: Dice and seconds per scan of every configuration, the ratio 
 ANTs joint label fusion's and its Dice minus the one-shot result's (``atlases_1``), both on the
 subjects the two have in common; per-subject and per-structure figures; seconds per stage. Then the
 ANTs settings and the exact subjects ANTs ran on, each configuration's method and command, and the
-speed part of ``ltnet_tf.fusion``.
+speed part of ``ltnet_tf.registration.fusion``.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ltnet_tf.files import atomic_write
-from ltnet_tf.labels import BENCHMARK_LABELS, structure_name
+from ltnet_tf.io.labels import BENCHMARK_LABELS, structure_name
 
 ONE_SHOT = "atlases_1"
 ANTS_SECONDS = ("what each ANTs configuration would take alone: reading the scan (and resampling "
@@ -181,7 +181,7 @@ def _methods(sets: dict) -> list:
 
 
 def _speed_section(speed: dict) -> list:
-    lines = ["## Speed of `ltnet_tf.fusion` (`--parts speed`)", "",
+    lines = ["## Speed of `ltnet_tf.registration.fusion` (`--parts speed`)", "",
              f"`{speed['command']}`, commit `{speed['git_commit'][:12]}`, {speed['machine']}; "
              f"load average {speed['load_average_at_start']} at the start, "
              f"{speed['load_average_at_end']} at the end (1, 5, 15 min; other users' jobs). "

@@ -1,4 +1,4 @@
-"""Speed and memory of ``ltnet_tf.fusion`` at realistic sizes, and its joint label fusion against
+"""Speed and memory of ``ltnet_tf.registration.fusion`` at realistic sizes, and its joint label fusion against
 the exact (per-patch) formulation: the ``speed`` part of ``python -m bench.fusion``.
 
 Atlases sub-01..05 and the scan sub-06 of ../shared/data are already affinely aligned on one
@@ -30,8 +30,9 @@ import tracemalloc
 import numpy as np
 import tensorflow as tf
 
-from ltnet_tf import data, evaluation, fusion
-from ltnet_tf.labels import BENCHMARK_LABELS
+from ltnet_tf.io import evaluation, volumes as data
+from ltnet_tf.io.labels import BENCHMARK_LABELS
+from ltnet_tf.registration import fusion
 
 
 def timed(function, repeats):

@@ -12,9 +12,9 @@ from ltnet_tf import compat  # noqa: F401
 import tensorflow as tf
 from absl import app, flags
 
-from ltnet_tf import data
-from ltnet_tf.modeldir import ModelDir
-from ltnet_tf.training import build_model, make_checkpoint
+from ltnet_tf.io import volumes as data
+from ltnet_tf.serving.modeldir import ModelDir
+from ltnet_tf.training.trainer import build_model, make_checkpoint
 
 flags.DEFINE_string("model_dir", None, "A training run folder (its last checkpoint is used).")
 flags.DEFINE_string("scan", None, "An unlabelled scan on the atlas grid.")

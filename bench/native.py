@@ -33,7 +33,9 @@ import time
 import numpy as np
 from absl import app, flags
 
-from ltnet_tf import alignment, cohort, data
+from ltnet_tf.io import volumes as data
+from ltnet_tf.prediction import cohort
+from ltnet_tf.registration import alignment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "
@@ -147,7 +149,7 @@ def main(argv):
     sets["oblique"] = oblique
 
     import tensorflow as tf
-    from ltnet_tf.sources import RunFolderNetwork
+    from ltnet_tf.prediction.sources import RunFolderNetwork
     start = time.time()
     RunFolderNetwork(FLAGS.model_dir)  # model loading, timed apart (predict_files loads it once per set)
     model_load_s = time.time() - start

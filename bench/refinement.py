@@ -34,10 +34,12 @@ import tensorflow as tf
 import voxelmorph as vxm
 from absl import app, flags
 
-from ltnet_tf import data, evaluation, export, inference, losses
-from ltnet_tf.labels import BENCHMARK_LABELS
-from ltnet_tf.modeldir import ModelDir
-from ltnet_tf.refinement import Refinement, resample_displacement, to_grid
+from ltnet_tf.io import evaluation, volumes as data
+from ltnet_tf.io.labels import BENCHMARK_LABELS
+from ltnet_tf.registration import losses, transfer as inference
+from ltnet_tf.registration.refinement import Refinement, resample_displacement, to_grid
+from ltnet_tf.serving import export
+from ltnet_tf.serving.modeldir import ModelDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTES_MARKER = "<!-- findings: written by hand, kept when the tables are rewritten -->"

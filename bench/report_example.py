@@ -23,13 +23,14 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from nibabel import processing  # noqa: E402
 
-from ltnet_tf import qc, report  # noqa: E402
-from ltnet_tf.labels import BENCHMARK_LABELS, structure_name  # noqa: E402
+from ltnet_tf.io.labels import BENCHMARK_LABELS, structure_name  # noqa: E402
+from ltnet_tf.reporting import qc  # noqa: E402
+from ltnet_tf.reporting import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class Scan:  # the fields of ltnet_tf.data.Volume that qc reads, without importing TensorFlow
+class Scan:  # the fields of ltnet_tf.io.volumes.Volume that qc reads, without importing TensorFlow
     def __init__(self, data, affine, path):
         self.data, self.affine, self.path = data, affine, path
 

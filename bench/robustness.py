@@ -2,7 +2,7 @@
 
 sub-06 of ../shared/data (on the atlas grid, and its native 256³ FreeSurfer volume), as it is and
 as a user may receive it: intensities x4 stored as int16 (0..~1000), plus 60 background voxels at
-+-32,000. Each is segmented the way predict.py does (``ltnet_tf.prediction.Predictor``): with a
++-32,000. Each is segmented the way predict.py does (``ltnet_tf.prediction.predictor.Predictor``): with a
 trained run folder's G_F alone, with G_F and predict.py's default refinement, and without a network
 (refinement from the identity); Dice on the 28 structures against sub-06's labels, and the
 difference between the clean and the artefact version (target: within 0.005).
@@ -22,9 +22,9 @@ import numpy as np
 from absl import app, flags
 
 from bench import anchors
-from ltnet_tf import data, evaluation
 from ltnet_tf.config import RefinementSettings
-from ltnet_tf.labels import BENCHMARK_LABELS
+from ltnet_tf.io import evaluation, volumes as data
+from ltnet_tf.io.labels import BENCHMARK_LABELS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "

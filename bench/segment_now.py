@@ -16,7 +16,7 @@ from bench.provenance import DATA_DIR, command_line, git_commit, portable, write
 
 from absl import app, flags
 
-from ltnet_tf import cohort
+from ltnet_tf.prediction import cohort
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "

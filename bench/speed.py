@@ -100,9 +100,10 @@ def build_training_models(shape, batch_size, only=TRAIN_MODELS):
     """{'ltnet', 'vxm_dense', 'vxm_dense_local_ncc'} -> (keras model, (x, y) batch for train_on_batch)."""
     import tensorflow as tf
     import voxelmorph as vxm
-    from ltnet_tf import data, losses
     from ltnet_tf.config import preset
-    from ltnet_tf.training import build_model
+    from ltnet_tf.io import volumes as data
+    from ltnet_tf.registration import losses
+    from ltnet_tf.training.trainer import build_model
 
     image, labels = _synthetic_atlas(shape)
     identity = np.eye(4)
@@ -161,9 +162,9 @@ def _train_one(model, batch, cpu_times=None):
 def part_train() -> dict:
     """Interleaved step timing of the three models, and the time LT-Net waits for tf.data."""
     import tensorflow as tf
-    from ltnet_tf import data
-    from ltnet_tf.dataset import make_training_dataset
     from ltnet_tf.config import preset
+    from ltnet_tf.io import volumes as data
+    from ltnet_tf.training.dataset import make_training_dataset
 
     shape = (FLAGS.shape,) * 3
     t0 = time.perf_counter()
@@ -227,7 +228,7 @@ def _discriminator_gradients(config) -> dict:
     discriminator as built, and the same one with strided kernel-4 Conv3D downsamplings (D's
     first version), median of 3 after one warm-up call."""
     import tensorflow as tf
-    from ltnet_tf.networks import build_discriminator
+    from ltnet_tf.registration.networks import build_discriminator
 
     def strided_conv_discriminator():
         scan = tf.keras.Input(shape=(*config.working_shape(), 1))
@@ -275,11 +276,12 @@ def part_memory(name: str) -> dict:
 def make_inference_model_dir(path: str) -> str:
     """A run folder as train.py leaves it, with a freshly initialised G_F (timing only)."""
     import tensorflow as tf
-    from ltnet_tf import data, export
     from ltnet_tf.config import preset
-    from ltnet_tf.modeldir import ModelDir
-    from ltnet_tf.networks import ForwardGenerator
-    from ltnet_tf.training import resolve_config
+    from ltnet_tf.io import volumes as data
+    from ltnet_tf.registration.networks import ForwardGenerator
+    from ltnet_tf.serving import export
+    from ltnet_tf.serving.modeldir import ModelDir
+    from ltnet_tf.training.trainer import resolve_config
 
     model_dir = ModelDir(path)
     os.makedirs(model_dir.path, exist_ok=True)
@@ -305,11 +307,12 @@ def _scan_path(name):
 def part_infer(source: str) -> dict:
     """End to end through ``cohort.predict_files`` in a fresh process, then a warm per-stage split."""
     import tensorflow as tf
-    from ltnet_tf import cohort, data
-    from ltnet_tf.inference import (MIXED_CELL, LabelTransfer, resample_displacement,
-                                    warp_image, warp_labels)
-    from ltnet_tf.sources import RunFolderNetwork as Predictor
-    from ltnet_tf.modeldir import ModelDir
+    from ltnet_tf.io import volumes as data
+    from ltnet_tf.prediction import cohort
+    from ltnet_tf.prediction.sources import RunFolderNetwork as Predictor
+    from ltnet_tf.registration.transfer import (MIXED_CELL, LabelTransfer, resample_displacement,
+                                                warp_image, warp_labels)
+    from ltnet_tf.serving.modeldir import ModelDir
 
     output_dir = tempfile.mkdtemp(prefix=f"ltnet_speed_{source}_")
     base = max_rss_gib()
@@ -403,8 +406,8 @@ def _plain_vxm_forward_reference(source: str) -> dict:
     """
     import tensorflow as tf
     import voxelmorph as vxm
-    from ltnet_tf import data
-    from ltnet_tf.sources import RunFolderNetwork as Predictor
+    from ltnet_tf.io import volumes as data
+    from ltnet_tf.prediction.sources import RunFolderNetwork as Predictor
 
     predictor = Predictor(FLAGS.model_dir, source=source)
     config = predictor.config

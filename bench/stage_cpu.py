@@ -22,11 +22,11 @@ from bench.provenance import DATA_DIR, command_line, git_commit, write_json
 import numpy as np
 from absl import app, flags
 
-from ltnet_tf import data
-from ltnet_tf.atlases import AtlasSet
 from ltnet_tf.config import RefinementSettings
-from ltnet_tf.prediction import Predictor, StageClock
-from ltnet_tf.sources import RunFolderNetwork
+from ltnet_tf.io import volumes as data
+from ltnet_tf.prediction.predictor import Predictor, StageClock
+from ltnet_tf.prediction.sources import RunFolderNetwork
+from ltnet_tf.registration.atlases import AtlasSet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_string("model_dir", None, "A trained run folder (train.py).")

@@ -6,8 +6,10 @@ Why this exists, once:
   which case ``tf.keras`` is ``tf_keras`` (Keras 2).
 - neurite 0.2's ``store_config_args`` calls ``inspect.getargspec``, removed in Python 3.11.
 - neurite 0.2's callbacks use ``np.Inf``, removed in NumPy 2.
-- ``vxm.py.utils.load_volfile`` calls nibabel's removed ``get_data()``; we never call it and read
-  NIfTI with nibabel directly (see ``ltnet_tf.data``).
+- ``vxm.py.utils.load_volfile`` (how VoxelMorph's own scripts, e.g. ``scripts/tf/register.py``,
+  read volumes) calls nibabel's ``get_data()``, which nibabel 5 turned into an error. It is
+  restored as nibabel's own deprecation message says to replace it: ``np.asanyarray(img.dataobj)``.
+  ltnet_tf itself never calls it (``ltnet_tf.io.volumes`` reads with ``get_fdata``/``dataobj``).
 - TensorFlow's start-up lines ("failed call to cuInit: ... CUDA error" on every CPU machine, the
   cudart and oneDNN notices) read as errors to a user. They are kept out unless asked for with
   ``--verbose`` or the user's own ``TF_CPP_MIN_LOG_LEVEL``: the level is set before TensorFlow is
@@ -100,3 +102,25 @@ import numpy as np  # noqa: E402
 
 if not hasattr(np, "Inf"):
     np.Inf = np.inf
+
+
+def _restore_nibabel_get_data():
+    try:
+        import nibabel
+        from nibabel.dataobj_images import DataobjImage
+    except ImportError:  # nibabel is a dependency; without it there is nothing to restore
+        return
+    if int(nibabel.__version__.split(".")[0]) < 5 or getattr(DataobjImage.get_data, "restored",
+                                                             False):
+        return
+
+    def get_data(self, caching="fill"):  # noqa: ARG001  (nibabel's signature)
+        """The image's data as stored (scaled when the header says so): nibabel's removed
+        ``get_data()``, as its deprecation message says to replace it."""
+        return np.asanyarray(self.dataobj)
+
+    get_data.restored = True
+    DataobjImage.get_data = get_data
+
+
+_restore_nibabel_get_data()

@@ -1,6 +1,6 @@
 """Every hyperparameter of a run, in one dataclass that is saved as ``config.json`` in the run folder.
 
-The command-line flags of ``train.py`` are generated from these fields (``ltnet_tf.cli``), so a
+The command-line flags of ``train.py`` are generated from these fields (``ltnet_tf.commands.cli``), so a
 default lives here and nowhere else. A loss weight of 0 switches its term off; when every term that
 needs a network is off, that network is not built (see ``LTNetConfig.uses_*``).
 """
@@ -250,7 +250,7 @@ def preset(name: str, **changes) -> LTNetConfig:
 
 @dataclass(frozen=True)
 class RefinementSettings:
-    """Test-time refinement (``ltnet_tf.refinement``): Adam on one scan's displacement, on G_F's
+    """Test-time refinement (``ltnet_tf.registration.refinement``): Adam on one scan's displacement, on G_F's
     training objective, coarse to fine. The one place for its defaults: the refinement itself, the
     export's ``segment_refined`` metadata, ``predict.py``'s flags and the benchmarks read them.
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from helpers import SHAPE, STEPS, train_argv
-from ltnet_tf import cli, synthetic
+from ltnet_tf.commands import cli, synthetic
 from ltnet_tf.config import LTNetConfig
-from ltnet_tf.modeldir import ModelDir
+from ltnet_tf.serving.modeldir import ModelDir
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Affine alignment to the atlas (ltnet_tf.alignment) on small synthetic brains with known transforms.
+"""Affine alignment to the atlas (ltnet_tf.registration.alignment) on small synthetic brains with known transforms.
 
 The phantom is head-sized in world units (6 mm voxels on a 24x28x32 grid), so the same size checks
 apply as to real scans; the registration grid is 4 mm, so the phantoms are registered at their own
@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ltnet_tf import alignment, alignment_cache, data, synthetic
+from ltnet_tf.commands import synthetic
+from ltnet_tf.io import volumes as data
+from ltnet_tf.registration import alignment
+from ltnet_tf.training import alignment_cache
 
 SHAPE = (24, 28, 32)
 VOXEL_MM = 6.0

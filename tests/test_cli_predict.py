@@ -1,4 +1,4 @@
-"""Tests of the prediction command line (ltnet_tf.cli.predict_main, predict.py) on tiny NIfTI
+"""Tests of the prediction command line (ltnet_tf.commands.cli.predict_main, predict.py) on tiny NIfTI
 files, with the run trained once per session (``trained_run``, conftest.py).
 """
 import csv
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from helpers import SHAPE, copy_into, files_under, the_error_line, write_nifti
-from ltnet_tf import cli, cohort
-from ltnet_tf.labels import structure_name
+from ltnet_tf.commands import cli
+from ltnet_tf.io.labels import structure_name
+from ltnet_tf.prediction import cohort
 
 
 # ------------------------------------------------------------------------------- end to end

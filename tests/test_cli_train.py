@@ -1,4 +1,4 @@
-"""Tests of the training command line (ltnet_tf.cli.train_main, train.py) on tiny NIfTI files.
+"""Tests of the training command line (ltnet_tf.commands.cli.train_main, train.py) on tiny NIfTI files.
 
 Training is slow on CPU: the end-to-end tests share one short run (``trained_run``, conftest.py);
 its resumption trains a few steps more. Everything else fails before any network is built.
@@ -16,10 +16,11 @@ import pytest
 
 from helpers import (REPO, SHAPE, STEPS, SUBPROCESS_TIMEOUT, copy_into,
                      read_checkpoint_iterations, the_error_line, train_argv, write_nifti)
-from ltnet_tf import atlases, cli, training
-from ltnet_tf import dataset as datasets
+from ltnet_tf.commands import cli
 from ltnet_tf.config import LTNetConfig
-from ltnet_tf.modeldir import ModelDir
+from ltnet_tf.registration import atlases
+from ltnet_tf.serving.modeldir import ModelDir
+from ltnet_tf.training import dataset as datasets, trainer as training
 
 import tensorflow as tf  # noqa: E402  (after ltnet_tf, which selects Keras 2)
 

@@ -24,8 +24,9 @@ import shutil
 import numpy as np
 import pytest
 
-from ltnet_tf import cohort, run_records, synthetic
+from ltnet_tf.commands import synthetic
 from ltnet_tf.config import RefinementSettings
+from ltnet_tf.prediction import cohort, run_records
 
 SHAPE = (32, 32, 32)
 SCANS = 40

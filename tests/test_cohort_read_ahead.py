@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from helpers import files_under, the_error_line
-from ltnet_tf import cli, cohort
+from ltnet_tf.commands import cli
+from ltnet_tf.prediction import cohort
 
 SCANS = 5
 BAD = 2  # the third scan

@@ -2,7 +2,7 @@
 2 training steps instead of 400, so that it is quick)."""
 import os
 
-from ltnet_tf import demo
+from ltnet_tf.commands import demo
 
 
 def test_demo_segments_without_and_with_training(tmp_path, capsys):

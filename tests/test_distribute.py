@@ -43,7 +43,8 @@ TRAIN_FLAGS = ["--preset", "voxelmorph_gan", "--enc_features", "8,8", "--dec_fea
 # ------------------------------------------------------------------------------- child processes
 def _worker(weights_path: str, logical_cpus: int, train_argv) -> int:
     """One training process: ``cli.train_main`` (the real train() path), then its final weights."""
-    from ltnet_tf import cli, training
+    from ltnet_tf.commands import cli
+    from ltnet_tf.training import trainer as training
     import tensorflow as tf
 
     if logical_cpus:
@@ -169,7 +170,7 @@ def _checkpoint_steps(model_dir):
 # ------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from ltnet_tf.synthetic import make_demo_dataset
+    from ltnet_tf.commands.synthetic import make_demo_dataset
 
     # Four different scans: a replica fed the wrong scan would train differently.
     return make_demo_dataset(str(tmp_path_factory.mktemp("data")), n_scans=4, shape=(16, 16, 16))
@@ -197,7 +198,7 @@ def single_process(data, tmp_path_factory):
 ])
 def test_is_chief(cluster, task, chief):
     from types import SimpleNamespace
-    from ltnet_tf import distribute
+    from ltnet_tf.training import distribute
     import tensorflow as tf
 
     resolver = None
@@ -209,8 +210,8 @@ def test_is_chief(cluster, task, chief):
 
 def test_global_batch_must_split_evenly_over_the_replicas(tmp_path):
     from types import SimpleNamespace
-    from ltnet_tf import training
     from ltnet_tf.config import LTNetConfig
+    from ltnet_tf.training import trainer as training
 
     two_replicas = SimpleNamespace(cluster_resolver=None, num_replicas_in_sync=2)
     with pytest.raises(training.TrainingError, match="multiple of the 2 replicas"):

@@ -1,8 +1,8 @@
-"""Tests of ltnet_tf.evaluation: Dice and the Jacobian determinant / folding checks."""
+"""Tests of ltnet_tf.io.evaluation: Dice and the Jacobian determinant / folding checks."""
 import numpy as np
 import pytest
 
-from ltnet_tf import evaluation
+from ltnet_tf.io import evaluation
 
 
 def test_identity_has_determinant_one_and_no_folds():

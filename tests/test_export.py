@@ -1,6 +1,6 @@
-"""Tests of ltnet_tf.export: the TF Serving SavedModel, its clients, and G_F as a VoxelMorph .h5.
+"""Tests of ltnet_tf.serving.export: the TF Serving SavedModel, its clients, and G_F as a VoxelMorph .h5.
 
-Two tiny run folders are written by hand in the layout of ``ltnet_tf.modeldir`` (downsample 1 and 2,
+Two tiny run folders are written by hand in the layout of ``ltnet_tf.serving.modeldir`` (downsample 1 and 2,
 grids that are neither cubic nor U-Net divisible) and exported once for the whole module.
 """
 import json
@@ -15,12 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from ltnet_tf import cli, data, export, labels
+from ltnet_tf.commands import cli
 from ltnet_tf.config import LTNetConfig, RefinementSettings
-from ltnet_tf.inference import LabelTransfer, resample_displacement
-from ltnet_tf.modeldir import ModelDir, ModelDirError
-from ltnet_tf.networks import ForwardGenerator
-from ltnet_tf.refinement import Refinement
+from ltnet_tf.io import labels, volumes as data
+from ltnet_tf.registration.networks import ForwardGenerator
+from ltnet_tf.registration.refinement import Refinement
+from ltnet_tf.registration.transfer import LabelTransfer, resample_displacement
+from ltnet_tf.serving import export
+from ltnet_tf.serving.modeldir import ModelDir, ModelDirError
 
 import tensorflow as tf  # noqa: E402  (after ltnet_tf, which selects Keras 2)
 
@@ -648,6 +650,42 @@ def test_generator_h5_loads_in_voxelmorph(runs, downsample):
         warped_labels = vxm.layers.SpatialTransformer(interp_method="nearest")(
             [labels_np[None, ..., None], flow_np]).numpy()
         assert set(np.unique(warped_labels).astype(int)) <= set(LABEL_IDS)
+
+
+def test_voxelmorph_register_script_path_after_import_ltnet_tf(runs, tmp_path):
+    """What VoxelMorph's ``scripts/tf/register.py`` does with a run's generator.h5, in a fresh
+    process: volumes read by ``vxm.py.utils.load_volfile`` (nibabel's ``get_data()``, restored by
+    ``import ltnet_tf``), ``VxmDense.load(...).register``, ``Transform``, ``save_volfile``."""
+    run = runs[1]
+    to_working = lambda volume: data.to_working_grid(  # noqa: E731
+        data.normalize_intensity(tf.constant(volume[None, ..., None])), run.config).numpy()
+    atlas, scan = to_working(run.atlas), to_working(run.scans[0, ..., 0])
+    _, expected_flow = run.generator([atlas, scan])
+    moving, fixed = tmp_path / "moving.nii.gz", tmp_path / "fixed.nii.gz"
+    for path, volume in ((moving, atlas), (fixed, scan)):
+        nib.save(nib.Nifti1Image(volume[0, ..., 0], np.eye(4)), str(path))
+    script = textwrap.dedent(f"""
+        import sys
+        import ltnet_tf
+        import numpy as np
+        import voxelmorph as vxm
+        moving = vxm.py.utils.load_volfile({str(moving)!r}, add_batch_axis=True, add_feat_axis=True)
+        fixed, fixed_affine = vxm.py.utils.load_volfile(
+            {str(fixed)!r}, add_batch_axis=True, add_feat_axis=True, ret_affine=True)
+        inshape = moving.shape[1:-1]
+        warp = vxm.networks.VxmDense.load({run.paths["generator_h5"]!r}, input_model=None
+                                          ).register(moving, fixed)
+        moved = vxm.networks.Transform(inshape, nb_feats=1).predict([moving, warp], verbose=0)
+        vxm.py.utils.save_volfile(moved.squeeze(), {str(tmp_path / "moved.nii.gz")!r}, fixed_affine)
+        np.save({str(tmp_path / "warp.npy")!r}, warp)
+    """)
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=SUBPROCESS_TIMEOUT, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": repository})
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "warp.npy"), expected_flow.numpy(), atol=1e-4)
+    assert nib.load(str(tmp_path / "moved.nii.gz")).shape == atlas.shape[1:-1]
 
 
 # ------------------------------------------------------------------------------- failures and CLI

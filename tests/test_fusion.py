@@ -1,4 +1,4 @@
-"""Multi-atlas label fusion (ltnet_tf.fusion): the vote, locally weighted voting, joint label
+"""Multi-atlas label fusion (ltnet_tf.registration.fusion): the vote, locally weighted voting, joint label
 fusion."""
 import itertools
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ltnet_tf import fusion, inference
+from ltnet_tf.registration import fusion, transfer as inference
 
 SHAPE = (16, 20, 24)
 

@@ -1,11 +1,11 @@
-"""Label and image warping of ltnet_tf.inference against VoxelMorph's own SpatialTransformer."""
+"""Label and image warping of ltnet_tf.registration.transfer against VoxelMorph's own SpatialTransformer."""
 import itertools
 
 import numpy as np
 import pytest
 
 from ltnet_tf.config import LTNetConfig  # noqa: F401,I001  (before TensorFlow: sets TF_USE_LEGACY_KERAS)
-from ltnet_tf.inference import MIXED_CELL, uniform_cell_labels, warp_image, warp_labels
+from ltnet_tf.registration.transfer import MIXED_CELL, uniform_cell_labels, warp_image, warp_labels
 import tensorflow as tf
 import voxelmorph as vxm
 

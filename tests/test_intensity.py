@@ -1,15 +1,16 @@
-"""Robust intensity normalisation (ltnet_tf.intensity): a numpy reference, the outlier phantom, the
+"""Robust intensity normalisation (ltnet_tf.io.intensity): a numpy reference, the outlier phantom, the
 background, and the paths that use it (training input, LabelTransfer, refinement, SavedModel)."""
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from ltnet_tf import data, intensity, synthetic
+from ltnet_tf.commands import synthetic
 from ltnet_tf.config import LTNetConfig, RefinementSettings
-from ltnet_tf.export import ServingModule
-from ltnet_tf.inference import LabelTransfer
-from ltnet_tf.networks import ForwardGenerator
-from ltnet_tf.refinement import Refinement, ScanRefiner
+from ltnet_tf.io import intensity, volumes as data
+from ltnet_tf.registration.networks import ForwardGenerator
+from ltnet_tf.registration.refinement import Refinement, ScanRefiner
+from ltnet_tf.registration.transfer import LabelTransfer
+from ltnet_tf.serving.export import ServingModule
 
 import tensorflow as tf  # noqa: E402  (after ltnet_tf, which selects Keras 2)
 

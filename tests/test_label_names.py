@@ -1,4 +1,4 @@
-"""Users' label names (ltnet_tf.label_names, ltnet_tf.label_files): the three file formats as their
+"""Users' label names (ltnet_tf.io.label_names, ltnet_tf.io.label_files): the three file formats as their
 tools write them, detection by content, every refusal, JSON round trips, the FreeSurfer fallback and
 the coverage warnings."""
 import csv
@@ -11,9 +11,9 @@ import os
 import numpy as np
 import pytest
 
-from ltnet_tf import labels
-from ltnet_tf.data import DataError
-from ltnet_tf.label_names import LabelNames, fallback_colour
+from ltnet_tf.io import labels
+from ltnet_tf.io.label_names import LabelNames, fallback_colour
+from ltnet_tf.io.volumes import DataError
 
 # As FreeSurfer lays out FreeSurferColorLUT.txt: an $Id line, a column comment, blank lines between
 # sections, names padded with runs of spaces; plus a row with tabs and one indented with trailing

@@ -12,12 +12,12 @@ import sys
 import pytest
 
 from helpers import REPO, STEPS, SUBPROCESS_TIMEOUT, the_error_line, train_argv
-from ltnet_tf import cli
-from ltnet_tf.label_names import LabelNames
-from ltnet_tf.labels import structure_name
-from ltnet_tf.modeldir import ModelDir
+from ltnet_tf.commands import cli
+from ltnet_tf.io.label_names import LabelNames
+from ltnet_tf.io.labels import structure_name
+from ltnet_tf.serving.modeldir import ModelDir
 
-# The synthetic atlas's IDs (ltnet_tf.synthetic) under a lab's own names: a FreeSurfer colour table
+# The synthetic atlas's IDs (ltnet_tf.commands.synthetic) under a lab's own names: a FreeSurfer colour table
 # (names without spaces), with its colours.
 CUSTOM = {2: "my-white-matter", 3: "my-cortex", 4: "my-ventricle-L", 10: "my-thalamus-L",
           11: "my-caudate-L", 17: "my-hippocampus-L", 43: "my-ventricle-R", 49: "my-thalamus-R",

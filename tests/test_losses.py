@@ -1,10 +1,10 @@
-"""The loss terms of ltnet_tf.losses against NumPy written straight from the paper's equations."""
+"""The loss terms of ltnet_tf.registration.losses against NumPy written straight from the paper's equations."""
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 
-from ltnet_tf import losses  # noqa: I001  (before TensorFlow: sets TF_USE_LEGACY_KERAS)
+from ltnet_tf.registration import losses  # noqa: I001  (before TensorFlow: sets TF_USE_LEGACY_KERAS)
 import tensorflow as tf
 
 SPATIAL_AXES = (1, 2, 3)

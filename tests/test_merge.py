@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from helpers import REPO, SUBPROCESS_TIMEOUT
-from ltnet_tf import cohort, merge
+from ltnet_tf.prediction import cohort, merge
 
 VOLATILE = {"seconds", "output", "image", "qc_png"}
 

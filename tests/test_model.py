@@ -1,9 +1,9 @@
-"""LTNet (ltnet_tf.model): training on a synthetic pair, update isolation, presets, logs, hard Dice."""
+"""LTNet (ltnet_tf.training.model): training on a synthetic pair, update isolation, presets, logs, hard Dice."""
 import numpy as np
 import pytest
 
 from ltnet_tf import config as ltnet_config  # noqa: I001  (before TensorFlow: sets TF_USE_LEGACY_KERAS)
-from ltnet_tf.model import WARMED_UP_TERMS, LTNet, hard_dice
+from ltnet_tf.training.model import WARMED_UP_TERMS, LTNet, hard_dice
 import tensorflow as tf
 
 GRID = 16
@@ -222,7 +222,7 @@ def test_hard_dice_matches_numpy():
 
 
 def test_progress_log_writes_a_line_per_interval(caplog):
-    from ltnet_tf.training import ProgressLog
+    from ltnet_tf.training.trainer import ProgressLog
     model = _model("voxelmorph", run_eagerly=True)
     scans = tf.data.Dataset.from_tensors(SCAN).repeat(3)
     with caplog.at_level("INFO"):

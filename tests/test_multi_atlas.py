@@ -20,10 +20,13 @@ import numpy as np
 import pytest
 
 from helpers import REPO, SHAPE, SUBPROCESS_TIMEOUT, the_error_line, write_nifti
-from ltnet_tf import alignment, cli, cohort, data, native, synthetic
-from ltnet_tf.atlases import AtlasSet
+from ltnet_tf.commands import cli, synthetic
 from ltnet_tf.config import RefinementSettings
-from ltnet_tf.labels import structure_name
+from ltnet_tf.io import volumes as data
+from ltnet_tf.io.labels import structure_name
+from ltnet_tf.prediction import cohort
+from ltnet_tf.registration import alignment, native
+from ltnet_tf.registration.atlases import AtlasSet
 
 REFINE = RefinementSettings(steps=2, coarse_steps=3)
 REFINE_FLAGS = ["--refine_steps=2", "--refine_coarse_steps=3", "--noqc"]
@@ -408,8 +411,8 @@ def test_a_run_folder_with_an_extra_atlas(trained_run, dataset, atlas_files, tmp
 def test_the_network_starts_the_primary_atlas_only(trained_run, dataset, atlas_files):
     """With no refinement steps the displacements are their starts: G_F's for the run's atlas,
     zero for the extra atlas."""
-    from ltnet_tf.prediction import Predictor
-    from ltnet_tf.sources import RunFolderNetwork
+    from ltnet_tf.prediction.predictor import Predictor
+    from ltnet_tf.prediction.sources import RunFolderNetwork
 
     atlases, run = cohort.load_atlases(trained_run.path, atlas_files["b"])
     network = RunFolderNetwork(run.path)

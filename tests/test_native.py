@@ -1,8 +1,8 @@
-"""Labels pulled onto a scan's own grid (ltnet_tf.native) and structure volumes."""
+"""Labels pulled onto a scan's own grid (ltnet_tf.registration.native) and structure volumes."""
 import numpy as np
 import pytest
 
-from ltnet_tf import inference, native
+from ltnet_tf.registration import native, transfer as inference
 
 SHAPE = (10, 12, 14)
 
@@ -85,7 +85,9 @@ def test_train_and_predict_on_scans_on_their_own_grids(tmp_path, monkeypatch, ca
 
     import nibabel as nib
 
-    from ltnet_tf import alignment, cli, data, synthetic
+    from ltnet_tf.commands import cli, synthetic
+    from ltnet_tf.io import volumes as data
+    from ltnet_tf.registration import alignment
 
     monkeypatch.setenv("LTNET_CACHE_DIR", str(tmp_path / "cache"))
     shape, voxel_mm = (24, 28, 32), 6.0  # a head-sized phantom in world units
@@ -160,7 +162,7 @@ def test_stage_clock_counts_wall_and_cpu_seconds_apart():
     benchmarks read the CPU seconds to know what a scan costs the machine's cores."""
     import time
 
-    from ltnet_tf.prediction import StageClock
+    from ltnet_tf.prediction.predictor import StageClock
 
     clock = StageClock()
     with clock("sleep"):

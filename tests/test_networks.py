@@ -1,9 +1,9 @@
-"""G_F, G_B and the discriminator of ltnet_tf.networks: shapes, VoxelMorph compatibility, reloading."""
+"""G_F, G_B and the discriminator of ltnet_tf.registration.networks: shapes, VoxelMorph compatibility, reloading."""
 import numpy as np
 import pytest
 
 from ltnet_tf.config import LTNetConfig  # noqa: I001  (before TensorFlow: sets TF_USE_LEGACY_KERAS)
-from ltnet_tf.networks import BackwardGenerator, ForwardGenerator, build_discriminator
+from ltnet_tf.registration.networks import BackwardGenerator, ForwardGenerator, build_discriminator
 import tensorflow as tf
 import voxelmorph as vxm
 
@@ -115,7 +115,7 @@ def test_discriminator_logits_are_float32_under_mixed_precision():
 def test_space_to_depth_then_dense_is_a_kernel2_stride2_conv(shape):
     """The discriminator's downsampling equals Conv3D(kernel 2, stride 2), zero padding at the end
     for odd sizes, with the same weights."""
-    from ltnet_tf.networks import SpaceToDepth3D
+    from ltnet_tf.registration.networks import SpaceToDepth3D
     rng = np.random.default_rng(0)
     features = rng.normal(size=(2, *shape, 3)).astype(np.float32)
     kernel = rng.normal(size=(2, 2, 2, 3, 5)).astype(np.float32)

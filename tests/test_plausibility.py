@@ -1,8 +1,9 @@
-"""Brain-size checks (ltnet_tf.plausibility): each refusal names the cause its figures point to."""
+"""Brain-size checks (ltnet_tf.io.plausibility): each refusal names the cause its figures point to."""
 import numpy as np
 import pytest
 
-from ltnet_tf import data, plausibility, synthetic
+from ltnet_tf.commands import synthetic
+from ltnet_tf.io import plausibility, volumes as data
 
 SHAPE = (24, 28, 32)
 

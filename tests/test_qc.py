@@ -6,7 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ltnet_tf import data, qc
+from ltnet_tf.io import volumes as data
+from ltnet_tf.reporting import qc
 
 BODY, LEFT, SUPERIOR, ANTERIOR = 1, 2, 3, 4
 COLOURS = {BODY: (0, 255, 0), LEFT: (255, 0, 0), SUPERIOR: (0, 0, 255), ANTERIOR: (255, 0, 255)}

@@ -1,14 +1,14 @@
-"""Tests of ltnet_tf.refinement: the loss it optimises is the training objective, it lowers it, and it
+"""Tests of ltnet_tf.registration.refinement: the loss it optimises is the training objective, it lowers it, and it
 returns displacements on the full grid in full voxels (tiny volumes)."""
 import numpy as np
 import pytest
 
-from ltnet_tf import inference, losses
 from ltnet_tf.config import LTNetConfig
-from ltnet_tf.inference import LabelTransfer
-from ltnet_tf.networks import ForwardGenerator
-from ltnet_tf.refinement import (AtlasSampler, FixedScanNCC, Refinement, WindowSums, smoothness,
-                                 to_grid)
+from ltnet_tf.registration import losses, transfer as inference
+from ltnet_tf.registration.networks import ForwardGenerator
+from ltnet_tf.registration.refinement import (AtlasSampler, FixedScanNCC, Refinement, WindowSums,
+                                              smoothness, to_grid)
+from ltnet_tf.registration.transfer import LabelTransfer
 
 import tensorflow as tf  # noqa: E402  (after ltnet_tf, which selects Keras 2)
 

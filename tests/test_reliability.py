@@ -21,8 +21,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ltnet_tf import cli
-from ltnet_tf.modeldir import ModelDir, checkpoint_problem
+from ltnet_tf.commands import cli
+from ltnet_tf.serving.modeldir import ModelDir, checkpoint_problem
 from helpers import (REPO, SUBPROCESS_TIMEOUT, copy_into, files_under, read_checkpoint_iterations,
                      the_error_line, train_argv)
 

@@ -8,7 +8,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from ltnet_tf import report
+from ltnet_tf.reporting import report
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
         "track", "wbr"}

@@ -22,8 +22,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ltnet_tf import data, export
-from ltnet_tf.inference import LabelTransfer
+from ltnet_tf.io import volumes as data
+from ltnet_tf.registration.transfer import LabelTransfer
+from ltnet_tf.serving import export
 from test_export import (AFFINE, GRIDS, SUBPROCESS_TIMEOUT, assert_outputs_match, make_run,
                          scans_for, serving_environment)
 

@@ -1,4 +1,4 @@
-"""Stopping training on a signal (ltnet_tf.signals), with real processes and real signals.
+"""Stopping training on a signal (ltnet_tf.training.signals), with real processes and real signals.
 
 A cluster scheduler ends a job with SIGTERM, then SIGKILL after a grace period. ``python train.py``
 is started as a child process on tiny data with many steps; once it trained past a checkpoint it is
@@ -21,8 +21,9 @@ import time
 
 import pytest
 
-from ltnet_tf import cli, signals, training
-from ltnet_tf.modeldir import ModelDir
+from ltnet_tf.commands import cli
+from ltnet_tf.serving.modeldir import ModelDir
+from ltnet_tf.training import signals, trainer as training
 from helpers import REPO, SUBPROCESS_TIMEOUT, read_checkpoint_iterations, train_argv
 from test_distribute import (_assert_same_training, _checkpoint, _env, _free_ports,
                              _train_argv as distributed_argv)
@@ -223,7 +224,7 @@ def test_second_ctrl_c_stops_at_once_without_the_save():
 # ------------------------------------------------------------------------------- two workers
 @pytest.fixture(scope="module")
 def distributed_data(tmp_path_factory):
-    from ltnet_tf.synthetic import make_demo_dataset
+    from ltnet_tf.commands.synthetic import make_demo_dataset
 
     return make_demo_dataset(str(tmp_path_factory.mktemp("data")), n_scans=4, shape=(16, 16, 16))
 

@@ -5,7 +5,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ltnet_tf import data, synthetic
+from ltnet_tf.commands import synthetic
+from ltnet_tf.io import volumes as data
 
 EXPECTED_LABEL_IDS = [0, 2, 3, 4, 10, 11, 17, 43, 49, 50, 53]
 

@@ -1,0 +1,209 @@
+"""Segmenting a cohort of scan files: ``predict.py`` is a thin layer on ``predict_files``.
+
+    sources    a trained run folder (G_F + its atlas), or atlases given as files (no network)
+    checks     every scan and reference read once, before the network is loaded or anything written
+    shard      this process's share of the sorted scan list (``--shard K/N``)
+    per scan   ``prediction.Predictor.segment``, then the scan's files (``outputs``), its QC
+               picture (``qc``), volumes, Dice, warnings
+    reports    volumes.csv, dice.csv/json, prediction.json, report.html (``reports``, ``report``)
+"""
+from __future__ import annotations
+
+from ltnet_tf import compat  # noqa: F401
+
+import concurrent.futures
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from absl import logging
+
+from ltnet_tf.config import ConfigError, RefinementSettings
+from ltnet_tf.io import volumes as data
+from ltnet_tf.io.label_names import LabelNames
+from ltnet_tf.prediction.outputs import OutputFolder
+from ltnet_tf.prediction.predictor import Predictor, check_scan
+from ltnet_tf.prediction.run_records import RunRecords, timed_load
+from ltnet_tf.registration import alignment as alignment_lib
+from ltnet_tf.registration.atlases import AtlasSet, atlas_files
+from ltnet_tf.serving.modeldir import ModelDir
+
+
+@dataclass
+class PredictOptions:
+    """What ``predict.py``'s flags ask for, beyond the inputs (see its --helpfull)."""
+    source: str = "auto"
+    checkpoint: str = "auto"
+    align: str = "auto"
+    refine: bool = True
+    refinement: RefinementSettings = field(default_factory=RefinementSettings)
+    fusion: str = "jlf"  # measured best on both validation sets (bench/results/fusion.md)
+    save_warped_atlas: bool = False
+    save_flow: bool = False
+    save_aligned: bool = False
+    qc: bool = True
+    probabilities: Optional[list] = None  # label IDs (or ["all"]) to write probability maps of
+    shard: Optional[tuple] = None  # (K, N): this process segments the K-th of N shares
+
+
+def parse_shard(text: str) -> tuple:
+    """'K/N' (1 <= K <= N) -> (K, N); ConfigError otherwise."""
+    try:
+        k, n = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must be K/N (e.g. 3/10), got {text!r}") from None
+    if not 1 <= k <= n:
+        raise ConfigError(f"--shard {text}: K must be between 1 and N")
+    return k, n
+
+
+def shard_of(paths: list, shard) -> list:
+    """The K-th of N shares of ``paths`` sorted by scan name: every N-th scan from the K-th, so
+    each share is as long as the others (+-1) and the split is the same on every machine."""
+    ordered = sorted(paths, key=lambda p: (data.scan_name(p), p))
+    if shard is None:
+        return ordered
+    k, n = shard
+    return ordered[k - 1::n]
+
+
+def _pairs(images, labels, output: OutputFolder, shard) -> list:
+    """[(scan path, reference path or None)] of this shard; references of other scans are
+    ignored with one line saying how many."""
+    scans = shard_of(output.scans_among(images), shard)
+    if not labels:
+        return [(path, None) for path in scans]
+    references = {}
+    for path in data.list_images(labels):
+        name = data.scan_name(path)
+        if name in references:
+            raise data.DataError(f"{path}: same scan name '{name}' as {references[name]}")
+        references[name] = path
+    pairs = [(path, references.get(data.scan_name(path))) for path in scans]
+    used = {reference for _, reference in pairs if reference}
+    if len(references) > len(used):
+        logging.info("%d reference label maps in %s are of scans not segmented here: ignored",
+                     len(references) - len(used), labels)
+    missing = [data.scan_name(path) for path, reference in pairs if reference is None]
+    if missing:
+        logging.info("no reference label map for %d scans (%s%s): segmented, left out of Dice",
+                     len(missing), ", ".join(missing[:3]), ", ..." if len(missing) > 3 else "")
+    return pairs
+
+
+def check_inputs(pairs, aligner: alignment_lib.AtlasAligner, align: str) -> None:
+    """Read every scan and reference once before anything is loaded or written, so a bad file
+    stops the run at once with its own message. Raises DataError naming the file."""
+    names = {}
+    for image_path, label_path in pairs:
+        name = data.scan_name(image_path)
+        if name in names:
+            raise data.DataError(f"{image_path}: same scan name '{name}' as {names[name]} (both "
+                                 f"would be written to {name}_seg.nii.gz)")
+        names[name] = image_path
+        scan = data.load_scan(image_path)
+        check_scan(scan, aligner, align)
+        if label_path:
+            data.check_same_grid(scan, data.load_label_map(label_path), strict=False)
+
+
+def load_atlases(model_dir=None, atlas=None, atlas_labels=None) -> tuple:
+    """(AtlasSet, ModelDir or None): a run folder's atlas first (if ``model_dir``), then the
+    atlases given as files (``atlas``, ``atlas_labels``: paths, lists or comma-separated).
+    Raises ModelDirError, DataError, ConfigError."""
+    pairs = atlas_files(atlas, atlas_labels) if atlas else []
+    images, label_maps = [p for p, _ in pairs], [p for _, p in pairs]
+    run = None
+    if model_dir:
+        run = ModelDir(model_dir).check()
+        run.load_config()
+        kept = run.extra_atlases()  # atlases trained alongside (train.py --atlas A,B,...)
+        images = [run.atlas_path, *[i for i, _ in kept], *images]
+        label_maps = [run.atlas_labels_path, *[label for _, label in kept], *label_maps]
+    if not images:
+        raise ConfigError("give a trained run folder (--model_dir) or an atlas (--atlas and "
+                          "--atlas_labels) to transfer labels from")
+    return AtlasSet.load(images, label_maps), run
+
+
+def load_label_names(path, run: Optional[ModelDir], label_ids) -> LabelNames:
+    """The user's names (``path``), else the run folder's, else FreeSurfer's; checked against the
+    atlas IDs (warnings name what is missing)."""
+    if path:
+        names = LabelNames.from_file(path)
+    elif run is not None:
+        names = run.load_label_names()
+    else:
+        names = LabelNames.freesurfer()
+    names.check_covers(label_ids, "the atlas labels")
+    return names
+
+
+def predict_files(images, output_dir, labels=None, *, model_dir=None, atlas=None,
+                  atlas_labels=None, label_names=None, options: PredictOptions = None) -> dict:
+    """Segment ``images`` (a folder, files, or comma-separated files; any grid) into
+    ``output_dir`` with a trained run folder ``model_dir`` and/or atlases given as files
+    (``atlas``, ``atlas_labels``; several are fused); returns {'outputs': {scan: path}, 'dice':
+    dice.json's content or None, 'scans': {scan: record}}.
+
+    Writes per scan the files listed in ``ltnet_tf.prediction.outputs`` (and ``<scan>_qc.png``), and for the
+    run ``volumes.csv``, ``prediction.json``, ``report.html`` and, with reference label maps
+    ``labels`` (matched by file name; others ignored), ``dice.csv``/``dice.json`` — with
+    ``options.shard`` (K, N) under names marked ``.shard-K-of-N`` (``python -m ltnet_tf.merge``
+    joins them). Every input is checked before the network is loaded or the output folder written.
+    Raises DataError (a scan, a label map, an atlas, the output folder), ModelDirError (the run
+    folder), ConfigError (flags that do not go together).
+    """
+    options = options or PredictOptions()
+    output = OutputFolder(output_dir)
+    pairs = _pairs(images, labels, output, options.shard)
+    atlases, run = load_atlases(model_dir, atlas, atlas_labels)
+    names = load_label_names(label_names, run, atlases.label_ids)
+    check_inputs(pairs, alignment_lib.AtlasAligner(atlases.primary.image), options.align)
+    network = None
+    if run is not None:
+        from ltnet_tf.prediction.sources import RunFolderNetwork  # the slow part: after every check
+
+        network = RunFolderNetwork(run.path, source=options.source, checkpoint=options.checkpoint)
+    predictor = Predictor(atlases, network, align=options.align,
+                          refinement=options.refinement if options.refine else None,
+                          fusion_method=options.fusion)
+    output.prepare()
+    run_record = RunRecords(output, predictor, names, options, run, network)
+    for number, (image_path, label_path, scan, reading) in enumerate(_read_ahead(pairs),
+                                                                       start=1):
+        record = run_record.add(image_path, label_path, scan, reading)
+        print(_progress_line(number, len(pairs), data.scan_name(image_path), record),
+              flush=True)
+    return run_record.write([p for p, _ in pairs], [r for _, r in pairs] if labels else None)
+
+
+def _read_ahead(pairs):
+    """(scan path, reference path, the scan read, {'read': s, 'wait': s}) in order: the next scan
+    is read (decompressed) in a thread while the current one is segmented, so only the wait for
+    it is on the way. A read error is raised at that scan's turn."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
+        upcoming = reader.submit(timed_load, pairs[0][0]) if pairs else None
+        for index, (image_path, label_path) in enumerate(pairs):
+            start = time.time()
+            scan, seconds = upcoming.result()
+            reading = {"read": seconds, "wait": time.time() - start}
+            upcoming = (reader.submit(timed_load, pairs[index + 1][0])
+                        if index + 1 < len(pairs) else None)
+            yield image_path, label_path, scan, reading
+
+
+def _progress_line(number: int, total: int, name: str, record: dict) -> str:
+    alignment, seconds = record["alignment"], record["seconds"]
+    where = "atlas grid" if alignment["skipped"] else (
+        f"aligned in {alignment['seconds']:.1f} s, brain overlap {alignment['brain_overlap']:.2f}")
+    if "refine" in seconds:
+        where += f"; refined in {seconds['refine']:.1f} s"
+    line = f"[{number}/{total}] {name}_seg.nii.gz ({where}; {seconds['total']:.1f} s)"
+    if not record["alignment_ok"]:
+        line += " ALIGNMENT LOOKS WRONG: check this scan"
+    if "mean_dice" in record:
+        mean = record["mean_dice"]
+        line += (f": mean Dice {float('nan') if mean is None else mean:.3f} over "
+                 f"{len(record['dice_over'])} structures")
+    return line

@@ -1,0 +1,204 @@
+"""The per-scan pipeline of prediction: a scan on any grid -> its segmentation on that grid.
+
+    check     the scan is a plausible skull-stripped brain (or on the atlas grid)   alignment.py
+    align     rigid + affine to the (primary) atlas, unless on its grid already      alignment.py
+    network   G_F's displacement on its working grid, if a trained network is used  sources.py
+    refine    Adam on the displacement of every atlas, coarse to fine, batched      refinement.py
+    pull      each atlas's labels onto the scan's own voxels, one interpolation,    native.py
+              fused across atlases (majority or locally weighted voting, JLF)       fusion.py
+
+``Predictor`` is usable on its own (one ``data.Volume`` at a time); ``ltnet_tf.prediction.cohort.predict_files``
+runs it over files and writes the outputs.
+"""
+from __future__ import annotations
+
+from ltnet_tf import compat  # noqa: F401
+
+import contextlib
+import os
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from ltnet_tf.config import ConfigError, RefinementSettings
+from ltnet_tf.io import volumes as data
+from ltnet_tf.registration import alignment as alignment_lib, transfer as inference
+from ltnet_tf.registration.atlases import AtlasSet
+from ltnet_tf.registration.native import NativeLabelPull, brain_mask, pull_fused
+from ltnet_tf.registration.refinement import ScanRefiner
+
+FUSION_METHODS = ("majority", "local", "jlf")
+
+
+def check_scan(scan: data.Volume, aligner: alignment_lib.AtlasAligner, align: str) -> None:
+    """Cheap checks before anything is written: the grid (without alignment) or the brain's
+    plausibility (with it; ``aligner``: of the primary atlas). Raises DataError naming the scan."""
+    atlas = aligner.atlas
+    if align == "auto" and not alignment_lib.on_atlas_grid(atlas, scan):
+        aligner.check_brain(scan)
+    elif tuple(scan.shape) != tuple(atlas.shape):
+        raise data.DataError(f"{scan.path}: shape {tuple(scan.shape)} differs from the atlas "
+                             f"grid {tuple(atlas.shape)} (use --align auto to align scans on "
+                             f"other grids)")
+
+
+class StageClock:
+    """Wall and CPU seconds (the process's, all threads: what the stage costs the machine) of named
+    stages: ``with clock("align"): ...`` -> ``seconds`` and ``cpu_seconds`` {stage: s}."""
+
+    def __init__(self):
+        self.seconds, self.cpu_seconds = {}, {}
+
+    @staticmethod
+    def _cpu() -> float:
+        times = os.times()
+        return times.user + times.system
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        wall, cpu = time.time(), self._cpu()
+        yield
+        self.seconds[stage] = time.time() - wall
+        self.cpu_seconds[stage] = self._cpu() - cpu
+
+
+class Predictor:
+    """Scans on any grid -> segmentations on their own grids.
+
+    ``atlases``: an ``atlases.AtlasSet`` (one atlas, or several to fuse); ``network``: a
+    ``sources.RunFolderNetwork`` whose G_F starts the primary atlas's registration, or None
+    (every registration starts from the identity); ``refinement``: ``config.RefinementSettings``
+    or None (the network alone: needs a network and one atlas); ``fusion``: how several atlases'
+    labels are fused (``FUSION_METHODS``). Raises ConfigError for an impossible combination.
+    """
+
+    def __init__(self, atlases: AtlasSet, network=None, *, align: str = "auto",
+                 refinement: RefinementSettings = None, fusion_method: str = "jlf",
+                 alignment_settings: alignment_lib.AlignmentSettings = None):
+        if align not in ("auto", "never"):
+            raise ValueError(f"align must be auto or never, got {align!r}")
+        if fusion_method not in FUSION_METHODS:
+            raise ConfigError(f"--fusion must be one of {', '.join(FUSION_METHODS)}, got "
+                              f"{fusion_method!r}")
+        if refinement is None and (network is None or len(atlases) > 1):
+            raise ConfigError("refinement cannot be switched off "
+                              + ("without a trained network: it is what registers the atlas"
+                                 if network is None else "with several atlases: the network "
+                                 "registers the primary atlas only"))
+        self.atlases, self.network = atlases, network
+        self.atlas = atlases.primary.image
+        self.config = None if network is None else network.config
+        self.align_mode, self.fusion_method = align, fusion_method
+        self.aligner = alignment_lib.AtlasAligner(
+            self.atlas, alignment_settings or alignment_lib.AlignmentSettings())
+        self.pulls = [NativeLabelPull(a.labels.data, a.labels_from_grid) for a in atlases.atlases]
+        self.refiner = (None if refinement is None else
+                        ScanRefiner(self.config, atlases.images_on_grid(), refinement))
+
+    @property
+    def label_ids(self) -> list:
+        return self.atlases.label_ids
+
+    def refinement_record(self):
+        """The refinement's settings for prediction.json, or None without refinement."""
+        return None if self.refiner is None else self.refiner.settings()
+
+    def needs_alignment(self, scan: data.Volume) -> bool:
+        return self.align_mode == "auto" and not alignment_lib.on_atlas_grid(self.atlas, scan)
+
+    def check(self, scan: data.Volume) -> None:
+        check_scan(scan, self.aligner, self.align_mode)
+
+    # ------------------------------------------------------------------ one scan
+    def segment(self, scan: data.Volume, *, keep_aligned: bool = False, extras: bool = False,
+                probabilities=None) -> dict:
+        """One scan -> {'segmentation' [scan grid] label IDs, 'alignment', 'seconds' {stage: s},
+        'refinement' ({'loss_start', 'loss'} per atlas, or None), 'displacement' (an
+        ``inference.Displacement`` per atlas, on the atlas grid; None when the network segmented
+        in one call)}, with ``keep_aligned`` also
+        'aligned_scan', 'aligned_segmentation' (atlas grid), with ``extras`` the primary atlas's
+        'flow' [D, H, W, 3] and 'warped_atlas' [D, H, W, 1] (atlas grid); with ``probabilities``
+        (label IDs) 'probabilities' [L, *scan grid] uint8 (x 255), each label's fused share;
+        'cpu_seconds' {stage: s} is the CPU time of each stage of 'seconds'."""
+        clock = StageClock()
+        with clock("align"):
+            alignment = (self.aligner.align(scan) if self.needs_alignment(scan)
+                         else alignment_lib.identity(self.atlas, scan))
+            aligned = alignment.resample_scan(scan)
+        result = {"alignment": alignment, "seconds": clock.seconds,
+                  "cpu_seconds": clock.cpu_seconds, "refinement": None, "displacement": None}
+        if alignment.skipped and self.refiner is None and not (keep_aligned or probabilities):
+            with clock("network_and_labels"):  # network and label warp in one call (one graph)
+                result.update(self.network.segment(aligned, extras=extras))
+            return result
+        displacement, refined = self._displacement(aligned, clock)
+        result["displacement"] = displacement
+        with clock("labels"):
+            weights = self._fusion_weights(aligned, refined)
+            native_to_grid = (np.eye(4) if alignment.skipped
+                              else alignment.scan_voxel_to_atlas_voxel)
+            labels = self._labels(displacement, native_to_grid, scan.shape, weights,
+                                  brain_mask(scan.data), probabilities)
+            if probabilities:
+                labels, result["probabilities"] = labels
+            result["segmentation"] = labels
+        if refined is not None:
+            result["refinement"] = {"loss_start": refined["loss_start"].tolist(),
+                                    "loss": refined["loss"].tolist()}
+        if keep_aligned:
+            atlas_grid = labels if alignment.skipped else self._labels(
+                displacement, np.eye(4), self.atlas.shape, weights, brain_mask(aligned.data))
+            result.update(aligned_scan=aligned, aligned_segmentation=atlas_grid)
+        if extras:
+            primary = inference.Displacement([(values[:1], factor)
+                                              for values, factor in displacement.components])
+            flow = primary.full_grid(self.atlas.shape)[0].numpy()
+            result.update(flow=flow, warped_atlas=self._warped_atlas(flow))
+        return result
+
+    def _displacement(self, aligned: data.Volume, clock: StageClock) -> tuple:
+        """(``inference.Displacement`` with one element per atlas, the refinement's numpy outputs
+        or None)."""
+        flow_working = None
+        if self.network is not None:
+            with clock("network"):
+                flow_working = self.network.working_displacement(aligned)[None]
+                if len(self.atlases) > 1:  # the other atlases start from the identity
+                    flow_working = np.concatenate(
+                        [flow_working, np.zeros((len(self.atlases) - 1, *flow_working.shape[1:]),
+                                                np.float32)])
+        if self.refiner is None:
+            return inference.Displacement([(flow_working, self.config.downsample)]), None
+        with clock("refine"):
+            return self.refiner(aligned, flow_working)
+
+    def _fusion_weights(self, aligned: data.Volume, refined):
+        """Per-atlas weight maps on the refinement's fine grid [A, *grid], or None (one atlas,
+        or majority voting)."""
+        if len(self.atlases) == 1 or self.fusion_method == "majority":
+            return None
+        from ltnet_tf.registration import fusion
+
+        scan, warped = refined["scan"], refined["warped_atlas"]
+        if self.fusion_method == "local":
+            return np.asarray(fusion.locally_weighted_voting_weights(scan, warped), np.float32)
+        return np.asarray(fusion.joint_label_fusion_weights(scan, warped, mask=scan > 0),
+                          np.float32)
+
+    def _labels(self, displacement, native_to_grid: np.ndarray, native_shape, weights,
+                mask, probabilities=None):
+        """The (fused) labels of every atlas pulled onto the ``native_shape`` voxels of ``mask``
+        (and with ``probabilities``, the wanted labels' fused shares: see ``native.pull_fused``)."""
+        if len(self.pulls) == 1 and not probabilities:
+            return self.pulls[0](displacement.element(0), native_to_grid, native_shape,
+                                 grid_shape=self.atlas.shape, mask=mask)
+        return pull_fused(self.pulls, displacement, native_to_grid, native_shape,
+                          self.atlas.shape, weights,
+                          None if weights is None else self.refiner.refinement.factor, mask,
+                          probabilities or None)
+
+    def _warped_atlas(self, flow: np.ndarray) -> np.ndarray:
+        atlas = data.normalize_intensity(tf.constant(
+            np.asarray(self.atlas.data, np.float32)[None, ..., None]))[0, ..., 0]
+        return inference.warp_image(atlas, flow[None])[0].numpy()

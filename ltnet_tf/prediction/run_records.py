@@ -1,0 +1,232 @@
+"""What a prediction run keeps per scan and writes at the end: the scan's record (alignment,
+seconds per stage, refinement, volumes, Dice, warnings, QC picture), and the run's tables
+(``reports``) and page (``report``). ``cohort.predict_files`` drives it.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging as pylogging
+import os
+import time
+from typing import Optional
+
+from absl import logging
+
+from ltnet_tf.config import ConfigError
+from ltnet_tf.files import file_digest
+from ltnet_tf.io import evaluation, volumes as data
+from ltnet_tf.io.label_names import LabelNames
+from ltnet_tf.registration.native import structure_volumes_mm3
+from ltnet_tf.reporting import tables as reports
+from ltnet_tf.serving.modeldir import ModelDir
+
+
+def timed_load(path: str) -> tuple:
+    """(scan Volume, seconds to read it)."""
+    start = time.time()
+    return data.load_scan(path), time.time() - start
+
+
+@contextlib.contextmanager
+def collected_warnings():
+    """The one-line warnings logged meanwhile (they are also shown as usual), for the record."""
+    found = []
+
+    class Collect(pylogging.Handler):
+        def emit(self, record):
+            found.append(record.getMessage().splitlines()[0])
+
+    handler = Collect(level=pylogging.WARNING)
+    logger = logging.get_absl_logger()
+    logger.addHandler(handler)
+    try:
+        yield found
+    finally:
+        logger.removeHandler(handler)
+
+
+class RunRecords:
+    """One prediction run: segments scan files one by one (``add``), keeps their records,
+    volumes and Dice, and writes the run's tables at the end (``write``)."""
+
+    def __init__(self, output, predictor, names: LabelNames, options, run: Optional[ModelDir],
+                 network):
+        """``output``: an ``outputs.OutputFolder``; ``predictor``: a ``prediction.Predictor``;
+        ``options``: ``cohort.PredictOptions``; ``run``, ``network``: the run folder and its G_F
+        (None without a network)."""
+        self.output, self.predictor, self.names, self.options = output, predictor, names, options
+        self.run, self.network = run, network
+        self.label_ids = predictor.label_ids
+        self.over = reports.mean_labels(self.label_ids)
+        self.probability_labels = probability_labels(options.probabilities, self.label_ids)
+        self.records, self.volumes, self.dice = {}, {}, {}
+
+    def add(self, image_path: str, label_path, scan: data.Volume = None,
+            reading: dict = None) -> dict:
+        """Segment one scan file (``scan``: it, read already, ``reading``: {'read', 'wait'}
+        seconds) and write its files; returns its record. Per-stage seconds: read (in the
+        background when read ahead), wait (for it), the predictor's stages, write, scores, qc, and
+        the total on the way: the wait and everything after it."""
+        start, options = time.time(), self.options
+        name = data.scan_name(image_path)
+        with collected_warnings() as warnings:
+            if scan is None:
+                scan, read = timed_load(image_path)
+                reading = {"read": read, "wait": 0.0}  # already inside this scan's clock
+            result = self.predictor.segment(
+                scan, keep_aligned=options.save_aligned,
+                extras=options.save_warped_atlas or options.save_flow,
+                probabilities=self.probability_labels)
+            stage = time.time()
+            path = self.output.write_scan(
+                name, scan, result, self.predictor.atlas.affine,
+                save_aligned=options.save_aligned, save_warped_atlas=options.save_warped_atlas,
+                save_flow=options.save_flow)
+            if self.probability_labels:
+                self.output.write_probabilities(name, scan, result["probabilities"])
+            result["seconds"].update(write=time.time() - stage, **reading)
+            stage = time.time()
+            dice = self._dice(result["segmentation"], label_path)
+            self.volumes[name] = structure_volumes_mm3(result["segmentation"], scan.affine,
+                                                       self.label_ids)
+            result["seconds"]["scores"] = time.time() - stage
+        record = self._record(image_path, path, result, warnings, dice)
+        if options.qc:
+            qc_start = time.time()
+            self._qc_picture(name, scan, result["segmentation"], warnings)
+            record["qc_png"] = f"{name}_qc.png"
+            record["seconds"]["qc"] = round(time.time() - qc_start, 3)
+        record["seconds"]["total"] = round(time.time() - start + reading["wait"], 3)
+        self.records[name] = record
+        return {**record, "dice_over": self.over}
+
+    def _dice(self, segmentation, label_path):
+        if not label_path:
+            return None
+        reference = data.load_label_map(label_path)
+        reports.warn_unmatched_label_ids(reference, self.label_ids)
+        return evaluation.dice_per_label(segmentation, reference.data, self.label_ids)
+
+    def _record(self, image_path, path, result, warnings, dice) -> dict:
+        name = data.scan_name(image_path)
+        alignment = result["alignment"]
+        record = {"image": os.path.abspath(image_path), "output": os.path.abspath(path),
+                  "alignment": alignment.to_dict(), "alignment_ok": alignment.ok,
+                  "seconds": {stage: round(value, 3) for stage, value in result["seconds"].items()},
+                  "refinement": _refinement_figures(result["refinement"]),
+                  "volumes_mm3": {self.names.name(label): round(value, 1)
+                                  for label, value in self.volumes[name].items()},
+                  "warnings": list(warnings)}
+        if dice is not None:
+            self.dice[name] = dice
+            record["mean_dice"] = reports.finite_or_none(evaluation.mean_dice(dice, self.over))
+            record["dice"] = {self.names.name(label): reports.finite_or_none(value)
+                              for label, value in dice.items()}
+        return record
+
+    def _qc_picture(self, name, scan, segmentation, warnings) -> None:
+        from ltnet_tf.reporting import qc  # matplotlib only when a picture is drawn
+
+        colours = {int(i): self.names.colour(i) for i in self.label_ids if int(i) != 0}
+        qc.save_scan_qc_png(scan, segmentation, self.output.join(f"{name}_qc.png"),
+                            colours=colours, title=f"{name}: transferred labels",
+                            warnings=warnings)
+
+    def write(self, images: list, references) -> dict:
+        """The run's tables and report; -> predict_files' result."""
+        suffix = "" if self.options.shard is None else ".shard-{}-of-{}".format(*self.options.shard)
+        report = (reports.write_dice_reports(self.dice, self.label_ids, self.output.path,
+                                             self.names, suffix) if self.dice else None)
+        if report is None:
+            reports.remove_earlier_dice_reports(self.output.path, suffix)
+        reports.write_volumes_csv(self.volumes, self.label_ids, self.output.path, self.names,
+                                  suffix)
+        outputs = {name: record["output"] for name, record in self.records.items()}
+        prediction = self._prediction(images, references, outputs, report)
+        reports.write_prediction_json(self.output.path, prediction, suffix)
+        if self.options.qc:
+            from ltnet_tf.reporting import report as html_report
+
+            html_report.write_report_html(self.output.path, prediction,
+                                          path=self.output.join(f"report{suffix}.html"))
+        return {"outputs": outputs, "dice": report, "scans": self.records}
+
+    def producer(self) -> dict:
+        """What made the outputs, by content (file digests, settings): shares of one cohort
+        (``--shard``) must agree on it to be merged (``ltnet_tf.prediction.merge``)."""
+        predictor, options = self.predictor, self.options
+        network = None
+        if self.network is not None:
+            weights = self.network.source
+            weights_file = (os.path.join(weights, "saved_model.pb") if os.path.isdir(weights)
+                            else f"{weights}.index")
+            network = {"config_sha256": file_digest(self.run.config_path),
+                       "weights": os.path.basename(weights),
+                       "weights_sha256": file_digest(weights_file)}
+        return {"network": network,
+                "atlases": [{"name": a.name, "image_sha256": file_digest(a.image.path),
+                             "labels_sha256": file_digest(a.labels.path)}
+                            for a in predictor.atlases.atlases],
+                "align": options.align, "alignment_settings": predictor.aligner.settings.to_dict(),
+                "refinement": predictor.refinement_record(),
+                "fusion": options.fusion if len(predictor.atlases) > 1 else None,
+                "label_names": self.names.to_dict()}
+
+    def _prediction(self, images, references, outputs, report) -> dict:
+        predictor, options = self.predictor, self.options
+        return {
+            "producer": self.producer(),
+            "model_dir": None if self.run is None else self.run.path,
+            "source": None if self.network is None else self.network.source,
+            "network": self.network is not None,
+            "atlases": predictor.atlases.records(),
+            "fusion": options.fusion if len(predictor.atlases) > 1 else None,
+            "label_names": self.names.source,
+            "label_colours": {self.names.name(i): list(self.names.colour(i))
+                              for i in self.label_ids if int(i) != 0},
+            "images": [os.path.abspath(p) for p in images],
+            "labels": None if references is None else [p and os.path.abspath(p)
+                                                       for p in references],
+            "outputs": outputs, "align": options.align,
+            "alignment_settings": predictor.aligner.settings.to_dict(),
+            "refinement": predictor.refinement_record(),
+            "shard": None if options.shard is None else list(options.shard),
+            "probabilities": None if not self.probability_labels else {
+                "file": "<scan>_probabilities.nii.gz", "labels": self.probability_labels,
+                "names": [self.names.name(i) for i in self.probability_labels]},
+            "alignment_failed": [n for n, r in self.records.items() if not r["alignment_ok"]],
+            "scans": self.records,
+            "mean_dice": report["mean_dice"] if report else None}
+
+
+def probability_labels(asked, label_ids):
+    """The label IDs to write probability maps of: ``asked`` (IDs, or ["all"]: every foreground
+    atlas label), checked against the atlas's; None when none are asked."""
+    if not asked:
+        return None
+    foreground = [int(i) for i in label_ids if int(i) != 0]
+    if [str(a) for a in asked] == ["all"]:
+        return foreground
+    try:
+        wanted = [int(a) for a in asked]
+    except ValueError:
+        raise ConfigError(f"--save_probabilities takes label IDs or 'all', got "
+                          f"{','.join(map(str, asked))}") from None
+    unknown = sorted(set(wanted) - set(foreground))
+    if unknown:
+        raise ConfigError(f"--save_probabilities: label IDs {unknown} are not among the atlas's "
+                          f"({foreground[:12]}{' ...' if len(foreground) > 12 else ''})")
+    return wanted
+
+
+def _refinement_figures(refinement):
+    """The primary atlas's refinement loss (start and end), and every atlas's when there are
+    several; None without refinement."""
+    if refinement is None:
+        return None
+    figures = {"loss_start": round(float(refinement["loss_start"][0]), 5),
+               "loss": round(float(refinement["loss"][0]), 5)}
+    if len(refinement["loss"]) > 1:
+        figures["per_atlas"] = [{"loss_start": round(float(a), 5), "loss": round(float(b), 5)}
+                                for a, b in zip(refinement["loss_start"], refinement["loss"])]
+    return figures
