@@ -1,5 +1,5 @@
-"""NIfTI in/out (header affine kept), input checks, intensity normalisation, padding, the working grid,
-one-hot atlas labels and the streaming tf.data pipeline of unlabelled scans.
+"""NIfTI/MGZ in and out (header affine kept), input checks, intensity normalisation, padding, the
+working grid and one-hot atlas labels.
 
 Every bad input raises ``DataError`` with a one-line message that names the file, so the command-line
 tools can print it as is. The TensorFlow functions use only standard ops on [batch, D, H, W, C]
@@ -20,8 +20,7 @@ from ltnet_tf.errors import DataError  # noqa: F401  (raised here; part of this 
 from ltnet_tf.files import atomic_path
 import tensorflow as tf  # noqa: E402
 
-from ltnet_tf.io import headers  # noqa: E402
-from ltnet_tf.io import intensity
+from ltnet_tf.io import headers, intensity  # noqa: E402
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mgz")
 AFFINE_TOLERANCE = 1e-3
