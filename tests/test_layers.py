@@ -135,3 +135,18 @@ def test_old_module_paths_are_the_moved_modules():
     assert LTNet is moved
     for old, new in ltnet_tf.MOVED.items():
         assert (PACKAGE / (new.replace(".", "/") + ".py")).is_file(), (old, new)
+
+
+def test_modules_and_functions_stay_small():
+    """One job per module (<= 400 lines) and per function (<= 60 lines): past that, split it."""
+    too_big = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text()
+        if len(source.splitlines()) > 400:
+            too_big.append(f"{module_name(path)}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > 60:
+                    too_big.append(f"{module_name(path)}.{node.name}: {length} lines")
+    assert not too_big, "\n".join(too_big)
