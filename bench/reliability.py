@@ -47,11 +47,17 @@ from absl import app, flags
 from bench.provenance import DATA_DIR, ROOT, command_line, git_commit, write_json
 
 FLAGS = flags.FLAGS
+PARTS = ("determinism", "concurrent_writers", "disk_full", "killed_runs")
 flags.DEFINE_integer("kills", 20, "Runs of the 10-scan cohort killed at random moments.")
 flags.DEFINE_integer("seed", 0, "Seed of the kill moments and signals.")
+flags.DEFINE_list("parts", ["determinism", "concurrent_writers", "disk_full", "killed_runs"],
+                  "Parts to run; others are kept from an existing results file.")
 flags.DEFINE_string("results", os.path.join(ROOT, "bench", "results", "reliability"),
                     "Results path without extension (.json and .md are written).")
 
+# Kill moments: uniform from 1 s to this fraction of the uninterrupted run's time (a resumed run
+# has less to do: later kills land at every stage of the cohort too).
+KILL_WINDOW = 0.5
 ATLAS = ["--atlas", os.path.join(DATA_DIR, "atlas.nii.gz"),
          "--atlas_labels", os.path.join(DATA_DIR, "atlas_labels.nii.gz")]
 
@@ -166,10 +172,11 @@ def ten_scan_cohort(work) -> tuple:
     images, labels = os.path.join(work, "ten"), os.path.join(work, "ten_labels")
     os.makedirs(images)
     os.makedirs(labels)
-    for k in range(1, 8):
-        shutil.copy(os.path.join(DATA_DIR, "images", f"sub-0{k}.nii.gz"), images)
-        shutil.copy(os.path.join(DATA_DIR, "labels", f"sub-0{k}.nii.gz"), labels)
-    for k in (5, 6, 7):
+    for k in range(1, 9):  # sub-01..07, and sub-01 again as sub-08
+        source = f"sub-0{1 if k == 8 else k}.nii.gz"
+        shutil.copy(os.path.join(DATA_DIR, "images", source), os.path.join(images, f"sub-0{k}.nii.gz"))
+        shutil.copy(os.path.join(DATA_DIR, "labels", source), os.path.join(labels, f"sub-0{k}.nii.gz"))
+    for k in (6, 7):
         shutil.copy(os.path.join(DATA_DIR, "native", "images", f"sub-0{k}.mgz"),
                     os.path.join(images, f"native-0{k}.mgz"))
         shutil.copy(os.path.join(DATA_DIR, "native", "labels", f"sub-0{k}.mgz"),
@@ -213,8 +220,8 @@ def coverage(folder, names) -> dict:
     counts = {}
     for table in ("volumes.csv", "dice.csv"):
         with open(os.path.join(folder, table)) as f:
-            rows = [r[0] for r in csv.reader(f)][1:]
-        counts[table] = {n: rows.count(n) for n in names}
+            rows = [r[0] for r in list(csv.reader(f))[1:] if table != "dice.csv" or r[1] == "mean"]
+        counts[table] = {n: rows.count(n) for n in names}  # dice.csv: each scan's mean row
     with open(os.path.join(folder, "prediction.json")) as f:
         record = json.load(f)
     counts["prediction.json"] = {n: int(n in record["scans"]) for n in names}
@@ -236,7 +243,7 @@ def killed_runs(work, kills: int, seed: int) -> dict:
             round_folder = os.path.join(work, f"killed{len(rounds)}")
             rounds.append({"folder": os.path.basename(round_folder), "kills": 0})
         signum = rng.choice([signal.SIGKILL] * 4 + [signal.SIGTERM, signal.SIGINT])
-        delay = rng.uniform(1.0, ref["seconds"])
+        delay = rng.uniform(1.0, ref["seconds"] * KILL_WINDOW)
         process = subprocess.Popen(predict_argv(images, round_folder, "--labels", labels),
                                    env=environment(), stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True)
@@ -259,7 +266,8 @@ def killed_runs(work, kills: int, seed: int) -> dict:
     if round_folder is not None:  # the last kill's cohort: the same command once more
         final = run(predict_argv(images, round_folder, "--labels", labels), prefix=round_folder)
         rounds[-1].update(_finished_round(round_folder, reference, names, final["returncode"]))
-    return {"cohort": "aligned sub-01..07, native sub-05..07 (as native-05..07), with labels",
+    return {"cohort": "aligned sub-01..07 and sub-01 again (as sub-08), native sub-06, sub-07 (as "
+                      "native-06, native-07), with their label maps",
             "reference_run": ref, "kills": kill_log, "rounds": rounds,
             "scans_lost": sum(r["scans_lost"] for r in rounds),
             "scans_duplicated": sum(r["scans_duplicated"] for r in rounds),
@@ -318,30 +326,41 @@ def disk_full(work) -> dict:
 
 def main(argv):
     del argv
-    started = time.time()
     with tempfile.TemporaryDirectory(prefix="reliability-") as work:
-        result = {"commit": git_commit(), "command": command_line(),
-                  "machine": "2 CPU cores, shared with other jobs (timings are upper bounds)",
-                  "load_start": os.getloadavg()}
-        parts = (("determinism", lambda: determinism(work)),
-                 ("concurrent_writers", lambda: concurrent(work)),
-                 ("disk_full", lambda: disk_full(work)),
-                 ("killed_runs", lambda: killed_runs(work, FLAGS.kills, FLAGS.seed)))
-        for name, part in parts:
+        result = {}
+        if set(FLAGS.parts) != set(PARTS) and os.path.isfile(FLAGS.results + ".json"):
+            with open(FLAGS.results + ".json") as f:
+                result = json.load(f)  # the parts not run now are kept
+        if "commit" in result:  # a file of one whole run: its commit and minutes were shared
+            result["commits"] = {name: result.pop("commit") for name in PARTS if name in result}
+            result.pop("minutes", None)
+        result.setdefault("commits", {})
+        result.setdefault("minutes", {})
+        result.update(command=command_line(), load_start=os.getloadavg(),
+                      machine="2 CPU cores, shared with other jobs (timings are upper bounds)")
+        parts = {"determinism": lambda: determinism(work),
+                 "concurrent_writers": lambda: concurrent(work),
+                 "disk_full": lambda: disk_full(work),
+                 "killed_runs": lambda: killed_runs(work, FLAGS.kills, FLAGS.seed)}
+        for name in FLAGS.parts:
+            if name in ("concurrent_writers", "disk_full") and "det1" not in os.listdir(work):
+                determinism(work)  # they start from its scans and outputs
+            part_start = time.time()
             try:
-                result[name] = part()
+                result[name] = parts[name]()
             except Exception:  # noqa: BLE001  (recorded; the other parts still run)
                 import traceback
 
                 result[name] = {"error": traceback.format_exc()}
+            result["commits"][name] = git_commit()
+            result["minutes"][name] = round((time.time() - part_start) / 60, 1)
             write_json(result, FLAGS.results + ".json")  # what is measured so far
         result["load_end"] = os.getloadavg()
-        result["minutes"] = round((time.time() - started) / 60, 1)
     write_json(result, FLAGS.results + ".json")
     from bench.reliability_report import write_markdown
 
     write_markdown(result, FLAGS.results + ".md")
-    print(json.dumps(result["determinism"].get("same_scan_voxels_differ")))
+    print(json.dumps(result.get("determinism", {}).get("same_scan_voxels_differ")))
 
 
 if __name__ == "__main__":

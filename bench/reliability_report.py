@@ -17,9 +17,11 @@ def write_markdown(result: dict, path: str) -> None:
     lines = [
         "# Reliability of predict.py: same scan, same answer; killed runs; writers; full disk",
         "",
-        f"Commit `{result['commit']}`; command `{result['command']}`; {result['minutes']} min on "
-        f"{result['machine']}; load average {result['load_start'][0]:.1f} at the start, "
-        f"{result['load_end'][0]:.1f} at the end.",
+        f"Command `python -m bench.reliability` ({result['machine']}); per part the commit and "
+        f"minutes: " + "; ".join(f"{part} `{commit}` {result['minutes'].get(part)} min"
+                                 for part, commit in result["commits"].items())
+        + f". Load average {result['load_start'][0]:.1f} at the start of the last invocation "
+        f"(`{result['command']}`), {result['load_end'][0]:.1f} at its end.",
         "",
         "## Same scan, same answer (voxels that differ; 0 = bit-identical)",
         "",
