@@ -11,6 +11,7 @@ from ltnet_tf import compat  # noqa: F401
 import logging as pylogging
 import os
 import re
+import signal
 import sys
 
 from absl import flags, logging
@@ -300,9 +301,21 @@ def _predict(fv: flags.FlagValues) -> int:
         fusion=fv.fusion, save_warped_atlas=fv.save_warped_atlas, save_flow=fv.save_flow,
         save_aligned=fv.save_aligned, qc=fv.qc, probabilities=fv.save_probabilities,
         shard=parse_shard(fv.shard) if fv.shard else None)
-    result = predict_files(fv.images, fv.output_dir, fv.labels, model_dir=fv.model_dir,
-                           atlas=fv.atlas, atlas_labels=fv.atlas_labels,
-                           label_names=fv.label_names, options=options)
+    if hasattr(signal, "SIGXFSZ"):  # a file-size limit: the write raises (one line), no kill
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        result = predict_files(fv.images, fv.output_dir, fv.labels, model_dir=fv.model_dir,
+                               atlas=fv.atlas, atlas_labels=fv.atlas_labels,
+                               label_names=fv.label_names, options=options)
+    except KeyboardInterrupt as stop:  # SIGTERM or Ctrl-C (training.signals): say what is kept
+        from ltnet_tf.training import signals
+
+        done = (f" after {stop.finished} of {stop.total} scans" if hasattr(stop, "total")
+                else "")
+        print(f"predict.py stopped by {signal.Signals(signals.signal_number(stop)).name}{done}: "
+              f"finished scans are kept; run the same command again to continue",
+              file=sys.stderr)
+        return signals.exit_code(stop)
     print(f"{len(result['outputs'])} segmentations written to {os.path.abspath(fv.output_dir)}")
     if result["dice"] is not None:
         mean = result["dice"]["mean_dice"]

@@ -20,7 +20,7 @@ from ltnet_tf.errors import DataError  # noqa: F401  (raised here; part of this 
 from ltnet_tf.files import atomic_path
 import tensorflow as tf  # noqa: E402
 
-from ltnet_tf.io import headers, intensity  # noqa: E402
+from ltnet_tf.io import headers, intensity, nonfinite  # noqa: E402
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mgz")
 AFFINE_TOLERANCE = 1e-3
@@ -212,7 +212,7 @@ def load_scan(path) -> Volume:
     data = _as_3d(_read_data(image, path, np.float32), path)
     if data.size == 0:
         raise DataError(f"{path}: is empty/constant (it has no voxels, shape {data.shape})")
-    _check_finite(data, path)
+    data = nonfinite.background_or_refused(data, path)  # NaN outside the brain: background
     low, high = float(data.min()), float(data.max())
     if low == high:
         raise DataError(f"{path}: is empty/constant (every voxel is {low:g})"

@@ -21,6 +21,8 @@ from absl import logging
 from ltnet_tf.config import ConfigError, RefinementSettings
 from ltnet_tf.io import volumes as data
 from ltnet_tf.io.label_names import LabelNames
+from ltnet_tf.prediction import determinism, resumable
+from ltnet_tf.prediction.lock import OutputLock
 from ltnet_tf.prediction.outputs import OutputFolder
 from ltnet_tf.prediction.predictor import Predictor, check_scan
 from ltnet_tf.prediction.run_records import RunRecords, timed_load
@@ -151,15 +153,21 @@ def predict_files(images, output_dir, labels=None, *, model_dir=None, atlas=None
     ``labels`` (matched by file name; others ignored), ``dice.csv``/``dice.json`` — with
     ``options.shard`` (K, N) under names marked ``.shard-K-of-N`` (``python -m ltnet_tf.merge``
     joins them). Every input is checked before the network is loaded or the output folder written.
+    Scans a previous run of the same command finished are kept (``resumable``, ``journal``);
+    another process writing to ``output_dir`` (other than another share) is refused (``lock``).
     Raises DataError (a scan, a label map, an atlas, the output folder), ModelDirError (the run
     folder), ConfigError (flags that do not go together).
     """
     options = options or PredictOptions()
+    compute = determinism.fix_threads()  # before any TensorFlow op: same scan, same bits
     output = OutputFolder(output_dir)
     pairs = _pairs(images, labels, output, options.shard)
     atlases, run = load_atlases(model_dir, atlas, atlas_labels)
     names = load_label_names(label_names, run, atlases.label_ids)
-    check_inputs(pairs, alignment_lib.AtlasAligner(atlases.primary.image), options.align)
+    alignment_settings = alignment_lib.AlignmentSettings(
+        registration_threads=determinism.registration_threads())
+    check_inputs(pairs, alignment_lib.AtlasAligner(atlases.primary.image, alignment_settings),
+                 options.align)
     network = None
     if run is not None:
         from ltnet_tf.prediction.sources import RunFolderNetwork  # the slow part: after every check
@@ -167,15 +175,13 @@ def predict_files(images, output_dir, labels=None, *, model_dir=None, atlas=None
         network = RunFolderNetwork(run.path, source=options.source, checkpoint=options.checkpoint)
     predictor = Predictor(atlases, network, align=options.align,
                           refinement=options.refinement if options.refine else None,
-                          fusion_method=options.fusion)
+                          fusion_method=options.fusion, alignment_settings=alignment_settings)
     output.prepare()
-    run_record = RunRecords(output, predictor, names, options, run, network)
-    for number, (image_path, label_path, scan, reading) in enumerate(_read_ahead(pairs),
-                                                                       start=1):
-        record = run_record.add(image_path, label_path, scan, reading)
-        print(_progress_line(number, len(pairs), data.scan_name(image_path), record),
-              flush=True)
-    return run_record.write([p for p, _ in pairs], [r for _, r in pairs] if labels else None)
+    with OutputLock(output.path, options.shard):  # one writer per folder (or per share)
+        run_record = RunRecords(output, predictor, names, options, run, network)
+        run_record.compute = compute
+        return resumable.run_cohort(run_record, pairs, bool(labels), _read_ahead,
+                                    _progress_line)
 
 
 def _read_ahead(pairs):

@@ -60,6 +60,14 @@ class RunRecords:
         self.over = reports.mean_labels(self.label_ids)
         self.probability_labels = probability_labels(options.probabilities, self.label_ids)
         self.records, self.volumes, self.dice = {}, {}, {}
+        self.compute = None  # ``determinism.fix_threads()``'s record, when the caller fixed them
+
+    def keep(self, name: str, record: dict, volumes: dict, dice) -> None:
+        """Take a scan finished by an earlier run (``journal``) as if segmented now."""
+        self.records[name] = {**record, "kept_from_earlier_run": True}
+        self.volumes[name] = volumes
+        if dice is not None:
+            self.dice[name] = dice
 
     def add(self, image_path: str, label_path, scan: data.Volume = None,
             reading: dict = None) -> dict:
@@ -133,7 +141,13 @@ class RunRecords:
                             warnings=warnings)
 
     def write(self, images: list, references) -> dict:
-        """The run's tables and report; -> predict_files' result."""
+        """The run's tables and report, rows in the order of ``images``; -> predict_files'
+        result."""
+        order = [data.scan_name(path) for path in images]
+        self.records, self.volumes, self.dice = ({name: table[name] for name in order
+                                                  if name in table}
+                                                 for table in (self.records, self.volumes,
+                                                               self.dice))
         suffix = "" if self.options.shard is None else ".shard-{}-of-{}".format(*self.options.shard)
         report = (reports.write_dice_reports(self.dice, self.label_ids, self.output.path,
                                              self.names, suffix) if self.dice else None)
@@ -170,7 +184,8 @@ class RunRecords:
                 "align": options.align, "alignment_settings": predictor.aligner.settings.to_dict(),
                 "refinement": predictor.refinement_record(),
                 "fusion": options.fusion if len(predictor.atlases) > 1 else None,
-                "label_names": self.names.to_dict()}
+                "label_names": self.names.to_dict(),
+                "compute_threads": None if self.compute is None else self.compute["threads"]}
 
     def _prediction(self, images, references, outputs, report) -> dict:
         predictor, options = self.predictor, self.options

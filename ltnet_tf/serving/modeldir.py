@@ -144,6 +144,7 @@ class ModelDir:
             if not os.path.isfile(path):
                 raise ModelDirError(f"{self.path}: incomplete model folder ({os.path.basename(path)} "
                                     f"missing)")
+            self.inside(path, os.path.basename(path))  # a link to a file elsewhere
         return self
 
     def load_config(self) -> LTNetConfig:
@@ -183,7 +184,8 @@ class ModelDir:
             return []
         images = sorted(n for n in os.listdir(folder) if n.endswith(".nii.gz")
                         and not n.endswith("_labels.nii.gz") and not n.startswith("."))
-        return [(os.path.join(folder, n), os.path.join(folder, n[:-7] + "_labels.nii.gz"))
+        return [(self.inside(os.path.join(folder, n), f"atlases/{n}"),
+                 self.inside(os.path.join(folder, n[:-7] + "_labels.nii.gz"), f"atlases/{n}"))
                 for n in images]
 
     def load_atlas(self):
@@ -205,7 +207,16 @@ class ModelDir:
         if chosen is None:
             raise ModelDirError(f"{self.path}: no {'' if which == 'auto' else which + ' '}"
                                 f"checkpoint found (train first)")
-        return chosen
+        return self.inside(chosen, "its checkpoint record")
+
+    def inside(self, path: str, named_by: str) -> str:
+        """``path`` if it lies inside the run folder (symbolic links resolved); a run folder
+        from elsewhere must not make predict.py read files outside it. Raises ModelDirError."""
+        real, root = os.path.realpath(path), os.path.realpath(self.path)
+        if os.path.commonpath([real, root]) != root:
+            raise ModelDirError(f"{self.path}: {named_by} names {path}, outside the run folder; "
+                                f"refused (copy the files into the run folder)")
+        return path
 
     def newest_intact_checkpoint(self) -> str:
         """The newest checkpoint that reads back whole; a damaged newer one is skipped with a
@@ -279,7 +290,10 @@ class ModelDir:
 
     def latest_saved_model(self):
         versions = self.saved_model_versions()
-        return os.path.join(self.saved_model_base, str(versions[-1])) if versions else None
+        if not versions:
+            return None
+        return self.inside(os.path.join(self.saved_model_base, str(versions[-1])),
+                           f"saved_model/{versions[-1]}")
 
     def saved_model_metadata(self, saved_model: str = None) -> dict:
         """The export metadata of ``saved_model`` (default: the newest version)."""

@@ -1,0 +1,88 @@
+"""bench/results/reliability.md from reliability.json (``python -m bench.reliability``)."""
+from __future__ import annotations
+
+from ltnet_tf.files import atomic_write
+
+
+def write_markdown(result: dict, path: str) -> None:
+    det, killed = result["determinism"], result["killed_runs"]
+    same, machine = det["same_scan_voxels_differ"], det["machine_threads_voxels_differ"]
+    warm = det["warm_seconds_per_scan"]
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    concurrent, disk = result["concurrent_writers"], result["disk_full"]
+    signals = {}
+    for kill in killed["kills"]:
+        signals[kill["signal"]] = signals.get(kill["signal"], 0) + 1
+    codes = sorted({(k["signal"], k["returncode"]) for k in killed["kills"]})
+    lines = [
+        "# Reliability of predict.py: same scan, same answer; killed runs; writers; full disk",
+        "",
+        f"Command `python -m bench.reliability` ({result['machine']}); per part the commit and "
+        f"minutes: " + "; ".join(f"{part} `{commit}` {result['minutes'].get(part)} min"
+                                 for part, commit in result["commits"].items())
+        + f". Load average {result['load_start'][0]:.1f} at the start of the last invocation "
+        f"(`{result['command']}`), {result['load_end'][0]:.1f} at its end.",
+        "",
+        "## Same scan, same answer (voxels that differ; 0 = bit-identical)",
+        "",
+        f"Cohort: {det['cohort']}.",
+        "",
+        "| comparison | deterministic (default) | `LTNET_TF_THREADS=machine` |",
+        "|---|---|---|",
+        f"| within a run (first vs later copy of one scan, two runs) | {same['within_run']} | "
+        f"{machine['within_run']} |",
+        f"| across runs (two processes) | {same['across_runs']} | {machine['across_runs']} |",
+        f"| 1 core (`taskset -c 0`) vs 2 cores | {same['one_vs_two_threads']} | |",
+        f"| `--shard 1/2` + `2/2` in one folder + merge vs one run | {same['across_shards']} | |",
+        "",
+        "volumes.csv byte-identical: " + ", ".join(f"{k.replace('_', ' ')} "
+                                                    f"{'yes' if v else 'NO'}"
+                                                    for k, v in det["volumes_csv_identical"].items())
+        + ".",
+        "",
+        f"**determinism_time_ratio {det['determinism_time_ratio']}**: warm scans' mean seconds, "
+        f"deterministic {mean(warm['deterministic']):.2f} s over machine thread counts "
+        f"{mean(warm['machine']):.2f} s (runs interleaved: deterministic, machine, deterministic, "
+        f"machine; {len(warm['deterministic'])} + {len(warm['machine'])} warm scans).",
+        "",
+        "## Killed runs",
+        "",
+        f"Cohort: {killed['cohort']}. An uninterrupted reference run took "
+        f"{killed['reference_run']['seconds']} s; then {killed['killed']} runs of the same "
+        f"command were stopped at a random moment between 1 s and that time "
+        f"({', '.join(f'{n} {s}' for s, n in sorted(signals.items()))}), each followed by the same "
+        f"command, over {len(killed['rounds'])} cohort folders.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| scans lost (missing from volumes.csv, dice.csv, prediction.json or report.html) | "
+        f"{killed['scans_lost']} |",
+        f"| scans duplicated there | {killed['scans_duplicated']} |",
+        f"| partial files (final names that do not read back after a kill; temporary files "
+        f"left after the re-run) | {killed['partial_files']} |",
+        f"| voxels differing from the uninterrupted run | "
+        f"{killed['voxels_differ_from_uninterrupted_run']} |",
+        f"| volumes.csv equal to the uninterrupted run's | "
+        f"{all(r['volumes_csv_equal_reference'] for r in killed['rounds'])} |",
+        f"| exit codes (signal, code) | {', '.join(f'{s} {c}' for s, c in codes)} |",
+        "",
+        "## Two writers on one folder",
+        "",
+        f"Two whole-cohort runs started 2 s apart on one folder: the first exited "
+        f"{concurrent['first']['returncode']} with {concurrent['first']['scans_written']} "
+        f"segmentations; the second exited {concurrent['second']['returncode']} in "
+        f"{concurrent['second']['seconds']} s with: `{concurrent['second']['last_line']}`. "
+        f"Unreadable files afterwards: {len(concurrent['unreadable_final_files'])}.",
+        "",
+        "## Full disk",
+        "",
+        f"{disk['limit']} over a folder holding a finished run: exit {disk['run']['returncode']} "
+        f"with `{disk['run']['last_line']}`; {len(disk['earlier_files_changed'])} of "
+        f"{disk['earlier_files']} earlier files changed, {len(disk['temporary_files_left'])} "
+        f"temporary files left. The same command without the limit then exited "
+        f"{disk['rerun_without_limit']['returncode']} with {disk['segmentations_after_rerun']} "
+        f"segmentations.",
+        "",
+    ]
+    with atomic_write(path) as f:
+        f.write("\n".join(lines))

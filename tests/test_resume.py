@@ -1,0 +1,257 @@
+"""Same scan, same answer; a killed prediction run continues; one writer per output folder; a full
+disk; NaN outside the brain; hostile names in report.html; run folders that name files elsewhere.
+
+predict.py runs for real: in subprocesses where a process boundary matters (determinism across
+processes, SIGKILL/SIGTERM, a file-size limit), in this process otherwise. Tiny synthetic scans on
+the atlas grid, atlases given as files (no training).
+"""
+import csv
+import glob
+import json
+import logging as pylogging
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from helpers import REPO, the_error_line
+from ltnet_tf.commands import cli
+from ltnet_tf.errors import DataError
+from ltnet_tf.io import volumes as data
+from ltnet_tf.prediction.journal import JOURNAL_FOLDER
+from ltnet_tf.prediction.lock import OutputLock
+
+SCAN_COPIES = 8  # scans in the cohort: enough to stop a run between two of them
+SUBPROCESS_TIMEOUT = 900  # a hang guard only: the 2 shared cores can be very slow
+
+
+@pytest.fixture(scope="module")
+def cohort(dataset, tmp_path_factory):
+    """SCAN_COPIES scans (the data set's 3, and copies under other names) and their references."""
+    root = tmp_path_factory.mktemp("cohort")
+    images, labels = root / "images", root / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for k in range(SCAN_COPIES):
+        source = k % len(dataset.images)
+        shutil.copy(dataset.images[source], images / f"scan{k}.nii.gz")
+        shutil.copy(dataset.labels[source], labels / f"scan{k}.nii.gz")
+    return images, labels
+
+
+def predict_argv(dataset, images, output, *extra):
+    return ["predict.py", "--atlas", dataset.atlas, "--atlas_labels", dataset.atlas_labels,
+            "--images", str(images), "--output_dir", str(output), *extra]
+
+
+def start(argv, **options):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **options)
+
+
+def finish(process):
+    out, err = process.communicate(timeout=SUBPROCESS_TIMEOUT)
+    return process.returncode, out, err
+
+
+def segmentation(path):
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def wait_for_journal(folder, count, process):
+    """Until ``count`` scans are recorded finished (the process still running)."""
+    journal = os.path.join(folder, JOURNAL_FOLDER)
+    deadline = time.time() + SUBPROCESS_TIMEOUT
+    while time.time() < deadline and process.poll() is None:
+        if os.path.isdir(journal) and len(glob.glob(os.path.join(journal, "*.json"))) >= count:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"the run ended (or hung) before {count} scans were finished")
+
+
+def temporary_files(folder):
+    return glob.glob(os.path.join(folder, "**", ".*.tmp-*"), recursive=True)
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, cohort, tmp_path_factory):
+    """An uninterrupted run in its own process."""
+    images, labels = cohort
+    output = tmp_path_factory.mktemp("reference")
+    code, _, err = finish(start(predict_argv(dataset, images, output, "--labels", str(labels))))
+    assert code == 0, err
+    return output
+
+
+# ------------------------------------------------------------------------------- same answer
+def test_same_scan_same_bits_within_across_processes_and_cores(dataset, cohort, reference,
+                                                               tmp_path):
+    images, labels = cohort
+    again = tmp_path / "again"
+    argv = predict_argv(dataset, images, again, "--labels", str(labels))
+    code, _, err = finish(start(argv))
+    assert code == 0, err
+    assert shutil.which("taskset"), "taskset (util-linux) runs predict.py on one core"
+    one_core = tmp_path / "one_core"
+    process = subprocess.run(["taskset", "-c", "0", sys.executable,
+                              *predict_argv(dataset, images, one_core, "--labels", str(labels))],
+                             cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
+                             text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert process.returncode == 0, process.stderr
+    for k in range(SCAN_COPIES):
+        first = segmentation(reference / f"scan{k}_seg.nii.gz")
+        for other in (again, one_core):
+            np.testing.assert_array_equal(first, segmentation(other / f"scan{k}_seg.nii.gz"))
+        # scan k and scan k+3 are the same file: the first scan of a process and a later one
+        if k + len(dataset.images) < SCAN_COPIES:
+            np.testing.assert_array_equal(
+                first, segmentation(reference / f"scan{k + len(dataset.images)}_seg.nii.gz"))
+    for table in ("volumes.csv", "dice.csv"):
+        assert read_bytes(reference / table) == read_bytes(again / table)
+        assert read_bytes(reference / table) == read_bytes(one_core / table)
+
+
+# ------------------------------------------------------------------------------- killed runs
+def table_rows(folder, table):
+    """The scan of every row (dice.csv: of every scan's 'mean' row)."""
+    with open(os.path.join(folder, table)) as f:
+        rows = list(csv.reader(f))[1:]
+    return [row[0] for row in rows if table != "dice.csv" or row[1] == "mean"]
+
+
+def test_killed_run_continues_without_losing_or_redoing_scans(dataset, cohort, reference,
+                                                              tmp_path):
+    images, labels = cohort
+    output = tmp_path / "out"
+    argv = predict_argv(dataset, images, output, "--labels", str(labels))
+    # SIGTERM after the first scan: a clean stop, one line, 143.
+    process = start(argv)
+    wait_for_journal(output, 1, process)
+    process.send_signal(signal.SIGTERM)
+    code, _, err = finish(process)
+    assert code == 143, err
+    stopped = [line for line in err.splitlines() if "stopped by SIGTERM" in line]
+    assert len(stopped) == 1 and "run the same command again to continue" in stopped[0], err
+    assert temporary_files(output) == []
+    # SIGKILL after at least one more scan: nothing can clean up.
+    finished = len(glob.glob(str(output / JOURNAL_FOLDER / "*.json")))
+    process = start(argv)
+    wait_for_journal(output, finished + 1, process)
+    process.send_signal(signal.SIGKILL)
+    assert finish(process)[0] == -signal.SIGKILL
+    kept = sorted(glob.glob(str(output / JOURNAL_FOLDER / "*.json")))
+    assert finished < len(kept) < SCAN_COPIES
+    kept_files = {p: os.stat(p).st_mtime_ns for name in kept
+                  for p in glob.glob(str(output / (os.path.basename(name)[:-5] + "_*")))}
+    # The same command again: the rest, then tables of every scan exactly once.
+    code, out, err = finish(start(argv))
+    assert code == 0, err
+    assert f"{len(kept)} of {SCAN_COPIES} scans were finished by an earlier run" in out
+    assert out.count("_seg.nii.gz (") == SCAN_COPIES - len(kept)  # only the others' lines
+    assert {p: os.stat(p).st_mtime_ns for p in kept_files} == kept_files  # not rewritten
+    names = [f"scan{k}" for k in range(SCAN_COPIES)]
+    for table in ("volumes.csv", "dice.csv"):
+        assert table_rows(output, table) == names
+        assert read_bytes(output / table) == read_bytes(reference / table)
+    with open(output / "prediction.json") as f:
+        assert list(json.load(f)["scans"]) == names
+    page = (output / "report.html").read_text()
+    assert all(page.count(f"<h2>{name} ") == 1 for name in names)
+    for name in names:
+        np.testing.assert_array_equal(segmentation(output / f"{name}_seg.nii.gz"),
+                                      segmentation(reference / f"{name}_seg.nii.gz"))
+    assert temporary_files(output) == []
+
+
+def test_other_settings_redo_the_scans(dataset, cohort, reference, tmp_path):
+    output = tmp_path / "out"
+    shutil.copytree(reference, output)
+    images, labels = cohort
+    assert cli.predict_main(predict_argv(dataset, images, output, "--labels", str(labels),
+                                         "--refine_steps=3")) == 0
+    with open(output / "prediction.json") as f:
+        scans = json.load(f)["scans"]
+    assert not any(record.get("kept_from_earlier_run") for record in scans.values())
+    assert json.load(open(output / "prediction.json"))["refinement"]["steps"] == 3
+
+
+# ------------------------------------------------------------------------------- writers, disk
+def test_a_second_writer_is_refused_shares_are_not(dataset, cohort, tmp_path, capsys):
+    images, _ = cohort
+    output = tmp_path / "out"
+    output.mkdir()
+    with OutputLock(str(output)):
+        assert cli.predict_main(predict_argv(dataset, images, output, "--noqc")) == 1
+        the_error_line(capsys, "another predict.py is writing to this folder",
+                       f"process {os.getpid()}", "whole cohort")
+        assert cli.predict_main(predict_argv(dataset, images, output, "--shard=1/2")) == 1
+        the_error_line(capsys, "another predict.py is writing to this folder")
+    assert not glob.glob(str(output / "*_seg.nii.gz"))
+    with OutputLock(str(output), shard=(1, 2)):
+        with pytest.raises(DataError, match=r"share 1/2"):
+            OutputLock(str(output), shard=(1, 2)).acquire()
+        with pytest.raises(DataError, match=r"share 1/2"):
+            OutputLock(str(output)).acquire()
+        assert cli.predict_main(predict_argv(dataset, images, output, "--shard=2/2",
+                                             "--noqc")) == 0
+    assert os.path.isfile(output / "volumes.shard-2-of-2.csv")
+
+
+def test_full_disk_is_one_line_and_keeps_earlier_outputs(dataset, cohort, reference, tmp_path):
+    images, labels = cohort
+    output = tmp_path / "out"
+    shutil.copytree(reference, output)
+    before = {p: read_bytes(p) for p in glob.glob(str(output / "**"), recursive=True)
+              if os.path.isfile(p) and not p.endswith(".lock")}
+
+    def small_file_limit():  # no file over 200 bytes: a segmentation cannot be written
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+
+    process = start(predict_argv(dataset, images, output, "--labels", str(labels),
+                                 "--refine_steps=3"), preexec_fn=small_file_limit)
+    code, _, err = finish(process)
+    assert code == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "File too large while writing" in errors[0], err
+    assert "run the same command again to continue" in errors[0]
+    assert {p: read_bytes(p) for p in before} == before
+    assert temporary_files(output) == []
+
+
+# ------------------------------------------------------------------------------- NaN
+def brain_with_nan(tmp_path, name, inside: bool):
+    grid = np.indices((32, 32, 32)) - 15.5
+    brain = (grid ** 2).sum(axis=0) < 12 ** 2
+    values = np.where(brain, 100.0 + grid[0], np.nan).astype(np.float32)
+    if inside:
+        values[16, 16, 16] = np.nan
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(values, np.eye(4)), str(path))
+    return path, int((~brain).sum())
+
+
+def test_nan_outside_the_brain_is_background_inside_refused(tmp_path, caplog):
+    path, outside = brain_with_nan(tmp_path, "masked.nii.gz", inside=False)
+    with caplog.at_level(pylogging.WARNING):
+        scan = data.load_scan(path)
+    warnings = [record.getMessage() for record in caplog.records]
+    assert np.isfinite(scan.data).all() and (scan.data == 0).sum() == outside
+    assert any(f"{outside} NaN/Inf voxels outside the brain, taken as background" in w
+               for w in warnings), warnings
+    path, outside = brain_with_nan(tmp_path, "holed.nii.gz", inside=True)
+    with pytest.raises(DataError, match=rf"holed.nii.gz: contains 1 NaN/Inf voxels inside the "
+                                        rf"brain \(and {outside} outside it\)"):
+        data.load_scan(path)
