@@ -1,49 +1,34 @@
-"""Native-space benchmark: the same model on scans already on the atlas grid, on FreeSurfer's own 256³
-volumes, and on scanner-like variants (other orientation, anisotropic voxels, an oblique tilt, a
-tighter field of view), each scored on its own grid.
+"""Native space: the same model on scans already on the atlas grid, on FreeSurfer's own 256³
+volumes, and on scanner-like variants (another orientation, anisotropic voxels, a 12° oblique tilt,
+a tighter field of view), each scored on its own grid (sub-06/07: images/ against labels/,
+native/images/*.mgz against native/labels/, and the variants made here from native/).
 
-    python -m bench.accuracy --configs ltnet --steps 600 --checkpoint_every 100   # trains the model
-    python -m bench.native                        # uses bench/scratch/accuracy/ltnet, ~10 min
+    python -m bench.native --model_dir RUN [--refine]          # ~10 min on 2 CPU cores
 
-Sets, for the validation subjects sub-06 and sub-07 of ../shared/data:
-- ``aligned``: images/ (already on the atlas grid), scored against labels/;
-- ``native``: native/images/*.mgz (256³, 1 mm, LIA, own headers), scored against native/labels/;
-- ``oblique``: made here from native/: sub-06 as LPS with 1.2 x 0.9 x 0.9 mm voxels, sub-07 as RAS with
-  0.9 x 1.2 x 1.0 mm voxels, both tilted 12° about an oblique axis and cropped to a 170 x 200 x 180 mm
-  field of view around the brain (scan resampled linearly, labels by nearest label).
-Alignment is timed alone (``align_seconds_per_scan``, from the loaded scan) and inside a whole
-``predict_files`` run (``predict_seconds_per_scan``: read, align, network, label pull, write; the model
-is loaded once and its loading time is reported apart; a training subject is segmented first in each
-set and left out, so that no figure includes the tracing of the first call).
-
-Writes bench/results/native.json and native.md.
+Alignment is timed alone (``align_seconds_per_scan``) and inside a whole ``predict_files`` run
+(read, align, network, label pull, write); a training subject is segmented first in each set and
+left out, so no figure includes the first call's tracing. Writes bench/results/native.json, .md.
 """
 from __future__ import annotations
 
-import os
-
 from ltnet_tf import compat  # noqa: F401
-from bench.provenance import DATA_DIR, command_line, git_commit, write_json
 
-import json
-import platform
+import os
 import shutil
 import time
 
+import nibabel as nib
 import numpy as np
 from absl import app, flags
 
+from bench import harness
 from ltnet_tf.io import volumes as data
 from ltnet_tf.prediction import cohort
 from ltnet_tf.registration import alignment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "
-                    "../shared/data beside the repository).")
-flags.DEFINE_string("model_dir", os.path.join(ROOT, "bench", "scratch", "accuracy", "ltnet"),
-                    "The trained run folder (the accuracy benchmark's LT-Net run).")
-flags.DEFINE_string("work_dir", os.path.join(ROOT, "bench", "scratch", "native"), "Scratch folder.")
-flags.DEFINE_string("results_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
+harness.define_flags("native")
+flags.DEFINE_string("model_dir", os.path.join(harness.ROOT, "bench", "scratch", "accuracy",
+                                              "ltnet"), "The trained run folder.")
 flags.DEFINE_list("subjects", ["sub-06", "sub-07"], "Validation subjects.")
 flags.DEFINE_bool("refine", False, "Test-time refinement (predict.py's default settings).")
 flags.DEFINE_string("warmup_subject", "sub-05", "A training subject segmented first in every set "
@@ -90,7 +75,6 @@ def make_oblique_variant(subject: str, folder: str) -> tuple:
         data.save_nifti(moved.data, moved.affine, path,
                         dtype="float32" if kind == "images" else None)
         paths.append(path)
-    import nibabel as nib
     codes = "".join(nib.aff2axcodes(affine))
     return paths, {"orientation": codes, "voxel_mm": list(voxel_sizes), "shape": list(shape),
                    "tilt_degrees": TILT_DEGREES}
@@ -114,19 +98,19 @@ def score(set_name: str, images: list, labels: list) -> dict:
 
 def time_alignment(paths: list) -> dict:
     """Alignment alone, from the loaded scan (wall and process CPU seconds), twice per scan."""
-    atlas = data.load_scan(os.path.join(FLAGS.model_dir, "atlas.nii.gz"))
-    aligner = alignment.AtlasAligner(atlas)
-    walls, cpus = [], []
+    aligner = alignment.AtlasAligner(data.load_scan(os.path.join(FLAGS.model_dir, "atlas.nii.gz")))
+    clocks = []
     for path in paths:
         scan = data.load_scan(path)
         for _ in range(2):
-            start_wall, start_cpu = time.time(), time.process_time()
-            found = aligner.align(scan)
-            walls.append(time.time() - start_wall)
-            cpus.append(time.process_time() - start_cpu)
+            clocks.append(harness.Clock())
+            with clocks[-1]("align"):
+                found = aligner.align(scan)
             assert found.ok, path
-    return {"align_seconds_per_scan": float(np.median(walls)),
-            "align_cpu_seconds_per_scan": float(np.median(cpus)), "align_seconds_all": walls}
+    walls = [c.seconds["align"] for c in clocks]
+    return {"align_seconds_per_scan": float(np.median(walls)), "align_seconds_all": walls,
+            "align_cpu_seconds_per_scan": float(np.median([c.cpu_seconds["align"]
+                                                           for c in clocks]))}
 
 
 def main(argv):
@@ -148,16 +132,16 @@ def main(argv):
         oblique[1].append(label)
     sets["oblique"] = oblique
 
-    import tensorflow as tf
     from ltnet_tf.prediction.sources import RunFolderNetwork
     start = time.time()
     RunFolderNetwork(FLAGS.model_dir)  # model loading, timed apart (predict_files loads it once per set)
     model_load_s = time.time() - start
 
-    results = {"command": command_line(), "git_commit": git_commit(),
-               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, TF {tf.__version__}, "
-                          f"load average at start {os.getloadavg()[0]:.1f}",
-               "model_dir_config": json.load(open(os.path.join(FLAGS.model_dir, "config.json"))),
+    results = {"command": harness.command_line({FLAGS.model_dir: "RUN"}),
+               "git_commit": harness.git_commit(), "machine": f"{harness.machine_line()}, "
+                                                              f"load average at start "
+                                                              f"{os.getloadavg()[0]:.1f}",
+               "model_dir_config": harness.read_json(os.path.join(FLAGS.model_dir, "config.json")),
                "subjects": FLAGS.subjects, "warmup_subject": FLAGS.warmup_subject,
                "oblique_variants": {s: v for s, v in variants.items() if s in FLAGS.subjects},
                "refine": FLAGS.refine, "model_load_seconds": model_load_s, "sets": {}}
@@ -176,37 +160,33 @@ def main(argv):
 
 
 def write_outputs(results: dict) -> None:
-    write_json(results, os.path.join(FLAGS.results_dir, "native.json"))
-    subjects = results["subjects"]
+    harness.write_json(results, os.path.join(FLAGS.results_dir, "native.json"))
+    subjects, aligned = results["subjects"], results["dice_aligned"]
     lines = ["# Native space: the same model on aligned, native and scanner-like scans", "",
              f"Command: `{results['command']}` at commit `{results['git_commit'][:12]}`; "
              f"{results['machine']}.", "",
-             "| set | mean Dice (28 structures) | " + " | ".join(subjects)
-             + " | seconds per scan (total) |", "|---|---|" + "---|" * len(subjects) + "---|"]
-    for name, r in results["sets"].items():
-        totals = [r["seconds"][s]["total"] for s in subjects]
-        lines.append(f"| {name} | **{r['mean_dice']:.3f}** | "
-                     + " | ".join(f"{r['per_subject'][s]:.3f}" for s in subjects)
-                     + f" | {np.mean(totals):.1f} |")
-    lines += ["", f"- dice_native − dice_aligned = {results['dice_native'] - results['dice_aligned']:+.3f}"
-              " (target ≥ −0.01)",
-              f"- dice_oblique − dice_aligned = {results['dice_oblique'] - results['dice_aligned']:+.3f}"
-              " (target ≥ −0.02)",
-              f"- alignment alone: {results['align_seconds_per_scan']:.2f} s wall, "
-              f"{results['align_cpu_seconds_per_scan']:.2f} s CPU per scan (median of "
-              f"{len(results['align_seconds_all'])}; target ≤ 5 s)",
-              f"- predict end to end, native 256³ scan: {results['predict_seconds_per_scan']:.1f} s "
-              f"per scan (model loading apart: {results['model_load_seconds']:.1f} s)",
-              "", "Oblique variants: " + "; ".join(
-                  f"{s}: {v['orientation']}, {v['voxel_mm']} mm, {v['shape']}, tilted "
-                  f"{v['tilt_degrees']}°" for s, v in results["oblique_variants"].items()), "",
-              "Per-scan stage seconds:", ""]
-    for name, r in results["sets"].items():
-        for subject, seconds in r["seconds"].items():
-            lines.append(f"- {name} {subject}: " + ", ".join(f"{k} {v:.2f}" for k, v in
-                                                             seconds.items()))
-    with open(os.path.join(FLAGS.results_dir, "native.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+             *harness.table(["set", "mean Dice (28 structures)", *subjects,
+                             "seconds per scan (total)"],
+                            [[name, f"**{r['mean_dice']:.3f}**",
+                              *(f"{r['per_subject'][s]:.3f}" for s in subjects),
+                              f"{np.mean([r['seconds'][s]['total'] for s in subjects]):.1f}"]
+                             for name, r in results["sets"].items()]), "",
+             f"- dice_native − dice_aligned = {results['dice_native'] - aligned:+.3f}"
+             " (target ≥ −0.01)",
+             f"- dice_oblique − dice_aligned = {results['dice_oblique'] - aligned:+.3f}"
+             " (target ≥ −0.02)",
+             f"- alignment alone: {results['align_seconds_per_scan']:.2f} s wall, "
+             f"{results['align_cpu_seconds_per_scan']:.2f} s CPU per scan (median of "
+             f"{len(results['align_seconds_all'])}; target ≤ 5 s)",
+             f"- predict end to end, native 256³ scan: {results['predict_seconds_per_scan']:.1f} "
+             f"s per scan (model loading apart: {results['model_load_seconds']:.1f} s)",
+             "", "Oblique variants: " + "; ".join(
+                 f"{s}: {v['orientation']}, {v['voxel_mm']} mm, {v['shape']}, tilted "
+                 f"{v['tilt_degrees']}°" for s, v in results["oblique_variants"].items()), "",
+             "Per-scan stage seconds:", ""]
+    lines += [f"- {name} {subject}: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items())
+              for name, r in results["sets"].items() for subject, seconds in r["seconds"].items()]
+    harness.write_markdown(lines, os.path.join(FLAGS.results_dir, "native.md"))
 
 
 if __name__ == "__main__":
