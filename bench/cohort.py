@@ -71,9 +71,8 @@ class Version:
         return {**os.environ, "PYTHONPATH": self.root}
 
 
-def _git(*args) -> str:
-    return subprocess.run(["git", *args], cwd=harness.ROOT, capture_output=True, text=True,
-                          check=True).stdout.strip()
+def _run(*argv, **options) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=True, **options).stdout
 
 
 class Context:
@@ -84,19 +83,26 @@ class Context:
         self.logs = os.path.join(self.work, "logs")
         os.makedirs(self.logs, exist_ok=True)
         self.current, self.before = Version("after", harness.ROOT, harness.git_commit()), None
+        git = ("git", "-C", harness.ROOT)
         if need_before:
-            commit = _git("rev-parse", "--verify", f"{FLAGS.before}^{{commit}}")
+            commit = _run(*git, "rev-parse", "--verify", f"{FLAGS.before}^{{commit}}").strip()
             path = os.path.join(self.work, f"before-{commit[:10]}")
             if os.path.isdir(path):
-                _git("worktree", "remove", "--force", path)
-            _git("worktree", "prune")
-            _git("worktree", "add", "--detach", path, commit)
+                _run(*git, "worktree", "remove", "--force", path)
+            _run(*git, "worktree", "prune")
+            _run(*git, "worktree", "add", "--detach", path, commit)
             self.before = Version("before", path, commit)
-        try:
-            for version in self.versions():
-                self._check(version)
+        try:  # each version compiled once, its own ltnet_tf imported, TensorFlow and the run
+            for v in self.versions():  # folder read once: no measured run pays for them
+                _run(sys.executable, "-m", "compileall", "-q", os.path.join(v.root, "ltnet_tf"),
+                     env=v.env())
+                found = _run(sys.executable, "-c", "import os, ltnet_tf; from ltnet_tf import "
+                             "compat; import tensorflow; print(os.path.dirname(os.path.abspath("
+                             "ltnet_tf.__file__)))", env=v.env(), cwd=self.work).strip()
+                if os.path.realpath(found) != os.path.realpath(os.path.join(v.root, "ltnet_tf")):
+                    raise SystemExit(f"{v.name}: ltnet_tf imported from {found}")
             for folder, _, names in os.walk(os.path.abspath(FLAGS.model_dir)):
-                for name in names:  # read once, untimed
+                for name in names:
                     with open(os.path.join(folder, name), "rb") as f:
                         while f.read(1 << 24):
                             pass
@@ -107,25 +113,9 @@ class Context:
     def versions(self) -> list:
         return [v for v in (self.before, self.current) if v is not None]
 
-    def _check(self, version: Version) -> None:
-        """Compile once (no run pays for it); its own ltnet_tf must be the one imported; import
-        TensorFlow once and read the run folder once, so no run pays for a cold disk cache."""
-        subprocess.run([sys.executable, "-m", "compileall", "-q",
-                        os.path.join(version.root, "ltnet_tf")], env=version.env(), check=True,
-                       stdout=subprocess.DEVNULL)
-        found = subprocess.run([sys.executable, "-c", "import os, ltnet_tf; print(os.path."
-                                "dirname(os.path.abspath(ltnet_tf.__file__)))"],
-                               env=version.env(), cwd=self.work, capture_output=True, text=True,
-                               check=True).stdout.strip()
-        if os.path.realpath(found) != os.path.realpath(os.path.join(version.root, "ltnet_tf")):
-            raise SystemExit(f"{version.name}: ltnet_tf imported from {found}")
-        subprocess.run([sys.executable, "-c", "from ltnet_tf import compat; import tensorflow"],
-                       env=version.env(), cwd=self.work, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
     def close(self) -> None:
         if self.before is not None:
-            _git("worktree", "remove", "--force", self.before.root)
+            _run("git", "-C", harness.ROOT, "worktree", "remove", "--force", self.before.root)
 
     def roles(self, text) -> str:
         roles = {self.work: "WORK", FLAGS.model_dir: "RUN", sys.executable: "python"}

@@ -269,7 +269,7 @@ def markdown(results: dict) -> list:
               if e["ants"]["spacing_mm"] else "full (1 mm)",
               e["ants"]["search_radius"] if e["fusion"] == "jlf" else "–",
               f"{e['ants']['intensity_scale']:g}", ", ".join(e["ants"]["registrations_shared_by"])]
-             for n, s, e in sorted(ants, key=lambda a: a[0])]), ""]
+             for n, s, e in sorted(ants, key=lambda a: [x[0] for x in ants].index(a[0]))]), ""]
     methods = {}
     for set_name, entries in results["sets"].items():
         for name, e in entries.items():
