@@ -15,7 +15,6 @@ grid; never a validation subject). A configuration of N atlases uses the primary
 ``--model_dir``: a trained run's atlas is the primary one and its G_F starts that atlas's
 registration (the others start from the identity). ANTs is slow (~6 min per atlas and scan for
 JLF): ``--ants_subjects`` runs it on a subset, ``--ants_spacing`` registers on coarser grids.
-``--parts speed``: ``ltnet_tf.registration.fusion``'s own speed (``bench.fusion_speed``, ~1 min).
 
     python -m bench.fusion --ants_subjects sub-06,1000      # ANTs on two scans only
 
@@ -39,7 +38,7 @@ from ltnet_tf.config import RefinementSettings
 from ltnet_tf.io import volumes
 from ltnet_tf.io.labels import BENCHMARK_LABELS, structure_name
 
-SETS, PARTS = ("shared", "miccai2012"), ("dice", "speed")
+SETS = ("shared", "miccai2012")
 CONFIGS = ("atlases_1", "atlases_3", "atlases_5", "atlases_5_majority", "atlases_5_jlf",
            "ants_syn_1", "ants_mv_5", "ants_jlf_5")
 CONFIG = re.compile(r"^(?:atlases_(?P<count>\d+)(?:_(?P<fusion>majority|local|jlf))?"
@@ -54,8 +53,8 @@ ANTS_SECONDS = ("what each ANTs configuration would take alone: reading the scan
                 "ANTs configurations of the run; ants_syn_1 is the primary atlas's registration.")
 
 harness.define_flags("fusion")
-flags.DEFINE_list("parts", list(PARTS), "dice: the configurations on the validation sets; "
-                  "speed: ltnet_tf.registration.fusion's own timings.")
+flags.DEFINE_list("parts", ["dice"], "Parts to run: dice (the configurations on the "
+                  "validation sets).")
 flags.DEFINE_list("configs", list(CONFIGS), "Configurations, in this order; the ANTs ones run "
                   "together, where the first of them is listed.")
 flags.DEFINE_list("sets", list(SETS), "Validation sets.")
@@ -71,11 +70,6 @@ flags.DEFINE_bool("ants_histogram_match", True, "Histogram-match each warped atl
                   "before ants.joint_label_fusion.")
 flags.DEFINE_integer("ants_search_radius", 3, "Search radius of ants.joint_label_fusion.")
 flags.DEFINE_bool("merge", True, "Keep the entries of an existing fusion.json not rerun.")
-flags.DEFINE_list("speed_atlases", ["sub-01", "sub-02", "sub-03", "sub-04", "sub-05"],
-                  "speed part: atlases (affinely aligned subjects).")
-flags.DEFINE_string("speed_scan", "sub-06", "speed part: the scan (never one of its atlases).")
-flags.DEFINE_integer("points", 3_000_000, "speed part: points fused in the timing of fuse_labels.")
-flags.DEFINE_integer("repeats", 5, "speed part: timed calls per measurement (median, minimum).")
 FLAGS = flags.FLAGS
 
 
@@ -145,8 +139,6 @@ class Results:
             if kept:
                 self.payload["sets"][s] = kept
                 self.payload["set_info"][s] = earlier.get("set_info", {}).get(s)
-        if earlier.get("speed"):
-            self.payload["speed"] = earlier["speed"]
         self.payload["set_info"].update(set_info)
 
     def add(self, set_name: str, name: str, entry: dict, records: list, total: int) -> None:
@@ -280,7 +272,7 @@ def markdown(results: dict) -> list:
         lines += ["## Configurations", "", *table(
             ["config", "sets", "method", "atlases", "command", "commit"],
             [[k[0], ", ".join(v), *k[1:]] for k, v in methods.items()]), ""]
-    return lines + (speed_section(results["speed"]) if results.get("speed") else [])
+    return lines
 
 
 def _set_section(set_name: str, entries: dict, info: dict) -> list:
@@ -336,25 +328,9 @@ def _set_section(set_name: str, entries: dict, info: dict) -> list:
     return lines
 
 
-def speed_section(speed: dict) -> list:
-    rows = [[n, r["median_seconds"], r["min_seconds"], r["numpy_peak_mb"]]
-            for n, r in {**speed["weights"], **speed["vote"]}.items() if isinstance(r, dict)]
-    return ["## Speed of `ltnet_tf.registration.fusion` (`--parts speed`)", "",
-            f"`{speed['command']}`, commit `{speed['git_commit'][:12]}`, {speed['machine']}; "
-            f"load average {speed['load_average_at_start']} at the start, "
-            f"{speed['load_average_at_end']} at the end (1, 5, 15 min; other users' jobs). "
-            f"Weights on the {'x'.join(map(str, speed['grid']))} refinement grid; atlases "
-            f"{', '.join(speed['atlases'])} (affinely aligned only), scan {speed['scan']}.", "",
-            *table(["measurement", "median s", "min s", "numpy peak MB"], rows), "",
-            f"fuse_labels points: {speed['vote']['points']}, disputed fraction "
-            f"{speed['vote']['disputed_fraction']}", "",
-            *table([f"fusion ({speed['scan']}, {len(speed['atlases'])} affinely aligned atlases)",
-                    "mean Dice (28)"], list(speed["quality"].items())), ""]
-
-
 def main(argv):
     del argv
-    unknown = (set(FLAGS.sets) - set(SETS)) | (set(FLAGS.parts) - set(PARTS))
+    unknown = (set(FLAGS.sets) - set(SETS)) | (set(FLAGS.parts) - {"dice"})
     if unknown:
         raise SystemExit(f"unknown sets or parts: {', '.join(sorted(unknown))}")
     atlas_pairs()
@@ -377,13 +353,6 @@ def main(argv):
             evaluate_product(name, config, cases, results)
         elif ants_names and name == ants_names[0]:
             evaluate_ants(ants_names, ants, results)
-    if "speed" in FLAGS.parts:
-        from bench import fusion_speed
-        results.payload["speed"] = {
-            "command": header["command"], "git_commit": header["git_commit"],
-            "machine": header["machine"], **fusion_speed.run(
-                FLAGS.data_dir, FLAGS.speed_atlases, FLAGS.speed_scan, FLAGS.points,
-                FLAGS.repeats)}
     results.write()
 
 
