@@ -6,8 +6,8 @@ Configurations (the product's go through ``harness.Product``, ANTs' through ``be
 
     affine                    the atlas labels as they are (no registration): the floor
     ants_syn, ants_syn_half   ANTs SyN with antspyx's defaults, on the full grid / on 2 mm grids
-    ltnet, voxelmorph, ...    a trained run folder's G_F alone (``--model_dirs``, else trained here
-                              with the README's CPU recipe on 17 unlabelled scans)
+    ltnet, vxm_half, ...      a trained run folder's G_F alone (``--model_dirs``: train.py's
+                              README recipe on the atlas and 17 unlabelled scans)
     <start>_refined           the same G_F (or ``identity``: no network) + predict.py's refinement
     <start>_c<N>[_f<M>]       a refinement budget: N steps on the quarter grid, then M at half
                               resolution; ``identity_c0_f0`` times the fixed cost
@@ -23,11 +23,8 @@ from __future__ import annotations
 from ltnet_tf import compat  # noqa: F401
 
 import gc
-import json
 import os
 import re
-import shutil
-import time
 
 import numpy as np
 from absl import app, flags
@@ -46,19 +43,15 @@ SWEEP = ((10, 0), (25, 0), (25, 10), (50, 25), (100, 25))  # (coarse, fine) step
 FRONTIER = ("affine", "ants_syn_half", "ants_syn", "ltnet", "ltnet_refined", "identity_refined",
             "identity_c0_f0",
             *(f"{start}_c{c}_f{f}" for start in ("ltnet", "identity") for c, f in SWEEP))
-TRAIN_SUBJECTS = ("sub-01", "sub-02", "sub-03", "sub-04", "sub-05")
-MICCAI_TRAIN = ("1009", "1010", "1011", "1012", "1013", "1014", "1015", "1017", "1107", "1113",
-                "1119", "1125")  # unlabelled training scans (the others validate)
+TRAIN_SUBJECTS = ("sub-01", "sub-02", "sub-03", "sub-04", "sub-05")  # and MICCAI 1009-1125
 
 harness.define_flags("accuracy")
 flags.DEFINE_list("configs", list(FRONTIER), "Configurations to run, in this order.")
 flags.DEFINE_list("sets", list(SETS), "Validation sets; the first one gives the headline figures.")
-flags.DEFINE_list("model_dirs", [], "Trained run folders as name=path (e.g. ltnet=RUN1,"
-                  "vxm_half=RUN2): a preset's name or any name; <name>_refined and "
-                  "<name>_c<N>_f<M> use <name>'s folder.")
+flags.DEFINE_list("model_dirs", [], "Trained run folders as name=path (ltnet=RUN1,vxm_half="
+                  "RUN2); <name>_refined and <name>_c<N>_f<M> use <name>'s folder.")
 flags.DEFINE_string("training_results", None, "accuracy.json of the bench run that trained the "
                     "--model_dirs folders: their training time and command are copied from it.")
-flags.DEFINE_list("train_flags", [], "Extra train.py flags for runs trained here (steps=600).")
 flags.DEFINE_bool("merge", True, "Keep the configurations of an existing accuracy.json that are "
                   "not rerun (each entry records its own command and commit).")
 FLAGS = flags.FLAGS
@@ -89,36 +82,9 @@ def parse_config(name: str) -> dict:
                      f"start in {', '.join(STARTS)}")
 
 
-def _paths(folder: str, subjects) -> str:
-    return ",".join(os.path.join(FLAGS.data_dir, folder, f"{s}.nii.gz") for s in subjects)
-
-
-def train(name: str) -> str:
-    """Train one preset with the README's CPU recipe; -> its run folder."""
-    from ltnet_tf.commands import cli
-
-    model_dir = os.path.join(FLAGS.work_dir, name)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    argv = ["train", "--profile", "cpu", "--preset", name,
-            "--atlas", os.path.join(FLAGS.data_dir, "atlas.nii.gz"),
-            "--atlas_labels", os.path.join(FLAGS.data_dir, "atlas_labels.nii.gz"),
-            "--unlabeled", _paths("images", TRAIN_SUBJECTS) + "," + _paths(
-                os.path.join("miccai2012", "images"), MICCAI_TRAIN), "--model_dir", model_dir,
-            "--val_images", _paths("images", harness.SHARED_SUBJECTS),
-            "--val_labels", _paths("labels", harness.SHARED_SUBJECTS),
-            *[f"--{e}" for e in FLAGS.train_flags]]
-    start = time.time()
-    if cli.train_main(argv) != 0:
-        raise SystemExit(f"training {name} failed")
-    with open(os.path.join(model_dir, "training_time.json"), "w") as f:
-        json.dump({"train_time_s": time.time() - start, "command": harness.command_line(_roles()),
-                   "git_commit": harness.git_commit()}, f)
-    return model_dir
-
-
 def run_record(name: str, model_dir: str) -> tuple:
-    """A run folder's config essentials, validation curve and training time (from the folder when
-    trained here, else from --training_results)."""
+    """A run folder's config essentials, validation curve and training time (from
+    --training_results, the accuracy.json of the run that trained it)."""
     config = harness.read_json(os.path.join(model_dir, "config.json"))
     curve = [{"step": r["step"], "val_dice": r["val_dice"]}
              for r in harness.read_json(os.path.join(model_dir, "validation.json")) or []]
@@ -131,15 +97,11 @@ def run_record(name: str, model_dir: str) -> tuple:
               "optimisation": {k: config[k] for k in ("g_learning_rate", "d_learning_rate",
                                                       "cycle_warmup_steps", "batch_size")},
               "train_time_s": None, "training_source": None}
-    timing = harness.read_json(os.path.join(model_dir, "training_time.json"))
     trained = harness.read_json(FLAGS.training_results or "").get("configs", {}).get(name) or {}
-    if timing:
-        record.update(train_time_s=timing["train_time_s"], training_source={
-            "command": timing["command"], "git_commit": timing["git_commit"]})
-    elif "train_time_s" in trained:
+    if "train_time_s" in trained:
         record.update(train_time_s=trained["train_time_s"], training_source={
-            "results": "TRAINING_RESULTS",
-            "command": trained.get("command"), "git_commit": trained.get("git_commit")})
+            "results": "TRAINING_RESULTS", "command": trained.get("command"),
+            "git_commit": trained.get("git_commit")})
     return record, curve
 
 
@@ -154,7 +116,7 @@ def make_segmenter(name: str, model_dirs: dict):
     if config["start"] == "identity":
         return harness.Product(None, config["refinement"], atlases=[(atlas, atlas_labels)])
     if config["start"] not in model_dirs:
-        model_dirs[config["start"]] = train(config["start"])
+        raise SystemExit(f"{name}: no run folder; give --model_dirs {config['start']}=RUN")
     return harness.Product(model_dirs[config["start"]], config["refinement"])
 
 

@@ -8,8 +8,7 @@ fraction of the full-grid displacement in the brain.
 
 Parts: ``speed`` (one step's wall and CPU seconds: a naive step, ``Refinement`` without and with
 XLA at factors 1, 2, 4; one process, interleaved), ``dice`` (Dice, folds and seconds against steps
-for each ``--settings``), ``end_to_end`` (``LabelTransfer.segment`` with and without refinement),
-``saved_model`` (``segment_refined`` of an export, in a fresh process with plain TensorFlow).
+for each ``--settings``), ``saved_model`` (``segment_refined`` of an export, in a fresh process with plain TensorFlow).
 Writes bench/results/refinement.json and refinement.md (hand-written findings below its marker
 are kept).
 """
@@ -41,13 +40,14 @@ from ltnet_tf.serving import export
 from ltnet_tf.serving.modeldir import ModelDir
 
 NOTES_MARKER = "<!-- findings: written by hand, kept when the tables are rewritten -->"
-PARTS = ("speed", "dice", "end_to_end", "saved_model")
+PARTS = ("speed", "dice", "saved_model")
 
 harness.define_flags("refinement", work=False)
 flags.DEFINE_string("model_dir", None, "Trained run folder (G_F, config).", required=True)
 flags.DEFINE_enum("checkpoint", "auto", ["auto", "best", "last"], "Checkpoint of G_F.")
 flags.DEFINE_list("subjects", ["sub-06", "sub-07"], "Validation subjects (images/, labels/).")
-flags.DEFINE_list("parts", list(PARTS), "Parts to run.")
+flags.DEFINE_list("parts", list(PARTS), "Parts to run (end_to_end: retired, superseded by "
+                  "bench.accuracy's seconds per scan).")
 flags.DEFINE_integer("speed_steps", 10, "Steps per timed call in the speed part.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (medians reported).")
 flags.DEFINE_list("settings", [
@@ -176,29 +176,6 @@ def run_dice(label_transfer, subjects, this_run: dict) -> list:
     return rows
 
 
-def run_end_to_end(label_transfer, subjects) -> dict:
-    """Network + refinement + label warp per scan via LabelTransfer.segment, warm; and without."""
-    setting = parse_setting(FLAGS.default)
-    refinement = make_refinement(label_transfer, setting, steps=setting["steps"][0])
-    refined = tf.function(lambda scan: label_transfer.segment(scan, refinement=refinement))
-    plain = tf.function(label_transfer.segment)
-    results = {"setting": FLAGS.default, "subjects": {}}
-    for s in subjects:
-        if not results["subjects"]:
-            results["first_call_wall"], results["first_call_cpu"] = timed(refined, s["raw"])[1:]
-        timed(plain, s["raw"])
-        (out_refined, wall, cpu), (out_plain, plain_wall, plain_cpu) = (
-            timed(refined, s["raw"]), timed(plain, s["raw"]))
-        dice = {name: evaluation.mean_dice(evaluation.dice_per_label(
-            out["segmentation"][0], s["labels"], BENCHMARK_LABELS), BENCHMARK_LABELS)
-            for name, out in (("refined", out_refined), ("plain", out_plain))}
-        results["subjects"][s["name"]] = {
-            "refined_wall": wall, "refined_cpu": cpu, "plain_wall": plain_wall,
-            "plain_cpu": plain_cpu, "dice_refined": dice["refined"], "dice_plain": dice["plain"]}
-        print(f"end to end {s['name']}: {results['subjects'][s['name']]}", flush=True)
-    return results
-
-
 SERVING_CHILD = textwrap.dedent("""
     import json, resource, sys, time
     import numpy as np
@@ -311,19 +288,6 @@ def markdown(results: dict) -> list:
                         runs.index(r["run"]) + 1] for r in results["dice"]]), "",
                   *(f"Run {i + 1}: `{run['command']}` at `{short(run['commit'])}`"
                     for i, run in enumerate(runs)), ""]
-    if "end_to_end" in results:
-        e2e = results["end_to_end"]
-        lines += [f"## End to end per scan (network + refinement + label warp), setting "
-                  f"{e2e['setting']} (factor:lr:weight_smooth:steps), warm", "", *table(
-                      ["subject", "refined s (CPU s)", "Dice", "without refinement s (CPU s)",
-                       "Dice"],
-                      [[n, f"{s['refined_wall']:.1f} ({s['refined_cpu']:.1f})",
-                        f"{s['dice_refined']:.4f}", f"{s['plain_wall']:.1f} ({s['plain_cpu']:.1f})",
-                        f"{s['dice_plain']:.4f}"] for n, s in e2e["subjects"].items()])]
-        if "first_call_wall" in e2e:
-            lines.append(f"\nFirst call (tracing and XLA compilation included): "
-                         f"{e2e['first_call_wall']:.1f} s ({e2e['first_call_cpu']:.1f} CPU s).")
-        lines.append("")
     if "saved_model" in results:
         sm = results["saved_model"]
         lines += [f"## SavedModel segment_refined, loaded with plain TensorFlow in a fresh process, "
@@ -382,7 +346,7 @@ def main(argv):
         model_dir.checkpoint(FLAGS.checkpoint), roles))
     results.setdefault("runs", {})
     this_run = {"command": harness.command_line(roles), "commit": harness.git_commit()}
-    for part in FLAGS.parts:
+    for part in (p for p in FLAGS.parts if p in PARTS):
         if part != "dice" or "dice" not in results["runs"]:
             results["runs"][part] = this_run
     if "speed" in FLAGS.parts:
@@ -395,9 +359,6 @@ def main(argv):
                            row["steps"])
         new = {key(row) for row in rows}
         results["dice"] = [r for r in results.get("dice", []) if key(r) not in new] + rows
-        write_outputs(results)
-    if "end_to_end" in FLAGS.parts:
-        results["end_to_end"] = run_end_to_end(label_transfer, subjects)
         write_outputs(results)
     if "saved_model" in FLAGS.parts:
         results["saved_model"] = run_saved_model(subjects[0])
