@@ -15,8 +15,8 @@ Configurations (the product's go through ``harness.Product``, ANTs' through ``be
     python -m bench.accuracy --configs affine,ants_syn_half --sets shared      # a quick look
     python -m bench.accuracy --model_dirs ltnet=RUN                            # the frontier
 
-Writes bench/results/accuracy.json, accuracy.md, accuracy_frontier.png (Dice against seconds per
-scan, with the budget curves of both starts), accuracy_structures.png and accuracy_curve.png.
+Writes bench/results/accuracy.json, accuracy.md and accuracy_frontier.png (Dice against seconds
+per scan, with the budget curves of both starts).
 """
 from __future__ import annotations
 
@@ -301,32 +301,6 @@ def plots(results: dict) -> None:
     figure.tight_layout()
     figure.savefig(os.path.join(folder, "accuracy_frontier.png"), dpi=100)
 
-    names = [structure_name(label) for label in BENCHMARK_LABELS]
-    figure, ax = plt.subplots(figsize=(14, 5))
-    width = 0.8 / max(len(configs), 1)
-    for i, (config, r) in enumerate(configs.items()):
-        ax.bar(np.arange(len(names)) + i * width, [r["per_structure"][n] for n in names], width,
-               label=f"{config} ({r['mean_dice']:.3f})")
-    ax.set_xticks(np.arange(len(names)) + 0.4)
-    ax.set_xticklabels(names, rotation=75, fontsize=7)
-    ax.set(ylabel=f"Dice ({next(iter(configs.values()))['figures_from_set']} set)", ylim=(0, 1))
-    ax.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(os.path.join(folder, "accuracy_structures.png"), dpi=90)
-
-    figure, ax = plt.subplots(figsize=(6, 4))
-    for config, r in configs.items():
-        if r.get("curve") and not config.endswith("_refined"):
-            ax.plot([c["step"] for c in r["curve"]], [c["val_dice"] for c in r["curve"]], "o-",
-                    label=config)
-    if "shared" in configs.get("affine", {}).get("sets", {}):
-        ax.axhline(configs["affine"]["sets"]["shared"]["mean_dice"], color="gray", ls="--",
-                   label="affine")
-    ax.set(xlabel="training step", ylabel="validation mean Dice (shared set)")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(os.path.join(folder, "accuracy_curve.png"), dpi=90)
     plt.close("all")
 
 

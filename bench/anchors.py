@@ -45,23 +45,18 @@ class AtlasLabels:
 
 class AntsAtlases:
     """Each atlas registered to a scan once by ``ants.registration(type_of_transform='SyN')``
-    (antspyx's defaults: affine stage, then SyN), its labels carried onto the scan's full grid
-    (``genericLabel``), and one segmentation per rule of ``rules`` {name: (rule, count)}: 'syn'
-    (count 1: the first atlas's warped labels), 'majority' (majority vote of the first ``count``,
-    ties to the first atlas: ``ltnet_tf.registration.fusion.fuse_labels``) or 'jlf'
-    (``ants.joint_label_fusion`` of the first ``count``).
+    (antspyx's defaults), its labels warped onto the scan's full grid (``genericLabel``), and one
+    segmentation per rule of ``rules`` {name: (rule, count)}: 'syn' (the first atlas's labels),
+    'majority' (``ltnet_tf.registration.fusion.fuse_labels`` of the first ``count``: ties to the
+    first) or 'jlf' (``ants.joint_label_fusion`` of the first ``count``). Each one's seconds are
+    what it would take alone: read, resample, register and warp its atlases, fuse, write.
 
-    ``spacing``: register images resampled (linearly) to this voxel size in mm; labels and fusion
-    stay on the scan's full grid. Joint label fusion: antspyx's defaults (patch radius 2, rho 0.01,
-    search radius ``search_radius``) except beta = 2 (the paper's and antsJointFusion's default);
-    images multiplied by ``intensity_scale`` (ANTs floors a patch's standard deviation at 1 unit:
-    on [0, 1] intensities the weights would be ~equal); with ``histogram_match`` each warped atlas
-    is first matched to the scan (``ants.histogram_match_image``), as ANTs users prepare atlases
-    of another site (without it, Dice 0.558 on MICCAI 1000, bench/results/fusion.md of 2dcace4).
+    ``spacing``: register images resampled to this voxel size in mm. Joint label fusion: antspyx's
+    defaults (patch radius 2, rho 0.01, search radius ``search_radius``) but beta = 2 (the paper's);
+    images x ``intensity_scale`` (ANTs floors a patch's standard deviation at 1 unit); with
+    ``histogram_match`` each warped atlas matched to the scan first, as ANTs users prepare atlases
+    of another site (without: Dice 0.558 on MICCAI 1000, bench/results/fusion.md of 2dcace4).
     ~6 min per atlas and 1 mm scan on 2 cores at search radius 3; SyN ~65 s per atlas.
-
-    Each segmentation's seconds are what it would take alone: reading the scan and resampling it,
-    registering the atlases it uses and warping them (images too for 'jlf'), its fusion, writing.
     """
 
     RULES = ("syn", "majority", "jlf")

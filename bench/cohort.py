@@ -1,15 +1,13 @@
-"""Cohort throughput of predict.py as a user runs it, before and after a change, in one run. Every
-figure comes from predict.py in a fresh process (``harness.run_measured``: wall seconds to exit,
-peak RSS, CPU seconds, load average), one run at a time after written files are flushed and a few
-seconds of rest; this process never imports TensorFlow.
+"""Cohort throughput of predict.py as a user runs it, before and after a change, in one run: each
+figure from predict.py in a fresh process (``harness.run_measured``), one run at a time after
+written files are flushed and a rest; this process never imports TensorFlow.
 
-    stages    native 256³ scans (sub-06/07 and renamed copies) by the ``--before`` commit (its own
-              git worktree), the current code with ``--noqc`` and with QC; per-stage seconds from
-              each prediction.json (first scan, mean of the warm ones)
-    dice      both versions at equal settings: native sub-06/07 and MICCAI 2012 on their own grids
+    stages    native 256³ scans (and renamed copies) by the ``--before`` commit (a git worktree),
+              the current code with --noqc and with QC: per-stage seconds from prediction.json
+    dice      both versions at equal settings: native sub-06/07 and MICCAI 2012 on their grids
     memory    the current predict.py on 2 and on 100 small copies of a scan: peak RSS ratio
-    refusal   both versions on bad inputs: seconds to exit, exit code, last stderr line, and which
-              model files of the run folder were opened (strace, in a second, untimed run)
+    refusal   both versions on bad inputs: seconds to exit, exit code, last stderr line, model
+              files of the run folder opened (strace, in a second, untimed run)
 
     python -m bench.cohort --model_dir RUN               # about 15-20 min on 2 CPU cores
     python -m bench.cohort --model_dir RUN --parts memory --memory_scans 4     # a smoke test

@@ -1,11 +1,8 @@
 """What every benchmark shares: the data and its validation sets, provenance (the command as anyone
 reruns it, the commit), timing, results files written whole, markdown tables, and the product's
-segmenter over the library (``Product``, ``ltnet_tf.prediction.Predictor`` as predict.py runs it).
-
-Benchmarks run from the repository's root as modules (``python -m bench.NAME``). Results never name
-a folder of one machine: the data folder is ``$LTNET_DATA_DIR``, paths inside the repository are
-relative, other folders are named by their role (``RUN``, ``WORK``). Nothing at import time loads
-TensorFlow, so a measuring process (bench.cohort) stays small.
+segmenter (``Product``: ``ltnet_tf.prediction.Predictor`` as predict.py runs it). Results never name
+a folder of one machine: the data folder is ``$LTNET_DATA_DIR``, the repository ``.``, others their
+role (``RUN``, ``WORK``). Importing this loads no TensorFlow (bench.cohort's process stays small).
 """
 from __future__ import annotations
 
@@ -75,19 +72,11 @@ def git_commit() -> str:
 
 def machine() -> dict:
     """The CPU, its core count, Python and TensorFlow versions (without importing TensorFlow)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        tensorflow = importlib.metadata.version("tensorflow")
-    except importlib.metadata.PackageNotFoundError:
-        tensorflow = None
+    with open("/proc/cpuinfo") as f:  # Linux
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                   platform.machine())
     return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
-            "tensorflow": tensorflow}
+            "tensorflow": importlib.metadata.version("tensorflow")}
 
 
 def machine_line() -> str:
@@ -108,19 +97,15 @@ def read_json(path: str, merge: bool = True) -> dict:
 
 def write_json(payload: dict, path: str) -> None:
     """A results file, written under a temporary name and renamed: never half a file."""
-    from ltnet_tf.files import atomic_write
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_write(path) as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
+    write_markdown([json.dumps(payload, indent=2)], path)
 
 
 def write_markdown(lines: list, path: str, echo: bool = False) -> None:
     from ltnet_tf.files import atomic_write
     with atomic_write(path) as f:
         f.write("\n".join(lines) + "\n")
-    if echo:
-        print("\n".join(lines))
+    print("\n".join(lines) if echo else f"wrote {portable(path)}", flush=True)
 
 
 def table(header: list, rows: list) -> list:
@@ -191,12 +176,8 @@ def files_opened(argv: list, under: str, log_path: str, *, env=None, cwd=None) -
     order (``strace``, a separate unmeasured run); None without strace."""
     if shutil.which("strace") is None:
         return None
-    trace = ["strace", "-f", "-qq", "-e", "trace=open,openat", "-o", log_path]
-    fast = subprocess.run([*trace[:2], "--seccomp-bpf", *trace[2:], *argv], env=env, cwd=cwd,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if "seccomp" in fast.stderr and "unrecognized" in fast.stderr:  # an older strace
-        subprocess.run([*trace, *argv], env=env, cwd=cwd, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+    subprocess.run(["strace", "-f", "-qq", "-e", "trace=open,openat", "-o", log_path, *argv],
+                   env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     folder, found = os.path.realpath(under) + os.sep, []
     for line in log_lines(log_path):
         match = _OPEN.search(line)
@@ -254,8 +235,8 @@ def miccai_cases(data_dir: str, cache_dir: str, subjects) -> tuple:
     from ltnet_tf.io import volumes
     from ltnet_tf.registration import alignment
 
-    source = os.path.join(data_dir, "miccai2012")
-    manifest_path = os.path.join(cache_dir, "alignment.json")
+    manifest_path, source = os.path.join(cache_dir, "alignment.json"), os.path.join(
+        data_dir, "miccai2012")
     code_hash = subprocess.run(["git", "hash-object", alignment.__file__], capture_output=True,
                                text=True, check=True).stdout.strip()
     manifest = read_json(manifest_path)
@@ -263,29 +244,22 @@ def miccai_cases(data_dir: str, cache_dir: str, subjects) -> tuple:
         manifest = {"alignment_source_hash": code_hash, "subjects": {}}
     aligner, cases = None, []
     for subject in subjects:
-        image_path, label_path = (os.path.join(cache_dir, kind, f"{subject}.nii.gz")
-                                  for kind in ("images", "labels"))
-        if not (subject in manifest["subjects"] and os.path.isfile(image_path)
-                and os.path.isfile(label_path)):
-            if aligner is None:
-                aligner = alignment.AtlasAligner(
-                    volumes.load_scan(os.path.join(data_dir, "atlas.nii.gz")))
-                manifest["settings"] = aligner.settings.to_dict()
+        paths = [os.path.join(cache_dir, kind, f"{subject}.nii.gz") for kind in ("images", "labels")]
+        if subject not in manifest["subjects"] or not all(map(os.path.isfile, paths)):
+            aligner = aligner or alignment.AtlasAligner(
+                volumes.load_scan(os.path.join(data_dir, "atlas.nii.gz")))
             start = time.time()
             scan = volumes.load_scan(os.path.join(source, "images", f"{subject}.nii.gz"))
-            result = aligner.align(scan)
-            aligned = result.resample_scan(scan)
-            labels = result.resample_labels(
+            found = aligner.align(scan)
+            aligned, labels = found.resample_scan(scan), found.resample_labels(
                 volumes.load_label_map(os.path.join(source, "labels", f"{subject}.nii.gz")))
-            seconds = time.time() - start
-            volumes.save_nifti(aligned.data, aligned.affine, image_path, dtype="float32")
-            volumes.save_nifti(labels.data, labels.affine, label_path)
-            manifest["subjects"][subject] = {"seconds_with_resampling": round(seconds, 2),
-                                             **result.to_dict()}
-            with open(manifest_path, "w") as f:
-                json.dump(manifest, f, indent=2)
-            print(f"aligned MICCAI {subject} to the atlas in {seconds:.1f} s", flush=True)
-        cases.append(Case("miccai2012", subject, image_path, label_path))
+            volumes.save_nifti(aligned.data, aligned.affine, paths[0], dtype="float32")
+            volumes.save_nifti(labels.data, labels.affine, paths[1])
+            manifest["settings"] = aligner.settings.to_dict()
+            manifest["subjects"][subject] = {"seconds_with_resampling": round(
+                time.time() - start, 2), **found.to_dict()}
+            write_json(manifest, manifest_path)
+        cases.append(Case("miccai2012", subject, *paths))
     return cases, manifest
 
 

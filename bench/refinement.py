@@ -8,7 +8,8 @@ fraction of the full-grid displacement in the brain.
 
 Parts: ``speed`` (one step's wall and CPU seconds: a naive step, ``Refinement`` without and with
 XLA at factors 1, 2, 4; one process, interleaved), ``dice`` (Dice, folds and seconds against steps
-for each ``--settings``), ``saved_model`` (``segment_refined`` of an export, in a fresh process with plain TensorFlow).
+for each ``--settings``). Retired parts (end_to_end, saved_model: the in-graph pipeline of
+commit 7d5496b) are accepted and skipped.
 Writes bench/results/refinement.json and refinement.md (hand-written findings below its marker
 are kept).
 """
@@ -16,13 +17,7 @@ from __future__ import annotations
 
 from ltnet_tf import compat  # noqa: F401  (before TensorFlow)
 
-import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import textwrap
 import time
 
 import numpy as np
@@ -36,18 +31,16 @@ from ltnet_tf.io import evaluation, volumes as data
 from ltnet_tf.io.labels import BENCHMARK_LABELS
 from ltnet_tf.registration import losses, transfer
 from ltnet_tf.registration.refinement import Refinement, resample_displacement, to_grid
-from ltnet_tf.serving import export
 from ltnet_tf.serving.modeldir import ModelDir
 
 NOTES_MARKER = "<!-- findings: written by hand, kept when the tables are rewritten -->"
-PARTS = ("speed", "dice", "saved_model")
+PARTS = ("speed", "dice")
 
 harness.define_flags("refinement", work=False)
 flags.DEFINE_string("model_dir", None, "Trained run folder (G_F, config).", required=True)
 flags.DEFINE_enum("checkpoint", "auto", ["auto", "best", "last"], "Checkpoint of G_F.")
 flags.DEFINE_list("subjects", ["sub-06", "sub-07"], "Validation subjects (images/, labels/).")
-flags.DEFINE_list("parts", list(PARTS), "Parts to run (end_to_end: retired, superseded by "
-                  "bench.accuracy's seconds per scan).")
+flags.DEFINE_list("parts", list(PARTS), "Parts to run (end_to_end, saved_model: retired).")
 flags.DEFINE_integer("speed_steps", 10, "Steps per timed call in the speed part.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (medians reported).")
 flags.DEFINE_list("settings", [
@@ -58,7 +51,6 @@ flags.DEFINE_list("settings", [
     "Dice settings: factor:learning_rate:weight_smooth:steps/steps/...; a factor C>F is coarse to "
     "fine: the first number of steps at grid factor C, then each later number at F.")
 flags.DEFINE_bool("merge", True, "Keep the parts of an existing refinement.json not rerun.")
-flags.DEFINE_string("default", "4>2:0.2:4:25/10", "Setting timed end to end and in the SavedModel.")
 FLAGS = flags.FLAGS
 
 
@@ -176,80 +168,6 @@ def run_dice(label_transfer, subjects, this_run: dict) -> list:
     return rows
 
 
-SERVING_CHILD = textwrap.dedent("""
-    import json, resource, sys, time
-    import numpy as np
-    import tensorflow as tf
-
-    saved_model, scan_path, steps, coarse_steps = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
-    start = time.perf_counter()
-    model = tf.saved_model.load(saved_model)
-    results = {"load_wall": time.perf_counter() - start}
-    scan = tf.constant(np.load(scan_path))
-
-    def timed(name, **kwargs):
-        kwargs = {k: tf.constant(v) for k, v in kwargs.items()}
-        wall, cpu = time.perf_counter(), time.process_time()
-        out = model.signatures[name](scan=scan, **kwargs)["segmentation"].numpy()
-        return out, time.perf_counter() - wall, time.process_time() - cpu
-
-    _, results["segment_first_wall"], _ = timed("segment")
-    plain, results["segment_wall"], results["segment_cpu"] = timed("segment")
-    _, results["refined_first_wall"], _ = timed("segment_refined", steps=1, coarse_steps=1)
-    out, results["refined_0_wall"], results["refined_0_cpu"] = timed(
-        "segment_refined", steps=0, coarse_steps=0)
-    results["refined_0_equals_segment"] = bool((out == plain).all())
-    _, results["refined_wall"], results["refined_cpu"] = timed(
-        "segment_refined", steps=steps, coarse_steps=coarse_steps)
-    results["imported_project"] = sorted(m for m in sys.modules
-                                         if m.split(".")[0] in ("ltnet_tf", "voxelmorph"))
-    results["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-    print("RESULT " + json.dumps(results))
-""")
-
-
-def run_saved_model(subject) -> dict:
-    """A copy of the run exported with segment_refined (without and with XLA), each loaded in a
-    fresh process with plain TensorFlow (no ltnet_tf on the path): segment vs segment_refined."""
-    setting = parse_setting(FLAGS.default)
-    coarse_steps = setting["coarse"][1] if setting["coarse"] else 0
-    source, work = ModelDir(FLAGS.model_dir), tempfile.mkdtemp(prefix="refinement-export-")
-    results = {"subject": subject["name"], "factor": setting["factor"],
-               "steps": setting["steps"][0], "coarse_steps": coarse_steps}
-    try:
-        copy = ModelDir(os.path.join(work, "run"))
-        os.makedirs(copy.checkpoint_dir)
-        for name in ("config.json", "atlas.nii.gz", "atlas_labels.nii.gz"):
-            shutil.copy(os.path.join(source.path, name), copy.path)
-        checkpoint = source.checkpoint(FLAGS.checkpoint)
-        for path in tf.io.gfile.glob(checkpoint + ".*"):
-            shutil.copy(path, copy.checkpoint_dir)
-        with open(os.path.join(copy.checkpoint_dir, "checkpoint"), "w") as f:
-            f.write(f'model_checkpoint_path: "{os.path.basename(checkpoint)}"\n')
-        scan_path = os.path.join(work, "scan.npy")
-        np.save(scan_path, subject["raw"].numpy())
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TF_USE_LEGACY_KERAS")}
-        env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-        for xla in (False, True):
-            start = time.perf_counter()
-            saved_model = export.export_saved_model(copy, which="last", refine_xla=xla,
-                                                    refine_factor=setting["factor"])
-            export_wall = time.perf_counter() - start
-            child = subprocess.run([sys.executable, "-c", SERVING_CHILD, saved_model, scan_path,
-                                    str(setting["steps"][0]), str(coarse_steps)],
-                                   capture_output=True, text=True, cwd=work, env=env, timeout=1800)
-            lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
-            if child.returncode != 0 or not lines:
-                raise RuntimeError(f"serving child failed:\n{child.stderr[-3000:]}")
-            results["xla" if xla else "no_xla"] = {
-                **json.loads(lines[0][len("RESULT "):]), "export_wall": export_wall,
-                "saved_model_mib": sum(os.path.getsize(os.path.join(d, f)) for d, _, files in
-                                       os.walk(saved_model) for f in files) / 1024 ** 2}
-        return results
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
 def short(commit: str) -> str:
     return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
 
@@ -288,24 +206,6 @@ def markdown(results: dict) -> list:
                         runs.index(r["run"]) + 1] for r in results["dice"]]), "",
                   *(f"Run {i + 1}: `{run['command']}` at `{short(run['commit'])}`"
                     for i, run in enumerate(runs)), ""]
-    if "saved_model" in results:
-        sm = results["saved_model"]
-        lines += [f"## SavedModel segment_refined, loaded with plain TensorFlow in a fresh process, "
-                  f"{sm['subject']}, warm", "",
-                  f"coarse_steps {sm['coarse_steps']} on the working grid, then steps "
-                  f"{sm['steps']} at factor {sm['factor']} (the export's defaults for the rest).",
-                  "", *table(
-                      ["export", "segment s (CPU s)", "segment_refined 0+0 steps s (CPU s)",
-                       "segment_refined s (CPU s)", "first refined call s", "load s", "export s",
-                       "MiB", "peak RSS GiB", "0 steps == segment", "project modules imported"],
-                      [[n.replace("_", " "), f"{v['segment_wall']:.1f} ({v['segment_cpu']:.1f})",
-                        f"{v['refined_0_wall']:.1f} ({v['refined_0_cpu']:.1f})",
-                        f"{v['refined_wall']:.1f} ({v['refined_cpu']:.1f})",
-                        f"{v['refined_first_wall']:.1f}", f"{v['load_wall']:.1f}",
-                        f"{v['export_wall']:.1f}", f"{v['saved_model_mib']:.0f}",
-                        f"{v['max_rss_gib']:.1f}", v["refined_0_equals_segment"],
-                        ", ".join(v["imported_project"]) or "none"]
-                       for n, v in ((n, sm.get(n)) for n in ("no_xla", "xla")) if v]), ""]
     md_path = os.path.join(FLAGS.results_dir, "refinement.md")
     if os.path.exists(md_path):  # the hand-written findings below the marker are kept
         with open(md_path) as f:
@@ -360,10 +260,6 @@ def main(argv):
         new = {key(row) for row in rows}
         results["dice"] = [r for r in results.get("dice", []) if key(r) not in new] + rows
         write_outputs(results)
-    if "saved_model" in FLAGS.parts:
-        results["saved_model"] = run_saved_model(subjects[0])
-        write_outputs(results)
-
 
 if __name__ == "__main__":
     app.run(main)
