@@ -1,8 +1,6 @@
-"""Accuracy and time per scan on real brains: label transfer with and without a trained network,
-against ANTs SyN, in one run. Dice of the 28 structures of the paper's Table 1 on the atlas grid
-at full resolution, on sub-06/07 and six MICCAI 2012 subjects (``harness.validation_sets``).
-
-Configurations (the product's go through ``harness.Product``, ANTs' through ``bench.anchors``):
+"""Accuracy and time per scan on real brains, every method in one run: Dice of the 28 structures
+of the paper's Table 1 on the atlas grid, on sub-06/07 and six MICCAI 2012 subjects
+(``harness.validation_sets``); the product through ``harness.Product``, ANTs ``bench.anchors``:
 
     affine                    the atlas labels as they are (no registration): the floor
     ants_syn, ants_syn_half   ANTs SyN with antspyx's defaults, on the full grid / on 2 mm grids
@@ -32,7 +30,7 @@ from absl import app, flags
 from bench import anchors, harness
 from bench.harness import table
 from ltnet_tf.config import RefinementSettings
-from ltnet_tf.io.labels import BENCHMARK_LABELS, structure_name
+from ltnet_tf.io.labels import BENCHMARK_LABELS
 
 TRAINED = ("voxelmorph", "voxelmorph_gan", "voxelmorph_cycle", "ltnet")
 STARTS = ["identity", *TRAINED]  # and the names given to --model_dirs (main)
@@ -45,15 +43,11 @@ FRONTIER = ("affine", "ants_syn_half", "ants_syn", "ltnet", "ltnet_refined", "id
             *(f"{start}_c{c}_f{f}" for start in ("ltnet", "identity") for c, f in SWEEP))
 TRAIN_SUBJECTS = ("sub-01", "sub-02", "sub-03", "sub-04", "sub-05")  # and MICCAI 1009-1125
 
-harness.define_flags("accuracy")
+harness.define_flags("accuracy", merge=True)
 flags.DEFINE_list("configs", list(FRONTIER), "Configurations to run, in this order.")
 flags.DEFINE_list("sets", list(SETS), "Validation sets; the first one gives the headline figures.")
 flags.DEFINE_list("model_dirs", [], "Trained run folders as name=path (ltnet=RUN1,vxm_half="
                   "RUN2); <name>_refined and <name>_c<N>_f<M> use <name>'s folder.")
-flags.DEFINE_string("training_results", None, "accuracy.json of the bench run that trained the "
-                    "--model_dirs folders: their training time and command are copied from it.")
-flags.DEFINE_bool("merge", True, "Keep the configurations of an existing accuracy.json that are "
-                  "not rerun (each entry records its own command and commit).")
 FLAGS = flags.FLAGS
 
 
@@ -61,7 +55,7 @@ def _roles() -> dict:
     """Folders of this machine named in the results: RUN_<NAME> for --model_dirs."""
     return {**{path: f"RUN_{name.upper()}" for name, path in (
         item.split("=", 1) for item in FLAGS.model_dirs)},
-        FLAGS.training_results: "TRAINING_RESULTS", FLAGS.work_dir: "WORK"}
+        FLAGS.work_dir: "WORK"}
 
 
 def parse_config(name: str) -> dict:
@@ -83,8 +77,7 @@ def parse_config(name: str) -> dict:
 
 
 def run_record(name: str, model_dir: str) -> tuple:
-    """A run folder's config essentials, validation curve and training time (from
-    --training_results, the accuracy.json of the run that trained it)."""
+    """A run folder's config essentials and validation curve."""
     config = harness.read_json(os.path.join(model_dir, "config.json"))
     curve = [{"step": r["step"], "val_dice": r["val_dice"]}
              for r in harness.read_json(os.path.join(model_dir, "validation.json")) or []]
@@ -96,12 +89,7 @@ def run_record(name: str, model_dir: str) -> tuple:
               "loss_weights": {k: v for k, v in config.items() if k.startswith("weight_")},
               "optimisation": {k: config[k] for k in ("g_learning_rate", "d_learning_rate",
                                                       "cycle_warmup_steps", "batch_size")},
-              "train_time_s": None, "training_source": None}
-    trained = harness.read_json(FLAGS.training_results or "").get("configs", {}).get(name) or {}
-    if "train_time_s" in trained:
-        record.update(train_time_s=trained["train_time_s"], training_source={
-            "results": "TRAINING_RESULTS", "command": trained.get("command"),
-            "git_commit": trained.get("git_commit")})
+              "train_time_s": None, "training_source": None}  # train.py's time: not recorded
     return record, curve
 
 
@@ -111,7 +99,8 @@ def make_segmenter(name: str, model_dirs: dict):
     if name == "affine":
         return anchors.AtlasLabels(atlas_labels)
     if name.startswith("ants_syn"):
-        return anchors.ants_syn(atlas, atlas_labels, spacing=2.0 if name.endswith("_half") else None)
+        return anchors.AntsAtlases([atlas], [atlas_labels], {"syn": ("syn", 1)},
+                                   spacing=2.0 if name.endswith("_half") else None)
     config = parse_config(name)
     if config["start"] == "identity":
         return harness.Product(None, config["refinement"], atlases=[(atlas, atlas_labels)])
@@ -194,24 +183,12 @@ def markdown(results: dict) -> list:
                        f"{r['sets'][s]['per_subject_seconds'][subject]:.0f} s"
                        if s in r["sets"] else "–" for r in configs.values())]
         for s in sets for subject in results["sets"][s]["subjects"]])
-    for suffix in ("_refined", ""):
-        a, b = f"ltnet{suffix}", f"voxelmorph{suffix}"
-        if a in configs and b in configs:
-            pairs = [(s, subject, configs[a]["sets"][s]["per_subject"][subject],
-                      configs[b]["sets"][s]["per_subject"][subject]) for s in sets
-                     if s in configs[a]["sets"] and s in configs[b]["sets"]
-                     for subject in results["sets"][s]["subjects"]]
-            lines += ["", f"LT-Net minus VoxelMorph per subject ({a} vs {b}):", "", *table(
-                ["set", "subject", a, b, "difference"],
-                [[s, j, f"{x:.3f}", f"{y:.3f}", f"{x - y:+.3f}"] for s, j, x, y in pairs])]
     lines += ["", *table(["config", "method", "command", "commit"], [
         [name, r["method"], f"`{r['command']}`", f"`{r['git_commit'][:12]}`"]
         for name, r in configs.items()])]
     for s in sets:
-        shown = {n: r for n, r in configs.items() if s in r["sets"]}
-        lines += ["", f"Per structure, {s}:", "", *table(["structure", *shown], [
-            [structure_name(label), *(f"{r['sets'][s]['per_structure'][structure_name(label)]:.3f}"
-                                      for r in shown.values())] for label in BENCHMARK_LABELS])]
+        lines += ["", f"Per structure, {s}:", "", *harness.per_structure(
+            {n: r["sets"][s] for n, r in configs.items() if s in r["sets"]})]
     return lines
 
 

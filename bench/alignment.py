@@ -1,4 +1,4 @@
-"""Calibration of the alignment's failure check: quality figures of correct and of broken alignments.
+"""Calibration of the alignment's failure check: figures of correct and of broken alignments.
 
     python -m bench.alignment          # ~5 min on 2 CPU cores
 
@@ -21,6 +21,7 @@ from scipy import ndimage
 
 from bench import harness
 from ltnet_tf.io import volumes as data
+from ltnet_tf.prediction.predictor import StageClock
 from ltnet_tf.registration import alignment
 
 harness.define_flags("alignment", work=False)
@@ -65,7 +66,7 @@ def with_outliers(scan: data.Volume) -> data.Volume:
 
 
 def figures(aligner, scan) -> dict:
-    clock = harness.Clock()
+    clock = StageClock()
     with clock("align"):
         found = aligner.align(scan, force=True)
     return {"brain_overlap": found.brain_overlap, "correlation": found.correlation,
@@ -89,11 +90,8 @@ def main(argv):
             print(" ", contrast, contrasts[contrast][data.scan_name(path)], flush=True)
     sub06 = data.load_scan(os.path.join(FLAGS.data_dir, "native", "images", "sub-06.mgz"))
     broken = {name: figures(aligner, volume) for name, volume in broken_inputs(sub06).items()}
-    for name, values in broken.items():
-        print(name, values, flush=True)
     outliers = {"sub-06": correct["sub-06"], "sub-06 x4 int16 + 60 voxels at +-32,000":
                 figures(aligner, with_outliers(sub06))}
-    print(outliers, flush=True)
     settings = aligner.settings.to_dict()
     results = {"command": harness.command_line(), "git_commit": harness.git_commit(),
                "settings": settings, "correct": correct, "contrasts": contrasts,

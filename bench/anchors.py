@@ -1,10 +1,7 @@
 """The anchors the product is measured against, in one place: no registration (the floor) and ANTs
-(antspyx: SyN per atlas, then majority vote or ``ants.joint_label_fusion``).
-
-Each turns a scan file on the atlas grid into a segmentation file, timed end to end (read, register,
-fuse, write); what depends only on the atlases (reading, resampling them) is ``load_seconds``.
-After the clock stops, each reports the folding fraction of its deformation: brain voxels (the
-scan's non-zero voxels) where the Jacobian determinant of the whole map is <= 0.
+(antspyx). Each turns a scan file on the atlas grid into a segmentation file, timed end to end;
+reading the atlases is ``load_seconds``; after the clock, the folding fraction (brain voxels where
+the Jacobian determinant of the whole map is <= 0).
 """
 from __future__ import annotations
 
@@ -187,7 +184,3 @@ class AntsAtlases:
         (name,) = self.rules
         return self.segment_all(image_path, {name: output_path})[name]
 
-
-def ants_syn(atlas_path: str, atlas_labels_path: str, spacing: float = None) -> AntsAtlases:
-    """ANTs SyN of one atlas, its labels warped (accuracy's ants_syn, ants_syn_half)."""
-    return AntsAtlases([atlas_path], [atlas_labels_path], {"syn": ("syn", 1)}, spacing)

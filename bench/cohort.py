@@ -40,7 +40,7 @@ STAGE_ORDER = ("read", "wait", "align", "network", "refine", "labels", "network_
                "write", "scores", "qc", "total")  # as a scan meets them
 RUNS = {"before": "before", "after": "after (--noqc)", "after_qc": "after (QC on)"}
 
-harness.define_flags("cohort")
+harness.define_flags("cohort", merge=True)
 flags.DEFINE_string("model_dir", None, "A trained run folder (train.py) both versions use.")
 flags.DEFINE_string("before", "188b996", "The commit compared against (a git worktree of it).")
 flags.DEFINE_list("parts", list(PARTS), "Parts to run (others kept from cohort.json: --merge).")
@@ -54,7 +54,6 @@ flags.DEFINE_integer("memory_scans", 100, "Scans of the long memory run.", lower
 flags.DEFINE_integer("memory_few", 2, "Scans of the short memory run.", lower_bound=1)
 flags.DEFINE_float("settle_seconds", 5.0, "Rest before each measured run.", lower_bound=0)
 flags.DEFINE_bool("trace", True, "Refusal: list the run folder's files opened (strace).")
-flags.DEFINE_bool("merge", True, "Keep the parts of an existing cohort.json not rerun.")
 FLAGS = flags.FLAGS
 
 

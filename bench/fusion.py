@@ -1,9 +1,6 @@
-"""Multi-atlas segmentation on real brains: what extra atlases buy the product, what each fusion
-rule gives, and ANTs' multi-atlas pipeline on the same atlases, in one run (validation sets and
-Dice as ``bench.accuracy``).
-
-Atlases: the primary atlas of the data first, then ``--extra_atlases`` (sub-01..04, on the atlas
-grid; never a validation subject). A configuration of N atlases uses the primary and N - 1 extra:
+"""Multi-atlas segmentation: what extra atlases and each fusion rule give the product, and ANTs'
+multi-atlas pipeline on the same atlases, in one run (sets and Dice as ``bench.accuracy``). N
+atlases: the data's primary atlas, then the first N - 1 of ``--extra_atlases`` (sub-01..04):
 
     atlases_<N>[_<rule>]  the product (``harness.Product``) with N atlases fused by its default
                           rule (joint label fusion) or majority, local or jlf; ``atlases_1`` is
@@ -18,8 +15,7 @@ JLF): ``--ants_subjects`` runs it on a subset, ``--ants_spacing`` registers on c
 
     python -m bench.fusion --ants_subjects sub-06,1000      # ANTs on two scans only
 
-Writes bench/results/fusion.json and fusion.md after every scan (unfinished entries say
-"complete": false).
+Writes bench/results/fusion.json and fusion.md after every scan ("complete": false until done).
 """
 from __future__ import annotations
 
@@ -36,7 +32,6 @@ from bench import anchors, harness
 from bench.harness import cell, table
 from ltnet_tf.config import RefinementSettings
 from ltnet_tf.io import volumes
-from ltnet_tf.io.labels import BENCHMARK_LABELS, structure_name
 
 SETS = ("shared", "miccai2012")
 CONFIGS = ("atlases_1", "atlases_3", "atlases_5", "atlases_5_majority", "atlases_5_jlf",
@@ -52,7 +47,7 @@ ANTS_SECONDS = ("what each ANTs configuration would take alone: reading the scan
                 "its segmentation. The registrations run once per scan and are shared by the "
                 "ANTs configurations of the run; ants_syn_1 is the primary atlas's registration.")
 
-harness.define_flags("fusion")
+harness.define_flags("fusion", merge=True)
 flags.DEFINE_list("parts", ["dice"], "Parts to run: dice (the configurations on the "
                   "validation sets).")
 flags.DEFINE_list("configs", list(CONFIGS), "Configurations, in this order; the ANTs ones run "
@@ -69,7 +64,6 @@ flags.DEFINE_float("ants_spacing", None, "ANTs registers images resampled to thi
 flags.DEFINE_bool("ants_histogram_match", True, "Histogram-match each warped atlas to the scan "
                   "before ants.joint_label_fusion.")
 flags.DEFINE_integer("ants_search_radius", 3, "Search radius of ants.joint_label_fusion.")
-flags.DEFINE_bool("merge", True, "Keep the entries of an existing fusion.json not rerun.")
 FLAGS = flags.FLAGS
 
 
@@ -320,11 +314,8 @@ def _set_section(set_name: str, entries: dict, info: dict) -> list:
               "", "Folding: brain voxels where the Jacobian determinant of the primary atlas's "
               "deformation is <= 0 (ANTs: mean over its atlases). Load average: the machine's "
               "1-minute load at the configuration's start and end (other users' jobs slow every "
-              "method; 2 cores).", "", "Per structure (Dice):", "", *table(
-                  ["structure", *entries],
-                  [[structure_name(label), *(f"{e['per_structure'][structure_name(label)]:.3f}"
-                                             for e in entries.values())]
-                   for label in BENCHMARK_LABELS]), ""]
+              "method; 2 cores).", "", "Per structure (Dice):", "",
+              *harness.per_structure(entries), ""]
     return lines
 
 

@@ -27,9 +27,9 @@ MICCAI_SUBJECTS = ("1000", "1001", "1002", "1006", "1007", "1008")  # never trai
 
 
 # ------------------------------------------------------------------------------- provenance
-def define_flags(name: str, work: bool = True) -> None:
-    """The flags every benchmark takes: --data_dir, --results_dir and (``work``) --work_dir
-    (default bench/scratch/``name``)."""
+def define_flags(name: str, work: bool = True, merge: bool = False) -> None:
+    """The flags every benchmark takes: --data_dir, --results_dir, (``work``) --work_dir (default
+    bench/scratch/``name``) and (``merge``) --merge."""
     from absl import flags
     flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "
                         "../shared/data beside the repository).")
@@ -37,6 +37,9 @@ def define_flags(name: str, work: bool = True) -> None:
     if work:
         flags.DEFINE_string("work_dir", os.path.join(ROOT, "bench", "scratch", name),
                             "Scratch: inputs, segmentations, logs.")
+    if merge:
+        flags.DEFINE_bool("merge", True, f"Keep what an existing {name}.json holds and this run "
+                          "does not rerun (each entry records its own command and commit).")
 
 
 def portable(text, roles: dict = None) -> str:
@@ -118,36 +121,22 @@ def cell(value, form: str) -> str:
     return "–" if value is None else format(value, form)
 
 
+def per_structure(entries: dict) -> list:
+    """The table of Dice per structure (28) of ``entries`` {column: {'per_structure'}}."""
+    from ltnet_tf.io.labels import BENCHMARK_LABELS, structure_name
+    names = [structure_name(label) for label in BENCHMARK_LABELS]
+    return table(["structure", *entries], [[n, *(f"{e['per_structure'][n]:.3f}" for e in
+                                                 entries.values())] for n in names])
+
+
 # ------------------------------------------------------------------------------- timing
-class Clock:
-    """Wall and process CPU seconds of named stages: ``with clock('load'): ...``; adds up."""
-
-    def __init__(self):
-        self.seconds, self.cpu_seconds = {}, {}
-
-    def __call__(self, name):
-        import contextlib
-
-        @contextlib.contextmanager
-        def stage():
-            wall, cpu = time.perf_counter(), time.process_time()
-            yield
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - wall
-            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu
-        return stage()
-
-
-def load_average() -> list:
-    return [round(v, 2) for v in os.getloadavg()]
-
-
 def run_measured(argv: list, log_prefix: str, *, env=None, cwd=None, settle_seconds=0.0) -> dict:
     """``argv`` in a fresh process to its exit, after ``os.sync`` and ``settle_seconds`` of rest;
     stdout/stderr to ``log_prefix``.out/.err. -> {'returncode', 'wall_s', 'cpu_s', 'peak_rss_mib'
     (its own, ``os.wait4``), 'load_start', 'load_end', 'stdout', 'stderr' (log paths)}."""
     os.sync()
     time.sleep(settle_seconds)
-    load_start = load_average()
+    load_start = [round(v, 2) for v in os.getloadavg()]
     with open(f"{log_prefix}.out", "w") as out, open(f"{log_prefix}.err", "w") as err:
         start = time.perf_counter()
         process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=err)
@@ -157,7 +146,7 @@ def run_measured(argv: list, log_prefix: str, *, env=None, cwd=None, settle_seco
     return {"returncode": process.returncode, "wall_s": round(wall, 3),
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
             "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # KiB on Linux
-            "load_start": load_start, "load_end": load_average(),
+            "load_start": load_start, "load_end": [round(v, 2) for v in os.getloadavg()],
             "stdout": f"{log_prefix}.out", "stderr": f"{log_prefix}.err"}
 
 
@@ -210,7 +199,7 @@ SET_NOTES = {
 def validation_sets(data_dir: str, work_dir: str, sets, subjects=None) -> tuple:
     """(cases, {set: {'subjects', 'note'[, 'alignment']}}) of ``sets`` ('shared': sub-06/07 of
     the data, on the atlas grid; 'miccai2012': MICCAI 2012 subjects aligned once to the atlas and
-    cached in ``work_dir``), restricted to ``subjects`` when given (sets left empty are left out)."""
+    cached in ``work_dir``), restricted to ``subjects`` when given (empty sets are left out)."""
     cases, info = [], {}
     for name in sets:
         wanted = [s for s in (SHARED_SUBJECTS if name == "shared" else MICCAI_SUBJECTS)
@@ -244,7 +233,7 @@ def miccai_cases(data_dir: str, cache_dir: str, subjects) -> tuple:
         manifest = {"alignment_source_hash": code_hash, "subjects": {}}
     aligner, cases = None, []
     for subject in subjects:
-        paths = [os.path.join(cache_dir, kind, f"{subject}.nii.gz") for kind in ("images", "labels")]
+        paths = [os.path.join(cache_dir, k, f"{subject}.nii.gz") for k in ("images", "labels")]
         if subject not in manifest["subjects"] or not all(map(os.path.isfile, paths)):
             aligner = aligner or alignment.AtlasAligner(
                 volumes.load_scan(os.path.join(data_dir, "atlas.nii.gz")))
@@ -314,14 +303,12 @@ class Product:
             model_dir, [p for p, _ in atlases or []] or None, [p for _, p in atlases or []] or None)
         self.predictor = Predictor(atlas_set, network, refinement=refinement, fusion_method=fusion)
         self.checkpoint = None if network is None else network.source
-        refined = ("network alone" if refinement is None else
-                   f"refined {refinement.coarse_steps} steps at grid / "
-                   f"{refinement.coarse_factor or 'working'}, then {refinement.steps} at / "
-                   f"{refinement.factor}")
-        self.description = (("no network (identity start)" if network is None else
-                             f"G_F of a run folder ({os.path.basename(network.source)})")
-                            + f", {refined}" + (f"; {len(atlas_set)} atlases fused by {fusion}"
-                                                if len(atlas_set) > 1 else ""))
+        r = refinement
+        self.description = (("no network (identity start)" if network is None else f"G_F of a "
+                             f"run folder ({os.path.basename(network.source)})") + (
+            ", network alone" if r is None else f", refined {r.coarse_steps} steps at grid / "
+            f"{r.coarse_factor or 'working'}, then {r.steps} at / {r.factor}") + (
+            f"; {len(atlas_set)} atlases fused by {fusion}" if len(atlas_set) > 1 else ""))
         self.predictor.segment(atlas_set.primary.image)  # tracing, once per process
         self.load_seconds = time.time() - start
 

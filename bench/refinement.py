@@ -36,7 +36,7 @@ from ltnet_tf.serving.modeldir import ModelDir
 NOTES_MARKER = "<!-- findings: written by hand, kept when the tables are rewritten -->"
 PARTS = ("speed", "dice")
 
-harness.define_flags("refinement", work=False)
+harness.define_flags("refinement", work=False, merge=True)
 flags.DEFINE_string("model_dir", None, "Trained run folder (G_F, config).", required=True)
 flags.DEFINE_enum("checkpoint", "auto", ["auto", "best", "last"], "Checkpoint of G_F.")
 flags.DEFINE_list("subjects", ["sub-06", "sub-07"], "Validation subjects (images/, labels/).")
@@ -50,7 +50,6 @@ flags.DEFINE_list("settings", [
     "4>2:0.1:1:25/10/25", "4>2:0.2:4:50/10"],
     "Dice settings: factor:learning_rate:weight_smooth:steps/steps/...; a factor C>F is coarse to "
     "fine: the first number of steps at grid factor C, then each later number at F.")
-flags.DEFINE_bool("merge", True, "Keep the parts of an existing refinement.json not rerun.")
 FLAGS = flags.FLAGS
 
 
@@ -177,7 +176,8 @@ def markdown(results: dict) -> list:
              f"Machine: {results['machine']}  ", f"G_F: `{results['checkpoint']}` "
              f"(working grid {results['working_shape']})", "",
              "Each part was produced by the command and at the commit given for it:", "",
-             *table(["part", "command", "commit"], [[p, f"`{r['command']}`", f"`{short(r['commit'])}`"]
+             *table(["part", "command", "commit"], [[p, f"`{r['command']}`",
+                                                      f"`{short(r['commit'])}`"]
                                                      for p, r in results["runs"].items()]), ""]
     if "speed" in results:
         lines += ["## One Adam step (median; the same process, variants interleaved)", "", *table(
@@ -260,6 +260,7 @@ def main(argv):
         new = {key(row) for row in rows}
         results["dice"] = [r for r in results.get("dice", []) if key(r) not in new] + rows
         write_outputs(results)
+
 
 if __name__ == "__main__":
     app.run(main)

@@ -4,7 +4,7 @@ without running a model (what docs/report_screenshot.png shows). Not a test: it 
 (Debian: ``apt-get install chromium``).
 
     python -m bench.report_screenshot --output docs/report_screenshot.png
-    python -m bench.report_screenshot OUT/report.html [--output page.png] [--window_size 1280,2000]
+    python -m bench.report_screenshot OUT/report.html [--output page.png]
 
 The example's stand-ins, said so on its page: each subject's FreeSurfer aseg (native/labels/)
 shifted by one voxel plays the segmentation of its native scan, scored against the unshifted aseg
@@ -34,12 +34,11 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--hide-scrollbars")  # headless, offline, no user profile, no GPU
 
 
-def screenshot(report: str, output: str, window_size: str, browser: str = None) -> str:
+def screenshot(report: str, output: str, window_size: str = "1280,2000") -> str:
     """Render ``report`` (an HTML file) to the PNG ``output``; SystemExit when none is made."""
-    found = next(filter(None, map(shutil.which, [browser] if browser else BROWSERS)), None)
+    found = next(filter(None, map(shutil.which, BROWSERS)), None)
     if found is None:
-        raise SystemExit("no Chromium found; install it (Debian: apt-get install chromium) or "
-                         "pass --browser")
+        raise SystemExit("no Chromium found; install it (Debian: apt-get install chromium)")
     output = os.path.abspath(output)
     if os.path.exists(output):
         os.remove(output)  # so that an old picture is never taken for a new one
@@ -70,7 +69,8 @@ def scan_record(name, scan, reference, affine, folder, failed=False) -> dict:
                  "< 0.58): check the header orientation"] if failed else [])
     qc.save_scan_qc_png(Scan(scan, affine, f"{name}.nii.gz"), segmentation,
                         os.path.join(folder, f"{name}_qc.png"),
-                        colours=FREESURFER_COLOURS, title=f"{name}: stand-in segmentation", warnings=warnings)
+                        colours=FREESURFER_COLOURS, title=f"{name}: stand-in segmentation",
+                        warnings=warnings)
     dice = evaluation.dice_per_label(segmentation, reference, BENCHMARK_LABELS)
     voxel_mm3 = abs(np.linalg.det(affine[:3, :3]))
     overlap, correlation = (0.81, 0.44) if failed else (0.95, 0.71)
@@ -127,9 +127,6 @@ def main(argv=None) -> int:
     parser.add_argument("report", nargs="?", help="the report.html to render (default: the "
                         "example, written to --work_dir)")
     parser.add_argument("--output", help="PNG to write (default: next to the report, .png)")
-    parser.add_argument("--window_size", default="1280,2000", help="width,height in CSS pixels")
-    parser.add_argument("--browser", help="Chromium executable (default: the first found of "
-                        + ", ".join(BROWSERS) + ")")
     parser.add_argument("--data_dir", default=DATA_DIR)
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "bench", "scratch", "report"))
     args = parser.parse_args(argv)
@@ -137,7 +134,7 @@ def main(argv=None) -> int:
     if not os.path.isfile(report):
         raise SystemExit(f"{report}: file not found")
     output = args.output or os.path.splitext(report)[0] + ".png"
-    print(f"screenshot of {report}: {screenshot(report, output, args.window_size, args.browser)}")
+    print(f"screenshot of {report}: {screenshot(report, output)}")
     return 0
 
 

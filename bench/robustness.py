@@ -1,14 +1,9 @@
-"""Robustness to a scanner/converter artefact: a few extreme voxels must not move the segmentation.
-
-sub-06 (on the atlas grid, and its native 256³ volume) as it is and as a user may receive it:
-intensities x4 stored as int16, plus 60 background voxels at +-32,000. Each is segmented as
-predict.py does (``harness.Product``): a trained run's G_F alone, G_F + predict.py's refinement,
-and no network (refinement from the identity); Dice on the 28 structures against sub-06's labels,
-and the difference between the clean and the artefact version (target: within 0.005).
+"""Robustness to a scanner/converter artefact: sub-06 (atlas grid and native 256³) as it is and x4
+as int16 with 60 background voxels at +-32,000, segmented as predict.py does (``harness.Product``:
+G_F alone, G_F + refinement, refinement from the identity); Dice on the 28 structures of both and
+their difference (target: within 0.005). Writes bench/results/robustness.json and robustness.md.
 
     python -m bench.robustness --model_dir RUN
-
-Writes bench/results/robustness.json and robustness.md.
 """
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
-"""Segmenting without a trained network, as a new user would on native scans: ``predict.py --atlas
---atlas_labels`` on FreeSurfer's native 256³ volumes of sub-06 and sub-07, scored on their own grids
-against their aseg labels (28 structures), with the seconds of each stage per scan.
+"""Segmenting native scans without a trained network, as a new user would (``predict.py --atlas
+--atlas_labels``; FreeSurfer's 256³ volumes of sub-06/07, Dice of the 28 structures on their own
+grids, seconds per stage). Writes bench/results/segment_now.json and segment_now.md.
 
     python -m bench.segment_now
-
-Writes bench/results/segment_now.json and segment_now.md.
 """
 from __future__ import annotations
 

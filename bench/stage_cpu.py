@@ -1,14 +1,9 @@
-"""Wall and CPU seconds of each stage of a warm native scan, in one process: what the cores of a
-machine could at best do with a scan if every stage kept them all busy.
+"""Wall and CPU seconds of each stage of a warm native scan (sub-06/07, 256³) read, segmented by
+``ltnet_tf.prediction.Predictor`` (trained network, default refinement) and written, in one
+process; the first of ``--repeats`` rounds (tracing) left out. The CPU seconds over the cores are a
+floor for a scan's wall time at these settings, however stages or scans overlap.
 
     python -m bench.stage_cpu --model_dir RUN        # ~1 min on 2 CPU cores; RUN: train.py's folder
-
-sub-06 and sub-07 (native 256³) are read, segmented by ``ltnet_tf.prediction.Predictor`` (trained
-network, predict.py's default refinement) and written, ``--repeats`` rounds; the first round
-(tracing, compilation) is left out. Per stage (read, write and ``Predictor.segment``'s own stage
-clock): median wall seconds and median process CPU seconds (all threads). Their sum over the cores
-is a floor for a scan's wall time at these settings, however stages or scans overlap.
-Writes bench/results/stage_cpu.json and stage_cpu.md.
 """
 from __future__ import annotations
 
@@ -23,7 +18,7 @@ from absl import app, flags
 from bench import harness
 from ltnet_tf.config import RefinementSettings
 from ltnet_tf.io import volumes
-from ltnet_tf.prediction import Predictor
+from ltnet_tf.prediction.predictor import Predictor, StageClock
 from ltnet_tf.prediction.sources import RunFolderNetwork
 from ltnet_tf.registration.atlases import AtlasSet
 
@@ -36,7 +31,7 @@ STAGES = ("read", "align", "network", "refine", "labels", "write")
 
 def one_scan(predictor: Predictor, path: str, folder: str) -> dict:
     """A scan read, segmented and written as predict.py does -> {'seconds', 'cpu_seconds'}."""
-    clock = harness.Clock()
+    clock = StageClock()
     with clock("read"):
         scan = volumes.load_scan(path)
     result = predictor.segment(scan)
