@@ -1,36 +1,30 @@
-"""Calibration of the alignment's failure check: quality figures of correct and of broken alignments.
+"""Calibration of the alignment's failure check: figures of correct and of broken alignments.
 
     python -m bench.alignment          # ~5 min on 2 CPU cores
 
-Every native scan of ../shared/data (native/ and miccai2012/) is aligned to the atlas, as it is and
-in two other contrasts made inside its brain mask: inverted (T2-like) and FLAIR-like (dark CSF, grey
-matter brighter than white). Then broken inputs made from native sub-06: its header turned upside
-down, its first two voxel axes swapped under the same header, a smooth noise volume of brain size
-(box-shaped, and inside sub-06's brain mask); and sub-06 x4 as int16 with 60 background voxels at
-+-32,000, which must align as sub-06 does. The thresholds in ``ltnet_tf.registration.alignment.AlignmentSettings``
-(brain overlap, intensity correlation, contrast correlation) sit between the groups. Writes
+Every native scan of the data (native/ and miccai2012/) is aligned to the atlas, as it is and in two
+other contrasts made inside its brain mask: inverted (T2-like) and FLAIR-like. Then broken inputs
+made from native sub-06: its header upside down, two voxel axes swapped under the same header, a
+smooth noise volume of brain size (box-shaped, and inside sub-06's brain mask); and sub-06 x4 as
+int16 with 60 background voxels at +-32,000, which must align as sub-06 does. The thresholds of
+``ltnet_tf.registration.alignment.AlignmentSettings`` sit between the groups. Writes
 bench/results/alignment.json and alignment.md.
 """
 from __future__ import annotations
 
-import os
-
-from bench.provenance import DATA_DIR, command_line, git_commit, write_json
-
 import glob
-import time
+import os
 
 import numpy as np
 from absl import app, flags
 from scipy import ndimage
 
+from bench import harness
 from ltnet_tf.io import volumes as data
+from ltnet_tf.prediction.predictor import StageClock
 from ltnet_tf.registration import alignment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "
-                    "../shared/data beside the repository).")
-flags.DEFINE_string("results_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
+harness.define_flags("alignment", work=False)
 FLAGS = flags.FLAGS
 
 
@@ -72,11 +66,12 @@ def with_outliers(scan: data.Volume) -> data.Volume:
 
 
 def figures(aligner, scan) -> dict:
-    start_wall, start_cpu = time.time(), time.process_time()
-    found = aligner.align(scan, force=True)
+    clock = StageClock()
+    with clock("align"):
+        found = aligner.align(scan, force=True)
     return {"brain_overlap": found.brain_overlap, "correlation": found.correlation,
-            "ok": found.ok, "diagnosis": found.diagnosis, "seconds": time.time() - start_wall,
-            "cpu_seconds": time.process_time() - start_cpu}
+            "ok": found.ok, "diagnosis": found.diagnosis, "seconds": clock.seconds["align"],
+            "cpu_seconds": clock.cpu_seconds["align"]}
 
 
 def main(argv):
@@ -95,43 +90,37 @@ def main(argv):
             print(" ", contrast, contrasts[contrast][data.scan_name(path)], flush=True)
     sub06 = data.load_scan(os.path.join(FLAGS.data_dir, "native", "images", "sub-06.mgz"))
     broken = {name: figures(aligner, volume) for name, volume in broken_inputs(sub06).items()}
-    for name, values in broken.items():
-        print(name, values, flush=True)
     outliers = {"sub-06": correct["sub-06"], "sub-06 x4 int16 + 60 voxels at +-32,000":
                 figures(aligner, with_outliers(sub06))}
-    print(outliers, flush=True)
     settings = aligner.settings.to_dict()
-    results = {"command": command_line(), "git_commit": git_commit(),
+    results = {"command": harness.command_line(), "git_commit": harness.git_commit(),
                "settings": settings, "correct": correct, "contrasts": contrasts,
                "broken": broken, "outliers": outliers}
-    write_json(results, os.path.join(FLAGS.results_dir, "alignment.json"))
-
-    def span(group, key):
-        values = [v[key] for v in group.values()]
-        return f"{min(values):.3f}–{max(values):.3f}"
+    harness.write_json(results, os.path.join(FLAGS.results_dir, "alignment.json"))
 
     def row(name, group):
-        diagnoses = sorted({v["diagnosis"] for v in group.values()})
-        return (f"| {name} | {len(group)} | {span(group, 'brain_overlap')} | "
-                f"{span(group, 'correlation')} | {sum(not v['ok'] for v in group.values())} | "
-                f"{', '.join(diagnoses)} |")
+        def span(key):
+            return f"{min(v[key] for v in group.values()):.3f}–" \
+                   f"{max(v[key] for v in group.values()):.3f}"
+        return [name, len(group), span("brain_overlap"), span("correlation"),
+                sum(not v["ok"] for v in group.values()),
+                ", ".join(sorted({v["diagnosis"] for v in group.values()}))]
 
-    lines = ["# Alignment: figures of correct and broken alignments", "",
-             f"Command: `{results['command']}` at `{results['git_commit'][:12]}`.", "",
-             "| group | n | brain overlap | correlation | flagged | diagnosis |",
-             "|---|---|---|---|---|---|", row("correct (native/, miccai2012/)", correct),
-             row("inverted contrast (T2-like), same scans", contrasts["inverted"]),
-             row("FLAIR-like contrast, same scans", contrasts["flair-like"])]
-    lines += [row(name, {name: v}) for name, v in broken.items()]
-    lines += [row(name, {name: v}) for name, v in outliers.items()]
-    lines += ["", f"Thresholds: brain overlap ≥ {settings['min_brain_overlap']}, correlation ≥ "
-              f"{settings['min_correlation']}; a good overlap with a correlation under "
-              f"{settings['max_contrast_correlation']} is diagnosed 'contrast', every other "
-              f"failure 'orientation'. Alignment of the correct group: median "
-              f"{np.median([v['seconds'] for v in correct.values()]):.2f} s wall, "
-              f"{np.median([v['cpu_seconds'] for v in correct.values()]):.2f} s CPU per scan."]
-    with open(os.path.join(FLAGS.results_dir, "alignment.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    harness.write_markdown([
+        "# Alignment: figures of correct and broken alignments", "",
+        f"Command: `{results['command']}` at `{results['git_commit'][:12]}`.", "",
+        *harness.table(["group", "n", "brain overlap", "correlation", "flagged", "diagnosis"], [
+            row("correct (native/, miccai2012/)", correct),
+            row("inverted contrast (T2-like), same scans", contrasts["inverted"]),
+            row("FLAIR-like contrast, same scans", contrasts["flair-like"]),
+            *(row(name, {name: v}) for name, v in {**broken, **outliers}.items())]),
+        "", f"Thresholds: brain overlap ≥ {settings['min_brain_overlap']}, correlation ≥ "
+        f"{settings['min_correlation']}; a good overlap with a correlation under "
+        f"{settings['max_contrast_correlation']} is diagnosed 'contrast', every other "
+        f"failure 'orientation'. Alignment of the correct group: median "
+        f"{np.median([v['seconds'] for v in correct.values()]):.2f} s wall, "
+        f"{np.median([v['cpu_seconds'] for v in correct.values()]):.2f} s CPU per scan."],
+        os.path.join(FLAGS.results_dir, "alignment.md"))
 
 
 if __name__ == "__main__":

@@ -1,85 +1,62 @@
-"""Cohort throughput of predict.py as a user runs it, before and after a change, in one run.
+"""Cohort throughput of predict.py as a user runs it, before and after a change, in one run: each
+figure from predict.py in a fresh process (``harness.run_measured``), one run at a time after
+written files are flushed and a rest; this process never imports TensorFlow.
 
-    stages    native 256³ scans (sub-06, sub-07 and renamed copies, so several scans are warm
-              after the first) segmented by ``predict.py`` in a fresh process each: the code of
-              the ``--before`` commit (its own git worktree, its own ltnet_tf), the current code
-              with ``--noqc`` (like for like: the old one draws no QC pictures) and with QC.
-              Per-stage seconds of every scan from its prediction.json (first scan, mean of the
-              warm ones), and of the process: wall time from start to exit, peak resident
-              memory (``os.wait4``), CPU seconds, load average at start and end
-    dice      both versions' segmentations at equal settings, Dice on the 28 structures of the
-              benchmark (``ltnet_tf.io.evaluation``): the native set (sub-06/07, FreeSurfer aseg)
-              and MICCAI 2012 subjects on their own grids (manual labels; a separate, untimed
-              pass)
-    memory    the current predict.py (--noqc) on 2 and on 100 small copies of a native scan
-              (2 mm voxels, 128³, NIfTI) in fresh processes: the peak RSS of each, their ratio,
-              the warm seconds per scan
-    refusal   predict.py of both versions on bad inputs (a truncated .nii.gz, a 2D image, a
-              volume with too little tissue for a brain): seconds to exit, exit code, the last
-              line on stderr, and which model files of the run folder were opened (strace,
-              in a second, untimed run)
-
-Measured runs are sequential, each after the previous one has exited, written files flushed and
-a few seconds of rest; TensorFlow is imported once beforehand so no run pays for a cold disk cache.
-The measuring process never imports TensorFlow. The lead runs it on a quiet machine:
+    stages    native 256³ scans (and renamed copies) by the ``--before`` commit (a git worktree),
+              the current code with --noqc and with QC: per-stage seconds from prediction.json
+    dice      both versions at equal settings: native sub-06/07 and MICCAI 2012 on their grids
+    memory    the current predict.py on 2 and on 100 small copies of a scan: peak RSS ratio
+    refusal   both versions on bad inputs: seconds to exit, exit code, last stderr line, model
+              files of the run folder opened (strace, in a second, untimed run)
 
     python -m bench.cohort --model_dir RUN               # about 15-20 min on 2 CPU cores
     python -m bench.cohort --model_dir RUN --parts memory --memory_scans 4     # a smoke test
 
-Writes bench/results/cohort.json and cohort.md (``bench/cohort_report.py``).
+Writes bench/results/cohort.json and cohort.md.
 """
 from __future__ import annotations
 
-import os
-import sys
-
-from bench.provenance import DATA_DIR, ROOT, command_line, git_commit, portable, write_json
-
 import json
+import os
 import shlex
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 
+import nibabel as nib
+import nibabel.processing
 import numpy as np
 from absl import app, flags
 
-from bench import cohort_inputs, cohort_report, measured
-from ltnet_tf.io.labels import BENCHMARK_LABELS
+from bench import harness
+from bench.harness import table
 
 PARTS = ("stages", "dice", "memory", "refusal")
-# The benchmarks' MICCAI 2012 validation subjects (as bench/anchors.py, which imports TensorFlow).
-MICCAI_SUBJECTS = ("1000", "1001", "1002", "1006", "1007", "1008")
+BAD_INPUTS = {"truncated": "a .nii.gz cut to half its bytes (sub-06)",
+              "flat": "a 2D image: one 256×256 slice of sub-06",
+              "not_brain": "a 256³ 1 mm volume whose tissue is a ball 40 mm across (33 ml)"}
+STAGE_ORDER = ("read", "wait", "align", "network", "refine", "labels", "network_and_labels",
+               "write", "scores", "qc", "total")  # as a scan meets them
+RUNS = {"before": "before", "after": "after (--noqc)", "after_qc": "after (QC on)"}
 
+harness.define_flags("cohort", merge=True)
 flags.DEFINE_string("model_dir", None, "A trained run folder (train.py) both versions use.")
-flags.DEFINE_string("before", "188b996", "The commit compared against: its predict.py runs from "
-                    "a git worktree of it, with its own ltnet_tf.")
-flags.DEFINE_list("parts", list(PARTS), "Parts to run (the others are kept from an existing "
-                  "cohort.json with --merge).")
-flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "
-                    "../shared/data beside the repository).")
-flags.DEFINE_string("work_dir", os.path.join(ROOT, "bench", "scratch", "cohort"),
-                    "Scratch: inputs, outputs, logs and the worktree of --before.")
-flags.DEFINE_string("results_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
+flags.DEFINE_string("before", "188b996", "The commit compared against (a git worktree of it).")
+flags.DEFINE_list("parts", list(PARTS), "Parts to run (others kept from cohort.json: --merge).")
 flags.DEFINE_list("native_scans", ["sub-06", "sub-07"], "Native scans of the stages cohort "
                   "(native/images/<name>.mgz); their labels score the native Dice set.")
-flags.DEFINE_integer("copies", 1, "Renamed copies of each native scan in the stages cohort "
-                     "(<name>b, <name>c, ...: symlinks), so more scans are warm.", lower_bound=0)
-flags.DEFINE_list("miccai_subjects", list(MICCAI_SUBJECTS), "MICCAI 2012 subjects of the "
-                  "second Dice set.")
-flags.DEFINE_string("memory_scan", "sub-06", "Native scan whose 2 mm copies the memory part "
-                    "segments.")
+flags.DEFINE_integer("copies", 1, "Renamed copies (symlinks) of each native scan in the stages "
+                     "cohort, so more scans are warm.", lower_bound=0)
+flags.DEFINE_list("miccai_subjects", list(harness.MICCAI_SUBJECTS), "MICCAI 2012 Dice set.")
+flags.DEFINE_string("memory_scan", "sub-06", "Native scan copied (2 mm) for the memory part.")
 flags.DEFINE_integer("memory_scans", 100, "Scans of the long memory run.", lower_bound=2)
 flags.DEFINE_integer("memory_few", 2, "Scans of the short memory run.", lower_bound=1)
 flags.DEFINE_float("settle_seconds", 5.0, "Rest before each measured run.", lower_bound=0)
-flags.DEFINE_bool("trace", True, "Refusal: also run each under strace to list the run folder's "
-                  "files it opened.")
-flags.DEFINE_bool("merge", True, "Keep the parts of an existing cohort.json not rerun (each "
-                  "part records its own command and commits).")
+flags.DEFINE_bool("trace", True, "Refusal: list the run folder's files opened (strace).")
 FLAGS = flags.FLAGS
 
 
-# ------------------------------------------------------------------------------- versions
 @dataclass
 class Version:
     """A checkout whose predict.py runs with its own ltnet_tf (PYTHONPATH) and this Python."""
@@ -90,115 +67,81 @@ class Version:
     def env(self) -> dict:
         return {**os.environ, "PYTHONPATH": self.root}
 
-    def predict(self, images: str, output_dir: str, *extra) -> list:
-        return [sys.executable, os.path.join(self.root, "predict.py"),
-                "--model_dir", os.path.abspath(FLAGS.model_dir), "--images", images,
-                "--output_dir", output_dir, *extra]
+
+def _run(*argv, **options) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=True, **options).stdout
 
 
 class Context:
-    """The versions compared and this run's folders; ``roles`` names them in the results."""
+    """The versions compared (``before`` in a git worktree, removed by ``close``) and folders."""
 
     def __init__(self, need_before: bool):
         self.work = os.path.abspath(FLAGS.work_dir)
         self.logs = os.path.join(self.work, "logs")
         os.makedirs(self.logs, exist_ok=True)
-        self.current = Version("after", ROOT, git_commit())
-        self.before = self._before_worktree() if need_before else None
-        try:
-            for version in filter(None, (self.before, self.current)):
-                _check_version(version, self.work)
+        self.current, self.before = Version("after", harness.ROOT, harness.git_commit()), None
+        git = ("git", "-C", harness.ROOT)
+        if need_before:
+            commit = _run(*git, "rev-parse", "--verify", f"{FLAGS.before}^{{commit}}").strip()
+            path = os.path.join(self.work, f"before-{commit[:10]}")
+            if os.path.isdir(path):
+                _run(*git, "worktree", "remove", "--force", path)
+            _run(*git, "worktree", "prune")
+            _run(*git, "worktree", "add", "--detach", path, commit)
+            self.before = Version("before", path, commit)
+        try:  # each version compiled once, its own ltnet_tf imported, TensorFlow and the run
+            for v in self.versions():  # folder read once: no measured run pays for them
+                _run(sys.executable, "-m", "compileall", "-q", os.path.join(v.root, "ltnet_tf"),
+                     env=v.env())
+                found = _run(sys.executable, "-c", "import os, ltnet_tf; from ltnet_tf import "
+                             "compat; import tensorflow; print(os.path.dirname(os.path.abspath("
+                             "ltnet_tf.__file__)))", env=v.env(), cwd=self.work).strip()
+                if os.path.realpath(found) != os.path.realpath(os.path.join(v.root, "ltnet_tf")):
+                    raise SystemExit(f"{v.name}: ltnet_tf imported from {found}")
+            for folder, _, names in os.walk(os.path.abspath(FLAGS.model_dir)):
+                for name in names:
+                    with open(os.path.join(folder, name), "rb") as f:
+                        while f.read(1 << 24):
+                            pass
         except BaseException:
             self.close()
             raise
 
-    def _before_worktree(self) -> Version:
-        commit = _git("rev-parse", "--verify", f"{FLAGS.before}^{{commit}}")
-        path = os.path.join(self.work, f"before-{commit[:10]}")
-        if os.path.isdir(path):
-            _git("worktree", "remove", "--force", path)
-        _git("worktree", "prune")
-        _git("worktree", "add", "--detach", path, commit)
-        return Version("before", path, commit)
+    def versions(self) -> list:
+        return [v for v in (self.before, self.current) if v is not None]
 
     def close(self) -> None:
         if self.before is not None:
-            _git("worktree", "remove", "--force", self.before.root)
+            _run("git", "-C", harness.ROOT, "worktree", "remove", "--force", self.before.root)
 
     def roles(self, text) -> str:
-        """``text`` with this machine's folders named by role: BEFORE (the worktree of
-        --before), WORK (scratch), RUN (the run folder), python, then provenance.portable.
-        The longest path first: one folder may hold another."""
-        folders = {self.work: "WORK", os.path.abspath(FLAGS.model_dir): "RUN",
-                   sys.executable: "python"}
+        roles = {self.work: "WORK", FLAGS.model_dir: "RUN", sys.executable: "python"}
         if self.before is not None:
-            folders[self.before.root] = "BEFORE"
-        text = str(text)
-        for path in sorted(folders, key=len, reverse=True):
-            text = text.replace(path, folders[path])
-        return portable(text)
+            roles[self.before.root] = "BEFORE"
+        return harness.portable(text, roles)
 
-    def command(self, version: Version, argv: list) -> str:
-        return self.roles(f"PYTHONPATH={version.root} " + shlex.join(argv))
-
-
-def _git(*args) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
-def _check_version(version: Version, cwd: str) -> None:
-    """Compile the version's code once (no run pays for it) and make sure its own ltnet_tf is
-    the one imported. Raises SystemExit otherwise."""
-    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(version.root,
-                                                                           "ltnet_tf")],
-                   env=version.env(), check=True, stdout=subprocess.DEVNULL)
-    found = subprocess.run([sys.executable, "-c", "import os, ltnet_tf; "
-                            "print(os.path.dirname(os.path.abspath(ltnet_tf.__file__)))"],
-                           env=version.env(), cwd=cwd, capture_output=True, text=True,
-                           check=True).stdout.strip()
-    if os.path.realpath(found) != os.path.realpath(os.path.join(version.root, "ltnet_tf")):
-        raise SystemExit(f"{version.name}: ltnet_tf imported from {found}, not from "
-                         f"{version.root}")
+    def predict(self, version: Version, images: str, output_dir: str, log: str, extra=(),
+                settle: bool = True) -> dict:
+        """predict.py of ``version`` on ``images``, measured; the output folder emptied first."""
+        shutil.rmtree(output_dir, ignore_errors=True)
+        argv = [sys.executable, os.path.join(version.root, "predict.py"), "--model_dir",
+                os.path.abspath(FLAGS.model_dir), "--images", images, "--output_dir",
+                output_dir, *extra]
+        run = harness.run_measured(argv, os.path.join(self.logs, log), env=version.env(),
+                                   cwd=version.root,
+                                   settle_seconds=FLAGS.settle_seconds if settle else 0.0)
+        lines = harness.log_lines(run["stderr"])
+        run.update(command=self.roles(f"PYTHONPATH={version.root} " + shlex.join(argv)),
+                   commit=version.commit, stdout=self.roles(run["stdout"]),
+                   stderr=self.roles(run["stderr"]))
+        if run["returncode"] != 0 and not log.startswith("refusal"):
+            raise SystemExit(f"{run['command']} exited with {run['returncode']}: "
+                             f"{lines[-1] if lines else ''} (log: {run['stderr']})")
+        return {**run, "_argv": argv, "_stderr_lines": lines}
 
 
-def warm_up(context: Context) -> None:
-    """TensorFlow imported once per version and the run folder's files and SavedModel read once,
-    untimed, so the first measured run does not pay for a cold disk cache."""
-    for version in filter(None, (context.before, context.current)):
-        subprocess.run([sys.executable, "-c", "from ltnet_tf import compat; import tensorflow"],
-                       env=version.env(), cwd=context.work, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    run = os.path.abspath(FLAGS.model_dir)
-    files = [os.path.join(run, name) for name in os.listdir(run)]
-    for folder, _, names in os.walk(os.path.join(run, "saved_model")):
-        files += [os.path.join(folder, name) for name in names]
-    for path in filter(os.path.isfile, files):
-        with open(path, "rb") as f:
-            while f.read(1 << 24):
-                pass
-
-
-# ------------------------------------------------------------------------------- one run
-def predict_run(context: Context, version: Version, images: str, output_dir: str, log: str,
-                extra=(), settle: bool = True) -> dict:
-    """predict.py of ``version`` on ``images`` in a fresh process, measured
-    (``measured.run_measured``); the output folder is emptied first."""
-    shutil.rmtree(output_dir, ignore_errors=True)
-    argv = version.predict(images, output_dir, *extra)
-    run = measured.run_measured(argv, os.path.join(context.logs, log), env=version.env(),
-                                cwd=version.root,
-                                settle_seconds=FLAGS.settle_seconds if settle else 0.0)
-    run.update(command=context.command(version, argv), commit=version.commit,
-               stdout=context.roles(run["stdout"]), stderr=context.roles(run["stderr"]),
-               argv=argv, stderr_path=run["stderr"])
-    return run
-
-
-def require_success(run: dict) -> None:
-    if run["returncode"] != 0:
-        raise SystemExit(f"{run['command']} exited with {run['returncode']}: "
-                         f"{measured.last_line(run['stderr_path'])} (log: {run['stderr_path']})")
+def _public(run: dict) -> dict:
+    return {k: v for k, v in run.items() if not k.startswith("_")}
 
 
 def scan_seconds(output_dir: str) -> dict:
@@ -208,10 +151,7 @@ def scan_seconds(output_dir: str) -> dict:
 
 
 def first_and_warm(scans: dict) -> dict:
-    """The first scan's seconds per stage and the mean of the others' (the warm scans; a stage
-    averaged over the warm scans that record it)."""
-    names = list(scans)
-    warm = {}
+    names, warm = list(scans), {}
     for name in names[1:]:
         for stage, value in scans[name].items():
             warm.setdefault(stage, []).append(value)
@@ -219,211 +159,332 @@ def first_and_warm(scans: dict) -> dict:
             "warm": {stage: round(float(np.mean(v)), 3) for stage, v in warm.items()}}
 
 
-def _summary(run: dict) -> dict:
-    """A run's figures for the results: without this machine's argv and log path."""
-    return {k: v for k, v in run.items() if k not in ("argv", "stderr_path")}
+def _segmentations(folder: str) -> dict:
+    return {name[:-len("_seg.nii.gz")]: np.asanyarray(nib.load(os.path.join(folder, name)).dataobj)
+            for name in sorted(os.listdir(folder)) if name.endswith("_seg.nii.gz")}
 
 
-# ------------------------------------------------------------------------------- stages
+def voxels_differing(folder_a: str, folder_b: str) -> dict:
+    b = _segmentations(folder_b)
+    return {scan: {"differ": int((a != b[scan]).sum()),
+                   "labelled": int(((a > 0) | (b[scan] > 0)).sum())}
+            for scan, a in _segmentations(folder_a).items()}
+
+
+def dice_scores(output_dir: str, references: dict) -> dict:
+    """Dice of each <scan>_seg.nii.gz against its reference (28 structures); NaN -> None."""
+    from ltnet_tf.io import evaluation
+    from ltnet_tf.io.labels import BENCHMARK_LABELS, structure_name
+
+    def rounded(values):
+        finite = [v for v in values if v is not None and np.isfinite(v)]
+        return round(float(np.mean(finite)), 4) if finite else None
+
+    segmentations, per_subject, per_label = _segmentations(output_dir), {}, {}
+    for scan, path in references.items():
+        reference = np.asanyarray(nib.load(path).dataobj)
+        if segmentations[scan].shape != reference.shape:
+            raise SystemExit(f"{scan}_seg.nii.gz: grid {segmentations[scan].shape} is not its "
+                             f"reference's {reference.shape}")
+        dice = evaluation.dice_per_label(segmentations[scan], reference, BENCHMARK_LABELS)
+        per_subject[scan] = rounded([evaluation.mean_dice(dice, BENCHMARK_LABELS)])
+        for label, value in dice.items():
+            per_label.setdefault(label, []).append(value)
+    return {"per_subject": per_subject, "mean_dice": rounded(per_subject.values()),
+            "per_structure": {structure_name(k): rounded(v) for k, v in per_label.items()}}
+
+
+# ------------------------------------------------------------------------------- parts
 def stages_part(context: Context) -> dict:
-    """The three measured cohort runs (before, after --noqc, after with QC) on the native
-    cohort; their per-stage seconds, process figures and the warm ratios after / before."""
-    images = cohort_inputs.native_cohort(FLAGS.data_dir, context.work,
-                                          FLAGS.native_scans, FLAGS.copies)
+    folder = os.path.join(context.work, "inputs", "native")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    for scan in FLAGS.native_scans:
+        source = os.path.join(FLAGS.data_dir, "native", "images", f"{scan}.mgz")
+        for suffix in ["", *"bcdefghijklmnopqrstuvwxyz"[:FLAGS.copies]]:
+            os.symlink(source, os.path.join(folder, f"{scan}{suffix}.mgz"))
     plan = {"before": (context.before, ()), "after": (context.current, ("--noqc",)),
             "after_qc": (context.current, ("--qc",))}
     runs, outputs = {}, {}
     for label, (version, extra) in plan.items():
         outputs[label] = os.path.join(context.work, "stages", label)
-        run = predict_run(context, version, images, outputs[label], f"stages_{label}", extra)
-        require_success(run)
+        run = context.predict(version, folder, outputs[label], f"stages_{label}", extra)
         scans = scan_seconds(outputs[label])
-        runs[label] = {**_summary(run), "version": version.name, "scans": scans,
+        runs[label] = {**_public(run), "version": version.name, "scans": scans,
                        **first_and_warm(scans)}
-        print(f"stages {label}: {run['wall_s']:.1f} s wall, {run['peak_rss_mib']:.0f} MiB, "
-              f"first {runs[label]['first']['total']:.1f} s, warm "
+        print(f"stages {label}: {run['wall_s']:.1f} s wall, {run['peak_rss_mib']:.0f} MiB, warm "
               f"{runs[label]['warm'].get('total', float('nan')):.1f} s/scan", flush=True)
     before, after = runs["before"]["warm"], runs["after"]["warm"]
     return {"cohort": list(runs["after"]["scans"]), "runs": runs,
-            "warm_ratio_after_over_before": {
-                stage: round(after[stage] / before[stage], 3) for stage in after
-                if stage in before and before[stage] > 0},
-            # The same code in two processes: the run-to-run variation, against the change.
-            "voxels_differing": {
-                "after_vs_after_qc": cohort_inputs.voxels_differing(outputs["after"],
-                                                                    outputs["after_qc"]),
-                "before_vs_after": cohort_inputs.voxels_differing(outputs["before"],
-                                                                  outputs["after"])},
+            "warm_ratio_after_over_before": {s: round(after[s] / before[s], 3) for s in after
+                                             if before.get(s, 0) > 0},
+            "voxels_differing": {  # the same code in two processes: run-to-run variation
+                "after_vs_after_qc": voxels_differing(outputs["after"], outputs["after_qc"]),
+                "before_vs_after": voxels_differing(outputs["before"], outputs["after"])},
             "outputs": outputs}
 
 
-# ------------------------------------------------------------------------------- dice
-def dice_sets() -> dict:
-    """{set: {'images': comma-separated scan paths, 'references': {scan: label path}}}."""
-    native, miccai = (os.path.join(FLAGS.data_dir, "native"),
-                      os.path.join(FLAGS.data_dir, "miccai2012"))
-    return {
-        "native": {"images": ",".join(os.path.join(native, "images", f"{s}.mgz")
-                                      for s in FLAGS.native_scans),
-                   "references": {s: os.path.join(native, "labels", f"{s}.mgz")
-                                  for s in FLAGS.native_scans}},
-        "miccai2012": {"images": ",".join(os.path.join(miccai, "images", f"{s}.nii.gz")
-                                          for s in FLAGS.miccai_subjects),
-                       "references": {s: os.path.join(miccai, "labels", f"{s}.nii.gz")
-                                      for s in FLAGS.miccai_subjects}}}
-
-
 def dice_part(context: Context, stages: dict = None) -> dict:
-    """Both versions at equal settings on each Dice set; the native set reuses this run's
-    stage outputs when there are any."""
+    """Both versions at equal settings on each set; native reuses the stages' outputs."""
     sets = {}
-    for set_name, inputs in dice_sets().items():
+    for name, folder, subjects, ext in (("native", "native", FLAGS.native_scans, "mgz"),
+                                        ("miccai2012", "miccai2012", FLAGS.miccai_subjects,
+                                         "nii.gz")):
+        root = os.path.join(FLAGS.data_dir, folder)
+        references = {s: os.path.join(root, "labels", f"{s}.{ext}") for s in subjects}
         figures = {}
         for label, version, extra in (("before", context.before, ()),
                                       ("after", context.current, ("--noqc",))):
-            output_dir = (stages or {}).get("outputs", {}).get(label)
-            source = "stages part"
-            if set_name != "native" or output_dir is None:
-                output_dir = os.path.join(context.work, "dice", set_name, label)
-                run = predict_run(context, version, inputs["images"], output_dir,
-                                  f"dice_{set_name}_{label}", extra, settle=False)
-                require_success(run)
-                source = run["command"]
-            figures[label] = {**cohort_inputs.score(output_dir, inputs["references"]),
-                              "segmented_by": source, "commit": version.commit}
+            output_dir, source = (stages or {}).get("outputs", {}).get(label), "stages part"
+            if name != "native" or output_dir is None:
+                output_dir = os.path.join(context.work, "dice", name, label)
+                source = context.predict(version, ",".join(
+                    os.path.join(root, "images", f"{s}.{ext}") for s in subjects), output_dir,
+                    f"dice_{name}_{label}", extra, settle=False)["command"]
+            figures[label] = {**dice_scores(output_dir, references), "segmented_by": source,
+                              "commit": version.commit}
         before, after = figures["before"]["mean_dice"], figures["after"]["mean_dice"]
-        sets[set_name] = {"subjects": list(inputs["references"]), **figures,
-                          "difference": None if None in (before, after) else round(after - before,
-                                                                                   4)}
-        print(f"dice {set_name}: before {before}, after {after}", flush=True)
+        sets[name] = {"subjects": list(references), **figures, "difference":
+                      None if None in (before, after) else round(after - before, 4)}
+        print(f"dice {name}: before {before}, after {after}", flush=True)
+    from ltnet_tf.io.labels import BENCHMARK_LABELS
     return {"labels": list(BENCHMARK_LABELS), "sets": sets}
 
 
-# ------------------------------------------------------------------------------- memory
 def memory_part(context: Context) -> dict:
-    """Peak RSS of the current predict.py (--noqc) on few and on many small scans."""
-    few, many = cohort_inputs.small_copies(FLAGS.data_dir, context.work, FLAGS.memory_scan,
-                                           (FLAGS.memory_few, FLAGS.memory_scans))
+    """Peak RSS of the current predict.py (--noqc) on few and on many 2 mm copies of a scan."""
+    small = nibabel.processing.conform(
+        nib.load(os.path.join(FLAGS.data_dir, "native", "images", f"{FLAGS.memory_scan}.mgz")),
+        out_shape=(128, 128, 128), voxel_size=(2.0, 2.0, 2.0), order=1, orientation="LIA",
+        out_class=nib.Nifti1Image)
     runs = {}
-    for label, folder in (("few", few), ("many", many)):
+    for label, count in (("few", FLAGS.memory_few), ("many", FLAGS.memory_scans)):
+        folder = os.path.join(context.work, "inputs", f"small_{count}")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        names = [os.path.join(folder, f"scan-{i:0{len(str(count))}d}.nii.gz")
+                 for i in range(1, count + 1)]
+        nib.save(small, names[0])
+        for name in names[1:]:
+            shutil.copyfile(names[0], name)
         output_dir = os.path.join(context.work, "memory", label)
-        run = predict_run(context, context.current, folder, output_dir, f"memory_{label}",
-                          ("--noqc",))
-        require_success(run)
+        run = context.predict(context.current, folder, output_dir, f"memory_{label}", ("--noqc",))
         scans = scan_seconds(output_dir)
         summary = first_and_warm(scans)
-        runs[label] = {**_summary(run), "scans": len(scans), "first": summary["first"],
-                       "warm": summary["warm"],
-                       "totals": [record["total"] for record in scans.values()]}
-        print(f"memory {len(scans)} scans: {run['peak_rss_mib']:.0f} MiB, warm "
-              f"{summary['warm'].get('total', float('nan')):.2f} s/scan", flush=True)
-    return {"scan": f"{FLAGS.memory_scan} resampled to 2 mm voxels, 128³ (NIfTI)",
-            "runs": runs, "target_ratio": 1.10,
-            "peak_rss_ratio": round(runs["many"]["peak_rss_mib"] / runs["few"]["peak_rss_mib"],
-                                    3)}
+        runs[label] = {**_public(run), "scans": len(scans), "first": summary["first"],
+                       "warm": summary["warm"], "totals": [r["total"] for r in scans.values()]}
+        print(f"memory {len(scans)} scans: {run['peak_rss_mib']:.0f} MiB", flush=True)
+    return {"scan": f"{FLAGS.memory_scan} resampled to 2 mm voxels, 128³ (NIfTI)", "runs": runs,
+            "target_ratio": 1.10, "peak_rss_ratio": round(
+                runs["many"]["peak_rss_mib"] / runs["few"]["peak_rss_mib"], 3)}
 
 
-# ------------------------------------------------------------------------------- refusal
-def is_model_file(relative: str) -> bool:
-    """A file of the network's weights or graph in a run folder (SavedModel, checkpoint, H5)."""
-    name = os.path.basename(relative)
-    return name in ("saved_model.pb", "generator.h5") or name.endswith(".index") or (
-        ".data-" in name)
+def bad_inputs(folder: str) -> dict:
+    os.makedirs(folder, exist_ok=True)
+    paths = {name: os.path.join(folder, f"{name}.nii.gz") for name in BAD_INPUTS}
+    with open(os.path.join(FLAGS.data_dir, "images", "sub-06.nii.gz"), "rb") as f:
+        whole = f.read()
+    with open(paths["truncated"], "wb") as f:
+        f.write(whole[:len(whole) // 2])
+    native = nib.load(os.path.join(FLAGS.data_dir, "native", "images", "sub-06.mgz"))
+    nib.save(nib.Nifti1Image(np.asarray(native.dataobj)[:, :, native.shape[2] // 2],
+                             native.affine), paths["flat"])
+    z, y, x = np.ogrid[-128:128, -128:128, -128:128]
+    ball = z * z + y * y + x * x <= 20 ** 2
+    values = np.random.default_rng(0).integers(100, 200, ball.shape, dtype=np.uint8) * ball
+    nib.save(nib.Nifti1Image(values, np.eye(4)), paths["not_brain"])
+    return paths
 
 
 def refusal_part(context: Context) -> dict:
-    """Each bad input given to each version's predict.py, as a user would."""
     rows = []
-    for name, path in cohort_inputs.bad_inputs(FLAGS.data_dir, context.work).items():
-        for version in (context.before, context.current):
+    for name, path in bad_inputs(os.path.join(context.work, "inputs", "bad")).items():
+        for version in context.versions():
             output_dir = os.path.join(context.work, "refusal", f"{version.name}_{name}")
-            run = predict_run(context, version, path, output_dir,
-                              f"refusal_{version.name}_{name}")
-            err = run["stderr_path"]
-            row = {"input": name, "what": cohort_inputs.BAD_INPUTS[name],
-                   "version": version.name,
-                   **_summary(run), "message": context.roles(measured.last_line(err)),
-                   "stderr_lines": measured.line_count(err),
+            log = f"refusal_{version.name}_{name}"
+            run = context.predict(version, path, output_dir, log)
+            row = {"input": name, "what": BAD_INPUTS[name], "version": version.name,
+                   **_public(run), "message": context.roles(
+                       run["_stderr_lines"][-1] if run["_stderr_lines"] else ""),
+                   "stderr_lines": len(run["_stderr_lines"]),
                    "outputs_left": (sorted(os.listdir(output_dir))
                                     if os.path.isdir(output_dir) else None)}
             if FLAGS.trace:
                 shutil.rmtree(output_dir, ignore_errors=True)
-                opened = measured.files_opened(
-                    run["argv"], FLAGS.model_dir,
-                    os.path.join(context.logs, f"refusal_{version.name}_{name}.strace"),
-                    env=version.env(), cwd=version.root)
-                row.update(run_files_opened=opened, model_loaded=None if opened is None else
-                           any(is_model_file(p) for p in opened))
+                opened = harness.files_opened(run["_argv"], FLAGS.model_dir, os.path.join(
+                    context.logs, f"{log}.strace"), env=version.env(), cwd=version.root)
+                row.update(run_files_opened=opened, model_loaded=None if opened is None else any(
+                    os.path.basename(p) in ("saved_model.pb", "generator.h5")
+                    or p.endswith(".index") or ".data-" in p for p in opened))
             rows.append(row)
             print(f"refusal {name} {version.name}: exit {run['returncode']} after "
-                  f"{run['wall_s']:.1f} s, model loaded: {row.get('model_loaded')}: "
-                  f"{row['message']}", flush=True)
-    return {"inputs": cohort_inputs.BAD_INPUTS, "runs": rows,
-            "import_tensorflow": _import_alone(context)}
-
-
-def _import_alone(context: Context) -> dict:
-    """Python importing TensorFlow and exiting, measured as the refusals are: the floor of any
-    command of the package that imports TensorFlow before it checks its inputs."""
+                  f"{run['wall_s']:.1f} s: {row['message']}", flush=True)
     argv = [sys.executable, "-c", "from ltnet_tf import compat; import tensorflow"]
-    run = measured.run_measured(argv, os.path.join(context.logs, "import_tensorflow"),
-                                env=context.current.env(), cwd=context.current.root,
-                                settle_seconds=FLAGS.settle_seconds)
-    return {"command": context.command(context.current, argv), "returncode": run["returncode"],
-            "wall_s": run["wall_s"], "cpu_s": run["cpu_s"], "peak_rss_mib": run["peak_rss_mib"],
-            "load_start": run["load_start"], "load_end": run["load_end"]}
+    floor = harness.run_measured(argv, os.path.join(context.logs, "import_tensorflow"),
+                                 env=context.current.env(), cwd=context.current.root,
+                                 settle_seconds=FLAGS.settle_seconds)
+    return {"inputs": BAD_INPUTS, "runs": rows, "import_tensorflow": {
+        "command": context.roles(f"PYTHONPATH={harness.ROOT} " + shlex.join(argv)),
+        **{k: floor[k] for k in ("returncode", "wall_s", "cpu_s", "peak_rss_mib", "load_start",
+                                 "load_end")}}}
 
 
-# ------------------------------------------------------------------------------- main
-def _previous_results() -> dict:
-    path = os.path.join(FLAGS.results_dir, "cohort.json")
-    if FLAGS.merge and os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    return {}
+# ------------------------------------------------------------------------------- cohort.md
+def _s(value) -> str:
+    return harness.cell(value, ".2f")
 
 
-def _run_folder() -> dict:
-    with open(os.path.join(FLAGS.model_dir, "config.json")) as f:
-        config = json.load(f)
-    return {"path": "RUN", "steps": config["steps"], "downsample": config["downsample"],
-            "atlas_shape": config["atlas_shape"]}
+def _load(run: dict) -> str:
+    return f"{run['load_start'][0]:.2f} → {run['load_end'][0]:.2f}"
+
+
+def _processes(runs: dict, names: dict) -> list:
+    return table(["run", "scans", "wall s (start to exit)", "CPU s", "peak RSS MiB",
+                  "load (1 min) start → end", "exit"],
+                 [[names.get(k, k), r["scans"] if isinstance(r["scans"], int) else len(r["scans"]),
+                   f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{r['peak_rss_mib']:.0f}",
+                   _load(r), r["returncode"]] for k, r in runs.items()])
+
+
+def _commands(part: dict, runs: dict, names: dict) -> list:
+    before = part.get("before_commit")
+    return (["", f"Benchmark: `{part['command']}` at `{part['git_commit'][:12]}`"
+             + (f", before = `{before[:12]}`" if before else "") + ".", ""]
+            + [f"- {names.get(k, k)}: `{r['command']}`" for k, r in runs.items()])
+
+
+def stages_section(part: dict) -> list:
+    runs, ratio = part["runs"], part["warm_ratio_after_over_before"]
+    stages = [s for s in STAGE_ORDER if any(s in r["warm"] or s in r["first"]
+                                            for r in runs.values())]
+    stages += sorted({s for r in runs.values() for s in r["warm"]} - set(stages))
+    before, after = runs["before"], runs["after"]
+    differing = part["voxels_differing"]
+    return ["## Seconds per scan, per stage", "",
+            f"Cohort: {', '.join(part['cohort'])} (native 256³ scans and renamed copies), one "
+            f"fresh predict.py process per version. First: the first scan; warm: the mean of "
+            f"the {len(part['cohort']) - 1} others. From each run's prediction.json; total is "
+            "a scan's time on the way (the old code reads the scan inside it; the new one "
+            "reads the next scan in the background while one is segmented and counts only "
+            "the wait; the old code records align, network, refine, labels and total only).", "",
+            *table(["stage", "before first", "before warm", "after first", "after warm",
+                    "warm after / before", "after+QC first", "after+QC warm"],
+                   [[s, _s(before["first"].get(s)), _s(before["warm"].get(s)),
+                     _s(after["first"].get(s)), _s(after["warm"].get(s)),
+                     f"{ratio[s]:.2f}" if s in ratio else "–",
+                     _s(runs["after_qc"]["first"].get(s)), _s(runs["after_qc"]["warm"].get(s))]
+                    for s in stages]),
+            "", "The processes:", "", *_processes(runs, RUNS), "",
+            f"Wall time after / before: {after['wall_s'] / before['wall_s']:.2f}; peak RSS after "
+            f"/ before: {after['peak_rss_mib'] / before['peak_rss_mib']:.2f}.", "",
+            "Voxels labelled differently (of those labelled in either): after vs after+QC is "
+            "the same code in two processes (the QC picture is drawn after the segmentation), "
+            "so it is the run-to-run variation; before vs after is the change.", "",
+            *table(["scan", "after vs after+QC", "before vs after"],
+                   [[scan, f"{same['differ']} of {same['labelled']}",
+                     f"{differing['before_vs_after'][scan]['differ']} of "
+                     f"{differing['before_vs_after'][scan]['labelled']}"]
+                    for scan, same in differing["after_vs_after_qc"].items()]),
+            *_commands(part, runs, RUNS)]
+
+
+def dice_section(part: dict) -> list:
+    sets, d = part["sets"], (lambda v: harness.cell(v, ".4f"))
+    return ["## Dice at equal settings", "",
+            f"Mean Dice over the {len(part['labels'])} benchmark structures on each scan's own "
+            "grid, mean over subjects; the current code with --noqc (its QC pictures are drawn "
+            "after the segmentation).", "",
+            *table(["set", "subjects", "before", "after", "after − before"],
+                   [[n, ", ".join(f["subjects"]), d(f["before"]["mean_dice"]),
+                     d(f["after"]["mean_dice"]), harness.cell(f["difference"], "+.4f")]
+                    for n, f in sets.items()]), "",
+            *table(["set", "subject", "before", "after", "after − before"],
+                   [[n, s, d(a), d(b), "–" if None in (a, b) else f"{b - a:+.4f}"]
+                    for n, f in sets.items() for s in f["subjects"]
+                    for a, b in [(f["before"]["per_subject"][s], f["after"]["per_subject"][s])]]),
+            "", "Segmented by:", "", *[f"- {n} {label}: `{f[label]['segmented_by']}`"
+                                       for n, f in sets.items() for label in ("before", "after")]]
+
+
+def memory_section(part: dict) -> list:
+    runs = part["runs"]
+    names = {key: f"{run['scans']} scans" for key, run in runs.items()}
+    ratio, target = part["peak_rss_ratio"], part["target_ratio"]
+    return ["## Memory: many scans in one process", "",
+            f"The current predict.py (--noqc) on copies of {part['scan']}, each run in a fresh "
+            "process.", "", *_processes(runs, names), "",
+            f"Peak RSS {names['many']} / {names['few']}: **{ratio:.3f}** (target: at most "
+            f"{target:.2f}: {'met' if ratio <= target else 'NOT met'}).", "",
+            *table(["run", "first scan s", "warm s/scan", "slowest warm s", "last scan s"],
+                   [[names[k], f"{r['first']['total']:.2f}", _s(r["warm"].get("total")),
+                     _s(max(r["totals"][1:]) if r["totals"][1:] else None),
+                     f"{r['totals'][-1]:.2f}"] for k, r in runs.items()]),
+            *_commands(part, runs, names)]
+
+
+def refusal_section(part: dict) -> list:
+    lines = ["## Refusal of bad inputs", "",
+             "predict.py --model_dir RUN --images BAD --output_dir OUT, as a user runs it. "
+             "Seconds from start to exit; model loaded: whether any weights or graph file of the "
+             "run folder was opened (strace, in a second run).", "",
+             *[f"- {name}: {what}" for name, what in part["inputs"].items()], "", *table(
+                 ["input", "version", "exit", "seconds", "peak RSS MiB", "model loaded",
+                  "stderr lines", "outputs left", "last line on stderr"],
+                 [[r["input"], r["version"], r["returncode"], f"{r['wall_s']:.1f}",
+                   f"{r['peak_rss_mib']:.0f}", {None: "not checked", True: "yes", False: "no"}[
+                       r.get("model_loaded")], r["stderr_lines"],
+                   "no folder" if r["outputs_left"] is None else len(r["outputs_left"]),
+                   f"`{r['message'].replace('|', '/')}`"] for r in part["runs"]])]
+    floor = part.get("import_tensorflow")
+    if floor:
+        lines += ["", f"Python importing TensorFlow and exiting (`{floor['command']}`): "
+                  f"{floor['wall_s']:.1f} s, {floor['peak_rss_mib']:.0f} MiB, load "
+                  f"{_load(floor)}."]
+    return lines + ["", f"Benchmark: `{part['command']}` at `{part['git_commit'][:12]}`, before "
+                    f"= `{part['before_commit'][:12]}`."]
+
+
+def markdown(results: dict) -> list:
+    m = results["machine"]
+    lines = ["# Cohort throughput of predict.py, before and after", "",
+             f"Machine: {m['cpu']}, {m['cpus']} CPUs, Python {m['python']}, TensorFlow "
+             f"{m['tensorflow']}. Every figure comes from predict.py run as a user runs it, in a "
+             "fresh process, one at a time; the load average at the start and end of each run "
+             "says how quiet the machine was.", ""]
+    for name, section in (("stages", stages_section), ("dice", dice_section),
+                          ("memory", memory_section), ("refusal", refusal_section)):
+        if name in results:
+            lines += [*section(results[name]), ""]
+    return lines
 
 
 def main(argv):
     del argv
     parts = [p for p in PARTS if p in FLAGS.parts]
-    unknown = set(FLAGS.parts) - set(PARTS)
-    if unknown:
-        raise SystemExit(f"unknown parts: {', '.join(sorted(unknown))} (one of "
-                         f"{', '.join(PARTS)})")
+    if set(FLAGS.parts) - set(PARTS):
+        raise SystemExit(f"unknown parts: {', '.join(sorted(set(FLAGS.parts) - set(PARTS)))}")
     context = Context(need_before=bool({"stages", "dice", "refusal"} & set(parts)))
     try:
-        results = {**_previous_results(), "command": context.roles(command_line()),
-                   "git_commit": context.current.commit, "machine": measured.machine()}
+        path = os.path.join(FLAGS.results_dir, "cohort.json")
+        results = {**harness.read_json(path, FLAGS.merge),
+                   "command": context.roles(harness.command_line()),
+                   "git_commit": context.current.commit, "machine": harness.machine()}
+        config = harness.read_json(os.path.join(FLAGS.model_dir, "config.json"))
         provenance = {"command": results["command"], "git_commit": results["git_commit"],
                       "before_commit": context.before and context.before.commit,
-                      "run_folder": _run_folder()}
-        warm_up(context)
+                      "run_folder": {"path": "RUN", **{k: config[k] for k in (
+                          "steps", "downsample", "atlas_shape")}}}
         stages = None
         for part in parts:
-            if part == "stages":
-                stages = stages_part(context)
-                figures = stages
-            elif part == "dice":
-                figures = dice_part(context, stages)
-            else:
-                figures = {"memory": memory_part, "refusal": refusal_part}[part](context)
+            figures = {"stages": stages_part, "memory": memory_part, "refusal": refusal_part,
+                       "dice": lambda c: dice_part(c, stages)}[part](context)
+            stages = figures if part == "stages" else stages
             results[part] = {**provenance, **json.loads(context.roles(json.dumps(figures)))}
-            write_outputs(results)  # after each part, so a long run leaves what it measured
+            harness.write_json(results, path)  # after each part: a long run leaves what it has
+            harness.write_markdown(markdown(results), os.path.join(FLAGS.results_dir,
+                                                                   "cohort.md"))
     finally:
         context.close()
-
-
-def write_outputs(results: dict) -> None:
-    write_json(results, os.path.join(FLAGS.results_dir, "cohort.json"))
-    with open(os.path.join(FLAGS.results_dir, "cohort.md"), "w") as f:
-        f.write("\n".join(cohort_report.markdown(results)) + "\n")
 
 
 if __name__ == "__main__":

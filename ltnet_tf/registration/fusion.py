@@ -32,7 +32,7 @@ in ANTs. Where this differs from ANTs, and why:
 - each voxel is standardised with the patch centred on it rather than with the statistics of each
   patch it belongs to. That makes every patch sum a window sum (box filter) instead of 125 × K²
   products per voxel: the errors take 0.17 s against 1.0 s (XLA-compiled) for K = 5 at
-  80×96×112, the whole weight computation 0.5 s (``bench/fusion.py``, 2 cores). The errors come
+  80×96×112, the whole weight computation 0.5 s (bench.fusion, f140299, 2 cores). The errors come
   out smaller (median ratio 0.75), i.e. weights a little closer to equal at the same α. On sub-06
   with sub-01..05 as atlases (affine alignment only, weights on the 2 mm grid, labels fused at
   1 mm), the fused labels agree with per-patch standardisation at 95% of brain voxels, and the
@@ -55,7 +55,7 @@ from ltnet_tf.registration import transfer as inference
 from ltnet_tf.registration import refinement
 POINTS_PER_CHUNK = 1 << 20
 # Joint errors (K² per voxel) held at a time in joint label fusion, which works in slabs of whole
-# slices: 64 MB of float32, ~300 MB of numpy arrays in all (bench/fusion.py).
+# slices: 64 MB of float32, ~300 MB of numpy arrays in all (bench.fusion at f140299).
 ERRORS_PER_SLAB = 1 << 24
 
 

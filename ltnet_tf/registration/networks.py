@@ -48,7 +48,7 @@ class SpaceToDepth3D(KL.Layer):
     """[B, D, H, W, C] -> [B, D/2, H/2, W/2, 8C]: each 2x2x2 block becomes one voxel's channels
     (odd sizes are zero-padded at the end first). Followed by a Dense layer it is exactly a
     kernel-2, stride-2 Conv3D, but its gradient is a reshape and a matmul: on CPU, TensorFlow's
-    strided Conv3D gradients cost ~100x more (bench/speed.py)."""
+    strided Conv3D gradients cost ~100x more (bench.speed at commit 07f69df)."""
 
     def call(self, features):
         shape = tf.shape(features)

@@ -17,7 +17,7 @@ of labels (a full one-hot atlas of 40 labels at 160×192×224 would need 1.1 GB 
 The vote is only needed where the 8 neighbours disagree. For each atlas cell we precompute the label
 its 8 corners share (or a mark that they differ); a sampling point in a uniform cell takes that label
 with one gather, and the vote runs on the rest (11% of the benchmark atlas's cells): 0.85 s instead
-of 3.4 s per 160×192×224 scan on 2 CPU cores, measured side by side (``bench/speed.py``).
+of 3.4 s per 160×192×224 scan on 2 CPU cores, measured side by side (bench.speed at 07f69df).
 """
 from __future__ import annotations
 

@@ -1,0 +1,335 @@
+"""What every benchmark shares: the data and its validation sets, provenance (the command as anyone
+reruns it, the commit), timing, results files written whole, markdown tables, and the product's
+segmenter (``Product``: ``ltnet_tf.prediction.Predictor`` as predict.py runs it). Results never name
+a folder of one machine: the data folder is ``$LTNET_DATA_DIR``, the repository ``.``, others their
+role (``RUN``, ``WORK``). Importing this loads no TensorFlow (bench.cohort's process stays small).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# ../shared/data beside the repository (see its README), or $LTNET_DATA_DIR.
+DATA_DIR = os.environ.get("LTNET_DATA_DIR") or os.path.normpath(
+    os.path.join(ROOT, "..", "shared", "data"))
+RESULTS_DIR = os.path.join(ROOT, "bench", "results")
+SHARED_SUBJECTS = ("sub-06", "sub-07")
+MICCAI_SUBJECTS = ("1000", "1001", "1002", "1006", "1007", "1008")  # never trained on
+
+
+# ------------------------------------------------------------------------------- provenance
+def define_flags(name: str, work: bool = True, merge: bool = False) -> None:
+    """The flags every benchmark takes: --data_dir, --results_dir, (``work``) --work_dir (default
+    bench/scratch/``name``) and (``merge``) --merge."""
+    from absl import flags
+    flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "
+                        "../shared/data beside the repository).")
+    flags.DEFINE_string("results_dir", RESULTS_DIR, "Where results go.")
+    if work:
+        flags.DEFINE_string("work_dir", os.path.join(ROOT, "bench", "scratch", name),
+                            "Scratch: inputs, segmentations, logs.")
+    if merge:
+        flags.DEFINE_bool("merge", True, f"Keep what an existing {name}.json holds and this run "
+                          "does not rerun (each entry records its own command and commit).")
+
+
+def portable(text, roles: dict = None) -> str:
+    """``text`` with this machine's paths replaced: folders of ``roles`` ({path: role}) by their
+    role, the data folder by $LTNET_DATA_DIR, the repository by a relative
+    path. The longest path first: one folder may hold another."""
+    text = str(text)
+    named = {os.path.abspath(p): r for p, r in (roles or {}).items() if p}
+    named[os.path.abspath(DATA_DIR)] = "$LTNET_DATA_DIR"
+    for path in sorted(named, key=len, reverse=True):
+        text = text.replace(path, named[path])
+    return text.replace(ROOT + os.sep, "").replace(ROOT, ".")
+
+
+def command_line(roles: dict = None) -> str:
+    """``python -m bench.<name> <arguments>`` of the running benchmark, portable."""
+    module = os.path.splitext(os.path.relpath(os.path.abspath(sys.argv[0]), ROOT))[0]
+    return portable(" ".join(["python", "-m", module.replace(os.sep, "."), *sys.argv[1:]]), roles)
+
+
+def git_commit() -> str:
+    """HEAD, with '-dirty' when tracked files other than bench/results/ differ from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":(exclude)bench/results"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> dict:
+    """The CPU, its core count, Python and TensorFlow versions (without importing TensorFlow)."""
+    with open("/proc/cpuinfo") as f:  # Linux
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                   platform.machine())
+    return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
+            "tensorflow": importlib.metadata.version("tensorflow")}
+
+
+def machine_line() -> str:
+    """'x86_64, 2 CPUs, TF 2.21.0, GPU: False' (imports TensorFlow)."""
+    import tensorflow as tf
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+            f"TF {tf.__version__}, GPU: {bool(tf.config.list_physical_devices('GPU'))}")
+
+
+# ------------------------------------------------------------------------------- results files
+def read_json(path: str, merge: bool = True) -> dict:
+    """An earlier results file ({} when absent or ``merge`` is off)."""
+    if merge and os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def write_json(payload: dict, path: str) -> None:
+    """A results file, written under a temporary name and renamed: never half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_markdown([json.dumps(payload, indent=2)], path)
+
+
+def write_markdown(lines: list, path: str, echo: bool = False) -> None:
+    from ltnet_tf.files import atomic_write
+    with atomic_write(path) as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines) if echo else f"wrote {portable(path)}", flush=True)
+
+
+def table(header: list, rows: list) -> list:
+    """A markdown table's lines: ``header`` cells, then one row of cells per row."""
+    return (["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
+def cell(value, form: str) -> str:
+    return "–" if value is None else format(value, form)
+
+
+def per_structure(entries: dict) -> list:
+    """The table of Dice per structure (28) of ``entries`` {column: {'per_structure'}}."""
+    from ltnet_tf.io.labels import BENCHMARK_LABELS, structure_name
+    names = [structure_name(label) for label in BENCHMARK_LABELS]
+    return table(["structure", *entries], [[n, *(f"{e['per_structure'][n]:.3f}" for e in
+                                                 entries.values())] for n in names])
+
+
+# ------------------------------------------------------------------------------- timing
+def run_measured(argv: list, log_prefix: str, *, env=None, cwd=None, settle_seconds=0.0) -> dict:
+    """``argv`` in a fresh process to its exit, after ``os.sync`` and ``settle_seconds`` of rest;
+    stdout/stderr to ``log_prefix``.out/.err. -> {'returncode', 'wall_s', 'cpu_s', 'peak_rss_mib'
+    (its own, ``os.wait4``), 'load_start', 'load_end', 'stdout', 'stderr' (log paths)}."""
+    os.sync()
+    time.sleep(settle_seconds)
+    load_start = [round(v, 2) for v in os.getloadavg()]
+    with open(f"{log_prefix}.out", "w") as out, open(f"{log_prefix}.err", "w") as err:
+        start = time.perf_counter()
+        process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    return {"returncode": process.returncode, "wall_s": round(wall, 3),
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # KiB on Linux
+            "load_start": load_start, "load_end": [round(v, 2) for v in os.getloadavg()],
+            "stdout": f"{log_prefix}.out", "stderr": f"{log_prefix}.err"}
+
+
+def log_lines(path: str) -> list:
+    with open(path, errors="replace") as f:
+        return [line.rstrip() for line in f if line.strip()]
+
+
+# openat(AT_FDCWD, "/path", O_RDONLY|O_CLOEXEC) = 3   (strace -f prefixes the thread id)
+_OPEN = re.compile(r'open(?:at)?\((?:AT_FDCWD, )?"(?P<path>[^"]+)", (?P<flags>[A-Z_|0-9]+)'
+                   r'.*\)\s+=\s+(?P<fd>-?\d+)')
+
+
+def files_opened(argv: list, under: str, log_path: str, *, env=None, cwd=None) -> list:
+    """The regular files below ``under`` that ``argv`` opened, relative to it, in first-opened
+    order (``strace``, a separate unmeasured run); None without strace."""
+    if shutil.which("strace") is None:
+        return None
+    subprocess.run(["strace", "-f", "-qq", "-e", "trace=open,openat", "-o", log_path, *argv],
+                   env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder, found = os.path.realpath(under) + os.sep, []
+    for line in log_lines(log_path):
+        match = _OPEN.search(line)
+        if match and int(match["fd"]) >= 0 and "O_DIRECTORY" not in match["flags"]:
+            path = os.path.realpath(match["path"])
+            if path.startswith(folder) and os.path.relpath(path, folder) not in found:
+                found.append(os.path.relpath(path, folder))
+    return found
+
+
+# ------------------------------------------------------------------------------- validation sets
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One validation scan and its reference labels, both on the atlas grid."""
+    set_name: str
+    subject: str
+    image_path: str
+    label_path: str
+
+
+SET_NOTES = {
+    "shared": "FreeSurfer aseg labels (the atlas's protocol), aligned to the atlas by the data's "
+              "provider.",
+    "miccai2012": "Manual Neuromorphometrics labels mapped to FreeSurfer IDs (another protocol: "
+                  "compares methods, not absolute accuracy); each scan aligned affinely to the "
+                  "atlas once by ltnet_tf.registration.alignment, labels by nearest label; every "
+                  "method reads these."}
+
+
+def validation_sets(data_dir: str, work_dir: str, sets, subjects=None) -> tuple:
+    """(cases, {set: {'subjects', 'note'[, 'alignment']}}) of ``sets`` ('shared': sub-06/07 of
+    the data, on the atlas grid; 'miccai2012': MICCAI 2012 subjects aligned once to the atlas and
+    cached in ``work_dir``), restricted to ``subjects`` when given (empty sets are left out)."""
+    cases, info = [], {}
+    for name in sets:
+        wanted = [s for s in (SHARED_SUBJECTS if name == "shared" else MICCAI_SUBJECTS)
+                  if subjects is None or s in subjects]
+        if not wanted:
+            print(f"set {name}: no subject of --subjects in it; left out", flush=True)
+            continue
+        info[name] = {"subjects": wanted, "note": SET_NOTES[name]}
+        if name == "shared":
+            cases += [Case(name, s, os.path.join(data_dir, "images", f"{s}.nii.gz"),
+                           os.path.join(data_dir, "labels", f"{s}.nii.gz")) for s in wanted]
+        else:
+            found, info[name]["alignment"] = miccai_cases(
+                data_dir, os.path.join(work_dir, "miccai2012_aligned"), wanted)
+            cases += found
+    return cases, info
+
+
+def miccai_cases(data_dir: str, cache_dir: str, subjects) -> tuple:
+    """MICCAI 2012 subjects aligned to the atlas (``ltnet_tf.registration.alignment``) and cached
+    as NIfTI on its grid; remade when alignment.py changes. -> (cases, manifest)."""
+    from ltnet_tf.io import volumes
+    from ltnet_tf.registration import alignment
+
+    manifest_path, source = os.path.join(cache_dir, "alignment.json"), os.path.join(
+        data_dir, "miccai2012")
+    code_hash = subprocess.run(["git", "hash-object", alignment.__file__], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    manifest = read_json(manifest_path)
+    if manifest.get("alignment_source_hash") != code_hash:
+        manifest = {"alignment_source_hash": code_hash, "subjects": {}}
+    aligner, cases = None, []
+    for subject in subjects:
+        paths = [os.path.join(cache_dir, k, f"{subject}.nii.gz") for k in ("images", "labels")]
+        if subject not in manifest["subjects"] or not all(map(os.path.isfile, paths)):
+            aligner = aligner or alignment.AtlasAligner(
+                volumes.load_scan(os.path.join(data_dir, "atlas.nii.gz")))
+            start = time.time()
+            scan = volumes.load_scan(os.path.join(source, "images", f"{subject}.nii.gz"))
+            found = aligner.align(scan)
+            aligned, labels = found.resample_scan(scan), found.resample_labels(
+                volumes.load_label_map(os.path.join(source, "labels", f"{subject}.nii.gz")))
+            volumes.save_nifti(aligned.data, aligned.affine, paths[0], dtype="float32")
+            volumes.save_nifti(labels.data, labels.affine, paths[1])
+            manifest["settings"] = aligner.settings.to_dict()
+            manifest["subjects"][subject] = {"seconds_with_resampling": round(
+                time.time() - start, 2), **found.to_dict()}
+            write_json(manifest, manifest_path)
+        cases.append(Case("miccai2012", subject, *paths))
+    return cases, manifest
+
+
+def dice_figures(records: list) -> dict:
+    """Figures of one configuration on one set from per-scan records ({'subject', 'dice' {label:
+    Dice}, 'seconds', 'folding_fraction'}): means, per subject and per structure (28)."""
+    import numpy as np
+    from ltnet_tf.io import evaluation
+    from ltnet_tf.io.labels import BENCHMARK_LABELS, structure_name
+
+    subjects = {r["subject"]: evaluation.mean_dice(r["dice"], BENCHMARK_LABELS) for r in records}
+    return {"mean_dice": float(np.mean(list(subjects.values()))), "per_subject": subjects,
+            "per_structure": {structure_name(label): float(np.nanmean(
+                [r["dice"][label] for r in records])) for label in BENCHMARK_LABELS},
+            "seconds_per_scan": float(np.mean([r["seconds"] for r in records])),
+            "per_subject_seconds": {r["subject"]: r["seconds"] for r in records},
+            "folding_fraction": float(np.mean([r["folding_fraction"] for r in records])),
+            "per_subject_folding": {r["subject"]: r["folding_fraction"] for r in records}}
+
+
+def score(case: Case, result: dict, name: str) -> dict:
+    """One scan's record from a segmenter's result: Dice of the 28 structures, seconds, folding."""
+    from ltnet_tf.io import evaluation, volumes
+    from ltnet_tf.io.labels import BENCHMARK_LABELS
+
+    reference = volumes.load_label_map(case.label_path).data
+    dice = evaluation.dice_per_label(result["segmentation"], reference, BENCHMARK_LABELS)
+    stages = result.get("stage_seconds") or result.get("seconds_parts") or {}
+    print(f"[{name}] {case.set_name} {case.subject}: Dice "
+          f"{evaluation.mean_dice(dice, BENCHMARK_LABELS):.3f}, {result['seconds']:.1f} s ("
+          + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()) + ")", flush=True)
+    return {"set": case.set_name, "subject": case.subject, "dice": dice, "stages": stages,
+            "seconds": result["seconds"], "folding_fraction": result["folding_fraction"],
+            "folding_fractions": result.get("folding_fractions"),
+            "refine_seconds": stages.get("refine"),
+            "refinement_loss": result.get("refinement_loss")}
+
+
+# ------------------------------------------------------------------------------- segmenters
+class Product:
+    """The product's per-scan pipeline (``ltnet_tf.prediction.Predictor``) on a scan file, timed
+    end to end (read, segment, write): a run folder's G_F (``model_dir``) or none (identity
+    start), refined with ``refinement`` (a ``RefinementSettings``) or not, one atlas or several
+    (``atlases`` [(image, labels)], fused by ``fusion``). Tracing is paid untimed at load."""
+
+    def __init__(self, model_dir: str = None, refinement=None, atlases=None, fusion="jlf"):
+        from ltnet_tf.prediction import Predictor, cohort, sources
+
+        start = time.time()
+        network = None if model_dir is None else sources.RunFolderNetwork(model_dir)
+        atlas_set, _ = cohort.load_atlases(
+            model_dir, [p for p, _ in atlases or []] or None, [p for _, p in atlases or []] or None)
+        self.predictor = Predictor(atlas_set, network, refinement=refinement, fusion_method=fusion)
+        self.checkpoint = None if network is None else network.source
+        r = refinement
+        self.description = (("no network (identity start)" if network is None else f"G_F of a "
+                             f"run folder ({os.path.basename(network.source)})") + (
+            ", network alone" if r is None else f", refined {r.coarse_steps} steps at grid / "
+            f"{r.coarse_factor or 'working'}, then {r.steps} at / {r.factor}") + (
+            f"; {len(atlas_set)} atlases fused by {fusion}" if len(atlas_set) > 1 else ""))
+        self.predictor.segment(atlas_set.primary.image)  # tracing, once per process
+        self.load_seconds = time.time() - start
+
+    def segment(self, image_path: str, output_path: str) -> dict:
+        from ltnet_tf.io import evaluation, volumes
+        from ltnet_tf.registration.transfer import Displacement
+
+        start = time.time()
+        scan = volumes.load_scan(image_path)
+        result = self.predictor.segment(scan)
+        volumes.save_nifti(result["segmentation"], scan.affine, output_path, header=scan.header)
+        seconds = time.time() - start
+        displacement = result["displacement"]
+        if displacement is None:  # the network alone segmented in one call: its displacement
+            network = self.predictor.network
+            displacement = Displacement([(network.working_displacement(scan)[None],
+                                          network.config.downsample)])
+        flow = displacement.full_grid(scan.shape)[0].numpy()
+        refinement = result.get("refinement")
+        return {"segmentation": result["segmentation"], "seconds": seconds,
+                "stage_seconds": dict(result["seconds"]),
+                "folding_fraction": evaluation.folding_fraction(flow, scan.data > 0),
+                **({"refinement_loss": {"loss_start": refinement["loss_start"][0],
+                                        "loss": refinement["loss"][0]}} if refinement else {})}
