@@ -66,16 +66,18 @@ def teacher_examples(predictor: Predictor, scan_paths: list, config: SegmenterCo
     for number, path in enumerate(scan_paths, start=1):
         start = time.time()
         scan = data.load_scan(path)
-        result = predictor.segment(scan, keep_aligned=True, extras=True)
-        aligned = result["aligned_scan"]
+        # Aligned first, so that the labels are pulled once, onto the atlas grid only.
+        alignment = (predictor.aligner.align(scan) if predictor.needs_alignment(scan)
+                     else alignment_lib.identity(predictor.atlas, scan))
+        aligned = alignment.resample_scan(scan)
+        result = predictor.segment(aligned, extras=True)
         name = data.scan_name(path)
         pseudo.append(synthesis.working_example(name, "pseudo", aligned.data,
-                                                result["aligned_segmentation"], config))
+                                                result["segmentation"], config))
         warped_labels = transfer.warp_labels(atlas_labels, result["flow"][None])[0].numpy()
         shapes.append(synthesis.working_example(f"atlas to {name}", "shape",
                                                 result["warped_atlas"][..., 0], warped_labels,
                                                 config, normalised=True))
-        alignment = result["alignment"]
         records.append({"scan": name, "aligned": not alignment.skipped,
                         "alignment_ok": bool(alignment.ok),
                         "seconds": round(time.time() - start, 2)})
