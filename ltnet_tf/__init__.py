@@ -9,6 +9,7 @@ written once, in ``LAYERS``; ``tests/test_layers.py`` enforces it):
     reporting     QC pictures, report.html, the tables
     serving       the run folder, the SavedModel for TF Serving, generator.h5 for VoxelMorph
     training      the LTNet Keras model, its data, callbacks and ``train()``
+    segmentation  a segmentation network trained from the label transfer: U-Net, examples, fitting
     prediction    ``Predictor`` (one scan), ``predict_files`` (a cohort), outputs, merge
     commands      train.py / predict.py / export / demo: flags turned into calls
 
@@ -26,7 +27,7 @@ from ltnet_tf import compat  # noqa: F401  (must run before TensorFlow is import
 __version__ = "0.1.0"
 
 LAYERS = ("compat", "errors", "files", "config", "io", "registration", "reporting", "serving",
-          "training", "prediction", "commands")
+          "training", "segmentation", "prediction", "commands")
 
 MOVED = {
     "data": "io.volumes", "headers": "io.headers", "plausibility": "io.plausibility",

@@ -291,3 +291,88 @@ class RefinementSettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------- the segmenter
+@dataclass
+class SegmenterConfig:
+    """Every setting of a segmentation network trained from the label transfer
+    (``ltnet_tf.segmentation``), saved as ``RUN/segmenter/config.json``. The grid fields are set
+    from the atlas when training starts; ``SEGMENTER_PROFILES`` hold the compute budgets."""
+    atlas_shape: Optional[list] = None      # full atlas grid (D, H, W)
+    crop_start: Optional[list] = None       # the brain box on the atlas grid: first voxel
+    crop_shape: Optional[list] = None       # and size (a multiple of downsample * 2**levels)
+    label_ids: Optional[list] = None        # output channels: label IDs, background first
+    downsample: int = 2                     # the network runs on the box shrunk by this factor
+    features: list = field(default_factory=lambda: [16, 32, 48, 64])  # per U-Net level
+    crop_margin: int = 6                    # voxels kept around the atlas's brain
+    patch: int = 64                         # training patches: this many working voxels a side
+    learning_rate: float = 1e-3
+    steps: int = 4000
+    max_minutes: float = 55.0               # training stops at this wall time (or at ``steps``)
+    synth_fraction: float = 0.5             # share of synthesised examples (rest: pseudo-labels)
+    deform_voxels: float = 2.0              # std of random smooth displacements (working voxels)
+    deform_grid: int = 5                    # control points per axis of those displacements
+    bias_strength: float = 0.3              # std of the log bias field
+    gamma_std: float = 0.25                 # std of log gamma
+    noise_std: float = 0.03                 # max std of Gaussian noise (normalised intensities)
+    blur_probability: float = 0.25          # chance of a resolution change (pool x2, back up)
+    dice_weight: float = 1.0                # loss = dice_weight * (1 - soft Dice) + cross-entropy
+    seed: int = 0
+    teacher_atlases: int = 1                # atlases whose (fused) labels made the pseudo-labels
+    teacher_fusion: Optional[str] = None
+
+    @property
+    def levels(self) -> int:
+        return len(self.features) - 1
+
+    @property
+    def grid_multiple(self) -> int:
+        return int(self.downsample) * 2 ** self.levels
+
+    @property
+    def working_shape(self) -> tuple:
+        return tuple(int(s) // int(self.downsample) for s in self.crop_shape)
+
+    def validate(self) -> "SegmenterConfig":
+        if not isinstance(self.downsample, int) or self.downsample < 1:
+            raise ConfigError(f"segmenter 'downsample' must be an integer >= 1, got "
+                              f"{self.downsample!r}")
+        if not self.features or any(int(f) < 1 for f in self.features):
+            raise ConfigError(f"segmenter 'features' must be positive integers, got "
+                              f"{self.features!r}")
+        for name in ("learning_rate", "max_minutes"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"segmenter '{name}' must be a finite number > 0, got {value!r}")
+        if not 0.0 <= float(self.synth_fraction) <= 1.0:
+            raise ConfigError(f"segmenter 'synth_fraction' must be in [0, 1], got "
+                              f"{self.synth_fraction!r}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ConfigError(f"segmenter 'steps' must be an integer >= 1, got {self.steps!r}")
+        return self
+
+    def replace(self, **changes) -> "SegmenterConfig":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown segmenter setting(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes).validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SegmenterConfig":
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown segmenter setting(s): {', '.join(sorted(unknown))}")
+        return cls(**values).validate()
+
+
+# 'cpu': half resolution on the brain box, a slim U-Net, under an hour on 2 CPU cores; 'gpu': the
+# paper's setting (DataAug's U-Net at full resolution, many more steps).
+SEGMENTER_PROFILES = {
+    "cpu": dict(downsample=2, features=[8, 16, 32, 64], steps=4000, max_minutes=55.0),
+    "gpu": dict(downsample=1, features=[32, 64, 128, 256, 256], steps=40000, max_minutes=24 * 60.0,
+                learning_rate=2e-4),
+}

@@ -19,6 +19,7 @@ from absl import flags, logging
 from ltnet_tf.commands.config_flags import config_from_flags as _config_from_flags
 from ltnet_tf.commands.config_flags import define_config_flags as _define_config_flags
 from ltnet_tf.commands.config_flags import given_fields as _given_fields
+from ltnet_tf.commands.segmenter_command import define_segmenter_flags, train_segmenter_command
 from ltnet_tf.config import PRESETS, PROFILES, ConfigError, RefinementSettings
 from ltnet_tf.training.distribute import STRATEGIES
 
@@ -157,6 +158,7 @@ def _train_flags() -> flags.FlagValues:
                       "scan must be on the atlas grid.", flag_values=fv)
     _define_verbose_flag(fv)
     _define_config_flags(fv)
+    define_segmenter_flags(fv)
     return fv
 
 
@@ -164,6 +166,8 @@ def _train(fv: flags.FlagValues) -> int:
     from ltnet_tf.serving.modeldir import ModelDir
     from ltnet_tf.training import distribute, signals, trainer as training
 
+    if fv.segmenter:
+        return train_segmenter_command(fv)
     for name in ("atlas", "unlabeled", "model_dir"):
         if not fv[name].value:
             raise ConfigError(f"--{name} is required (see --helpfull)")

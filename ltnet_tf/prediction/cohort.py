@@ -28,7 +28,8 @@ from ltnet_tf.prediction.predictor import Predictor, check_scan
 from ltnet_tf.prediction.run_records import RunRecords, timed_load
 from ltnet_tf.registration import alignment as alignment_lib
 from ltnet_tf.registration.atlases import AtlasSet, atlas_files
-from ltnet_tf.serving.modeldir import ModelDir
+from ltnet_tf.segmentation.segmenter import has_segmenter
+from ltnet_tf.serving.modeldir import ModelDir, ModelDirError
 
 
 @dataclass
@@ -46,6 +47,7 @@ class PredictOptions:
     qc: bool = True
     probabilities: Optional[list] = None  # label IDs (or ["all"]) to write probability maps of
     shard: Optional[tuple] = None  # (K, N): this process segments the K-th of N shares
+    segmenter: bool = True  # a run folder's segmenter (RUN/segmenter) makes the labels if it has one
 
 
 def parse_shard(text: str) -> tuple:
@@ -141,6 +143,23 @@ def load_label_names(path, run: Optional[ModelDir], label_ids) -> LabelNames:
     return names
 
 
+def load_segmenter(run: ModelDir, atlases: AtlasSet):
+    """The run folder's segmenter, checked against its atlas grid and labels. Raises
+    ModelDirError naming the folder."""
+    from ltnet_tf.segmentation.segmenter import Segmenter, SegmenterError, segmenter_folder
+
+    folder = segmenter_folder(run.path)
+    try:
+        segmenter = Segmenter.load(folder)
+    except SegmenterError as e:
+        raise ModelDirError(str(e)) from None
+    grid = list(atlases.primary.image.shape)
+    if list(segmenter.config.atlas_shape) != grid:
+        raise ModelDirError(f"{folder}: segmenter made for the atlas grid "
+                            f"{segmenter.config.atlas_shape}, the run's atlas is {grid}")
+    return segmenter
+
+
 def predict_files(images, output_dir, labels=None, *, model_dir=None, atlas=None,
                   atlas_labels=None, label_names=None, options: PredictOptions = None) -> dict:
     """Segment ``images`` (a folder, files, or comma-separated files; any grid) into
@@ -168,14 +187,17 @@ def predict_files(images, output_dir, labels=None, *, model_dir=None, atlas=None
         registration_threads=determinism.registration_threads())
     check_inputs(pairs, alignment_lib.AtlasAligner(atlases.primary.image, alignment_settings),
                  options.align)
-    network = None
-    if run is not None:
+    network, segmenter = None, None
+    if run is not None and options.segmenter and has_segmenter(run.path):
+        segmenter = load_segmenter(run, atlases)  # labels by the segmenter: no G_F needed
+    elif run is not None:
         from ltnet_tf.prediction.sources import RunFolderNetwork  # the slow part: after every check
 
         network = RunFolderNetwork(run.path, source=options.source, checkpoint=options.checkpoint)
     predictor = Predictor(atlases, network, align=options.align,
                           refinement=options.refinement if options.refine else None,
-                          fusion_method=options.fusion, alignment_settings=alignment_settings)
+                          fusion_method=options.fusion, alignment_settings=alignment_settings,
+                          segmenter=segmenter)
     output.prepare()
     with OutputLock(output.path, options.shard):  # one writer per folder (or per share)
         run_record = RunRecords(output, predictor, names, options, run, network)

@@ -70,18 +70,24 @@ class Predictor:
     ``sources.RunFolderNetwork`` whose G_F starts the primary atlas's registration, or None
     (every registration starts from the identity); ``refinement``: ``config.RefinementSettings``
     or None (the network alone: needs a network and one atlas); ``fusion``: how several atlases'
-    labels are fused (``FUSION_METHODS``). Raises ConfigError for an impossible combination.
+    labels are fused (``FUSION_METHODS``); ``segmenter``: a trained
+    ``segmentation.segmenter.Segmenter`` that makes the labels instead of the label transfer
+    (alignment and the scan's own grid as without it; no registration, network or refinement).
+    Raises ConfigError for an impossible combination.
     """
 
     def __init__(self, atlases: AtlasSet, network=None, *, align: str = "auto",
                  refinement: RefinementSettings = None, fusion_method: str = "jlf",
-                 alignment_settings: alignment_lib.AlignmentSettings = None):
+                 alignment_settings: alignment_lib.AlignmentSettings = None, segmenter=None):
         if align not in ("auto", "never"):
             raise ValueError(f"align must be auto or never, got {align!r}")
         if fusion_method not in FUSION_METHODS:
             raise ConfigError(f"--fusion must be one of {', '.join(FUSION_METHODS)}, got "
                               f"{fusion_method!r}")
-        if refinement is None and (network is None or len(atlases) > 1):
+        self.segmenter = segmenter
+        if segmenter is not None:
+            network, refinement = None, None
+        elif refinement is None and (network is None or len(atlases) > 1):
             raise ConfigError("refinement cannot be switched off "
                               + ("without a trained network: it is what registers the atlas"
                                  if network is None else "with several atlases: the network "
@@ -128,6 +134,10 @@ class Predictor:
             aligned = alignment.resample_scan(scan)
         result = {"alignment": alignment, "seconds": clock.seconds,
                   "cpu_seconds": clock.cpu_seconds, "refinement": None, "displacement": None}
+        if self.segmenter is not None:
+            result.update(self._segmenter_labels(scan, alignment, aligned, clock, keep_aligned,
+                                                 probabilities))
+            return result
         if alignment.skipped and self.refiner is None and not (keep_aligned or probabilities):
             with clock("network_and_labels"):  # network and label warp in one call (one graph)
                 result.update(self.network.segment(aligned, extras=extras))
@@ -156,6 +166,27 @@ class Predictor:
             flow = primary.full_grid(self.atlas.shape)[0].numpy()
             result.update(flow=flow, warped_atlas=self._warped_atlas(flow))
         return result
+
+    def _segmenter_labels(self, scan, alignment, aligned, clock, keep_aligned,
+                          probabilities) -> dict:
+        """The segmenter's labels (``segment`` with a segmenter): its probabilities on the
+        working grid ('network'), then labels on the scan's own voxels inside its brain
+        ('labels'), without a second interpolation of the scan."""
+        with clock("network"):
+            working = self.segmenter.probabilities(aligned.data)
+        with clock("labels"):
+            native_to_grid = np.eye(4) if alignment.skipped else alignment.scan_voxel_to_atlas_voxel
+            labels = self.segmenter.segment(working, native_to_grid, scan.shape,
+                                            brain_mask(scan.data), probabilities or None)
+        found = {}
+        if probabilities:
+            labels, found["probabilities"] = labels
+        found["segmentation"] = labels
+        if keep_aligned:
+            found.update(aligned_scan=aligned, aligned_segmentation=labels if alignment.skipped
+                         else self.segmenter.segment(working, np.eye(4), self.atlas.shape,
+                                                     brain_mask(aligned.data)))
+        return found
 
     def _displacement(self, aligned: data.Volume, clock: StageClock) -> tuple:
         """(``inference.Displacement`` with one element per atlas, the refinement's numpy outputs

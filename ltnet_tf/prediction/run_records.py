@@ -137,8 +137,29 @@ class RunRecords:
 
         colours = {int(i): self.names.colour(i) for i in self.label_ids if int(i) != 0}
         qc.save_scan_qc_png(scan, segmentation, self.output.join(f"{name}_qc.png"),
-                            colours=colours, title=f"{name}: transferred labels",
+                            colours=colours, title=f"{name}: " + (
+                                "segmenter labels" if self._segmenter else "transferred labels"),
                             warnings=warnings)
+
+    @property
+    def _segmenter(self):
+        return getattr(self.predictor, "segmenter", None)
+
+    def _segmenter_record(self):
+        """prediction.json's account of the segmenter (None without one)."""
+        segmenter = self._segmenter
+        if segmenter is None:
+            return None
+        from ltnet_tf.segmentation.segmenter import CONFIG, WEIGHTS, segmenter_folder
+
+        folder = segmenter_folder(self.run.path)
+        training = segmenter.training or {}
+        return {"folder": folder, "config_sha256": file_digest(os.path.join(folder, CONFIG)),
+                "weights_sha256": file_digest(os.path.join(folder, WEIGHTS)),
+                "teacher": {k: v for k, v in training.get("teacher", {}).items()
+                            if k in ("atlases", "fusion", "start")},
+                "steps": training.get("fit", {}).get("steps"),
+                "train_minutes": training.get("train_minutes")}
 
     def write(self, images: list, references) -> dict:
         """The run's tables and report, rows in the order of ``images``; -> predict_files'
@@ -154,7 +175,7 @@ class RunRecords:
         if report is None:
             reports.remove_earlier_dice_reports(self.output.path, suffix)
         reports.write_volumes_csv(self.volumes, self.label_ids, self.output.path, self.names,
-                                  suffix)
+                                  suffix, labels_by="segmenter" if self._segmenter else None)
         outputs = {name: record["output"] for name, record in self.records.items()}
         prediction = self._prediction(images, references, outputs, report)
         reports.write_prediction_json(self.output.path, prediction, suffix)
@@ -177,7 +198,7 @@ class RunRecords:
             network = {"config_sha256": file_digest(self.run.config_path),
                        "weights": os.path.basename(weights),
                        "weights_sha256": file_digest(weights_file)}
-        return {"network": network,
+        return {"network": network, "segmenter": self._segmenter_record(),
                 "atlases": [{"name": a.name, "image_sha256": file_digest(a.image.path),
                              "labels_sha256": file_digest(a.labels.path)}
                             for a in predictor.atlases.atlases],
@@ -194,6 +215,9 @@ class RunRecords:
             "model_dir": None if self.run is None else self.run.path,
             "source": None if self.network is None else self.network.source,
             "network": self.network is not None,
+            "labels_by": ("segmenter (RUN/segmenter, trained from the label transfer)"
+                          if self._segmenter else "label transfer"),
+            "segmenter": self._segmenter_record(),
             "atlases": predictor.atlases.records(),
             "fusion": options.fusion if len(predictor.atlases) > 1 else None,
             "label_names": self.names.source,

@@ -145,6 +145,7 @@ def _header(prediction: dict, entries: list) -> str:
     written = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     rows = [("model", model if model else "no network (atlas labels moved by the alignment only)"),
             ("weights", prediction.get("source")),
+            ("labels made by", prediction.get("labels_by")),
             ("atlases", "; ".join(_atlases(prediction)) or None),
             ("label fusion", prediction.get("fusion") or "none (one atlas)"),
             ("refinement", _settings(prediction.get("refinement"))),

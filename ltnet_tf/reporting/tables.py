@@ -84,18 +84,21 @@ def remove_earlier_dice_reports(output_dir: str, suffix: str = "") -> None:
 
 
 def write_volumes_csv(volumes: dict, label_ids, output_dir: str, names=None,
-                      suffix: str = "") -> str:
+                      suffix: str = "", labels_by: str = None) -> str:
     """``volumes<suffix>.csv``: one row per scan, one column per structure (by ``names``, default
-    FreeSurfer's), mm³ on the scan's own grid — the table FastSurfer and SynthSeg users expect.
+    FreeSurfer's), mm³ on the scan's own grid — the table FastSurfer and SynthSeg users expect;
+    with ``labels_by`` (e.g. "segmenter") a last column of that name saying what made the labels.
     Returns its path."""
     name = (names or LabelNames.freesurfer()).name
     labels = [int(i) for i in label_ids if int(i) != 0]
     path = os.path.join(output_dir, f"volumes{suffix}.csv")
     with atomic_write(path, newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["scan", *[name(label) for label in labels]])
+        extra = [] if labels_by is None else ["labels_by"]
+        writer.writerow(["scan", *[name(label) for label in labels], *extra])
         for scan, per_label in volumes.items():
-            writer.writerow([scan, *[f"{per_label[label]:.1f}" for label in labels]])
+            writer.writerow([scan, *[f"{per_label[label]:.1f}" for label in labels],
+                             *([labels_by] if labels_by else [])])
     return path
 
 
