@@ -31,6 +31,9 @@ setup(
         "test": ["pytest>=7", "tensorflow-serving-api==2.21.0"],
         # The benchmarks' classical anchor (ANTs SyN); the package itself does not need it.
         "bench": ["antspyx==0.6.3"],
+        # Brain extraction of whole heads (predict.py --skull_strip): deepbet's networks run in
+        # PyTorch; its CPU build is enough (the U-Net runs once per head).
+        "heads": ["deepbet==1.0.2", "torch==2.13.0"],
     },
     entry_points={
         "console_scripts": [

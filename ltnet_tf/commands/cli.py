@@ -268,9 +268,22 @@ def _predict_flags() -> flags.FlagValues:
     flags.DEFINE_bool("qc", True, "Write <scan>_qc.png (three slices with the segmentation's "
                       "outlines) and report.html (every scan, flagged ones first).",
                       flag_values=fv)
+    _define_preparation_flags(fv)
     _define_refinement_flags(fv)
     _define_verbose_flag(fv)
     return fv
+
+
+def _define_preparation_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_enum("skull_strip", "auto", ["auto", "yes", "no"],
+                      "Brain extraction (deepbet; pip install \"ltnet-tf[heads]\"): auto: of the "
+                      "scans that look like whole heads (more tissue than a skull-stripped "
+                      "brain); yes: of every scan; no: never (heads are refused). The mask is "
+                      "written as <scan>_brainmask.nii.gz and drawn on the QC picture.",
+                      flag_values=fv)
+    flags.DEFINE_enum("bias_correction", "auto", ["auto", "yes", "no"],
+                      "N4 bias-field correction on the brain mask: auto: of the scans that were "
+                      "skull-stripped here; yes: of every scan; no: never.", flag_values=fv)
 
 
 def _define_refinement_flags(fv: flags.FlagValues) -> None:
@@ -289,6 +302,7 @@ def _define_refinement_flags(fv: flags.FlagValues) -> None:
 
 def _predict(fv: flags.FlagValues) -> int:
     from ltnet_tf.prediction.cohort import PredictOptions, parse_shard, predict_files
+    from ltnet_tf.preprocessing.preparation import PreparationOptions
 
     if not fv.model_dir and not fv.atlas:
         raise ConfigError("--model_dir is required, or --atlas (with --atlas_labels) to segment "
@@ -304,7 +318,9 @@ def _predict(fv: flags.FlagValues) -> int:
                                                 factor=fv.refine_factor),
         fusion=fv.fusion, save_warped_atlas=fv.save_warped_atlas, save_flow=fv.save_flow,
         save_aligned=fv.save_aligned, qc=fv.qc, probabilities=fv.save_probabilities,
-        shard=parse_shard(fv.shard) if fv.shard else None)
+        shard=parse_shard(fv.shard) if fv.shard else None,
+        preparation=PreparationOptions(skull_strip=fv.skull_strip,
+                                       bias_correction=fv.bias_correction))
     if hasattr(signal, "SIGXFSZ"):  # a file-size limit: the write raises (one line), no kill
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:

@@ -19,6 +19,12 @@ from ltnet_tf.io.headers import format_mm, voxel_sizes
 # front to back. Beyond these the voxel sizes in the header are the likelier cause.
 MAX_HEAD_EXTENT_MM = 300.0
 MIN_BRAIN_FIELD_MM = 100.0
+# A whole adult head (scalp, skull, neck included) holds at most about this much tissue; a
+# defaced one at least 2.78 L (the six heads of ../shared/data/heads: 2.78-3.63 L), while
+# skull-stripped adult brains hold 1.0-1.9 L: above MIN_HEAD_ML a scan is taken for a head when
+# heads are to be stripped (``looks_like_head``).
+MAX_HEAD_ML = 8000.0
+MIN_HEAD_ML = 2300.0
 
 
 def tissue_mask(values: np.ndarray) -> np.ndarray:
@@ -87,3 +93,16 @@ def check_brain_size(scan: data.Volume, min_ml: float, max_ml: float, values=Non
     raise data.DataError(
         f"{scan.path}: does not look like a brain scan ({amount} of tissue spanning {extent}; "
         f"{bound}); check the scan and the voxel sizes in its header ({sizes})")
+
+
+def looks_like_head(scan: data.Volume, values=None, affine=None) -> bool:
+    """True when the scan has more tissue than a skull-stripped brain (``MIN_HEAD_ML``) but no
+    more than a head (``MAX_HEAD_ML``), within a head's extent, on a brain-sized field of view and
+    with a header whose sform and qform agree. ``values``, ``affine``: as ``check_brain_size``."""
+    if values is None:
+        values, affine = intensity.normalize_array(scan.data), scan.affine
+    volume_ml = tissue_volume_ml(scan, values, affine)
+    field = np.asarray(scan.shape, float) * voxel_sizes(scan.affine)
+    return (scan.header_conflict is None and MIN_HEAD_ML < volume_ml <= MAX_HEAD_ML
+            and tissue_extent_mm(values, affine).max() <= MAX_HEAD_EXTENT_MM
+            and field.min() >= MIN_BRAIN_FIELD_MM)

@@ -23,6 +23,7 @@ from ltnet_tf.io import volumes as data
 from ltnet_tf.io.label_names import LabelNames
 from ltnet_tf.prediction import determinism, resumable
 from ltnet_tf.prediction.lock import OutputLock
+from ltnet_tf.preprocessing.preparation import PreparationOptions, ScanPreparation
 from ltnet_tf.prediction.outputs import OutputFolder
 from ltnet_tf.prediction.predictor import Predictor, check_scan
 from ltnet_tf.prediction.run_records import RunRecords, timed_load
@@ -48,6 +49,8 @@ class PredictOptions:
     probabilities: Optional[list] = None  # label IDs (or ["all"]) to write probability maps of
     shard: Optional[tuple] = None  # (K, N): this process segments the K-th of N shares
     segmenter: bool = True  # a run folder's segmenter (RUN/segmenter) makes the labels if it has one
+    # Whole heads stripped, bias fields corrected (--skull_strip, --bias_correction).
+    preparation: PreparationOptions = field(default_factory=PreparationOptions)
 
 
 def parse_shard(text: str) -> tuple:
@@ -95,9 +98,11 @@ def _pairs(images, labels, output: OutputFolder, shard) -> list:
     return pairs
 
 
-def check_inputs(pairs, aligner: alignment_lib.AtlasAligner, align: str) -> None:
+def check_inputs(pairs, aligner: alignment_lib.AtlasAligner, align: str,
+                 preparation: ScanPreparation = None) -> None:
     """Read every scan and reference once before anything is loaded or written, so a bad file
-    stops the run at once with its own message. Raises DataError naming the file."""
+    stops the run at once with its own message. Raises DataError naming the file, ConfigError
+    when a head is to be stripped and the extractor is not installed."""
     names = {}
     for image_path, label_path in pairs:
         name = data.scan_name(image_path)
@@ -106,7 +111,7 @@ def check_inputs(pairs, aligner: alignment_lib.AtlasAligner, align: str) -> None
                                  f"would be written to {name}_seg.nii.gz)")
         names[name] = image_path
         scan = data.load_scan(image_path)
-        check_scan(scan, aligner, align)
+        check_scan(scan, aligner, align, preparation)
         if label_path:
             data.check_same_grid(scan, data.load_label_map(label_path), strict=False)
 
@@ -185,8 +190,9 @@ def predict_files(images, output_dir, labels=None, *, model_dir=None, atlas=None
     names = load_label_names(label_names, run, atlases.label_ids)
     alignment_settings = alignment_lib.AlignmentSettings(
         registration_threads=determinism.registration_threads())
-    check_inputs(pairs, alignment_lib.AtlasAligner(atlases.primary.image, alignment_settings),
-                 options.align)
+    aligner = alignment_lib.AtlasAligner(atlases.primary.image, alignment_settings)
+    preparation = ScanPreparation(options.preparation, aligner.settings.min_tissue_ml)
+    check_inputs(pairs, aligner, options.align, preparation)
     network, segmenter = None, None
     if run is not None and options.segmenter and has_segmenter(run.path):
         segmenter = load_segmenter(run, atlases)  # labels by the segmenter: no G_F needed
@@ -197,7 +203,7 @@ def predict_files(images, output_dir, labels=None, *, model_dir=None, atlas=None
     predictor = Predictor(atlases, network, align=options.align,
                           refinement=options.refinement if options.refine else None,
                           fusion_method=options.fusion, alignment_settings=alignment_settings,
-                          segmenter=segmenter)
+                          segmenter=segmenter, preparation=preparation)
     output.prepare()
     with OutputLock(output.path, options.shard):  # one writer per folder (or per share)
         run_record = RunRecords(output, predictor, names, options, run, network)
@@ -228,8 +234,12 @@ def _progress_line(number: int, total: int, name: str, record: dict) -> str:
     if "refine" in seconds:
         where += f"; refined in {seconds['refine']:.1f} s"
     line = f"[{number}/{total}] {name}_seg.nii.gz ({where}; {seconds['total']:.1f} s)"
+    if "brain_mask" in record and record["brain_mask"]:
+        line += f"; brain mask {record['brain_mask']['volume_l']:.2f} L"
     if not record["alignment_ok"]:
         line += " ALIGNMENT LOOKS WRONG: check this scan"
+    if not record.get("brain_mask_ok", True):
+        line += f" BRAIN MASK LOOKS WRONG: check {name}_brainmask.nii.gz"
     if "mean_dice" in record:
         mean = record["mean_dice"]
         line += (f": mean Dice {float('nan') if mean is None else mean:.3f} over "

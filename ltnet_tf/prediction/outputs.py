@@ -2,6 +2,7 @@
 
     OUT/<scan>_seg.nii.gz             the segmentation on the scan's own grid and header
     OUT/<scan>_affine.txt             the alignment, ITK/ANTs format (atlas -> scan, LPS)
+    OUT/<scan>_brainmask.nii.gz       a whole head's extracted brain mask (uint8 0/1, its grid)
     OUT/<scan>_aligned.nii.gz         with --save_aligned: the scan on the atlas grid,
     OUT/<scan>_aligned_seg.nii.gz     and its segmentation there
     OUT/<scan>_warped_atlas.nii.gz    with --save_warped_atlas (atlas grid, or the scan's when it
@@ -22,7 +23,7 @@ from absl import logging
 from ltnet_tf.files import atomic_write
 from ltnet_tf.io import volumes as data
 
-OUTPUT_SUFFIXES = ("_seg", "_warped_atlas", "_flow", "_aligned")  # <scan><suffix>.nii.gz, as below
+OUTPUT_SUFFIXES = ("_seg", "_warped_atlas", "_flow", "_aligned", "_brainmask")  # <scan><suffix>.nii.gz, as below
 
 
 class OutputFolder:
@@ -72,6 +73,11 @@ class OutputFolder:
         alignment = result["alignment"]
         path = self.join(f"{name}_seg.nii.gz")
         data.save_nifti(result["segmentation"], scan.affine, path, header=scan.header)
+        prepared = result.get("prepared")
+        if prepared is not None and prepared.brain_mask is not None:
+            data.save_nifti(prepared.brain_mask.mask.astype(np.uint8), scan.affine,
+                            self.join(f"{name}_brainmask.nii.gz"), header=scan.header,
+                            dtype="uint8")
         if not alignment.skipped:
             with atomic_write(self.join(f"{name}_affine.txt")) as f:
                 f.write(alignment.itk_transform_text())

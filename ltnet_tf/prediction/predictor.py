@@ -1,6 +1,8 @@
 """The per-scan pipeline of prediction: a scan on any grid -> its segmentation on that grid.
 
-    check     the scan is a plausible skull-stripped brain (or on the atlas grid)   alignment.py
+    check     the scan is a plausible skull-stripped brain (or on the atlas grid),  alignment.py
+              or a whole head to strip                                              preparation.py
+    prepare   a head's brain extracted (its mask checked), N4 bias correction       preparation.py
     align     rigid + affine to the (primary) atlas, unless on its grid already      alignment.py
     network   G_F's displacement on its working grid, if a trained network is used  sources.py
     refine    Adam on the displacement of every atlas, coarse to fine, batched      refinement.py
@@ -20,9 +22,11 @@ import time
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from ltnet_tf.config import ConfigError, RefinementSettings
 from ltnet_tf.io import volumes as data
+from ltnet_tf.preprocessing.preparation import ScanPreparation
 from ltnet_tf.registration import alignment as alignment_lib, transfer as inference
 from ltnet_tf.registration.atlases import AtlasSet
 from ltnet_tf.registration.native import NativeLabelPull, brain_mask, pull_fused
@@ -31,12 +35,17 @@ from ltnet_tf.registration.refinement import ScanRefiner
 FUSION_METHODS = ("majority", "local", "jlf")
 
 
-def check_scan(scan: data.Volume, aligner: alignment_lib.AtlasAligner, align: str) -> None:
+def check_scan(scan: data.Volume, aligner: alignment_lib.AtlasAligner, align: str,
+               preparation: ScanPreparation = None) -> None:
     """Cheap checks before anything is written: the grid (without alignment) or the brain's
-    plausibility (with it; ``aligner``: of the primary atlas). Raises DataError naming the scan."""
+    plausibility (with it; ``aligner``: of the primary atlas), or for a scan ``preparation``
+    will strip, a head's (and that the extractor loads). Raises DataError naming the scan,
+    ConfigError when the extractor is not installed."""
     atlas = aligner.atlas
+    stripped = preparation is not None and preparation.check(scan)
     if align == "auto" and not alignment_lib.on_atlas_grid(atlas, scan):
-        aligner.check_brain(scan)
+        if not stripped:
+            aligner.check_brain(scan)
     elif tuple(scan.shape) != tuple(atlas.shape):
         raise data.DataError(f"{scan.path}: shape {tuple(scan.shape)} differs from the atlas "
                              f"grid {tuple(atlas.shape)} (use --align auto to align scans on "
@@ -72,13 +81,15 @@ class Predictor:
     or None (the network alone: needs a network and one atlas); ``fusion``: how several atlases'
     labels are fused (``FUSION_METHODS``); ``segmenter``: a trained
     ``segmentation.segmenter.Segmenter`` that makes the labels instead of the label transfer
-    (alignment and the scan's own grid as without it; no registration, network or refinement).
-    Raises ConfigError for an impossible combination.
+    (alignment and the scan's own grid as without it; no registration, network or refinement);
+    ``preparation``: a ``ScanPreparation`` (brain extraction, bias correction) or None (scans
+    used as they are). Raises ConfigError for an impossible combination.
     """
 
     def __init__(self, atlases: AtlasSet, network=None, *, align: str = "auto",
                  refinement: RefinementSettings = None, fusion_method: str = "jlf",
-                 alignment_settings: alignment_lib.AlignmentSettings = None, segmenter=None):
+                 alignment_settings: alignment_lib.AlignmentSettings = None, segmenter=None,
+                 preparation: ScanPreparation = None):
         if align not in ("auto", "never"):
             raise ValueError(f"align must be auto or never, got {align!r}")
         if fusion_method not in FUSION_METHODS:
@@ -96,6 +107,7 @@ class Predictor:
         self.atlas = atlases.primary.image
         self.config = None if network is None else network.config
         self.align_mode, self.fusion_method = align, fusion_method
+        self.preparation = preparation
         self.aligner = alignment_lib.AtlasAligner(
             self.atlas, alignment_settings or alignment_lib.AlignmentSettings())
         self.pulls = [NativeLabelPull(a.labels.data, a.labels_from_grid) for a in atlases.atlases]
@@ -114,7 +126,7 @@ class Predictor:
         return self.align_mode == "auto" and not alignment_lib.on_atlas_grid(self.atlas, scan)
 
     def check(self, scan: data.Volume) -> None:
-        check_scan(scan, self.aligner, self.align_mode)
+        check_scan(scan, self.aligner, self.align_mode, self.preparation)
 
     # ------------------------------------------------------------------ one scan
     def segment(self, scan: data.Volume, *, keep_aligned: bool = False, extras: bool = False,
@@ -126,13 +138,25 @@ class Predictor:
         'aligned_scan', 'aligned_segmentation' (atlas grid), with ``extras`` the primary atlas's
         'flow' [D, H, W, 3] and 'warped_atlas' [D, H, W, 1] (atlas grid); with ``probabilities``
         (label IDs) 'probabilities' [L, *scan grid] uint8 (x 255), each label's fused share;
-        'cpu_seconds' {stage: s} is the CPU time of each stage of 'seconds'."""
+        'cpu_seconds' {stage: s} is the CPU time of each stage of 'seconds'; 'prepared' the
+        ``preparation.PreparedScan`` (its brain mask, N4's record) or None without preparation."""
         clock = StageClock()
+        prepared = None
+        if self.preparation is not None:
+            with clock("prepare"):
+                prepared = self.preparation(scan)
+            mask = prepared.brain_mask
+            if mask is not None and not mask.ok:
+                logging.warning("%s", mask.describe(scan.path))
+            scan = prepared.scan
         with clock("align"):
-            alignment = (self.aligner.align(scan) if self.needs_alignment(scan)
+            # A stripped scan's size was checked on its mask (flagged, not refused, if wrong).
+            stripped = prepared is not None and prepared.brain_mask is not None
+            alignment = (self.aligner.align(scan, check_size=not stripped)
+                         if self.needs_alignment(scan)
                          else alignment_lib.identity(self.atlas, scan))
             aligned = alignment.resample_scan(scan)
-        result = {"alignment": alignment, "seconds": clock.seconds,
+        result = {"alignment": alignment, "seconds": clock.seconds, "prepared": prepared,
                   "cpu_seconds": clock.cpu_seconds, "refinement": None, "displacement": None}
         if self.segmenter is not None:
             result.update(self._segmenter_labels(scan, alignment, aligned, clock, keep_aligned,

@@ -101,7 +101,10 @@ class RunRecords:
         record = self._record(image_path, path, result, warnings, dice)
         if options.qc:
             qc_start = time.time()
-            self._qc_picture(name, scan, result["segmentation"], warnings)
+            prepared = result.get("prepared")
+            self._qc_picture(name, scan, result["segmentation"], warnings,
+                             None if prepared is None or prepared.brain_mask is None
+                             else prepared.brain_mask.mask)
             record["qc_png"] = f"{name}_qc.png"
             record["seconds"]["qc"] = round(time.time() - qc_start, 3)
         record["seconds"]["total"] = round(time.time() - start + reading["wait"], 3)
@@ -125,6 +128,10 @@ class RunRecords:
                   "volumes_mm3": {self.names.name(label): round(value, 1)
                                   for label, value in self.volumes[name].items()},
                   "warnings": list(warnings)}
+        prepared = result.get("prepared")
+        if prepared is not None and prepared.changed:
+            record.update(prepared.to_dict())
+            record["brain_mask_ok"] = prepared.brain_mask is None or prepared.brain_mask.ok
         if dice is not None:
             self.dice[name] = dice
             record["mean_dice"] = reports.finite_or_none(evaluation.mean_dice(dice, self.over))
@@ -132,14 +139,14 @@ class RunRecords:
                               for label, value in dice.items()}
         return record
 
-    def _qc_picture(self, name, scan, segmentation, warnings) -> None:
+    def _qc_picture(self, name, scan, segmentation, warnings, brain_mask=None) -> None:
         from ltnet_tf.reporting import qc  # matplotlib only when a picture is drawn
 
         colours = {int(i): self.names.colour(i) for i in self.label_ids if int(i) != 0}
         qc.save_scan_qc_png(scan, segmentation, self.output.join(f"{name}_qc.png"),
                             colours=colours, title=f"{name}: " + (
                                 "segmenter labels" if self._segmenter else "transferred labels"),
-                            warnings=warnings)
+                            warnings=warnings, brain_mask=brain_mask)
 
     @property
     def _segmenter(self):
@@ -205,6 +212,7 @@ class RunRecords:
                 "align": options.align, "alignment_settings": predictor.aligner.settings.to_dict(),
                 "refinement": predictor.refinement_record(),
                 "fusion": options.fusion if len(predictor.atlases) > 1 else None,
+                "preparation": options.preparation.to_dict(),
                 "label_names": self.names.to_dict(),
                 "compute_threads": None if self.compute is None else self.compute["threads"]}
 
@@ -234,6 +242,9 @@ class RunRecords:
                 "file": "<scan>_probabilities.nii.gz", "labels": self.probability_labels,
                 "names": [self.names.name(i) for i in self.probability_labels]},
             "alignment_failed": [n for n, r in self.records.items() if not r["alignment_ok"]],
+            "preparation": options.preparation.to_dict(),
+            "brain_mask_flagged": [n for n, r in self.records.items()
+                                   if not r.get("brain_mask_ok", True)],
             "scans": self.records,
             "mean_dice": report["mean_dice"] if report else None}
 

@@ -301,8 +301,10 @@ class AtlasAligner:
         return plausibility.check_brain_size(scan, self.settings.min_tissue_ml,
                                              self.settings.max_tissue_ml, values, affine)
 
-    def align(self, scan: data.Volume, force: bool = False) -> Alignment:
-        """The affine taking the atlas grid to the scan; identity for a scan on the atlas grid."""
+    def align(self, scan: data.Volume, force: bool = False, check_size: bool = True) -> Alignment:
+        """The affine taking the atlas grid to the scan; identity for a scan on the atlas grid.
+        ``check_size``: refuse a scan that is no skull-stripped brain (``check_brain``); off for
+        a scan whose brain mask was checked already (``ltnet_tf.preprocessing``)."""
         if not force and on_atlas_grid(self.atlas, scan):
             return identity(self.atlas, scan)
         import SimpleITK as sitk
@@ -310,7 +312,8 @@ class AtlasAligner:
         start = time.time()
         settings = self.settings
         scan_values, scan_coarse_affine = coarse_grid(normalized(scan), settings.spacing_mm)
-        self.check_brain(scan, scan_values, scan_coarse_affine)
+        if check_size:
+            self.check_brain(scan, scan_values, scan_coarse_affine)
         fixed = _to_sitk(self._atlas_values, self._atlas_coarse_affine)
         moving = _to_sitk(scan_values, scan_coarse_affine)
         start_transform = sitk.CenteredTransformInitializer(

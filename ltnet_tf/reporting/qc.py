@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # ltnet_tf.io.volumes imports TensorFlow; drawing a picture m
 CONVENTION = "neurological view: the subject's left on the left; sagittal: anterior on the left"
 CONTRAST_PERCENTILES = (0.5, 99.5)  # of the nonzero voxels: a few extreme voxels do not wash it out
 FILL_ALPHA = 0.45
+BRAIN_MASK_COLOUR = (1.0, 0.85, 0.0)  # yellow: the brain mask of a whole head
 PIXELS_PER_VOXEL = 1.6  # outlines one voxel wide stay visible (and the PNG ~100-200 KB for 256^3)
 MIN_PANEL_PIXELS = 300  # a small volume (a 32^3 test, a low-resolution scan) is enlarged to see it
 MAX_PANEL_PIXELS = 520  # a 0.5 mm scan is drawn at less than one pixel per voxel rather than huge
@@ -217,7 +218,7 @@ def _layout(figure_size_px, sizes, pixels_per_mm, header_px, margin, gap):
 
 def save_scan_qc_png(scan: "Volume", segmentation: np.ndarray, path: str, *,
                      colours: dict | None = None, title: str = "",
-                     warnings: Sequence[str] = ()) -> str:
+                     warnings: Sequence[str] = (), brain_mask: np.ndarray = None) -> str:
     """Draw the QC picture of one scan and its segmentation and write it to ``path`` (PNG).
 
     Args:
@@ -225,6 +226,8 @@ def save_scan_qc_png(scan: "Volume", segmentation: np.ndarray, path: str, *,
         segmentation: [X, Y, Z] integer label IDs on the same grid (0 = background).
         colours: {label ID: (r, g, b) 0-255}; IDs not in it get ``label_colour(ID)``.
         title, warnings: printed above the slices (each warning in red on a line of its own).
+        brain_mask: [X, Y, Z] bool on the same grid, or None: its outline drawn in
+            ``BRAIN_MASK_COLOUR`` (a whole head's extracted brain).
     Returns the path written: axial, coronal and sagittal slices through the centre of the labelled
     region with label outlines, and below them the same slices with filled labels. Written to a
     temporary file in the same folder and renamed, so ``path`` is never half-written.
@@ -240,7 +243,14 @@ def save_scan_qc_png(scan: "Volume", segmentation: np.ndarray, path: str, *,
     low, high = display_range(scan.data)
     views = _views(scan_ras, labels_ras, ras_index(centre, scan.data.shape, transform), zooms)
     lines = _header_lines(title, list(warnings), _describe(scan, centre))
-    figure = _figure(views, zooms, lines, low, high, colours)
+    masks = None
+    if brain_mask is not None:
+        mask_ras, _, _ = to_ras_grid(np.asarray(brain_mask, np.uint8), scan.affine)
+        masks = [view[1] for view in _views(mask_ras, labels_ras, ras_index(
+            centre, scan.data.shape, transform), zooms)]
+        lines.insert(1, ("Yellow outline: the brain mask extracted from the head.", "#333333",
+                         "normal"))
+    figure = _figure(views, zooms, lines, low, high, colours, masks)
     return _save_atomically(figure, path)
 
 
@@ -252,7 +262,7 @@ def _wrapped(lines, width_px) -> list:
                                                                       else 7.3)))) or [""]]
 
 
-def _figure(views, zooms, lines, low, high, colours) -> Figure:
+def _figure(views, zooms, lines, low, high, colours, masks=None) -> Figure:
     sizes, pixels_per_mm = _panel_sizes(views, zooms)
     margin, gap, dpi, line_px = 10, 14, 100, 17
     width_px = sum(w for w, _ in sizes) * pixels_per_mm + 2 * gap + 2 * margin
@@ -265,10 +275,13 @@ def _figure(views, zooms, lines, low, high, colours) -> Figure:
         figure.text(margin / width_px, 1 - (6 + line_px * number) / height_px, text, ha="left",
                     va="top", fontsize=10, color=colour, fontweight=weight)
     rects = _layout((width_px, height_px), sizes, pixels_per_mm, header_px, margin, gap)
-    for view, outline_rect, fill_rect in zip(views, rects["outline"], rects["fill"]):
+    for number, (view, outline_rect, fill_rect) in enumerate(zip(views, rects["outline"],
+                                                                  rects["fill"])):
         name, grey, labels, aspect, letters = view
-        _draw_panel(figure, outline_rect, outline_image(grey, labels, low, high, colours), aspect,
-                    letters, caption=name)
+        outlined = outline_image(grey, labels, low, high, colours)
+        if masks is not None:
+            outlined[label_boundaries(masks[number].astype(np.int32))] = BRAIN_MASK_COLOUR
+        _draw_panel(figure, outline_rect, outlined, aspect, letters, caption=name)
         _draw_panel(figure, fill_rect, fill_image(grey, labels, low, high, colours), aspect,
                     letters, interpolation="antialiased")
     return figure

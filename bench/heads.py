@@ -1,0 +1,202 @@
+"""Whole heads, bias fields and other contrasts through the prediction pipeline.
+
+    python -m bench.heads [--sections brain_mask,bias,contrast]     # ~15-30 min on 2 CPU cores
+
+Segmenting without a trained network (``predict.py --atlas``: the atlas of ../shared/data, test-time
+refinement at its defaults), each scan on its own grid, Dice of the 28 benchmark structures.
+
+- ``brain_mask``: the six heads of ../shared/data/heads through the product's preparation at its
+  defaults (deepbet, then N4 on the mask): the mask's Dice against FreeSurfer's, the share of
+  labelled brain (aseg > 0) left outside it, seconds (wall and the process's CPU) per head.
+- ``from_head``: per head, Dice from the head (stripped and N4-corrected as above; and stripped
+  without N4) against Dice from FreeSurfer's own skull-stripped scan of the same subject on the
+  same grid (native/images), same settings.
+- ``bias``: each head times a smooth field of +-25 % (``bench.contrasts.bias_field``, seed = the
+  subject's number), through the same pipeline (with and without N4): Dice against the head's
+  without the field.
+- ``contrast``: sub-06/07 (native) and the six MICCAI validation scans, as they are (T1) and
+  remapped to T2-, FLAIR- and PD-like contrasts (``bench.contrasts.remap_contrast``), segmented
+  with the similarity the product picks for them (``--similarity auto``).
+
+Timings on a machine shared with other jobs are upper bounds. Writes bench/results/heads.json, .md.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from ltnet_tf import compat  # noqa: F401
+from bench.provenance import DATA_DIR, command_line, git_commit, write_json
+
+import numpy as np
+from absl import app, flags
+
+from bench.contrasts import bias_field, remap_contrast
+from ltnet_tf.config import RefinementSettings
+from ltnet_tf.io import evaluation, volumes as data
+from ltnet_tf.io.labels import BENCHMARK_LABELS
+from ltnet_tf.prediction.predictor import Predictor
+from ltnet_tf.preprocessing.preparation import PreparationOptions, ScanPreparation
+from ltnet_tf.registration.atlases import AtlasSet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADS = ("sub-01", "sub-02", "sub-04", "sub-05", "sub-06", "sub-07")
+CONTRAST_SCANS = ("sub-06", "sub-07", "1000", "1001", "1002", "1006", "1007", "1008")
+flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "
+                    "../shared/data beside the repository).")
+flags.DEFINE_string("results_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
+flags.DEFINE_list("sections", ["brain_mask", "bias", "contrast"], "What to measure (brain_mask "
+                  "includes from_head).")
+flags.DEFINE_list("heads", list(HEADS), "Heads to measure.")
+flags.DEFINE_list("contrast_scans", list(CONTRAST_SCANS), "Scans remapped to other contrasts.")
+FLAGS = flags.FLAGS
+TARGETS = {"brain_mask_mean_dice": 0.93, "brain_mask_min_dice": 0.90,
+           "brain_left_out_pct": 0.5, "seconds_per_head": 15.0, "from_head_difference": -0.01,
+           "bias_difference": 0.01, "contrast_difference": 0.03}
+
+
+def cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def mean_dice(segmentation, reference) -> float:
+    scores = evaluation.dice_per_label(segmentation, reference, BENCHMARK_LABELS)
+    return round(float(evaluation.mean_dice(scores, BENCHMARK_LABELS)), 4)
+
+
+def mask_figures(mask, reference, labels) -> dict:
+    brain = labels > 0
+    dice = 2.0 * np.logical_and(mask, reference).sum() / (mask.sum() + reference.sum())
+    return {"dice": round(float(dice), 4),
+            "brain_left_out_pct": round(100.0 * float((brain & ~mask).sum()) / brain.sum(), 3)}
+
+
+class Bench:
+    def __init__(self, data_dir: str):
+        self.data_dir = data_dir
+        atlases = AtlasSet.load([os.path.join(data_dir, "atlas.nii.gz")],
+                                [os.path.join(data_dir, "atlas_labels.nii.gz")])
+        self.predictor = Predictor(atlases, None, refinement=RefinementSettings())
+        settings = self.predictor.aligner.settings
+        self.prepare = ScanPreparation(PreparationOptions(), settings.min_tissue_ml)
+        self.prepare_no_n4 = ScanPreparation(PreparationOptions(bias_correction="no"),
+                                             settings.min_tissue_ml)
+
+    def path(self, *parts) -> str:
+        return os.path.join(self.data_dir, *parts)
+
+    def segment(self, scan: data.Volume, reference) -> float:
+        return mean_dice(self.predictor.segment(scan)["segmentation"], reference)
+
+    def through_pipeline(self, head: data.Volume, reference, fs_mask=None) -> dict:
+        """The head prepared (timed) and segmented, with N4 and without it."""
+        start, cpu = time.time(), cpu_seconds()
+        prepared = self.prepare(head)
+        figures = {"seconds": round(time.time() - start, 2),
+                   "cpu_seconds": round(cpu_seconds() - cpu, 2),
+                   "extraction_seconds": round(prepared.brain_mask.seconds, 2),
+                   "n4_seconds": prepared.bias["seconds"], "mask": prepared.brain_mask.to_dict()}
+        if fs_mask is not None:
+            figures.update(mask_figures(prepared.brain_mask.mask, fs_mask, reference))
+        stripped = self.prepare_no_n4(head).scan  # deepbet is deterministic: the same mask
+        figures["dice_n4"] = self.segment(prepared.scan, reference)
+        figures["dice_no_n4"] = self.segment(stripped, reference)
+        return figures
+
+    def heads(self, with_bias: bool) -> dict:
+        found = {}
+        for name in FLAGS.heads:
+            head = data.load_scan(self.path("heads", "images", f"{name}.nii.gz"))
+            reference = data.load_label_map(self.path("heads", "labels", f"{name}.nii.gz")).data
+            fs_mask = data.load_label_map(self.path("heads", "masks", f"{name}.nii.gz")).data > 0
+            native = data.load_scan(self.path("native", "images", f"{name}.mgz"))
+            entry = {"head": self.through_pipeline(head, reference, fs_mask),
+                     "native_dice": self.segment(native, reference)}
+            if with_bias:
+                field = bias_field(head.shape, head.data > 0, 0.25, seed=int(name[-2:]))
+                biased = data.Volume(head.data * field, head.affine, f"{name}_bias",
+                                     header=head.header)
+                entry["biased"] = self.through_pipeline(biased, reference, fs_mask)
+            found[name] = entry
+            print(name, entry, flush=True)
+        return found
+
+    def contrasts(self) -> dict:
+        found = {}
+        for name in FLAGS.contrast_scans:
+            folder = "native" if name.startswith("sub") else "miccai2012"
+            extension = ".mgz" if folder == "native" else ".nii.gz"
+            scan = data.load_scan(self.path(folder, "images", name + extension))
+            labels = data.load_label_map(self.path(folder, "labels", name + extension)).data
+            entry = {}
+            for contrast in ("t1", "t2", "flair", "pd"):
+                values = scan.data if contrast == "t1" else remap_contrast(
+                    scan.data, labels, contrast, seed=len(found))
+                volume = data.Volume(np.asarray(values, np.float32), scan.affine,
+                                     f"{name}_{contrast}", header=scan.header)
+                result = self.predictor.segment(volume)
+                entry[contrast] = {"dice": mean_dice(result["segmentation"], labels),
+                                   "diagnosis": result["alignment"].diagnosis,
+                                   "similarity": result.get("similarity", "ncc")}
+            found[name] = entry
+            print(name, entry, flush=True)
+        return found
+
+
+def summarise(results: dict) -> dict:
+    summary = {}
+    heads = results.get("heads")
+    if heads:
+        figures = [h["head"] for h in heads.values()]
+        summary["brain_mask"] = {
+            "mean_dice": round(float(np.mean([f["dice"] for f in figures])), 4),
+            "min_dice": round(float(np.min([f["dice"] for f in figures])), 4),
+            "max_brain_left_out_pct": round(float(np.max([f["brain_left_out_pct"]
+                                                          for f in figures])), 3),
+            "max_extraction_seconds": round(float(np.max([f["extraction_seconds"]
+                                                          for f in figures])), 2),
+            "mean_cpu_seconds": round(float(np.mean([f["cpu_seconds"] for f in figures])), 2)}
+        for variant in ("dice_n4", "dice_no_n4"):
+            differences = [h["head"][variant] - h["native_dice"] for h in heads.values()]
+            summary[f"from_head_{variant}"] = {
+                "mean_head": round(float(np.mean([h["head"][variant] for h in heads.values()])), 4),
+                "mean_native": round(float(np.mean([h["native_dice"] for h in heads.values()])), 4),
+                "mean_difference": round(float(np.mean(differences)), 4)}
+        if all("biased" in h for h in heads.values()):
+            for variant in ("dice_n4", "dice_no_n4"):
+                differences = [h["biased"][variant] - h["head"]["dice_n4"] for h in heads.values()]
+                summary[f"bias_{variant}"] = {
+                    "mean_difference": round(float(np.mean(differences)), 4),
+                    "largest_drop": round(float(np.min(differences)), 4)}
+    contrast = results.get("contrast")
+    if contrast:
+        summary["contrast"] = {c: round(float(np.mean([s[c]["dice"] for s in contrast.values()])), 4)
+                               for c in ("t1", "t2", "flair", "pd")}
+    return summary
+
+
+def main(argv):
+    del argv
+    bench = Bench(FLAGS.data_dir)
+    results = {"command": command_line(), "commit": git_commit(), "targets": TARGETS}
+    if "brain_mask" in FLAGS.sections or "bias" in FLAGS.sections:
+        results["heads"] = bench.heads(with_bias="bias" in FLAGS.sections)
+    if "contrast" in FLAGS.sections:
+        results["contrast"] = bench.contrasts()
+    results["summary"] = summarise(results)
+    write_json(results, os.path.join(FLAGS.results_dir, "heads.json"))
+    write_markdown(results, os.path.join(FLAGS.results_dir, "heads.md"))
+    print(results["summary"])
+
+
+def write_markdown(results: dict, path: str) -> None:
+    from bench.heads_report import markdown
+
+    with open(path + ".tmp", "w") as f:
+        f.write(markdown(results))
+    os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    app.run(main)
