@@ -28,7 +28,7 @@ setup(
         "SimpleITK>=2.3",
     ],
     extras_require={
-        "test": ["pytest>=7", "tensorflow-serving-api==2.21.0"],
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "tensorflow-serving-api==2.21.0"],
         # The benchmarks' classical anchor (ANTs SyN); the package itself does not need it.
         "bench": ["antspyx==0.6.3"],
         # Brain extraction of whole heads (predict.py --skull_strip): deepbet's networks run in
