@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ltnet_tf.config import LTNetConfig
+from ltnet_tf.io import pairs
 from ltnet_tf.io import volumes as data
 from ltnet_tf.io.volumes import DataError
 from ltnet_tf.training import dataset as datasets
