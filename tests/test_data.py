@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ltnet_tf.config import LTNetConfig
+from ltnet_tf.io import pairs
 from ltnet_tf.io import volumes as data
 from ltnet_tf.io.volumes import DataError
 from ltnet_tf.training import dataset as datasets
@@ -499,10 +500,10 @@ def test_load_validation_pairs_matches_by_name(tmp_path):
     for name in ("sub-02", "sub-01"):
         write(tmp_path / "images" / f"{name}.nii.gz", random_scan())
         write(tmp_path / "labels" / f"{name}.nii", labels)
-    pairs = pairs.load_validation_pairs(tmp_path / "images", tmp_path / "labels")
-    assert [data.scan_name(scan.path) for scan, _ in pairs] == ["sub-01", "sub-02"]
-    assert all(data.scan_name(lab.path) == data.scan_name(scan.path) for scan, lab in pairs)
-    assert pairs[0][1].data.dtype == np.int32
+    loaded = pairs.load_validation_pairs(tmp_path / "images", tmp_path / "labels")
+    assert [data.scan_name(scan.path) for scan, _ in loaded] == ["sub-01", "sub-02"]
+    assert all(data.scan_name(lab.path) == data.scan_name(scan.path) for scan, lab in loaded)
+    assert loaded[0][1].data.dtype == np.int32
 
     write(tmp_path / "images" / "sub-03.nii.gz", random_scan())
     with pytest.raises(DataError, match="sub-03.nii.gz: no label map"):
