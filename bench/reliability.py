@@ -333,7 +333,8 @@ def main(argv):
             with open(FLAGS.results + ".json") as f:
                 result = json.load(f)  # the parts not run now are kept
         if "commit" in result:  # a file of one whole run: its commit and minutes were shared
-            result["commits"] = {name: result.pop("commit") for name in PARTS if name in result}
+            commit = result.pop("commit")
+            result["commits"] = {name: commit for name in PARTS if name in result}
             result.pop("minutes", None)
         result.setdefault("commits", {})
         result.setdefault("minutes", {})
