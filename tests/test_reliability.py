@@ -316,9 +316,8 @@ def test_predicting_twice_into_the_scans_folder(run, dataset, tmp_path, caplog):
     for _ in range(2):
         assert cli.predict_main(predict_argv(run, folder, folder)) == 0
     assert outputs_under(folder) == ["prediction.json", "report.html", "scan_00.nii.gz",
-                                          "scan_00_qc.png", "scan_00_seg.nii.gz",
-                                          "scan_01.nii.gz", "scan_01_qc.png",
-                                          "scan_01_seg.nii.gz", "volumes.csv"]
+                                     "scan_00_qc.png", "scan_00_seg.nii.gz", "scan_01.nii.gz",
+                                     "scan_01_qc.png", "scan_01_seg.nii.gz", "volumes.csv"]
     assert any("skipping 2 earlier outputs" in r.getMessage() for r in caplog.records)
     with open(folder / "prediction.json") as f:
         record = json.load(f)
