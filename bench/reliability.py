@@ -13,7 +13,8 @@ one line. ``predict.py`` run as a user runs it (fresh processes, real scans of $
     killed_runs   a cohort of 10 scans (aligned sub-01..07, native sub-05..07), with reference
                   label maps: a reference run uninterrupted, then runs of the same command killed
                   at random moments (SIGKILL, and some SIGTERM / SIGINT) until ``--kills`` kills,
-                  each followed by the same command; after every kill no final-named file may
+                  each followed by the same command (kill moments uniform from 1 s to half the
+                  uninterrupted run's time, at most 120 s: a resumed run has less to do); after every kill no final-named file may
                   fail to read; after each finished run every scan must appear exactly once in
                   volumes.csv, dice.csv, prediction.json and report.html, no temporary file may
                   be left, and the segmentations and volumes.csv must equal the reference run's
@@ -57,7 +58,7 @@ flags.DEFINE_string("results", os.path.join(ROOT, "bench", "results", "reliabili
 
 # Kill moments: uniform from 1 s to this fraction of the uninterrupted run's time (a resumed run
 # has less to do: later kills land at every stage of the cohort too).
-KILL_WINDOW = 0.5
+KILL_WINDOW, KILL_WINDOW_MAX_S = 0.5, 120.0
 ATLAS = ["--atlas", os.path.join(DATA_DIR, "atlas.nii.gz"),
          "--atlas_labels", os.path.join(DATA_DIR, "atlas_labels.nii.gz")]
 
@@ -243,7 +244,7 @@ def killed_runs(work, kills: int, seed: int) -> dict:
             round_folder = os.path.join(work, f"killed{len(rounds)}")
             rounds.append({"folder": os.path.basename(round_folder), "kills": 0})
         signum = rng.choice([signal.SIGKILL] * 4 + [signal.SIGTERM, signal.SIGINT])
-        delay = rng.uniform(1.0, ref["seconds"] * KILL_WINDOW)
+        delay = rng.uniform(1.0, min(ref["seconds"] * KILL_WINDOW, KILL_WINDOW_MAX_S))
         process = subprocess.Popen(predict_argv(images, round_folder, "--labels", labels),
                                    env=environment(), stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True)
@@ -332,7 +333,8 @@ def main(argv):
             with open(FLAGS.results + ".json") as f:
                 result = json.load(f)  # the parts not run now are kept
         if "commit" in result:  # a file of one whole run: its commit and minutes were shared
-            result["commits"] = {name: result.pop("commit") for name in PARTS if name in result}
+            commit = result.pop("commit")
+            result["commits"] = {name: commit for name in PARTS if name in result}
             result.pop("minutes", None)
         result.setdefault("commits", {})
         result.setdefault("minutes", {})

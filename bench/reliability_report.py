@@ -49,7 +49,7 @@ def write_markdown(result: dict, path: str) -> None:
         "",
         f"Cohort: {killed['cohort']}. An uninterrupted reference run took "
         f"{killed['reference_run']['seconds']} s; then {killed['killed']} runs of the same "
-        f"command were stopped at a random moment between 1 s and that time "
+        f"command were stopped at a random moment between 1 s and half that time (at most 120 s) "
         f"({', '.join(f'{n} {s}' for s, n in sorted(signals.items()))}), each followed by the same "
         f"command, over {len(killed['rounds'])} cohort folders.",
         "",

@@ -1,5 +1,6 @@
 """Helpers shared by the command-line tests (imported by them; fixtures are in conftest.py)."""
 import os
+import re
 import shutil
 
 import nibabel as nib
@@ -47,6 +48,14 @@ def read_checkpoint_iterations(path):
 def files_under(folder):
     return sorted(os.path.relpath(os.path.join(root, name), folder)
                   for root, _, names in os.walk(folder) for name in names)
+
+
+def outputs_under(folder):
+    """``files_under`` less predict.py's own bookkeeping (its per-scan records that let a run
+    continue, its lock files); temporary files left behind still show."""
+    return [name for name in files_under(folder)
+            if not name.startswith(".predict-journal" + os.sep)
+            and not re.match(r"^\.predict.*\.lock$", name)]
 
 
 def train_argv(dataset, model_dir, *extra):

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from helpers import SHAPE, copy_into, files_under, the_error_line, write_nifti
+from helpers import SHAPE, copy_into, files_under, outputs_under, the_error_line, write_nifti
 from ltnet_tf.commands import cli
 from ltnet_tf.io.labels import structure_name
 from ltnet_tf.prediction import cohort
@@ -109,9 +109,9 @@ def test_predict_files_library_call(trained_run, dataset, tmp_path):
     result = cohort.predict_files(",".join(dataset.images[:2]), str(out),
                                   model_dir=trained_run.path)
     assert set(result["outputs"]) == {"scan_00", "scan_01"} and result["dice"] is None
-    assert sorted(os.listdir(out)) == ["prediction.json", "report.html", "scan_00_qc.png",
-                                       "scan_00_seg.nii.gz", "scan_01_qc.png",
-                                       "scan_01_seg.nii.gz", "volumes.csv"]
+    assert outputs_under(out) == ["prediction.json", "report.html", "scan_00_qc.png",
+                                  "scan_00_seg.nii.gz", "scan_01_qc.png",
+                                  "scan_01_seg.nii.gz", "volumes.csv"]
 
 
 # ------------------------------------------------------------------------------- bad input: predict
@@ -224,7 +224,7 @@ def test_predict_bad_input(case, trained_run, dataset, tmp_path, capsys):
     assert cli.predict_main(["predict.py", *[x for item in argv.items() for x in item]]) == 1
     the_error_line(capsys, bad_path, PREDICT_CASES[case])
     out = argv["--output_dir"]
-    assert not os.path.isdir(out) or files_under(out) == []  # nothing half-written
+    assert not os.path.isdir(out) or outputs_under(out) == []  # nothing half-written
     assert not any(name.endswith("_seg.nii.gz") for name in files_under(tmp_path))
 
 

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from helpers import files_under, the_error_line
+from helpers import files_under, outputs_under, the_error_line
 from ltnet_tf.commands import cli
 from ltnet_tf.prediction import cohort
 
@@ -93,7 +93,7 @@ def test_a_scan_that_turns_unreadable_during_the_run_stops_it_at_its_turn(
     lines = [line for line in captured.err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and captured.err.count("error:") == 1, captured.err
     assert paths[BAD] in lines[0] and problem in lines[0], lines[0]
-    assert files_under(out) == ["case_0_seg.nii.gz", "case_1_seg.nii.gz"]
+    assert outputs_under(out) == ["case_0_seg.nii.gz", "case_1_seg.nii.gz"]
     for name in ("case_0", "case_1"):
         written = np.asarray(nib.load(out / f"{name}_seg.nii.gz").dataobj)
         np.testing.assert_array_equal(written, complete_run[name])

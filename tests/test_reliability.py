@@ -23,8 +23,8 @@ import pytest
 
 from ltnet_tf.commands import cli
 from ltnet_tf.serving.modeldir import ModelDir, checkpoint_problem
-from helpers import (REPO, SUBPROCESS_TIMEOUT, copy_into, files_under, read_checkpoint_iterations,
-                     the_error_line, train_argv)
+from helpers import (REPO, SUBPROCESS_TIMEOUT, copy_into, files_under, outputs_under,
+                     read_checkpoint_iterations, the_error_line, train_argv)
 
 import tensorflow as tf  # noqa: E402  (after ltnet_tf, which selects Keras 2)
 
@@ -315,10 +315,9 @@ def test_predicting_twice_into_the_scans_folder(run, dataset, tmp_path, caplog):
     copy_into(folder, *dataset.images[:2])
     for _ in range(2):
         assert cli.predict_main(predict_argv(run, folder, folder)) == 0
-    assert sorted(os.listdir(folder)) == ["prediction.json", "report.html", "scan_00.nii.gz",
-                                          "scan_00_qc.png", "scan_00_seg.nii.gz",
-                                          "scan_01.nii.gz", "scan_01_qc.png",
-                                          "scan_01_seg.nii.gz", "volumes.csv"]
+    assert outputs_under(folder) == ["prediction.json", "report.html", "scan_00.nii.gz",
+                                     "scan_00_qc.png", "scan_00_seg.nii.gz", "scan_01.nii.gz",
+                                     "scan_01_qc.png", "scan_01_seg.nii.gz", "volumes.csv"]
     assert any("skipping 2 earlier outputs" in r.getMessage() for r in caplog.records)
     with open(folder / "prediction.json") as f:
         record = json.load(f)
@@ -332,8 +331,8 @@ def test_prediction_without_labels_removes_earlier_dice(run, dataset, tmp_path):
                                          dataset.labels[0])) == 0
     assert os.path.isfile(out / "dice.csv") and os.path.isfile(out / "dice.json")
     assert cli.predict_main(predict_argv(run, dataset.images[0], out)) == 0
-    assert sorted(os.listdir(out)) == ["prediction.json", "report.html", "scan_00_qc.png",
-                                       "scan_00_seg.nii.gz", "volumes.csv"]
+    assert outputs_under(out) == ["prediction.json", "report.html", "scan_00_qc.png",
+                                  "scan_00_seg.nii.gz", "volumes.csv"]
     with open(out / "prediction.json") as f:
         assert json.load(f)["mean_dice"] is None
 

@@ -323,13 +323,14 @@ def _predict(fv: flags.FlagValues) -> int:
                                        bias_correction=fv.bias_correction))
     if hasattr(signal, "SIGXFSZ"):  # a file-size limit: the write raises (one line), no kill
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    try:
-        result = predict_files(fv.images, fv.output_dir, fv.labels, model_dir=fv.model_dir,
-                               atlas=fv.atlas, atlas_labels=fv.atlas_labels,
-                               label_names=fv.label_names, options=options)
-    except KeyboardInterrupt as stop:  # SIGTERM or Ctrl-C (training.signals): say what is kept
-        from ltnet_tf.training import signals
+    from ltnet_tf.training import signals
 
+    try:
+        with signals.stop_on_signals():  # SIGTERM too: one line, 143, from the first moment
+            result = predict_files(fv.images, fv.output_dir, fv.labels, model_dir=fv.model_dir,
+                                   atlas=fv.atlas, atlas_labels=fv.atlas_labels,
+                                   label_names=fv.label_names, options=options)
+    except KeyboardInterrupt as stop:  # SIGTERM or Ctrl-C: say what is kept
         done = (f" after {stop.finished} of {stop.total} scans" if hasattr(stop, "total")
                 else "")
         print(f"predict.py stopped by {signal.Signals(signals.signal_number(stop)).name}{done}: "

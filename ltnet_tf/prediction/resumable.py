@@ -68,13 +68,15 @@ def run_cohort(run_record, pairs, with_references: bool, read_ahead, progress_li
     except KeyboardInterrupt as stop:
         stop.finished, stop.total = finished, len(pairs)
         raise
-    except OSError as e:
-        if e.errno not in DISK_FULL:
+    except (OSError, DataError) as e:  # DataError: a writer that named the file already
+        cause = e if isinstance(e, OSError) else e.__context__
+        if getattr(cause, "errno", None) not in DISK_FULL:
             raise
-        where = e.filename or output.path
-        raise DataError(f"{where}: {e.strerror or os.strerror(e.errno)} while writing: the "
-                        f"{finished} scans finished before are intact; free space and run the "
-                        f"same command again to continue") from None
+        what = (str(e) if isinstance(e, DataError) else f"{e.filename or output.path}: "
+                f"{e.strerror or os.strerror(e.errno)} while writing")
+        raise DataError(f"{what}: the {finished} scans finished before are "
+                        f"intact; free space and run the same command again to continue") \
+            from None
 
 
 def _keep_finished(journal, run_record, pairs) -> list:
