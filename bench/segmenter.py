@@ -275,6 +275,12 @@ def main(argv):
 
     def results():
         provenance["load_average_1_5_15min"]["end"] = os.getloadavg()
+        for per in payload.setdefault("sets", {}).values():  # the schema's every method
+            for name in METHODS:
+                per.setdefault(name, {"mean_dice": None, "seconds_per_scan": None,
+                                      "measured": False})
+        for name in ("segmenter_1", "segmenter_5"):
+            payload.setdefault("train_minutes", {}).setdefault(name, None)
         write_json(payload, os.path.join(FLAGS.results_dir, "segmenter.json"))
         segmenter_report.write_markdown(payload, os.path.join(FLAGS.results_dir, "segmenter.md"))
 

@@ -11,7 +11,13 @@ SETS = {"fstd": "sub-06/07", "miccai": "MICCAI 2012 (6)"}
 
 
 def _figure(entry, key, digits=3):
+    if entry and entry.get("measured") is False:
+        return "not measured"
     return "—" if not entry or entry.get(key) is None else f"{entry[key]:.{digits}f}"
+
+
+def _measured(per: dict, *names) -> bool:
+    return all(per.get(n, {}).get("mean_dice") is not None for n in names)
 
 
 def _loads(values) -> str:
@@ -24,14 +30,14 @@ def targets(payload: dict) -> list:
     rows, sets = [], payload.get("sets", {})
     for key, label in SETS.items():
         per = sets.get(key, {})
-        if "segmenter_1" in per and "transfer_1" in per:
+        if _measured(per, "segmenter_1", "transfer_1"):
             gain = per["segmenter_1"]["mean_dice"] - per["transfer_1"]["mean_dice"]
             rows.append((f"{label}: segmenter_1 >= transfer_1 + 0.02", f"{gain:+.3f}",
                          gain >= 0.02))
             ratio = per["segmenter_1"]["seconds_per_scan"] / per["transfer_1"]["seconds_per_scan"]
             rows.append((f"{label}: segmenter_1 s/scan <= transfer_1's", f"x{ratio:.2f}",
                          ratio <= 1.0))
-        if "segmenter_5" in per and "jlf_5" in per:
+        if _measured(per, "segmenter_5", "jlf_5"):
             gain = per["segmenter_5"]["mean_dice"] - per["jlf_5"]["mean_dice"]
             rows.append((f"{label}: segmenter_5 >= jlf_5", f"{gain:+.3f}", gain >= 0.0))
             ratio = per["segmenter_5"]["seconds_per_scan"] / per["jlf_5"]["seconds_per_scan"]
@@ -88,7 +94,7 @@ def write_markdown(payload: dict, path: str) -> None:
             per = sets.get(key, {})
             if not per:
                 continue
-            names = list(per)
+            names = [n for n in per if per[n].get("per_structure")]
             lines += [f"### {label}", "", "| structure | " + " | ".join(names) + " |",
                       "|---|" + "---|" * len(names)]
             for label_id in BENCHMARK_LABELS:
