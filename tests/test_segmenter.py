@@ -135,12 +135,12 @@ def test_segment_signature_loads_without_project_code(segmenter_run, segmenter, 
             "try:\n"
             "    f(scan=tf.zeros([1, 7, 7, 7, 1]))\n"
             "except tf.errors.InvalidArgumentError as e:\n"
-            "    print('REFUSED', str(e).splitlines()[0])\n")
+            "    print('REFUSED', ' '.join(str(e).split()))\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     found = subprocess.run([sys.executable, "-c", code, latest_export(segmenter_folder(
         segmenter_run)), str(tmp_path / "scan.npy"), str(tmp_path / "out.npy")],
-        check=True, cwd=str(tmp_path), timeout=SUBPROCESS_TIMEOUT, env=env,
-        capture_output=True, text=True)
+        check=True, cwd=str(tmp_path), timeout=4 * SUBPROCESS_TIMEOUT, env=env,
+        capture_output=True, text=True)  # a fresh TensorFlow, two graph traces: slow when shared
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy")[0], expected)
     assert "REFUSED" in found.stdout and "scan must be" in found.stdout, found.stdout
 
