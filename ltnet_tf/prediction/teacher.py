@@ -25,7 +25,7 @@ from absl import logging
 from ltnet_tf.config import LTNetConfig, RefinementSettings, SegmenterConfig
 from ltnet_tf.io import volumes as data
 from ltnet_tf.prediction.cohort import load_atlases
-from ltnet_tf.prediction.predictor import Predictor
+from ltnet_tf.prediction.predictor import Predictor, check_scan
 from ltnet_tf.registration import alignment as alignment_lib, transfer
 from ltnet_tf.registration.atlases import AtlasSet, atlas_files
 from ltnet_tf.segmentation import synthesis
@@ -136,7 +136,7 @@ def train_segmenter(model_dir: str, unlabeled, config: SegmenterConfig, *, atlas
         for path in scan_paths:
             if os.path.abspath(path) in atlas_files_used:
                 raise data.DataError(f"{path}: is also an atlas; an unlabelled scan must not be")
-            aligner.check_brain(data.load_scan(path))
+            check_scan(data.load_scan(path), aligner, "auto")
     start = time.time()
     run, atlases, network = _run_folder(model_dir, atlas, atlas_labels)
     config = segmenter_config(config.replace(teacher_fusion=fusion if len(atlases) > 1

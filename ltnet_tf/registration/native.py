@@ -211,6 +211,10 @@ def _native_points_in_reach(native_to_atlas_voxel, native_shape, label_box, reac
     return np.concatenate(indices), np.concatenate(coordinates)
 
 
+# The same for other layers (the segmenter reads its own labels at these points).
+native_points_in_reach = _native_points_in_reach
+
+
 def brain_mask(values: np.ndarray):
     """The voxels a skull-stripped scan keeps (non-zero), or None when it has no zero background
     (fewer than 5% zero voxels): labels are pulled only there."""

@@ -32,7 +32,7 @@ from ltnet_tf.config import ConfigError, SegmenterConfig
 from ltnet_tf.files import atomic_path, atomic_write, write_json
 from ltnet_tf.io import volumes as data
 from ltnet_tf.registration import transfer
-from ltnet_tf.registration.native import POINTS_PER_CHUNK, _native_points_in_reach
+from ltnet_tf.registration.native import POINTS_PER_CHUNK, native_points_in_reach
 from ltnet_tf.segmentation import synthesis
 from ltnet_tf.segmentation.network import build_unet, model_from_json
 
@@ -135,7 +135,7 @@ class Segmenter(tf.Module):
         segmentation = np.zeros(int(np.prod(native_shape)), np.int32)
         start = np.asarray(self.config.crop_start, np.float64)
         box = (start, start + np.asarray(self.config.crop_shape) - 1)
-        flat, points = _native_points_in_reach(native_to_grid, native_shape, box, 1.0, mask)
+        flat, points = native_points_in_reach(native_to_grid, native_shape, box, 1.0, mask)
         wanted, shares = None, None
         if probabilities_of:
             positions = {int(i): k for k, i in enumerate(self.config.label_ids)}
