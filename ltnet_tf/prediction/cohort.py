@@ -47,6 +47,7 @@ class PredictOptions:
     shard: Optional[tuple] = None  # (K, N): this process segments the K-th of N shares
     # Whole heads stripped, bias fields corrected (--skull_strip, --bias_correction).
     preparation: PreparationOptions = field(default_factory=PreparationOptions)
+    similarity: str = "auto"  # another contrast mapped to the atlas's (registration.contrast)
 
 
 def parse_shard(text: str) -> tuple:
@@ -174,7 +175,8 @@ def predict_files(images, output_dir, labels=None, *, model_dir=None, atlas=None
         network = RunFolderNetwork(run.path, source=options.source, checkpoint=options.checkpoint)
     predictor = Predictor(atlases, network, align=options.align,
                           refinement=options.refinement if options.refine else None,
-                          fusion_method=options.fusion, preparation=preparation)
+                          fusion_method=options.fusion, preparation=preparation,
+                          similarity=options.similarity)
     output.prepare()
     run_record = RunRecords(output, predictor, names, options, run, network)
     for number, (image_path, label_path, scan, reading) in enumerate(_read_ahead(pairs),

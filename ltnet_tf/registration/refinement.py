@@ -99,6 +99,42 @@ class FixedScanNCC:
         return 1.0 - tf.reduce_mean(tf.reshape(correlation, [count, -1]), axis=-1)
 
 
+class FixedScanNGF:
+    """1 - normalised gradient fields (Haber & Modersitzki, "Intensity gradient based registration
+    and fusion of multi-modal images", MICCAI 2006) against one fixed scan: the mean over voxels
+    of (n_s . grad m)^2 / (|grad m|^2 + eps^2), n_s the scan's gradient over
+    sqrt(|grad s|^2 + eps^2). It asks edges to lie where the scan's lie, whatever the sign or size
+    of the intensity step: a T1 atlas against T2-, FLAIR- or PD-weighted scans. Forward
+    differences on normalised intensities; ``eps`` (per voxel of the grid) keeps noise from
+    counting as edges. Same call signature as ``FixedScanNCC``.
+    """
+
+    def __init__(self, shape, eps: float = 0.05):
+        self.eps2 = float(eps) ** 2
+
+    @staticmethod
+    def gradient(volume: tf.Tensor) -> tf.Tensor:
+        """[B, D, H, W] -> [B, D-1, H-1, W-1, 3] forward differences."""
+        corner = volume[:, :-1, :-1, :-1]
+        return tf.stack([volume[:, 1:, :-1, :-1] - corner, volume[:, :-1, 1:, :-1] - corner,
+                         volume[:, :-1, :-1, 1:] - corner], -1)
+
+    def scan_sums(self, scan: tf.Tensor) -> tuple:
+        """scan [B, D, H, W] -> (scan, its normalised gradient)."""
+        gradient = self.gradient(scan)
+        norm = tf.sqrt(tf.reduce_sum(tf.square(gradient), -1, keepdims=True) + self.eps2)
+        return scan, gradient / norm
+
+    def __call__(self, scan_terms: tuple, moved: tf.Tensor) -> tf.Tensor:
+        """moved [B, D, H, W] -> [B] loss."""
+        _, scan_normal = scan_terms
+        gradient = self.gradient(moved)
+        aligned = tf.square(tf.reduce_sum(scan_normal * gradient, -1))
+        squared = tf.reduce_sum(tf.square(gradient), -1) + self.eps2
+        count = tf.shape(moved)[0]
+        return 1.0 - tf.reduce_mean(tf.reshape(aligned / squared, [count, -1]), axis=-1)
+
+
 def smoothness(displacement: tf.Tensor, for_xla: bool = True) -> tf.Tensor:
     """L_smooth as ``losses.smoothness`` (VoxelMorph's Grad('l2')), without its transposes.
 
@@ -177,11 +213,12 @@ class GridStage:
     times): the atlases there, the loss, and the traced loop."""
 
     def __init__(self, atlases_full: tf.Tensor, factor: int, window: int, learning_rate: float,
-                 weight_smooth: float, jit_compile: bool):
+                 weight_smooth: float, jit_compile: bool, similarity: str = "ncc"):
         self.factor = factor
         self.grid_shape = tuple(int(math.ceil(s / factor)) for s in atlases_full.shape[1:4])
         self.atlas_sampler = AtlasSampler(to_grid(atlases_full[..., None], factor))
-        self.ncc = FixedScanNCC(self.grid_shape, window)
+        self.ncc = (FixedScanNGF(self.grid_shape) if similarity == "ngf"
+                    else FixedScanNCC(self.grid_shape, window))
         self.learning_rate = learning_rate
         self.weight_smooth = weight_smooth
         self.jit_compile = jit_compile
@@ -269,8 +306,9 @@ class Refinement(tf.Module):
         self.learning_rate = float(settings.learning_rate)
         self.weight_smooth = float(settings.weight_smooth)
         self.jit_compile = bool(settings.jit_compile)
+        self.similarity = settings.similarity
         stage = lambda f: GridStage(atlases, f, window, self.learning_rate,  # noqa: E731
-                                    self.weight_smooth, self.jit_compile)
+                                    self.weight_smooth, self.jit_compile, self.similarity)
         self.fine = stage(self.factor)
         self.grid_shape = self.fine.grid_shape
         # A coarse stage only where it is coarser than the fine grid.
@@ -283,7 +321,7 @@ class Refinement(tf.Module):
         return {"steps": self.steps, "factor": self.factor, "grid": list(self.grid_shape),
                 "coarse_steps": self.coarse_steps, "coarse_factor": self.coarse_factor,
                 "learning_rate": self.learning_rate, "weight_smooth": self.weight_smooth,
-                "jit_compile": self.jit_compile,
+                "jit_compile": self.jit_compile, "similarity": self.similarity,
                 "start": "network" if self.start_factor else "identity"}
 
     def __call__(self, scan_normalized: tf.Tensor, flow_working: tf.Tensor = None, steps=None,
