@@ -172,8 +172,9 @@ def summarise(results: dict) -> dict:
                     "largest_drop": round(float(np.min(differences)), 4)}
     contrast = results.get("contrast")
     if contrast:
-        summary["contrast"] = {c: round(float(np.mean([s[c]["dice"] for s in contrast.values()])), 4)
-                               for c in ("t1", "t2", "flair", "pd")}
+        summary["contrast"] = {
+            c: round(float(np.mean([s[c]["dice"] for s in contrast.values()])), 4)
+            for c in ("t1", "t2", "flair", "pd")}
     return summary
 
 

@@ -37,7 +37,8 @@ def markdown(results: dict) -> str:
                      for part, run in runs.items())
     lines = ["# Whole heads, bias fields, other contrasts", "",
              f"{made}; on a 2-core CPU shared with other jobs (load 9-16 during the runs: wall "
-             "seconds are upper bounds, CPU seconds are the process's own). Segmenting without a trained network "
+             "seconds are upper bounds, CPU seconds are the process's own). Segmenting without a "
+             "trained network "
              "(the atlas of ../shared/data, refinement at its defaults), Dice of the 28 benchmark "
              "structures on each scan's own grid. See `bench/heads.py` for every step and "
              "`bench/contrasts.py` for how bias fields and contrasts are made.", ""]

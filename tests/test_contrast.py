@@ -1,5 +1,6 @@
 """Scans of another contrast mapped to the atlas's (ltnet_tf.registration.contrast)."""
 import numpy as np
+import pytest
 
 from ltnet_tf.commands import synthetic
 from ltnet_tf.io import intensity, volumes as data
@@ -24,3 +25,23 @@ def test_an_inverted_and_a_flair_like_scan_are_mapped_back_to_the_atlas_contrast
         after = np.corrcoef(mapped[inside], atlas_normalized[inside])[0, 1]
         assert after > 0.95 > before[0, 1]
         assert np.all(mapped[~inside] == 0)
+
+
+def test_normalised_gradient_fields_ignore_the_contrast_but_not_the_position():
+    import tensorflow as tf
+
+    from ltnet_tf.config import ConfigError, RefinementSettings
+    from ltnet_tf.registration.gradient_fields import FixedScanNGF
+
+    tissues = synthetic.phantom_tissues(SHAPE)
+    atlas = np.where(tissues > 0, synthetic.TISSUE_INTENSITIES[tissues], 0).astype(np.float32)
+    atlas = intensity.normalize_array(atlas)
+    inverted = np.where(atlas > 0, 1.0 - atlas, 0).astype(np.float32)
+    ngf = FixedScanNGF(SHAPE)
+    terms = ngf.scan_sums(tf.constant(atlas[None]))
+    same_place = float(ngf(terms, tf.constant(inverted[None]))[0])
+    moved = float(ngf(terms, tf.constant(np.roll(inverted, 3, axis=0)[None]))[0])
+    assert same_place < moved
+    assert float(ngf(terms, tf.constant(atlas[None]))[0]) == pytest.approx(same_place, abs=0.1)
+    with pytest.raises(ConfigError, match="similarity"):
+        RefinementSettings(similarity="mi")

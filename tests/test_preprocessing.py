@@ -180,7 +180,8 @@ def test_a_head_without_deepbet_installed_is_one_clear_error(head_files, tmp_pat
         predict(head_files, head_files["head"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
     other_grid = tmp_path / "head.nii.gz"  # scans on the atlas's grid are not size-checked
+    larger = affine() @ np.diag([1.2, 1.2, 1.2, 1.0])  # 2.73 L of tissue at 2 mm: 4.7 L
     nib.save(nib.Nifti1Image(nib.load(head_files["head"]).get_fdata()[:-8].astype(np.float32),
-                             affine()), str(other_grid))
+                             larger), str(other_grid))
     with pytest.raises(data.DataError, match="does not look skull-stripped"):
         predict(head_files, str(other_grid), tmp_path / "out", skull_strip="no")

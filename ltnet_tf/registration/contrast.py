@@ -8,12 +8,14 @@ dark, grey above white; PD: little contrast). The conditional mean is the correl
 regression (Roche et al., "The correlation ratio as a new similarity measure for multimodal image
 registration", MICCAI 1998). Refinement then runs LT-Net's local NCC on the mapped scan.
 
-Chosen by measurement over normalised gradient fields in the refinement (``refinement.
-FixedScanNGF``): on sub-06 and MICCAI 1000 remapped to T2-, FLAIR- and PD-like contrasts
-(``bench/contrasts.py``), mean Dice 0.740 / 0.727 / 0.691 with this mapping against 0.655 / 0.662 /
-0.653 with NGF at the refinement's defaults (and 0.722 / 0.606 / 0.668 with NCC on the scan as it
-is); a T1 scan loses 0.01 with the mapping, so it is used only where the alignment's contrast
-check flags the scan (``--similarity auto``) or when asked (``--similarity remap``).
+Chosen by measurement, while building it, over normalised gradient fields in the refinement
+(``refinement.FixedScanNGF``, ``RefinementSettings(similarity="ngf")``): on sub-06 and MICCAI
+1000 remapped to T2-, FLAIR- and PD-like contrasts (``bench/contrasts.py``), mean Dice 0.740 /
+0.727 / 0.691 with this mapping (the histogram then taken where both images had tissue) against
+0.655 / 0.662 / 0.653 with NGF (eps 0.05, smoothness weight 4 or 0.5: no better) and 0.714 /
+0.597 / 0.672 with local NCC on the scan as it is (T1: 0.767). A T1 scan loses 0.010 with the
+mapping, so it is used only where the alignment's check flags the scan (``--similarity auto``) or
+when asked (``--similarity remap``). The committed figures: ``python -m bench.heads``.
 """
 from __future__ import annotations
 
