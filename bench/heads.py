@@ -22,6 +22,7 @@ Timings on a machine shared with other jobs are upper bounds. Writes bench/resul
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -171,19 +172,26 @@ def summarise(results: dict) -> dict:
                     "largest_drop": round(float(np.min(differences)), 4)}
     contrast = results.get("contrast")
     if contrast:
-        summary["contrast"] = {c: round(float(np.mean([s[c]["dice"] for s in contrast.values()])), 4)
-                               for c in ("t1", "t2", "flair", "pd")}
+        summary["contrast"] = {
+            c: round(float(np.mean([s[c]["dice"] for s in contrast.values()])), 4)
+            for c in ("t1", "t2", "flair", "pd")}
     return summary
 
 
 def main(argv):
     del argv
     bench = Bench(FLAGS.data_dir)
-    results = {"command": command_line(), "commit": git_commit(), "targets": TARGETS}
+    run, measured = {"command": command_line(), "commit": git_commit()}, {}
     if "brain_mask" in FLAGS.sections or "bias" in FLAGS.sections:
-        results["heads"] = bench.heads(with_bias="bias" in FLAGS.sections)
+        measured["heads"] = bench.heads(with_bias="bias" in FLAGS.sections)
     if "contrast" in FLAGS.sections:
-        results["contrast"] = bench.contrasts()
+        measured["contrast"] = bench.contrasts()
+    # A run of some sections keeps the others' results from an earlier run, each with its own
+    # command and commit (``runs``).
+    path = os.path.join(FLAGS.results_dir, "heads.json")
+    results = json.load(open(path)) if os.path.exists(path) and len(FLAGS.sections) < 3 else {}
+    results.update(targets=TARGETS, command=run["command"], commit=run["commit"], **measured)
+    results.setdefault("runs", {}).update({part: run for part in measured})
     results["summary"] = summarise(results)
     write_json(results, os.path.join(FLAGS.results_dir, "heads.json"))
     write_markdown(results, os.path.join(FLAGS.results_dir, "heads.md"))

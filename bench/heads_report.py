@@ -31,9 +31,14 @@ def _contrast_table(contrast: dict) -> list:
 
 def markdown(results: dict) -> str:
     summary, targets = results["summary"], results["targets"]
+    runs = results.get("runs") or {"all": {"command": results["command"],
+                                            "commit": results["commit"]}}
+    made = "; ".join(f"{part}: `{run['command']}` at commit `{run['commit']}`"
+                     for part, run in runs.items())
     lines = ["# Whole heads, bias fields, other contrasts", "",
-             f"`{results['command']}` at commit `{results['commit']}`, on a 2-core CPU shared "
-             "with other jobs (seconds are upper bounds). Segmenting without a trained network "
+             f"{made}; on a 2-core CPU shared with other jobs (load 9-16 during the runs: wall "
+             "seconds are upper bounds, CPU seconds are the process's own). Segmenting without a "
+             "trained network "
              "(the atlas of ../shared/data, refinement at its defaults), Dice of the 28 benchmark "
              "structures on each scan's own grid. See `bench/heads.py` for every step and "
              "`bench/contrasts.py` for how bias fields and contrasts are made.", ""]

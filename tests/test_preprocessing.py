@@ -165,8 +165,8 @@ def test_a_mask_cut_by_the_field_of_view_is_flagged(head_files, tmp_path, capsys
 
 
 def test_no_brain_is_still_refused_before_anything_is_written(head_files, tmp_path):
-    blob = tmp_path / "blob.nii.gz"
-    nib.save(nib.Nifti1Image((radius(20, 20, 20) < 1).astype(np.float32) * 100, affine()),
+    blob = tmp_path / "blob.nii.gz"  # on another grid than the atlas's (that one is not checked)
+    nib.save(nib.Nifti1Image((radius(20, 20, 20) < 1)[:-8].astype(np.float32) * 100, affine()),
              str(blob))
     for mode in ("auto", "yes"):
         with pytest.raises(data.DataError, match=r"blob.nii.gz: does not look like a brain"):
@@ -179,5 +179,9 @@ def test_a_head_without_deepbet_installed_is_one_clear_error(head_files, tmp_pat
     with pytest.raises(ConfigError, match=r"needs deepbet .*ltnet-tf\[heads\]"):
         predict(head_files, head_files["head"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    other_grid = tmp_path / "head.nii.gz"  # scans on the atlas's grid are not size-checked
+    larger = affine() @ np.diag([1.2, 1.2, 1.2, 1.0])  # 2.73 L of tissue at 2 mm: 4.7 L
+    nib.save(nib.Nifti1Image(nib.load(head_files["head"]).get_fdata()[:-8].astype(np.float32),
+                             larger), str(other_grid))
     with pytest.raises(data.DataError, match="does not look skull-stripped"):
-        predict(head_files, head_files["head"], tmp_path / "out", skull_strip="no")
+        predict(head_files, str(other_grid), tmp_path / "out", skull_strip="no")

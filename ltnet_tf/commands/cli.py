@@ -284,6 +284,11 @@ def _define_preparation_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum("bias_correction", "auto", ["auto", "yes", "no"],
                       "N4 bias-field correction on the brain mask: auto: of the scans that were "
                       "skull-stripped here; yes: of every scan; no: never.", flag_values=fv)
+    flags.DEFINE_enum("similarity", "auto", ["auto", "ncc", "remap"],
+                      "What refinement compares: ncc: the scan as it is (local NCC); remap: the "
+                      "scan mapped to the atlas's contrast first (T2-, FLAIR-, PD-weighted "
+                      "scans); auto: remap when the alignment check flags a contrast mismatch.",
+                      flag_values=fv)
 
 
 def _define_refinement_flags(fv: flags.FlagValues) -> None:
@@ -320,7 +325,8 @@ def _predict(fv: flags.FlagValues) -> int:
         save_aligned=fv.save_aligned, qc=fv.qc, probabilities=fv.save_probabilities,
         shard=parse_shard(fv.shard) if fv.shard else None,
         preparation=PreparationOptions(skull_strip=fv.skull_strip,
-                                       bias_correction=fv.bias_correction))
+                                       bias_correction=fv.bias_correction),
+        similarity=fv.similarity)
     if hasattr(signal, "SIGXFSZ"):  # a file-size limit: the write raises (one line), no kill
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     from ltnet_tf.training import signals

@@ -51,6 +51,7 @@ class PredictOptions:
     segmenter: bool = True  # a run folder's segmenter (RUN/segmenter) makes the labels if it has one
     # Whole heads stripped, bias fields corrected (--skull_strip, --bias_correction).
     preparation: PreparationOptions = field(default_factory=PreparationOptions)
+    similarity: str = "auto"  # another contrast mapped to the atlas's (registration.contrast)
 
 
 def parse_shard(text: str) -> tuple:
@@ -203,7 +204,8 @@ def predict_files(images, output_dir, labels=None, *, model_dir=None, atlas=None
     predictor = Predictor(atlases, network, align=options.align,
                           refinement=options.refinement if options.refine else None,
                           fusion_method=options.fusion, alignment_settings=alignment_settings,
-                          segmenter=segmenter, preparation=preparation)
+                          segmenter=segmenter, preparation=preparation,
+                          similarity=options.similarity)
     output.prepare()
     with OutputLock(output.path, options.shard):  # one writer per folder (or per share)
         run_record = RunRecords(output, predictor, names, options, run, network)

@@ -23,7 +23,8 @@ from absl import logging
 from ltnet_tf.files import atomic_write
 from ltnet_tf.io import volumes as data
 
-OUTPUT_SUFFIXES = ("_seg", "_warped_atlas", "_flow", "_aligned", "_brainmask")  # <scan><suffix>.nii.gz, as below
+# <scan><suffix>.nii.gz, as below
+OUTPUT_SUFFIXES = ("_seg", "_warped_atlas", "_flow", "_aligned", "_brainmask")
 
 
 class OutputFolder:

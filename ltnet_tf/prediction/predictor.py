@@ -27,7 +27,8 @@ from absl import logging
 from ltnet_tf.config import ConfigError, RefinementSettings
 from ltnet_tf.io import volumes as data
 from ltnet_tf.preprocessing.preparation import ScanPreparation
-from ltnet_tf.registration import alignment as alignment_lib, transfer as inference
+from ltnet_tf.io import intensity
+from ltnet_tf.registration import alignment as alignment_lib, contrast, transfer as inference
 from ltnet_tf.registration.atlases import AtlasSet
 from ltnet_tf.registration.native import NativeLabelPull, brain_mask, pull_fused
 from ltnet_tf.registration.refinement import ScanRefiner
@@ -89,7 +90,7 @@ class Predictor:
     def __init__(self, atlases: AtlasSet, network=None, *, align: str = "auto",
                  refinement: RefinementSettings = None, fusion_method: str = "jlf",
                  alignment_settings: alignment_lib.AlignmentSettings = None, segmenter=None,
-                 preparation: ScanPreparation = None):
+                 preparation: ScanPreparation = None, similarity: str = "auto"):
         if align not in ("auto", "never"):
             raise ValueError(f"align must be auto or never, got {align!r}")
         if fusion_method not in FUSION_METHODS:
@@ -108,6 +109,11 @@ class Predictor:
         self.config = None if network is None else network.config
         self.align_mode, self.fusion_method = align, fusion_method
         self.preparation = preparation
+        if similarity not in contrast.SIMILARITIES:
+            raise ConfigError(f"--similarity must be one of {', '.join(contrast.SIMILARITIES)}, "
+                              f"got {similarity!r}")
+        self.similarity = similarity
+        self._atlas_normalized = None
         self.aligner = alignment_lib.AtlasAligner(
             self.atlas, alignment_settings or alignment_lib.AlignmentSettings())
         self.pulls = [NativeLabelPull(a.labels.data, a.labels_from_grid) for a in atlases.atlases]
@@ -156,7 +162,12 @@ class Predictor:
                          if self.needs_alignment(scan)
                          else alignment_lib.identity(self.atlas, scan))
             aligned = alignment.resample_scan(scan)
+        similarity, aligned_scan = self._similarity(alignment), aligned
+        if similarity == "remap":
+            with clock("contrast"):
+                aligned = self._atlas_like(aligned)
         result = {"alignment": alignment, "seconds": clock.seconds, "prepared": prepared,
+                  "similarity": similarity,
                   "cpu_seconds": clock.cpu_seconds, "refinement": None, "displacement": None}
         if self.segmenter is not None:
             result.update(self._segmenter_labels(scan, alignment, aligned, clock, keep_aligned,
@@ -183,7 +194,7 @@ class Predictor:
         if keep_aligned:
             atlas_grid = labels if alignment.skipped else self._labels(
                 displacement, np.eye(4), self.atlas.shape, weights, brain_mask(aligned.data))
-            result.update(aligned_scan=aligned, aligned_segmentation=atlas_grid)
+            result.update(aligned_scan=aligned_scan, aligned_segmentation=atlas_grid)
         if extras:
             primary = inference.Displacement([(values[:1], factor)
                                               for values, factor in displacement.components])
@@ -211,6 +222,19 @@ class Predictor:
                          else self.segmenter.segment(working, np.eye(4), self.atlas.shape,
                                                      brain_mask(aligned.data)))
         return found
+
+    def _similarity(self, alignment) -> str:
+        """'remap' (the scan mapped to the atlas's contrast before refinement: ``contrast``) when
+        asked, or with 'auto' when the alignment's check flags the scan (its intensities do not
+        correlate with the atlas's: another contrast); else 'ncc' (the scan as it is)."""
+        if self.similarity == "auto":
+            return "ncc" if alignment.ok or self.refiner is None else "remap"
+        return self.similarity
+
+    def _atlas_like(self, aligned: data.Volume) -> data.Volume:
+        if self._atlas_normalized is None:
+            self._atlas_normalized = intensity.normalize_array(self.atlas.data)
+        return contrast.atlas_like(aligned, self._atlas_normalized)
 
     def _displacement(self, aligned: data.Volume, clock: StageClock) -> tuple:
         """(``inference.Displacement`` with one element per atlas, the refinement's numpy outputs

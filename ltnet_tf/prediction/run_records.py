@@ -127,7 +127,7 @@ class RunRecords:
                   "refinement": _refinement_figures(result["refinement"]),
                   "volumes_mm3": {self.names.name(label): round(value, 1)
                                   for label, value in self.volumes[name].items()},
-                  "warnings": list(warnings)}
+                  "warnings": list(warnings), "similarity": result.get("similarity", "ncc")}
         prepared = result.get("prepared")
         if prepared is not None and prepared.changed:
             record.update(prepared.to_dict())
@@ -212,7 +212,7 @@ class RunRecords:
                 "align": options.align, "alignment_settings": predictor.aligner.settings.to_dict(),
                 "refinement": predictor.refinement_record(),
                 "fusion": options.fusion if len(predictor.atlases) > 1 else None,
-                "preparation": options.preparation.to_dict(),
+                "preparation": options.preparation.to_dict(), "similarity": options.similarity,
                 "label_names": self.names.to_dict(),
                 "compute_threads": None if self.compute is None else self.compute["threads"]}
 

@@ -6,7 +6,8 @@ Scanner T1s carry a smooth multiplicative intensity inhomogeneity (receive-coil 
 intensity histogram inside the mask. The field is smooth, so it is fitted on a copy of the scan
 block-shrunk to about ``spacing_mm`` and evaluated at every voxel of the full scan (ITK's
 B-spline control points live in world coordinates) by linear interpolation of its values on the
-fit's grid, which costs a fraction of a full-resolution fit. What it costs and buys here: ``python -m bench.heads`` (bench/results/heads.md, ``bias``).
+fit's grid, which costs a fraction of a full-resolution fit. What it costs and buys here:
+``python -m bench.heads`` (bench/results/heads.md, ``bias``).
 """
 from __future__ import annotations
 

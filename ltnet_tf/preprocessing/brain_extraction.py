@@ -13,7 +13,8 @@ through this product's own registration by measurement on six real heads
 this product's usual input, do not need it.
 
 A mask is checked before anything is segmented with it (``check_mask``): an adult brain's mask
-(FreeSurfer's keep 1.41-1.89 L on the six heads, deepbet's 1.4-1.7 L) holds 0.8-2.0 litres, lies
+(FreeSurfer's keep 1.41-1.89 L on the six heads, deepbet's grown by a voxel 1.33-1.80 L) holds
+0.8-2.0 litres, lies
 inside the field of view (a mask reaching the volume's faces was cut off by it, or spilled into the
 neck or scalp), and is one piece. A mask that fails is flagged with its figures, never used
 silently.

@@ -1,6 +1,6 @@
 """What happens to one scan before it is aligned: brain extraction of a whole head, then N4.
 
-    --skull_strip auto   strip a scan that looks like a whole head (``plausibility.looks_like_head``:
+    --skull_strip auto   strip a scan that looks like a whole head (``looks_like_head``:
                          over 2.3 L of tissue, more than any skull-stripped brain, no more than a
                          head), else use it as it is (and refuse it as before if it is no brain)
     --skull_strip yes    strip every scan (a skull-stripped scan loses little: the extractor keeps

@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from ltnet_tf.config import LTNetConfig, RefinementSettings
 from ltnet_tf.io import volumes as data
+from ltnet_tf.registration.gradient_fields import FixedScanNGF
 from ltnet_tf.registration.transfer import Displacement, resample_displacement
 
 
@@ -177,11 +178,12 @@ class GridStage:
     times): the atlases there, the loss, and the traced loop."""
 
     def __init__(self, atlases_full: tf.Tensor, factor: int, window: int, learning_rate: float,
-                 weight_smooth: float, jit_compile: bool):
+                 weight_smooth: float, jit_compile: bool, similarity: str = "ncc"):
         self.factor = factor
         self.grid_shape = tuple(int(math.ceil(s / factor)) for s in atlases_full.shape[1:4])
         self.atlas_sampler = AtlasSampler(to_grid(atlases_full[..., None], factor))
-        self.ncc = FixedScanNCC(self.grid_shape, window)
+        self.ncc = (FixedScanNGF(self.grid_shape) if similarity == "ngf"
+                    else FixedScanNCC(self.grid_shape, window))
         self.learning_rate = learning_rate
         self.weight_smooth = weight_smooth
         self.jit_compile = jit_compile
@@ -269,8 +271,9 @@ class Refinement(tf.Module):
         self.learning_rate = float(settings.learning_rate)
         self.weight_smooth = float(settings.weight_smooth)
         self.jit_compile = bool(settings.jit_compile)
+        self.similarity = settings.similarity
         stage = lambda f: GridStage(atlases, f, window, self.learning_rate,  # noqa: E731
-                                    self.weight_smooth, self.jit_compile)
+                                    self.weight_smooth, self.jit_compile, self.similarity)
         self.fine = stage(self.factor)
         self.grid_shape = self.fine.grid_shape
         # A coarse stage only where it is coarser than the fine grid.
@@ -283,7 +286,7 @@ class Refinement(tf.Module):
         return {"steps": self.steps, "factor": self.factor, "grid": list(self.grid_shape),
                 "coarse_steps": self.coarse_steps, "coarse_factor": self.coarse_factor,
                 "learning_rate": self.learning_rate, "weight_smooth": self.weight_smooth,
-                "jit_compile": self.jit_compile,
+                "jit_compile": self.jit_compile, "similarity": self.similarity,
                 "start": "network" if self.start_factor else "identity"}
 
     def __call__(self, scan_normalized: tf.Tensor, flow_working: tf.Tensor = None, steps=None,
