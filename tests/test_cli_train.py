@@ -238,7 +238,10 @@ def _bad_train_input(case, dataset, tmp_path):
     if case == "4d_scan":
         return bad_scan("frames.nii.gz", np.stack([scan, scan], -1))
     if case == "nan_scan":
-        return bad_scan("nan.nii.gz", np.where(scan > scan.mean(), np.nan, scan))
+        holed = scan.astype(np.float32).copy()  # NaN inside the tissue (outside: background)
+        centre = tuple(slice(s // 2 - 1, s // 2 + 2) for s in holed.shape)
+        holed[centre] = np.nan
+        return bad_scan("nan.nii.gz", holed)
     if case == "inf_atlas":
         infinite = np.where(scan > 0.5, np.inf, scan)
         path = write_nifti(tmp_path / "inf_atlas.nii.gz", infinite, affine)

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from helpers import files_under, outputs_under, the_error_line
+from helpers import outputs_under, the_error_line
 from ltnet_tf.commands import cli
 from ltnet_tf.prediction import cohort
 

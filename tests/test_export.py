@@ -12,6 +12,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 
+import nibabel as nib
 import numpy as np
 import pytest
 

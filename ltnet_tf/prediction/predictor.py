@@ -147,36 +147,54 @@ class Predictor:
         'cpu_seconds' {stage: s} is the CPU time of each stage of 'seconds'; 'prepared' the
         ``preparation.PreparedScan`` (its brain mask, N4's record) or None without preparation."""
         clock = StageClock()
-        prepared = None
-        if self.preparation is not None:
-            with clock("prepare"):
-                prepared = self.preparation(scan)
-            mask = prepared.brain_mask
-            if mask is not None and not mask.ok:
-                logging.warning("%s", mask.describe(scan.path))
-            scan = prepared.scan
-        with clock("align"):
-            # A stripped scan's size was checked on its mask (flagged, not refused, if wrong).
-            stripped = prepared is not None and prepared.brain_mask is not None
-            alignment = (self.aligner.align(scan, check_size=not stripped)
-                         if self.needs_alignment(scan)
-                         else alignment_lib.identity(self.atlas, scan))
-            aligned = alignment.resample_scan(scan)
-        similarity, aligned_scan = self._similarity(alignment), aligned
-        if similarity == "remap":
-            with clock("contrast"):
-                aligned = self._atlas_like(aligned)
+        prepared, scan = self._prepare(scan, clock)
+        alignment, aligned_scan, aligned, similarity = self._align(scan, prepared, clock)
         result = {"alignment": alignment, "seconds": clock.seconds, "prepared": prepared,
                   "similarity": similarity,
                   "cpu_seconds": clock.cpu_seconds, "refinement": None, "displacement": None}
         if self.segmenter is not None:
             result.update(self._segmenter_labels(scan, alignment, aligned, clock, keep_aligned,
                                                  probabilities))
-            return result
-        if alignment.skipped and self.refiner is None and not (keep_aligned or probabilities):
+        elif alignment.skipped and self.refiner is None and not (keep_aligned or probabilities):
             with clock("network_and_labels"):  # network and label warp in one call (one graph)
                 result.update(self.network.segment(aligned, extras=extras))
-            return result
+        else:
+            result.update(self._transferred_labels(scan, alignment, aligned, aligned_scan, clock,
+                                                   keep_aligned, extras, probabilities))
+        return result
+
+    def _prepare(self, scan: data.Volume, clock: StageClock) -> tuple:
+        """(the ``PreparedScan`` or None, the scan to segment: stripped and corrected if asked)."""
+        if self.preparation is None:
+            return None, scan
+        with clock("prepare"):
+            prepared = self.preparation(scan)
+        mask = prepared.brain_mask
+        if mask is not None and not mask.ok:
+            logging.warning("%s", mask.describe(scan.path))
+        return prepared, prepared.scan
+
+    def _align(self, scan: data.Volume, prepared, clock: StageClock) -> tuple:
+        """(alignment, the scan on the atlas grid, the same in the atlas's contrast when the
+        similarity is 'remap', the similarity used)."""
+        with clock("align"):
+            # A stripped scan's size was checked on its mask (flagged, not refused, if wrong).
+            stripped = prepared is not None and prepared.brain_mask is not None
+            alignment = (self.aligner.align(scan, check_size=not stripped)
+                         if self.needs_alignment(scan)
+                         else alignment_lib.identity(self.atlas, scan))
+            aligned_scan = alignment.resample_scan(scan)
+        similarity, aligned = self._similarity(alignment), aligned_scan
+        if similarity == "remap":
+            with clock("contrast"):
+                aligned = self._atlas_like(aligned_scan)
+        return alignment, aligned_scan, aligned, similarity
+
+    def _transferred_labels(self, scan, alignment, aligned, aligned_scan, clock, keep_aligned,
+                            extras, probabilities) -> dict:
+        """The label transfer (``segment`` without a segmenter): displacement(s), refinement,
+        labels pulled onto the scan's own voxels and fused."""
+        result = {}
         displacement, refined = self._displacement(aligned, clock)
         result["displacement"] = displacement
         with clock("labels"):

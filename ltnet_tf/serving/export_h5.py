@@ -14,7 +14,7 @@ import tensorflow as tf
 from absl import logging
 
 from ltnet_tf.files import atomic_path
-from ltnet_tf.serving.modeldir import ModelDir, ModelDirError
+from ltnet_tf.serving.modeldir import ModelDir, ModelDirError, checked_model_dir, restore_for_export
 
 
 @contextlib.contextmanager
