@@ -304,7 +304,7 @@ def main(argv):
     if "native" in FLAGS.parts:
         run_native(methods, payload, results)
     results()
-    print(json.dumps({s: {n: round(v["mean_dice"], 4) for n, v in per.items()}
+    print(json.dumps({s: {n: v["mean_dice"] for n, v in per.items()}
                       for s, per in payload.get("sets", {}).items()}))
 
 
