@@ -28,7 +28,9 @@ setup(
         "SimpleITK>=2.3",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3.5", "tensorflow-serving-api==2.21.0"],
+        # The tests run deepbet's real networks on a synthetic head (the heads extra).
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "tensorflow-serving-api==2.21.0",
+                 "deepbet==1.0.2", "torch==2.13.0"],
         # The benchmarks' classical anchor (ANTs SyN); the package itself does not need it.
         "bench": ["antspyx==0.6.3"],
         # Brain extraction of whole heads (predict.py --skull_strip): deepbet's networks run in
