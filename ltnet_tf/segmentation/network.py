@@ -60,11 +60,6 @@ def model_to_json(model: tf.keras.Model) -> str:
     return model.to_json()
 
 
-def model_from_json(text: str) -> tf.keras.Model:
-    """The U-Net rebuilt from its Keras JSON (plain layers only: no custom objects)."""
-    return tf.keras.models.model_from_json(text)
-
-
 def crop_box(atlas_brain: np.ndarray, config: SegmenterConfig) -> tuple:
     """(start, shape) on the atlas grid of the box the network sees: the atlas's brain (non-zero
     voxels) with ``config.crop_margin`` voxels around it, grown to a multiple of

@@ -2,7 +2,8 @@
 its files in the run folder.
 
     RUN/segmenter/config.json      the SegmenterConfig (atlas grid, brain box, label IDs, ...)
-    RUN/segmenter/network.json     the U-Net's Keras JSON (plain layers: no custom objects)
+    RUN/segmenter/network.json     the U-Net's Keras JSON, for reading (loading rebuilds the
+                                   network from config.json: no code from the folder runs)
     RUN/segmenter/weights.h5       its weights (HDF5; no pickles)
     RUN/segmenter/training.json    how it was trained: teacher, examples, steps, minutes, losses
     RUN/segmenter/saved_model/<version>/   its SavedModel for TF Serving (``export``)
@@ -34,7 +35,7 @@ from ltnet_tf.io import volumes as data
 from ltnet_tf.registration import transfer
 from ltnet_tf.registration.native import POINTS_PER_CHUNK, native_points_in_reach
 from ltnet_tf.segmentation import synthesis
-from ltnet_tf.segmentation.network import build_unet, model_from_json
+from ltnet_tf.segmentation.network import build_unet
 
 FOLDER = "segmenter"
 CONFIG, NETWORK, WEIGHTS, TRAINING = "config.json", "network.json", "weights.h5", "training.json"
@@ -170,7 +171,7 @@ class Segmenter(tf.Module):
     def load(cls, folder: str) -> "Segmenter":
         """The segmenter saved in ``folder``. Raises SegmenterError naming the file for a missing,
         unreadable or mismatched one."""
-        paths = {name: os.path.join(folder, name) for name in (CONFIG, NETWORK, WEIGHTS)}
+        paths = {name: os.path.join(folder, name) for name in (CONFIG, WEIGHTS)}
         for path in paths.values():
             if not os.path.isfile(path):
                 raise SegmenterError(f"{folder}: incomplete segmenter ({os.path.basename(path)} "
@@ -181,8 +182,9 @@ class Segmenter(tf.Module):
         except (ValueError, TypeError, ConfigError) as e:
             raise SegmenterError(f"{paths[CONFIG]}: unreadable segmenter config ({e})") from None
         try:
-            with open(paths[NETWORK]) as f:
-                model = model_from_json(f.read())
+            # Rebuilt from the config, never from network.json: a Keras JSON may hold Lambda
+            # layers, whose deserialisation runs code from the file.
+            model = build_unet(config)
             model.load_weights(paths[WEIGHTS])
         except Exception as e:  # noqa: BLE001  (h5py OSError, Keras ValueError...)
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
