@@ -61,8 +61,8 @@ class NativeLabelPull(tf.Module):
         if self.label_box is None:
             return segmentation.reshape(native_shape)
         reach = sum(float(tf.reduce_max(tf.abs(v))) * f for v, f in components) + 1.0
-        points = _native_points_in_reach(native_to_atlas_voxel, native_shape, self.label_box,
-                                         reach, mask)
+        points = native_points_in_reach(native_to_atlas_voxel, native_shape, self.label_box,
+                                        reach, mask)
         for start in range(0, len(points[0]), POINTS_PER_CHUNK):
             flat_index = points[0][start:start + POINTS_PER_CHUNK]
             atlas_points = points[1][start:start + POINTS_PER_CHUNK]
@@ -148,7 +148,7 @@ def pull_fused(pulls: list, displacement, native_to_grid: np.ndarray, native_sha
     elements = [merged_components(displacement.element(k)) for k in range(len(pulls))]
     reach = max(sum(float(tf.reduce_max(tf.abs(v))) * f for v, f in element)
                 for element in elements) + 1.0
-    points = _native_points_in_reach(native_to_grid, native_shape, box, reach, mask)
+    points = native_points_in_reach(native_to_grid, native_shape, box, reach, mask)
     grid_shape = tuple(int(s) for s in grid_shape)
     weight_maps = None if weights is None else tf.constant(
         np.moveaxis(np.asarray(weights, np.float32), 0, -1))  # [*grid, A]
@@ -182,7 +182,7 @@ def _fused_shares(pulls, elements, grid_points, grid_shape, wanted, weights) -> 
     return np.rint(255 * np.clip(fused, 0.0, 1.0)).astype(np.uint8)
 
 
-def _native_points_in_reach(native_to_atlas_voxel, native_shape, label_box, reach, mask=None):
+def native_points_in_reach(native_to_atlas_voxel, native_shape, label_box, reach, mask=None):
     """(flat native indices, their atlas-grid coordinates [N, 3] float32) of the native voxels that
     fall inside the atlas grid within ``reach`` voxels of a labelled atlas voxel (the others can
     only be background), and inside ``mask`` [*native_shape] bool when given (a skull-stripped
@@ -209,10 +209,6 @@ def _native_points_in_reach(native_to_atlas_voxel, native_shape, label_box, reac
     if not indices:
         return np.zeros(0, np.int64), np.zeros((0, 3), np.float32)
     return np.concatenate(indices), np.concatenate(coordinates)
-
-
-# The same for other layers (the segmenter reads its own labels at these points).
-native_points_in_reach = _native_points_in_reach
 
 
 def brain_mask(values: np.ndarray):

@@ -32,7 +32,7 @@ from ltnet_tf.config import LTNetConfig
 from ltnet_tf.io import volumes as data
 
 
-def _resize_axis(volume: tf.Tensor, axis: int, factor: float, size: int) -> tf.Tensor:
+def resize_axis(volume: tf.Tensor, axis: int, factor: float, size: int) -> tf.Tensor:
     """Linear resampling along one axis, voxel centres aligned with average-pool downsampling.
 
     Target voxel i lies at source coordinate (i + 0.5) / factor - 0.5; beyond the first and last
@@ -62,7 +62,7 @@ def resample_displacement(flow: tf.Tensor, ratio: float, shape) -> tf.Tensor:
     if ratio == 1:
         return flow[:, :shape[0], :shape[1], :shape[2], :]
     for axis, size in enumerate(shape, start=1):
-        flow = _resize_axis(flow, axis, ratio, size)
+        flow = resize_axis(flow, axis, ratio, size)
     return flow * float(ratio)
 
 
@@ -118,7 +118,7 @@ def _sampling_points(flow: tf.Tensor, shape) -> tf.Tensor:
     return tf.clip_by_value(points, 0.0, tf.constant([s - 1 for s in shape], tf.float32))
 
 
-def _flat_index(coordinates, shape):
+def flat_index(coordinates, shape):
     """Integer voxel coordinates [..., 3] (or a list of 3 tensors) -> flat index into ``shape``."""
     z, y, x = tf.unstack(coordinates, axis=-1) if not isinstance(coordinates, list) else coordinates
     return (z * shape[1] + y) * shape[2] + x
@@ -136,7 +136,7 @@ def corners(points: tf.Tensor, shape):
         for axis, use_upper in enumerate(corner):
             coordinates.append(upper[..., axis] if use_upper else lower[..., axis])
             weight = weight * (fraction[..., axis] if use_upper else 1.0 - fraction[..., axis])
-        indices.append(_flat_index(coordinates, shape))
+        indices.append(flat_index(coordinates, shape))
         weights.append(weight)
     return tf.stack(indices, -1), tf.stack(weights, -1)
 
@@ -178,7 +178,7 @@ def labels_at_points(label_map: tf.Tensor, points: tf.Tensor, cell_labels=None) 
     shape = label_map.shape.as_list()
     if cell_labels is None:
         cell_labels = uniform_cell_labels(label_map)
-    lower_index = _flat_index(tf.cast(tf.floor(points), tf.int32), shape)
+    lower_index = flat_index(tf.cast(tf.floor(points), tf.int32), shape)
     # Most points fall in a cell whose 8 corners carry one label: that label is the answer.
     labels = tf.gather(tf.reshape(cell_labels, [-1]), lower_index)  # [B, N]
     # The vote, only where the corners disagree (11% of the benchmark atlas's cells).

@@ -69,7 +69,7 @@ def label_indices_at(probabilities: tf.Tensor, points: tf.Tensor) -> tf.Tensor:
     points = tf.clip_by_value(points, 0.0, tf.constant([s - 1 for s in shape], tf.float32))
     argmax = tf.argmax(probabilities, -1, output_type=tf.int32)
     cells = transfer.uniform_cell_labels(argmax)
-    lower = transfer._flat_index(tf.cast(tf.floor(points), tf.int32), shape)
+    lower = transfer.flat_index(tf.cast(tf.floor(points), tf.int32), shape)
     labels = tf.gather(tf.reshape(cells, [-1]), lower)
     mixed = tf.where(tf.equal(labels, transfer.MIXED_CELL))[:, 0]
     indices, weights = transfer.corners(tf.gather(points, mixed), shape)  # [M, 8]

@@ -153,7 +153,7 @@ def _smooth_field(rng: tf.random.Generator, points: int, shape, channels: int,
     coarse = rng.normal([1, points, points, points, channels]) * std
     field = coarse
     for axis, size in enumerate(shape, start=1):
-        field = transfer._resize_axis(field, axis, size / points, size)
+        field = transfer.resize_axis(field, axis, size / points, size)
     return field[0]
 
 
