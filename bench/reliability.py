@@ -339,7 +339,7 @@ def main(argv):
         result.setdefault("commits", {})
         result.setdefault("minutes", {})
         result.update(command=command_line(), load_start=os.getloadavg(),
-                      machine="2 CPU cores, shared with other jobs (timings are upper bounds)")
+                      machine=f"{os.cpu_count()} CPU cores")  # the load averages say what else ran
         parts = {"determinism": lambda: determinism(work),
                  "concurrent_writers": lambda: concurrent(work),
                  "disk_full": lambda: disk_full(work),
