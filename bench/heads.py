@@ -27,7 +27,7 @@ import os
 import time
 
 from ltnet_tf import compat  # noqa: F401
-from bench.provenance import DATA_DIR, command_line, git_commit, write_json
+from bench.harness import DATA_DIR, command_line, git_commit, write_json
 
 import numpy as np
 from absl import app, flags

@@ -45,7 +45,7 @@ import time
 
 from absl import app, flags
 
-from bench.provenance import DATA_DIR, ROOT, command_line, git_commit, write_json
+from bench.harness import DATA_DIR, ROOT, command_line, git_commit, write_json
 
 FLAGS = flags.FLAGS
 PARTS = ("determinism", "concurrent_writers", "disk_full", "killed_runs")

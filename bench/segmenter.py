@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 
 from ltnet_tf import compat  # noqa: F401
-from bench.provenance import DATA_DIR, ROOT, command_line, git_commit, write_json
+from bench.harness import DATA_DIR, ROOT, command_line, git_commit, write_json
 
 import json
 import platform
@@ -43,7 +43,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from bench import anchors
+from bench import harness
 from ltnet_tf.config import RefinementSettings
 from ltnet_tf.io import evaluation, volumes as data
 from ltnet_tf.io.labels import BENCHMARK_LABELS, structure_name
@@ -77,7 +77,7 @@ def atlas_pairs(count: int) -> list:
 
 class SegmenterMethod:
     """A run folder's segmenter through the product's Predictor, as predict.py --model_dir runs
-    it; timed as ``anchors.Product``."""
+    it; timed as ``harness.Product``."""
 
     def __init__(self, model_dir: str):
         from ltnet_tf.prediction import cohort, predictor as prediction
@@ -105,9 +105,9 @@ class SegmenterMethod:
 
 def make_method(name: str):
     if name == "transfer_1":
-        return anchors.Product(None, RefinementSettings(), atlases=atlas_pairs(1))
+        return harness.Product(None, RefinementSettings(), atlases=atlas_pairs(1))
     if name == "jlf_5":
-        return anchors.Product(None, RefinementSettings(), atlases=atlas_pairs(5), fusion="jlf")
+        return harness.Product(None, RefinementSettings(), atlases=atlas_pairs(5), fusion="jlf")
     folder = FLAGS.seg1 if name == "segmenter_1" else FLAGS.seg5
     if not folder:
         raise SystemExit(f"{name}: give its run folder (--{'seg1' if name.endswith('1') else 'seg5'})")
@@ -125,11 +125,7 @@ def summarise(records: list) -> dict:
 
 
 def run_dice(methods: dict, payload: dict, results) -> None:
-    cases, _ = [], None
-    cases += anchors.shared_cases(FLAGS.data_dir)
-    found, _ = anchors.miccai_cases(FLAGS.data_dir, os.path.join(FLAGS.work_dir,
-                                                                 "miccai2012_aligned"))
-    cases += found
+    cases, _ = harness.validation_sets(FLAGS.data_dir, FLAGS.work_dir, ("shared", "miccai2012"))
     records = {}
     for case in cases:
         reference = data.load_label_map(case.label_path).data
@@ -155,7 +151,7 @@ def run_native(methods: dict, payload: dict, results) -> None:
     from ltnet_tf.prediction.predictor import StageClock
 
     paths = [os.path.join(FLAGS.data_dir, "native", "images", f"{s}.mgz")
-             for s in anchors.SHARED_SUBJECTS]
+             for s in harness.SHARED_SUBJECTS]
     stages = ("read", "align", "network", "refine", "labels", "write")
     found = {name: [] for name in methods}
     folder = os.path.join(FLAGS.work_dir, "native")
@@ -199,7 +195,7 @@ def run_ceiling(payload: dict, results) -> None:
 
     atlas = data.load_scan(os.path.join(FLAGS.data_dir, "atlas.nii.gz"))
     ceiling = {}
-    for subject in anchors.SHARED_SUBJECTS:
+    for subject in harness.SHARED_SUBJECTS:
         labels = data.load_label_map(os.path.join(FLAGS.data_dir, "labels",
                                                   f"{subject}.nii.gz")).data
         ids = [0, *sorted(int(i) for i in np.unique(labels) if i != 0)]

@@ -15,6 +15,8 @@ from ltnet_tf.commands import cli
 from ltnet_tf.io.labels import structure_name
 from ltnet_tf.prediction import cohort
 
+pytestmark = pytest.mark.slow  # uses the session's trained run (training and export) (CI runs -m slow too)
+
 
 # ------------------------------------------------------------------------------- end to end
 def test_predict_end_to_end(trained_run, dataset, tmp_path, capsys):

@@ -24,6 +24,8 @@ from ltnet_tf.training import dataset as datasets, trainer as training
 
 import tensorflow as tf  # noqa: E402  (after ltnet_tf, which selects Keras 2)
 
+pytestmark = pytest.mark.slow  # uses the session's trained run (training and export) (CI runs -m slow too)
+
 
 # ------------------------------------------------------------------------------- scripts
 @pytest.mark.parametrize("script, expected", [

@@ -28,6 +28,8 @@ from ltnet_tf.commands import synthetic
 from ltnet_tf.config import RefinementSettings
 from ltnet_tf.prediction import cohort, run_records
 
+pytestmark = pytest.mark.slow  # predict.py over a hundred scans in a fresh process (CI runs -m slow too)
+
 SHAPE = (32, 32, 32)
 SCANS = 40
 FIRST_MEASURED = 10  # scans before this one warm up

@@ -3,6 +3,9 @@
 import os
 
 from ltnet_tf.commands import demo
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the demo end to end (CI runs -m slow too)
 
 
 def test_demo_segments_without_and_with_training(tmp_path, capsys):

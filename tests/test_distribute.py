@@ -30,6 +30,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # multi-process tf.distribute training (CI runs -m slow too)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL, SCALE_RTOL = 1e-6, 1e-4
 LAUNCH_TIMEOUT_S = 240

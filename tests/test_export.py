@@ -27,6 +27,8 @@ from ltnet_tf.serving.modeldir import ModelDir, ModelDirError
 
 import tensorflow as tf  # noqa: E402  (after ltnet_tf, which selects Keras 2)
 
+pytestmark = pytest.mark.slow  # SavedModels loaded and saved_model_cli run in fresh processes (CI runs -m slow too)
+
 LABEL_IDS = [0, 2, 3, 17, 53]
 GRIDS = {1: (18, 16, 14), 2: (20, 18, 16)}  # downsample -> atlas grid
 AFFINE = np.array([[-1.0, 0, 0, 9.0], [0, 1, 0, -8.0], [0, 0, 1, -7.0], [0, 0, 0, 1]])

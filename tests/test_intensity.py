@@ -192,6 +192,7 @@ def segmentations(label_transfer, scans, refine):
     return results
 
 
+@pytest.mark.slow  # test-time refinement on every scan (CI runs -m slow too)
 @pytest.mark.parametrize("refine", [False, True])
 def test_label_transfer_segments_the_outlier_scan_as_the_clean_one(transfer_setup, refine,
                                                                    monkeypatch):
@@ -206,6 +207,7 @@ def test_label_transfer_segments_the_outlier_scan_as_the_clean_one(transfer_setu
     assert mean_dice(old_clean, old_dirty, labels) < 0.98
 
 
+@pytest.mark.slow  # exports and reloads a SavedModel (CI runs -m slow too)
 def test_scan_refiner_and_saved_model_use_it(transfer_setup, tmp_path):
     config, generator, atlas, labels, clean, dirty = transfer_setup
     label_transfer = LabelTransfer(generator, config, atlas, labels)

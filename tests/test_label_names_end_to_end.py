@@ -17,6 +17,8 @@ from ltnet_tf.io.label_names import LabelNames
 from ltnet_tf.io.labels import structure_name
 from ltnet_tf.serving.modeldir import ModelDir
 
+pytestmark = pytest.mark.slow  # trains a run; predict.py in fresh processes (CI runs -m slow too)
+
 # The synthetic atlas's IDs (ltnet_tf.commands.synthetic) under a lab's own names: a FreeSurfer colour table
 # (names without spaces), with its colours.
 CUSTOM = {2: "my-white-matter", 3: "my-cortex", 4: "my-ventricle-L", 10: "my-thalamus-L",

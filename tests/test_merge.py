@@ -10,6 +10,8 @@ import pytest
 from helpers import REPO, SUBPROCESS_TIMEOUT
 from ltnet_tf.prediction import cohort, merge
 
+pytestmark = pytest.mark.slow  # predict.py shards in fresh processes (CI runs -m slow too)
+
 VOLATILE = {"seconds", "output", "image", "qc_png"}
 
 

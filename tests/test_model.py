@@ -70,6 +70,7 @@ def _snapshot(variables):
 
 
 # ---------------------------------------------------------------------------------------- training
+@pytest.mark.slow  # trains in TensorFlow for many steps (CI runs -m slow too)
 def test_training_registers_the_shifted_blob():
     model = _model("voxelmorph", g_learning_rate=1e-2)
     before = _evaluate(model)
@@ -85,6 +86,7 @@ def test_training_registers_the_shifted_blob():
     assert after["dice"] > before["dice"] + 0.3, (before, after)
 
 
+@pytest.mark.slow  # trains in TensorFlow for many steps (CI runs -m slow too)
 def test_ltnet_preset_trains_without_nan():
     model = _model("ltnet", g_learning_rate=1e-3, d_learning_rate=1e-3)
     history = _fit(model, steps=8)
@@ -175,6 +177,7 @@ def _check_logs(model: LTNet, history: dict, expected_names: set):
     np.testing.assert_allclose(logs["g_loss"], weighted, rtol=1e-5)
 
 
+@pytest.mark.slow  # trains in TensorFlow for many steps (CI runs -m slow too)
 def test_cycle_weights_ramp_in_over_the_warmup():
     model = _model("ltnet", run_eagerly=True, cycle_warmup_steps=4)
     ramps = []

@@ -28,6 +28,8 @@ from ltnet_tf.prediction import cohort
 from ltnet_tf.registration import alignment, native
 from ltnet_tf.registration.atlases import AtlasSet
 
+pytestmark = pytest.mark.slow  # trains runs with several atlases; predict.py in fresh processes (CI runs -m slow too)
+
 REFINE = RefinementSettings(steps=2, coarse_steps=3)
 REFINE_FLAGS = ["--refine_steps=2", "--refine_coarse_steps=3", "--noqc"]
 

@@ -76,6 +76,7 @@ def test_structure_volumes_use_the_voxel_size():
 
 
 # ------------------------------------------------------------------------------- end to end
+@pytest.mark.slow  # trains and predicts in fresh processes (CI runs -m slow too)
 def test_train_and_predict_on_scans_on_their_own_grids(tmp_path, monkeypatch, capsys):
     """Scanner-like variants (RAS, anisotropic voxels, a 10° oblique tilt, origin far off) are
     aligned for training (once: cached) and segmented on their own grids, with volumes."""

@@ -28,6 +28,8 @@ from helpers import (REPO, SUBPROCESS_TIMEOUT, copy_into, files_under, outputs_u
 
 import tensorflow as tf  # noqa: E402  (after ltnet_tf, which selects Keras 2)
 
+pytestmark = pytest.mark.slow  # trains a run and runs train.py/predict.py in fresh processes (CI runs -m slow too)
+
 STEPS, EVERY = 4, 2
 
 

@@ -29,6 +29,8 @@ from ltnet_tf.io import volumes as data
 from ltnet_tf.prediction.journal import JOURNAL_FOLDER
 from ltnet_tf.prediction.lock import OutputLock
 
+pytestmark = pytest.mark.slow  # predict.py killed and rerun in fresh processes (CI runs -m slow too)
+
 SCAN_COPIES = 8  # scans in the cohort: enough to stop a run between two of them
 SUBPROCESS_TIMEOUT = 900  # a hang guard only: the 2 shared cores can be very slow
 

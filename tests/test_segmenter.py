@@ -21,6 +21,8 @@ from ltnet_tf.segmentation import synthesis
 from ltnet_tf.segmentation.export import latest_export
 from ltnet_tf.segmentation.segmenter import Segmenter, label_indices_at, segmenter_folder
 
+pytestmark = pytest.mark.slow  # trains a segmenter and exports its SavedModel (CI runs -m slow too)
+
 STEPS = 3
 
 

@@ -30,6 +30,8 @@ from test_export import (AFFINE, GRIDS, SUBPROCESS_TIMEOUT, assert_outputs_match
 
 import tensorflow as tf  # noqa: E402  (after ltnet_tf, which selects Keras 2)
 
+pytestmark = pytest.mark.slow  # runs the serving guide's code blocks in fresh processes (CI runs -m slow too)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(REPO, "docs", "serving.md")
 DOWNSAMPLE = 2

@@ -30,6 +30,8 @@ from test_distribute import (_assert_same_training, _checkpoint, _env, _free_por
 
 import tensorflow as tf  # noqa: E402  (after ltnet_tf, which selects Keras 2)
 
+pytestmark = pytest.mark.slow  # training stopped by signals in fresh processes (CI runs -m slow too)
+
 EVERY = 3
 MANY_STEPS = 100000  # never reached: the run only ends on the signal (or the deadline)
 
