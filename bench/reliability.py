@@ -50,6 +50,9 @@ from bench.harness import DATA_DIR, ROOT, command_line, git_commit, write_json
 FLAGS = flags.FLAGS
 PARTS = ("determinism", "concurrent_writers", "disk_full", "killed_runs")
 flags.DEFINE_integer("kills", 20, "Runs of the 10-scan cohort killed at random moments.")
+flags.DEFINE_integer("timing_rounds", 4, "Determinism: rounds of one deterministic and one "
+                     "machine-threads run, interleaved (the time ratio averages their warm scans; "
+                     "at least 2).", lower_bound=2)
 flags.DEFINE_integer("seed", 0, "Seed of the kill moments and signals.")
 flags.DEFINE_list("parts", ["determinism", "concurrent_writers", "disk_full", "killed_runs"],
                   "Parts to run; others are kept from an existing results file.")
@@ -125,8 +128,9 @@ def determinism(work) -> dict:
         shutil.copy(source, os.path.join(scans, name))
     out = lambda name: os.path.join(work, name)  # noqa: E731
     runs = {}
-    for name, env in (("det1", environment()), ("machine1", environment(LTNET_TF_THREADS="machine")),
-                      ("det2", environment()), ("machine2", environment(LTNET_TF_THREADS="machine"))):
+    rounds = range(1, FLAGS.timing_rounds + 1)
+    for name, env in [pair for k in rounds for pair in (
+            (f"det{k}", environment()), (f"machine{k}", environment(LTNET_TF_THREADS="machine")))]:
         runs[name] = run(predict_argv(scans, out(name), "--noqc"), env, out(name))
         runs[name]["load"] = os.getloadavg()[0]
     one_core = ["taskset", "-c", "0"] + predict_argv(scans, out("one_core"), "--noqc")
@@ -142,8 +146,8 @@ def determinism(work) -> dict:
         s = segmentations(folder)
         return differing_voxels(s["n1"], s["n2"]) + differing_voxels(s["a1"], s["a2"])
 
-    det = [t for name in ("det1", "det2") for t in warm_seconds(out(name))]
-    machine = [t for name in ("machine1", "machine2") for t in warm_seconds(out(name))]
+    det = [t for k in rounds for t in warm_seconds(out(f"det{k}"))]
+    machine = [t for k in rounds for t in warm_seconds(out(f"machine{k}"))]
     return {
         "cohort": "native sub-06 as n1.mgz, n2.mgz; aligned sub-06 as a1.nii.gz, a2.nii.gz",
         "same_scan_voxels_differ": {

@@ -42,8 +42,8 @@ def write_markdown(result: dict, path: str) -> None:
         "",
         f"**determinism_time_ratio {det['determinism_time_ratio']}**: warm scans' mean seconds, "
         f"deterministic {mean(warm['deterministic']):.2f} s over machine thread counts "
-        f"{mean(warm['machine']):.2f} s (runs interleaved: deterministic, machine, deterministic, "
-        f"machine; {len(warm['deterministic'])} + {len(warm['machine'])} warm scans).",
+        f"{mean(warm['machine']):.2f} s (runs alternating deterministic and machine, "
+        f"{len(warm['deterministic'])} + {len(warm['machine'])} warm scans).",
         "",
         "## Killed runs",
         "",
