@@ -236,6 +236,13 @@ def coverage(folder, names) -> dict:
     return counts
 
 
+def finished_scans(folder) -> int:
+    """Scans of a cohort folder with a record (written after their files: finished)."""
+    journal = os.path.join(folder, ".predict-journal")
+    return len([n for n in os.listdir(journal) if n.endswith(".json")]) if os.path.isdir(
+        journal) else 0
+
+
 def killed_runs(work, kills: int, seed: int) -> dict:
     images, labels = ten_scan_cohort(work)
     names = sorted(n.split(".")[0] for n in os.listdir(images))
@@ -249,6 +256,7 @@ def killed_runs(work, kills: int, seed: int) -> dict:
             rounds.append({"folder": os.path.basename(round_folder), "kills": 0})
         signum = rng.choice([signal.SIGKILL] * 4 + [signal.SIGTERM, signal.SIGINT])
         delay = rng.uniform(1.0, min(ref["seconds"] * KILL_WINDOW, KILL_WINDOW_MAX_S))
+        finished_before = finished_scans(round_folder)
         process = subprocess.Popen(predict_argv(images, round_folder, "--labels", labels),
                                    env=environment(), stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True)
@@ -260,6 +268,8 @@ def killed_runs(work, kills: int, seed: int) -> dict:
             killed += 1
             rounds[-1]["kills"] += 1
             kill_log.append({"after_s": round(delay, 1), "signal": signal.Signals(signum).name,
+                             "scans_finished_before": finished_before,
+                             "scans_finished_at_kill": finished_scans(round_folder),
                              "returncode": process.returncode,
                              "message": (err.strip().splitlines() or [""])[-1][:200],
                              "unreadable_final_files": unreadable_final_files(round_folder)

@@ -4,6 +4,18 @@ from __future__ import annotations
 from ltnet_tf.files import atomic_write
 
 
+def _kill_moments(kills: list) -> list:
+    """Where the kills landed: how many of the cohort's scans were finished at each kill, and
+    how many the killed run itself had finished (0: killed while starting or in its first scan)."""
+    if not kills or "scans_finished_at_kill" not in kills[0]:
+        return []
+    at = sorted(k["scans_finished_at_kill"] for k in kills)
+    own = [k["scans_finished_at_kill"] - k["scans_finished_before"] for k in kills]
+    return [f"Scans of the cohort finished at each kill: {', '.join(map(str, at))}; kills after "
+            f"the killed run itself had finished at least one scan: {sum(o > 0 for o in own)} of "
+            f"{len(kills)}.", ""]
+
+
 def write_markdown(result: dict, path: str) -> None:
     det, killed = result["determinism"], result["killed_runs"]
     same, machine = det["same_scan_voxels_differ"], det["machine_threads_voxels_differ"]
@@ -53,6 +65,7 @@ def write_markdown(result: dict, path: str) -> None:
         f"({', '.join(f'{n} {s}' for s, n in sorted(signals.items()))}), each followed by the same "
         f"command, over {len(killed['rounds'])} cohort folders.",
         "",
+        *_kill_moments(killed["kills"]),
         "| | |",
         "|---|---|",
         f"| scans lost (missing from volumes.csv, dice.csv, prediction.json or report.html) | "
