@@ -185,3 +185,28 @@ def test_a_head_without_deepbet_installed_is_one_clear_error(head_files, tmp_pat
                              larger), str(other_grid))
     with pytest.raises(data.DataError, match="does not look skull-stripped"):
         predict(head_files, str(other_grid), tmp_path / "out", skull_strip="no")
+
+
+# ------------------------------------------------------------------------------- train.py
+def test_training_strips_the_heads_among_its_scans_once(head_files, tmp_path, monkeypatch):
+    """train.py's unlabelled scans: a whole head is replaced by its stripped, N4-corrected copy
+    (cached: a second run reads it), a stripped brain is used as it is."""
+    from ltnet_tf.training import trainer
+
+    monkeypatch.setenv("LTNET_CACHE_DIR", str(tmp_path / "cache"))
+    brain = tmp_path / "brain.nii.gz"
+    nib.save(nib.Nifti1Image(nib.load(head_files["atlas"]).get_fdata().astype(np.float32),
+                             affine()), str(brain))
+    preparing = preparation.ScanPreparation(preparation.PreparationOptions(extraction=SMALL_BOX))
+    scans = f"{head_files['head']},{brain}"
+    _, _, paths = trainer.check_inputs(head_files["atlas"], head_files["atlas_labels"], scans,
+                                       preparation=preparing)
+    assert paths[1] == str(brain) and paths[0].startswith(str(tmp_path / "cache"))
+    stripped = data.load_scan(paths[0])
+    assert not plausibility.looks_like_head(stripped)
+    record = json.load(open(paths[0][:-len(".nii.gz")] + ".json"))
+    assert record["preparation"]["brain_mask"]["ok"] and record["alignment"] is None
+    assert record["preparation"]["bias_correction"] is not None  # auto: N4 on stripped heads
+    _, _, again = trainer.check_inputs(head_files["atlas"], head_files["atlas_labels"], scans,
+                                       preparation=preparing)
+    assert again == paths and os.path.getmtime(again[0]) == os.path.getmtime(paths[0])

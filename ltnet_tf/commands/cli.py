@@ -73,6 +73,8 @@ def _train_flags() -> flags.FlagValues:
     flags.DEFINE_enum("align", "auto", ["auto", "never"],
                       "auto: align scans on other grids to the atlas (rigid + affine); never: every "
                       "scan must be on the atlas grid.", flag_values=fv)
+    _define_head_flags(fv, "Unlabelled scans stripped here are cached stripped, as scans on "
+                            "other grids are cached aligned.")
     _define_verbose_flag(fv)
     _define_config_flags(fv)
     define_segmenter_flags(fv)
@@ -80,11 +82,14 @@ def _train_flags() -> flags.FlagValues:
 
 
 def _train(fv: flags.FlagValues) -> int:
+    from ltnet_tf.preprocessing.preparation import ScanPreparation
+    from ltnet_tf.registration.alignment import AlignmentSettings
     from ltnet_tf.serving.modeldir import ModelDir
     from ltnet_tf.training import distribute, signals, trainer as training
 
+    preparation = ScanPreparation(_preparation(fv), AlignmentSettings().min_tissue_ml)
     if fv.segmenter:
-        return train_segmenter_command(fv)
+        return train_segmenter_command(fv, preparation)
     for name in ("atlas", "unlabeled", "model_dir"):
         if not fv[name].value:
             raise ConfigError(f"--{name} is required (see --helpfull)")
@@ -109,7 +114,7 @@ def _train(fv: flags.FlagValues) -> int:
                 val_images=fv.val_images, val_labels=fv.val_labels, resume=fv.resume,
                 strategy=strategy, export=fv.export, verbose=verbose, align=fv.align,
                 label_names=fv.label_names, extra_atlases=extra_atlases,
-                stop_request=stop_request)
+                stop_request=stop_request, preparation=preparation)
     except KeyboardInterrupt as stop:
         print(training.stopped_message(model_dir, stop), file=sys.stderr)
         return signals.exit_code(stop)
@@ -191,16 +196,26 @@ def _predict_flags() -> flags.FlagValues:
     return fv
 
 
-def _define_preparation_flags(fv: flags.FlagValues) -> None:
+def _define_head_flags(fv: flags.FlagValues, where: str) -> None:
     flags.DEFINE_enum("skull_strip", "auto", ["auto", "yes", "no"],
                       "Brain extraction (deepbet; pip install \"ltnet-tf[heads]\"): auto: of the "
                       "scans that look like whole heads (more tissue than a skull-stripped "
-                      "brain); yes: of every scan; no: never (heads are refused). The mask is "
-                      "written as <scan>_brainmask.nii.gz and drawn on the QC picture.",
+                      "brain); yes: of every scan; no: never (heads are refused). " + where,
                       flag_values=fv)
     flags.DEFINE_enum("bias_correction", "auto", ["auto", "yes", "no"],
                       "N4 bias-field correction on the brain mask: auto: of the scans that were "
                       "skull-stripped here; yes: of every scan; no: never.", flag_values=fv)
+
+
+def _preparation(fv: flags.FlagValues):
+    from ltnet_tf.preprocessing.preparation import PreparationOptions
+
+    return PreparationOptions(skull_strip=fv.skull_strip, bias_correction=fv.bias_correction)
+
+
+def _define_preparation_flags(fv: flags.FlagValues) -> None:
+    _define_head_flags(fv, "The mask is written as <scan>_brainmask.nii.gz and drawn on the QC "
+                           "picture.")
     flags.DEFINE_enum("similarity", "auto", ["auto", "ncc", "remap"],
                       "What refinement compares: ncc: the scan as it is (local NCC); remap: the "
                       "scan mapped to the atlas's contrast first (T2-, FLAIR-, PD-weighted "
@@ -224,7 +239,6 @@ def _define_refinement_flags(fv: flags.FlagValues) -> None:
 
 def _predict(fv: flags.FlagValues) -> int:
     from ltnet_tf.prediction.cohort import PredictOptions, parse_shard, predict_files
-    from ltnet_tf.preprocessing.preparation import PreparationOptions
 
     if not fv.model_dir and not fv.atlas:
         raise ConfigError("--model_dir is required, or --atlas (with --atlas_labels) to segment "
@@ -241,8 +255,7 @@ def _predict(fv: flags.FlagValues) -> int:
         fusion=fv.fusion, save_warped_atlas=fv.save_warped_atlas, save_flow=fv.save_flow,
         save_aligned=fv.save_aligned, qc=fv.qc, probabilities=fv.save_probabilities,
         shard=parse_shard(fv.shard) if fv.shard else None,
-        preparation=PreparationOptions(skull_strip=fv.skull_strip,
-                                       bias_correction=fv.bias_correction),
+        preparation=_preparation(fv),
         similarity=fv.similarity)
     if hasattr(signal, "SIGXFSZ"):  # a file-size limit: the write raises (one line), no kill
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -45,12 +45,14 @@ def segmenter_config(fv: flags.FlagValues) -> SegmenterConfig:
     return SegmenterConfig().replace(**changes)
 
 
-def train_segmenter_command(fv: flags.FlagValues) -> int:
+def train_segmenter_command(fv: flags.FlagValues, preparation=None) -> int:
+    """``preparation``: a ``ScanPreparation`` for whole heads among the unlabelled scans."""
     from ltnet_tf.prediction.teacher import train_segmenter
 
     for name in ("unlabeled", "model_dir"):
         if not fv[name].value:
             raise ConfigError(f"--{name} is required (see --helpfull)")
     train_segmenter(fv.model_dir, fv.unlabeled, segmenter_config(fv), atlas=fv.atlas,
-                    atlas_labels=fv.atlas_labels, fusion=fv.teacher_fusion, export=fv.export)
+                    atlas_labels=fv.atlas_labels, fusion=fv.teacher_fusion, export=fv.export,
+                    preparation=preparation)
     return 0

@@ -26,6 +26,7 @@ from ltnet_tf.config import LTNetConfig, RefinementSettings, SegmenterConfig
 from ltnet_tf.io import volumes as data
 from ltnet_tf.prediction.cohort import load_atlases
 from ltnet_tf.prediction.predictor import Predictor, check_scan
+from ltnet_tf.preprocessing.preparation import ScanPreparation
 from ltnet_tf.registration import alignment as alignment_lib, transfer
 from ltnet_tf.registration.atlases import AtlasSet, atlas_files
 from ltnet_tf.segmentation import synthesis
@@ -58,14 +59,17 @@ def labelled_examples(atlases: AtlasSet, config: SegmenterConfig) -> list:
 
 
 def teacher_examples(predictor: Predictor, scan_paths: list, config: SegmenterConfig,
-                     log=print) -> tuple:
+                     log=print, preparation: ScanPreparation = None) -> tuple:
     """(pseudo-labelled examples, shape examples, records) of ``scan_paths`` (any grid), from the
-    product's registrations. Raises DataError naming a scan that cannot be used."""
+    product's registrations; ``preparation`` strips and corrects whole heads first. Raises
+    DataError naming a scan that cannot be used."""
     atlas_labels = predictor.atlases.primary.labels.data
     pseudo, shapes, records = [], [], []
     for number, path in enumerate(scan_paths, start=1):
         start = time.time()
         scan = data.load_scan(path)
+        if preparation is not None:  # a whole head: stripped and corrected first
+            scan = preparation(scan).scan
         # Aligned first, so that the labels are pulled once, onto the atlas grid only.
         alignment = (predictor.aligner.align(scan) if predictor.needs_alignment(scan)
                      else alignment_lib.identity(predictor.atlas, scan))
@@ -116,27 +120,36 @@ def _run_folder(model_dir: str, atlas, atlas_labels) -> tuple:
     return run, atlases, None
 
 
+def _check_scans(scan_paths: list, pairs: list, preparation: ScanPreparation = None) -> None:
+    """Every unlabelled scan read and checked against the new atlases ``pairs`` [(image,
+    labels)] before anything is written; none may be an atlas. Raises DataError naming it."""
+    if not pairs:
+        return
+    aligner = alignment_lib.AtlasAligner(data.load_scan(pairs[0][0]))
+    atlas_files_used = {os.path.abspath(p) for pair in pairs for p in pair}
+    for path in scan_paths:
+        if os.path.abspath(path) in atlas_files_used:
+            raise data.DataError(f"{path}: is also an atlas; an unlabelled scan must not be")
+        check_scan(data.load_scan(path), aligner, "auto", preparation)
+
+
 def train_segmenter(model_dir: str, unlabeled, config: SegmenterConfig, *, atlas=None,
                     atlas_labels=None, fusion: str = "jlf", refinement: RefinementSettings = None,
-                    export: bool = True, log=print) -> Segmenter:
+                    export: bool = True, preparation: ScanPreparation = None,
+                    log=print) -> Segmenter:
     """Make the examples with the product's label transfer and fit a segmenter on them; saved in
     ``model_dir``/segmenter/ (and its SavedModel, with ``export``). ``atlas``/``atlas_labels``:
     for a new run folder (comma-separated for several atlases, fused by ``fusion``); an existing
-    run folder uses its own. Every scan is read and checked before anything is written.
+    run folder uses its own. ``preparation``: whole heads among the scans are stripped and
+    N4-corrected first, as predict.py does. Every scan is read and checked before anything is
+    written.
     Raises DataError (a scan or atlas), ModelDirError (the folder), ConfigError, and
     fitting.SegmenterTrainingError."""
     scan_paths = data.list_images(unlabeled)
     if os.path.isdir(os.path.join(model_dir, "segmenter")) and has_segmenter(model_dir):
         raise ModelDirError(f"{os.path.abspath(model_dir)}: already holds a segmenter "
                             f"(segmenter/); choose another --model_dir")
-    pairs = atlas_files(atlas, atlas_labels) if atlas else []
-    if pairs:
-        aligner = alignment_lib.AtlasAligner(data.load_scan(pairs[0][0]))
-        atlas_files_used = {os.path.abspath(p) for pair in pairs for p in pair}
-        for path in scan_paths:
-            if os.path.abspath(path) in atlas_files_used:
-                raise data.DataError(f"{path}: is also an atlas; an unlabelled scan must not be")
-            check_scan(data.load_scan(path), aligner, "auto")
+    _check_scans(scan_paths, atlas_files(atlas, atlas_labels) if atlas else [], preparation)
     start = time.time()
     run, atlases, network = _run_folder(model_dir, atlas, atlas_labels)
     config = segmenter_config(config.replace(teacher_fusion=fusion if len(atlases) > 1
@@ -147,7 +160,7 @@ def train_segmenter(model_dir: str, unlabeled, config: SegmenterConfig, *, atlas
         + f", {'G_F of the run' if network else 'refinement from the identity'}; "
         f"{len(scan_paths)} unlabelled scans")
     real = labelled_examples(atlases, config)
-    pseudo, shapes, records = teacher_examples(predictor, scan_paths, config, log)
+    pseudo, shapes, records = teacher_examples(predictor, scan_paths, config, log, preparation)
     teacher_minutes = (time.time() - start) / 60.0
     teacher_start = "G_F of the run" if network is not None else "identity"
     del predictor, network  # memory for the fitting

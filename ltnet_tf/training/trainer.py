@@ -20,6 +20,7 @@ from ltnet_tf.config import LTNetConfig
 from ltnet_tf.io import volumes as data
 from ltnet_tf.io.label_names import LabelNames
 from ltnet_tf.io.pairs import load_validation_pairs
+from ltnet_tf.preprocessing.preparation import ScanPreparation
 from ltnet_tf.registration import alignment
 from ltnet_tf.registration.atlases import AtlasSet
 from ltnet_tf.registration.transfer import LabelTransfer
@@ -35,19 +36,27 @@ __all__ = ["train", "TrainingError", "DivergenceError", "check_inputs", "resolve
 
 
 # ------------------------------------------------------------------------------- inputs
-def check_inputs(atlas_path, atlas_labels_path, scan_paths, align: str = "auto"):
+def check_inputs(atlas_path, atlas_labels_path, scan_paths, align: str = "auto",
+                 preparation: ScanPreparation = None):
     """Load atlas + labels, list and check every scan (one at a time). With ``align='auto'`` a scan
-    on another grid is replaced by its aligned copy on the atlas grid (cached, see alignment.py)."""
+    on another grid is replaced by its aligned copy on the atlas grid, and with ``preparation`` a
+    whole head by its skull-stripped, N4-corrected copy (both cached, ``alignment_cache``).
+    Raises DataError naming a file, ConfigError when heads need an extractor not installed."""
     atlas = data.load_scan(atlas_path)
     atlas_labels = data.load_label_map(atlas_labels_path)
     data.check_same_grid(atlas, atlas_labels, strict=True)
-    paths = data.list_images(scan_paths)
+    paths, heads = data.list_images(scan_paths), set()
     for path in paths:
         scan = data.load_scan(path)  # values checked: finite, 3D, not constant
+        if preparation is not None and (preparation.check(scan)
+                                        or preparation.options.bias_correction == "yes"):
+            heads.add(path)  # stripped and/or corrected; a head's tissue checked by check()
         if align == "never" or alignment.on_atlas_grid(atlas, scan):
             data.check_same_grid(atlas, scan, strict=False)
-    if align == "auto":
-        paths = alignment_cache.align_training_scans(atlas, atlas_path, paths)
+    if align == "auto" or heads:
+        paths = alignment_cache.align_training_scans(atlas, atlas_path, paths,
+                                                     preparation=preparation, prepare=heads,
+                                                     align=align == "auto")
     return atlas, atlas_labels, paths
 
 
@@ -98,7 +107,8 @@ def train(config: LTNetConfig, atlas_path, atlas_labels_path, scan_paths, model_
           val_images=None, val_labels=None, resume: bool = False, strategy=None,
           export: bool = True, verbose: int = 1, align: str = "auto",
           label_names: str = None, extra_atlases=(),
-          stop_request: signals.StopRequest = None) -> ModelDir:
+          stop_request: signals.StopRequest = None,
+          preparation: ScanPreparation = None) -> ModelDir:
     """Train LT-Net; returns the run folder (see ``ltnet_tf.serving.modeldir`` for what it holds).
 
     ``align='auto'``: scans and validation scans on other grids than the atlas's are aligned to it
@@ -111,6 +121,8 @@ def train(config: LTNetConfig, atlas_path, atlas_labels_path, scan_paths, model_
     predict.py registers every atlas to each scan and fuses their labels.
     ``stop_request`` (from ``signals.stop_on_signals``): a stop signal (SIGTERM from a scheduler,
     Ctrl-C) during training saves the current step and raises ``signals.Stopped``.
+    ``preparation``: whole heads among the unlabelled scans are skull-stripped and N4-corrected
+    as predict.py does (``--skull_strip``, ``--bias_correction``); None: used as they are.
     Raises DataError (inputs), ModelDirError (the folder), TrainingError (the run cannot start or
     save), DivergenceError (a non-finite loss or weights).
     """
@@ -121,7 +133,7 @@ def train(config: LTNetConfig, atlas_path, atlas_labels_path, scan_paths, model_
                             f"multiple of the {strategy.num_replicas_in_sync} replicas in sync")
     model_dir = ModelDir(model_dir)
     atlas, atlas_labels, scan_paths = check_inputs(atlas_path, atlas_labels_path, scan_paths,
-                                                   align)
+                                                   align, preparation)
     pairs = load_validation_pairs(val_images, val_labels) if val_images else []
     pairs = align_validation_pairs(atlas, pairs, align)
     config = resolve_config(config, atlas, atlas_labels)
