@@ -45,3 +45,27 @@ def test_normalised_gradient_fields_ignore_the_contrast_but_not_the_position():
     assert float(ngf(terms, tf.constant(atlas[None]))[0]) == pytest.approx(same_place, abs=0.1)
     with pytest.raises(ConfigError, match="similarity"):
         RefinementSettings(similarity="mi")
+
+
+def test_mind_descriptors_ignore_a_linear_contrast_change_but_not_the_position():
+    """MIND-SSC of a scan and of its inverse (a T1 against a T2-like copy) are the same (the
+    patch distances and their mean scale alike); shifting the copy raises the loss."""
+    import tensorflow as tf
+
+    from ltnet_tf.registration.mind import PAIRS, FixedScanMIND, mind_ssc
+
+    assert len(PAIRS) == 12
+    tissues = synthetic.phantom_tissues(SHAPE)
+    atlas = np.where(tissues > 0, synthetic.TISSUE_INTENSITIES[tissues], 0).astype(np.float32)
+    atlas = intensity.normalize_array(atlas)
+    atlas = atlas + np.random.default_rng(0).normal(0, 0.01, SHAPE).astype(np.float32)
+    inverted = (2.0 - 3.0 * atlas).astype(np.float32)
+    descriptor = mind_ssc(tf.constant(atlas[None])).numpy()
+    assert descriptor.shape == (1, *SHAPE, 12) and 0 < descriptor.min() and descriptor.max() <= 1
+    np.testing.assert_allclose(mind_ssc(tf.constant(inverted[None])).numpy(), descriptor,
+                               atol=1e-4)
+    mind = FixedScanMIND(SHAPE)
+    terms = mind.scan_sums(tf.constant(atlas[None]))
+    same_place = float(mind(terms, tf.constant(inverted[None]))[0])
+    moved = float(mind(terms, tf.constant(np.roll(inverted, 2, axis=0)[None]))[0])
+    assert same_place < 1e-6 < 0.01 < moved
