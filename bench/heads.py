@@ -18,7 +18,8 @@ refinement at its defaults), each scan on its own grid, Dice of the 28 benchmark
   remapped to T2-, FLAIR- and PD-like contrasts (``bench.contrasts.remap_contrast``), segmented
   with the similarity the product picks for them (``--similarity auto``).
 
-Timings on a machine shared with other jobs are upper bounds. Writes bench/results/heads.json, .md.
+Each part records the load average at its start and end: timings taken while other jobs share the
+cores are upper bounds. Writes bench/results/heads.json, .md.
 """
 from __future__ import annotations
 
@@ -181,7 +182,8 @@ def summarise(results: dict) -> dict:
 def main(argv):
     del argv
     bench = Bench(FLAGS.data_dir)
-    run, measured = {"command": command_line(), "commit": git_commit()}, {}
+    run, measured = {"command": command_line(), "commit": git_commit(),
+                     "load_average_1min": {"start": os.getloadavg()[0]}}, {}
     if "brain_mask" in FLAGS.sections or "bias" in FLAGS.sections:
         measured["heads"] = bench.heads(with_bias="bias" in FLAGS.sections)
     if "contrast" in FLAGS.sections:
@@ -190,6 +192,7 @@ def main(argv):
     # command and commit (``runs``).
     path = os.path.join(FLAGS.results_dir, "heads.json")
     results = json.load(open(path)) if os.path.exists(path) and len(FLAGS.sections) < 3 else {}
+    run["load_average_1min"]["end"] = os.getloadavg()[0]
     results.update(targets=TARGETS, command=run["command"], commit=run["commit"], **measured)
     results.setdefault("runs", {}).update({part: run for part in measured})
     results["summary"] = summarise(results)

@@ -29,16 +29,22 @@ def _contrast_table(contrast: dict) -> list:
     return lines
 
 
+def _load(run: dict) -> str:
+    load = run.get("load_average_1min")
+    return (f" (load {load['start']:.1f} -> {load['end']:.1f})" if load
+            else " (load 9-16: a shared machine)")
+
+
 def markdown(results: dict) -> str:
     summary, targets = results["summary"], results["targets"]
     runs = results.get("runs") or {"all": {"command": results["command"],
                                             "commit": results["commit"]}}
-    made = "; ".join(f"{part}: `{run['command']}` at commit `{run['commit']}`"
+    made = "; ".join(f"{part}: `{run['command']}` at commit `{run['commit']}`" + _load(run)
                      for part, run in runs.items())
     lines = ["# Whole heads, bias fields, other contrasts", "",
-             f"{made}; on a 2-core CPU shared with other jobs (load 9-16 during the runs: wall "
-             "seconds are upper bounds, CPU seconds are the process's own). Segmenting without a "
-             "trained network "
+             f"{made}; on a 2-core CPU (where the load was above 2, other jobs shared the cores: "
+             "wall seconds are upper bounds there; CPU seconds are the process's own). Segmenting "
+             "without a trained network "
              "(the atlas of ../shared/data, refinement at its defaults), Dice of the 28 benchmark "
              "structures on each scan's own grid. See `bench/heads.py` for every step and "
              "`bench/contrasts.py` for how bias fields and contrasts are made.", ""]
