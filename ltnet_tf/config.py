@@ -267,13 +267,13 @@ class RefinementSettings:
     learning_rate: float = 0.2
     weight_smooth: float = 4.0
     jit_compile: bool = True
-    # 'ncc': 1 - local NCC (LT-Net's objective); for scans of another contrast than the atlas's,
-    # 'ngf': 1 - normalised gradient fields (``gradient_fields``), 'mind': MIND-SSC (``mind``).
+    # 'ncc': 1 - local NCC (LT-Net's objective); 'ngf': 1 - normalised gradient fields, for scans
+    # of another contrast than the atlas's (``refinement.FixedScanNGF``).
     similarity: str = "ncc"
 
     def __post_init__(self):
-        if self.similarity not in ("ncc", "ngf", "mind"):
-            raise ConfigError(f"refinement 'similarity' must be ncc, ngf or mind, got "
+        if self.similarity not in ("ncc", "ngf"):
+            raise ConfigError(f"refinement 'similarity' must be ncc or ngf, got "
                               f"{self.similarity!r}")
         for name in ("steps", "coarse_steps"):
             value = getattr(self, name)

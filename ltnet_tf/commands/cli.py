@@ -216,11 +216,10 @@ def _preparation(fv: flags.FlagValues):
 def _define_preparation_flags(fv: flags.FlagValues) -> None:
     _define_head_flags(fv, "The mask is written as <scan>_brainmask.nii.gz and drawn on the QC "
                            "picture.")
-    flags.DEFINE_enum("similarity", "auto", ["auto", "ncc", "remap", "mind"],
+    flags.DEFINE_enum("similarity", "auto", ["auto", "ncc", "remap"],
                       "What refinement compares: ncc: the scan as it is (local NCC); remap: the "
-                      "scan mapped to the atlas's contrast first, then local NCC; mind: MIND-SSC "
-                      "descriptors (contrast-independent) (T2-, FLAIR-, PD-weighted scans); "
-                      "auto: remap when the alignment check flags a contrast mismatch.",
+                      "scan mapped to the atlas's contrast first (T2-, FLAIR-, PD-weighted "
+                      "scans); auto: remap when the alignment check flags a contrast mismatch.",
                       flag_values=fv)
 
 

@@ -119,8 +119,6 @@ class Predictor:
         self.pulls = [NativeLabelPull(a.labels.data, a.labels_from_grid) for a in atlases.atlases]
         self.refiner = (None if refinement is None else
                         ScanRefiner(self.config, atlases.images_on_grid(), refinement))
-        self._refinement = refinement
-        self._refiners = {refinement.similarity: self.refiner} if refinement else {}
 
     @property
     def label_ids(self) -> list:
@@ -162,8 +160,7 @@ class Predictor:
                 result.update(self.network.segment(aligned, extras=extras))
         else:
             result.update(self._transferred_labels(scan, alignment, aligned, aligned_scan, clock,
-                                                   keep_aligned, extras, probabilities,
-                                                   similarity))
+                                                   keep_aligned, extras, probabilities))
         return result
 
     def _prepare(self, scan: data.Volume, clock: StageClock) -> tuple:
@@ -194,11 +191,11 @@ class Predictor:
         return alignment, aligned_scan, aligned, similarity
 
     def _transferred_labels(self, scan, alignment, aligned, aligned_scan, clock, keep_aligned,
-                            extras, probabilities, similarity: str = "ncc") -> dict:
+                            extras, probabilities) -> dict:
         """The label transfer (``segment`` without a segmenter): displacement(s), refinement,
         labels pulled onto the scan's own voxels and fused."""
         result = {}
-        displacement, refined = self._displacement(aligned, clock, similarity)
+        displacement, refined = self._displacement(aligned, clock)
         result["displacement"] = displacement
         with clock("labels"):
             weights = self._fusion_weights(aligned, refined)
@@ -257,17 +254,7 @@ class Predictor:
             self._atlas_normalized = intensity.normalize_array(self.atlas.data)
         return contrast.atlas_like(aligned, self._atlas_normalized)
 
-    def _refiner_for(self, similarity: str) -> ScanRefiner:
-        """The refiner comparing with ``similarity``: MIND-SSC's is built (and traced) the first
-        time a scan needs it; 'ncc' and 'remap' use the refiner of the settings given."""
-        loss = "mind" if similarity == "mind" else self._refinement.similarity
-        if loss not in self._refiners:
-            self._refiners[loss] = ScanRefiner(self.config, self.atlases.images_on_grid(),
-                                               self._refinement.replace(similarity=loss))
-        return self._refiners[loss]
-
-    def _displacement(self, aligned: data.Volume, clock: StageClock,
-                      similarity: str = "ncc") -> tuple:
+    def _displacement(self, aligned: data.Volume, clock: StageClock) -> tuple:
         """(``inference.Displacement`` with one element per atlas, the refinement's numpy outputs
         or None)."""
         flow_working = None
@@ -281,7 +268,7 @@ class Predictor:
         if self.refiner is None:
             return inference.Displacement([(flow_working, self.config.downsample)]), None
         with clock("refine"):
-            return self._refiner_for(similarity)(aligned, flow_working)
+            return self.refiner(aligned, flow_working)
 
     def _fusion_weights(self, aligned: data.Volume, refined):
         """Per-atlas weight maps on the refinement's fine grid [A, *grid], or None (one atlas,

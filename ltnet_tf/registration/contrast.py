@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from ltnet_tf.io import intensity, volumes as data
 
-SIMILARITIES = ("auto", "ncc", "remap", "mind")
+SIMILARITIES = ("auto", "ncc", "remap")
 HISTOGRAM_BINS = 64
 
 

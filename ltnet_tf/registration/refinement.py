@@ -36,7 +36,6 @@ import tensorflow as tf
 from ltnet_tf.config import LTNetConfig, RefinementSettings
 from ltnet_tf.io import volumes as data
 from ltnet_tf.registration.gradient_fields import FixedScanNGF
-from ltnet_tf.registration.mind import FixedScanMIND
 from ltnet_tf.registration.transfer import Displacement, resample_displacement
 
 
@@ -183,8 +182,8 @@ class GridStage:
         self.factor = factor
         self.grid_shape = tuple(int(math.ceil(s / factor)) for s in atlases_full.shape[1:4])
         self.atlas_sampler = AtlasSampler(to_grid(atlases_full[..., None], factor))
-        self.ncc = {"ngf": FixedScanNGF, "mind": FixedScanMIND}.get(
-            similarity, lambda shape: FixedScanNCC(shape, window))(self.grid_shape)
+        self.ncc = (FixedScanNGF(self.grid_shape) if similarity == "ngf"
+                    else FixedScanNCC(self.grid_shape, window))
         self.learning_rate = learning_rate
         self.weight_smooth = weight_smooth
         self.jit_compile = jit_compile
