@@ -15,7 +15,7 @@ Dice of the 28 structures of Table 1 on the atlas grid (mean and per structure);
 end to end (read the NIfTI, segment, write), the methods interleaved scan by scan so a shared
 machine slows them alike; the first call of each (tracing) is paid before the clock, on the atlas
 image. ``native`` part: wall and CPU seconds of each stage of a warm native 256³ scan (sub-06,
-sub-07 of native/, as ``bench.stage_cpu`` counts them: read, align, network, refine, labels,
+sub-07 of native/, by ``ltnet_tf.prediction.predictor.StageClock``: read, align, network, refine, labels,
 write), for every method. ``ceiling`` part: what the working grid's resolution allows: the true
 labels of sub-06/07 pooled x2 (label fractions), read back on the full grid by the segmenter's
 read-out (interpolated probabilities) and by the interpolated argmax alone.
