@@ -43,11 +43,12 @@ def define_flags(name: str, work: bool = True, merge: bool = False) -> None:
 
 
 def portable(text, roles: dict = None) -> str:
-    """``text`` with this machine's paths replaced: folders of ``roles`` ({path: role}) by their
-    role, the data folder by $LTNET_DATA_DIR, the repository by a relative
+    """``text`` with this machine's paths replaced: folders of ``roles`` ({path: role}, absolute
+    or as given) by their role, the data folder by $LTNET_DATA_DIR, the repository by a relative
     path. The longest path first: one folder may hold another."""
     text = str(text)
     named = {os.path.abspath(p): r for p, r in (roles or {}).items() if p}
+    named.update({p.rstrip(os.sep): r for p, r in (roles or {}).items() if p})  # as given
     named[os.path.abspath(DATA_DIR)] = "$LTNET_DATA_DIR"
     for path in sorted(named, key=len, reverse=True):
         text = text.replace(path, named[path])
@@ -252,21 +253,51 @@ def miccai_cases(data_dir: str, cache_dir: str, subjects) -> tuple:
     return cases, manifest
 
 
-def dice_figures(records: list) -> dict:
+def atlas_pairs(data_dir: str, extras) -> list:
+    """[(image, label map)]: the data's atlas, then the subjects ``extras`` of images/ and labels/
+    as further atlases; SystemExit if one is a validation subject, listed twice or missing."""
+    if set(extras) & set(SHARED_SUBJECTS) or len(set(extras)) != len(extras):
+        raise SystemExit("extra atlases: validation subjects can never be atlases, and each is "
+                         "listed once")
+    pairs = [(os.path.join(data_dir, "atlas.nii.gz"),
+              os.path.join(data_dir, "atlas_labels.nii.gz"))]
+    pairs += [(os.path.join(data_dir, "images", f"{s}.nii.gz"),
+               os.path.join(data_dir, "labels", f"{s}.nii.gz")) for s in extras]
+    for path in (p for pair in pairs for p in pair if not os.path.isfile(p)):
+        raise SystemExit(f"{path}: atlas file not found")
+    return pairs
+
+
+def provenance(roles: dict = None) -> dict:
+    """{'command', 'git_commit', 'load_average_1_5_15min': {'start'}} of this run; ``finished``
+    adds the load at its end (the machine is shared: how busy it was)."""
+    return {"command": command_line(roles), "git_commit": git_commit(),
+            "load_average_1_5_15min": {"start": os.getloadavg()}}
+
+
+def finished(record: dict) -> dict:
+    record["load_average_1_5_15min"]["end"] = os.getloadavg()
+    return record
+
+
+def dice_figures(records: list, folding: bool = True) -> dict:
     """Figures of one configuration on one set from per-scan records ({'subject', 'dice' {label:
-    Dice}, 'seconds', 'folding_fraction'}): means, per subject and per structure (28)."""
+    Dice}, 'seconds'[, 'folding_fraction']}): means, per subject and per structure (28)."""
     import numpy as np
     from ltnet_tf.io import evaluation
     from ltnet_tf.io.labels import BENCHMARK_LABELS, structure_name
 
     subjects = {r["subject"]: evaluation.mean_dice(r["dice"], BENCHMARK_LABELS) for r in records}
-    return {"mean_dice": float(np.mean(list(subjects.values()))), "per_subject": subjects,
-            "per_structure": {structure_name(label): float(np.nanmean(
-                [r["dice"][label] for r in records])) for label in BENCHMARK_LABELS},
-            "seconds_per_scan": float(np.mean([r["seconds"] for r in records])),
-            "per_subject_seconds": {r["subject"]: r["seconds"] for r in records},
-            "folding_fraction": float(np.mean([r["folding_fraction"] for r in records])),
-            "per_subject_folding": {r["subject"]: r["folding_fraction"] for r in records}}
+    figures = {"mean_dice": float(np.mean(list(subjects.values()))), "per_subject": subjects,
+               "per_structure": {structure_name(label): float(np.nanmean(
+                   [r["dice"][label] for r in records])) for label in BENCHMARK_LABELS},
+               "seconds_per_scan": float(np.mean([r["seconds"] for r in records])),
+               "per_subject_seconds": {r["subject"]: r["seconds"] for r in records}}
+    if folding:
+        figures.update(
+            folding_fraction=float(np.mean([r["folding_fraction"] for r in records])),
+            per_subject_folding={r["subject"]: r["folding_fraction"] for r in records})
+    return figures
 
 
 def score(case: Case, result: dict, name: str) -> dict:
@@ -281,7 +312,7 @@ def score(case: Case, result: dict, name: str) -> dict:
           f"{evaluation.mean_dice(dice, BENCHMARK_LABELS):.3f}, {result['seconds']:.1f} s ("
           + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()) + ")", flush=True)
     return {"set": case.set_name, "subject": case.subject, "dice": dice, "stages": stages,
-            "seconds": result["seconds"], "folding_fraction": result["folding_fraction"],
+            "seconds": result["seconds"], "folding_fraction": result.get("folding_fraction"),
             "folding_fractions": result.get("folding_fractions"),
             "refine_seconds": stages.get("refine"),
             "refinement_loss": result.get("refinement_loss")}

@@ -15,10 +15,10 @@ Dice of the 28 structures of Table 1 on the atlas grid (mean and per structure);
 end to end (read the NIfTI, segment, write), the methods interleaved scan by scan so a shared
 machine slows them alike; the first call of each (tracing) is paid before the clock, on the atlas
 image. ``native`` part: wall and CPU seconds of each stage of a warm native 256³ scan (sub-06,
-sub-07 of native/, by ``ltnet_tf.prediction.predictor.StageClock``: read, align, network, refine, labels,
-write), for every method. ``ceiling`` part: what the working grid's resolution allows: the true
-labels of sub-06/07 pooled x2 (label fractions), read back on the full grid by the segmenter's
-read-out (interpolated probabilities) and by the interpolated argmax alone.
+sub-07 of native/, by ``ltnet_tf.prediction.predictor.StageClock``: read, align, network,
+refine, labels, write), for every method. ``ceiling`` part: what the working grid's resolution
+allows: the true labels of sub-06/07 pooled x2 (label fractions), read back on the full grid by
+the segmenter's read-out (interpolated probabilities) and by the interpolated argmax alone.
 
     python train.py --segmenter --profile cpu --atlas ATLAS --atlas_labels LABELS \\
         --unlabeled <17 training scans> --model_dir RUN1
@@ -27,52 +27,41 @@ read-out (interpolated probabilities) and by the interpolated argmax alone.
     python -m bench.segmenter --seg1 RUN1 --seg5 RUN5
 
 Writes bench/results/segmenter.json ({"sets": {"fstd": {...}, "miccai": {...}}, ...}) and
-segmenter.md.
+segmenter.md (``markdown``).
 """
 from __future__ import annotations
 
-import os
-
 from ltnet_tf import compat  # noqa: F401
-from bench.harness import DATA_DIR, ROOT, command_line, git_commit, write_json
 
 import json
-import platform
+import os
 import time
 
 import numpy as np
 from absl import app, flags
 
 from bench import harness
+from bench.harness import table
 from ltnet_tf.config import RefinementSettings
 from ltnet_tf.io import evaluation, volumes as data
-from ltnet_tf.io.labels import BENCHMARK_LABELS, structure_name
+from ltnet_tf.io.labels import BENCHMARK_LABELS
 
 METHODS = ("transfer_1", "segmenter_1", "jlf_5", "segmenter_5")
+NAMES = {"transfer_1": "label transfer, 1 atlas (predict.py --atlas)",
+         "segmenter_1": "segmenter trained from 1 atlas",
+         "jlf_5": "5 atlases, joint label fusion (predict.py default)",
+         "segmenter_5": "segmenter trained from 5 atlases"}
 SET_KEYS = {"shared": "fstd", "miccai2012": "miccai"}
+SETS = {"fstd": "sub-06/07", "miccai": "MICCAI 2012 (6)"}
 EXTRA_ATLASES = ("sub-01", "sub-02", "sub-03", "sub-04")
+harness.define_flags("segmenter", merge=True)
 flags.DEFINE_string("seg1", None, "Run folder of the segmenter trained from one atlas.")
 flags.DEFINE_string("seg5", None, "Run folder of the segmenter trained from five atlases.")
-flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "
-                    "../shared/data beside the repository).")
-flags.DEFINE_string("work_dir", os.path.join(ROOT, "bench", "scratch", "segmenter"),
-                    "Aligned MICCAI scans, segmentations.")
-flags.DEFINE_string("results_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
 flags.DEFINE_list("methods", list(METHODS), "Methods, interleaved scan by scan.")
 flags.DEFINE_list("parts", ["dice", "native", "ceiling"], "dice, native, ceiling.")
-flags.DEFINE_bool("merge", True, "Keep the entries of an existing segmenter.json of methods "
-                  "(and parts) not rerun; each entry records its own command, commit and load.")
 flags.DEFINE_integer("native_rounds", 2, "Rounds over the two native scans (the first is not "
                      "counted).")
 FLAGS = flags.FLAGS
-
-
-def atlas_pairs(count: int) -> list:
-    pairs = [(os.path.join(FLAGS.data_dir, "atlas.nii.gz"),
-              os.path.join(FLAGS.data_dir, "atlas_labels.nii.gz"))]
-    return (pairs + [(os.path.join(FLAGS.data_dir, "images", f"{s}.nii.gz"),
-                      os.path.join(FLAGS.data_dir, "labels", f"{s}.nii.gz"))
-                     for s in EXTRA_ATLASES])[:count]
 
 
 class SegmenterMethod:
@@ -102,84 +91,67 @@ class SegmenterMethod:
         return {"segmentation": result["segmentation"], "seconds": time.time() - start,
                 "stage_seconds": dict(result["seconds"])}
 
+    def training_record(self) -> dict:
+        training, fit = self.segmenter.training, self.segmenter.training.get("fit", {})
+        return {**{k: v for k, v in training.items() if k != "fit"}, "steps": fit.get("steps"),
+                "fit_minutes": fit.get("minutes"), "config": self.segmenter.config.to_dict()}
+
 
 def make_method(name: str):
-    if name == "transfer_1":
-        return harness.Product(None, RefinementSettings(), atlases=atlas_pairs(1))
-    if name == "jlf_5":
-        return harness.Product(None, RefinementSettings(), atlases=atlas_pairs(5), fusion="jlf")
-    folder = FLAGS.seg1 if name == "segmenter_1" else FLAGS.seg5
-    if not folder:
-        raise SystemExit(f"{name}: give its run folder (--{'seg1' if name.endswith('1') else 'seg5'})")
-    return SegmenterMethod(folder)
-
-
-def summarise(records: list) -> dict:
-    subjects = {r["subject"]: evaluation.mean_dice(r["dice"], BENCHMARK_LABELS) for r in records}
-    return {"mean_dice": float(np.mean(list(subjects.values()))),
-            "seconds_per_scan": float(np.mean([r["seconds"] for r in records])),
-            "per_subject": subjects,
-            "per_subject_seconds": {r["subject"]: r["seconds"] for r in records},
-            "per_structure": {structure_name(label): float(np.nanmean(
-                [r["dice"][label] for r in records])) for label in BENCHMARK_LABELS}}
+    if name in ("transfer_1", "jlf_5"):
+        count = int(name[-1])
+        pairs = harness.atlas_pairs(FLAGS.data_dir, EXTRA_ATLASES[:count - 1])
+        return harness.Product(None, RefinementSettings(), atlases=pairs, fusion="jlf")
+    flag = "seg1" if name == "segmenter_1" else "seg5"
+    if not getattr(FLAGS, flag):
+        raise SystemExit(f"{name}: give its run folder (--{flag})")
+    return SegmenterMethod(getattr(FLAGS, flag))
 
 
 def run_dice(methods: dict, payload: dict, results) -> None:
     cases, _ = harness.validation_sets(FLAGS.data_dir, FLAGS.work_dir, ("shared", "miccai2012"))
     records = {}
     for case in cases:
-        reference = data.load_label_map(case.label_path).data
         for name, method in methods.items():
-            output = os.path.join(FLAGS.work_dir, "segmentations", name, case.set_name,
-                                  f"{case.subject}_seg.nii.gz")
-            os.makedirs(os.path.dirname(output), exist_ok=True)
-            result = method.segment(case.image_path, output)
-            dice = evaluation.dice_per_label(result["segmentation"], reference, BENCHMARK_LABELS)
+            result = method.segment(case.image_path, os.path.join(
+                FLAGS.work_dir, "segmentations", name, case.set_name, f"{case.subject}_seg.nii.gz"))
             records.setdefault(SET_KEYS[case.set_name], {}).setdefault(name, []).append(
-                {"subject": case.subject, "dice": dice, "seconds": result["seconds"]})
-            print(f"[{name}] {case.set_name} {case.subject}: Dice "
-                  f"{evaluation.mean_dice(dice, BENCHMARK_LABELS):.3f}, "
-                  f"{result['seconds']:.1f} s", flush=True)
+                harness.score(case, result, name))
         for s, per in records.items():
             for n, r in per.items():
                 payload.setdefault("sets", {}).setdefault(s, {})[n] = {
-                    **summarise(r), **payload["provenance"]}
+                    **harness.dice_figures(r, folding=False), **payload["provenance"]}
         results()
 
 
 def run_native(methods: dict, payload: dict, results) -> None:
+    """Each stage's wall and CPU seconds of warm native scans, median over the counted rounds."""
     from ltnet_tf.prediction.predictor import StageClock
 
-    paths = [os.path.join(FLAGS.data_dir, "native", "images", f"{s}.mgz")
-             for s in harness.SHARED_SUBJECTS]
-    stages = ("read", "align", "network", "refine", "labels", "write")
-    found = {name: [] for name in methods}
+    stages, found = ("read", "align", "network", "refine", "labels", "write"), {}
     folder = os.path.join(FLAGS.work_dir, "native")
-    os.makedirs(folder, exist_ok=True)
     for round_ in range(FLAGS.native_rounds):
-        for path in paths:
+        for subject in harness.SHARED_SUBJECTS:
             for name, method in methods.items():
                 clock = StageClock()
                 with clock("read"):
-                    scan = data.load_scan(path)
+                    scan = data.load_scan(os.path.join(FLAGS.data_dir, "native", "images",
+                                                       f"{subject}.mgz"))
                 result = method.predictor.segment(scan)
                 with clock("write"):
                     data.save_nifti(result["segmentation"], scan.affine, os.path.join(
-                        folder, f"{name}_{data.scan_name(path)}_seg.nii.gz"), header=scan.header)
+                        folder, f"{name}_{subject}_seg.nii.gz"), header=scan.header)
                 if round_:
-                    found[name].append({"seconds": {**clock.seconds, **result["seconds"]},
-                                        "cpu_seconds": {**clock.cpu_seconds,
-                                                        **result["cpu_seconds"]}})
-    payload.setdefault("native", {})
+                    found.setdefault(name, []).append(
+                        ({**clock.seconds, **result["seconds"]},
+                         {**clock.cpu_seconds, **result["cpu_seconds"]}))
     for name, runs in found.items():
-        per_stage = {stage: {"wall_s": float(np.median([r["seconds"].get(stage, 0.0)
-                                                        for r in runs])),
-                             "cpu_s": float(np.median([r["cpu_seconds"].get(stage, 0.0)
-                                                       for r in runs]))} for stage in stages}
-        payload["native"][name] = {"stages": per_stage, "scans": len(runs),
-                                   "wall_s": sum(s["wall_s"] for s in per_stage.values()),
-                                   "cpu_s": sum(s["cpu_s"] for s in per_stage.values()),
-                                   **payload["provenance"]}
+        per_stage = {stage: {key: float(np.median([r[i].get(stage, 0.0) for r in runs]))
+                             for i, key in enumerate(("wall_s", "cpu_s"))} for stage in stages}
+        payload.setdefault("native", {})[name] = {
+            "stages": per_stage, "scans": len(runs),
+            "wall_s": sum(s["wall_s"] for s in per_stage.values()),
+            "cpu_s": sum(s["cpu_s"] for s in per_stage.values()), **payload["provenance"]}
     results()
 
 
@@ -194,6 +166,8 @@ def run_ceiling(payload: dict, results) -> None:
     from ltnet_tf.segmentation.segmenter import Segmenter
 
     atlas = data.load_scan(os.path.join(FLAGS.data_dir, "atlas.nii.gz"))
+    mean_dice = lambda a, b: evaluation.mean_dice(  # noqa: E731
+        evaluation.dice_per_label(a, b, BENCHMARK_LABELS), BENCHMARK_LABELS)
     ceiling = {}
     for subject in harness.SHARED_SUBJECTS:
         labels = data.load_label_map(os.path.join(FLAGS.data_dir, "labels",
@@ -204,8 +178,7 @@ def run_ceiling(payload: dict, results) -> None:
         config = config.replace(atlas_shape=list(labels.shape), crop_start=start,
                                 crop_shape=shape, label_ids=ids)
         fractions = tf.constant(synthesis.working_fractions(labels, config), tf.float32) / 255.0
-        segmenter = Segmenter.untrained(config)
-        read_out = segmenter.segment(fractions, np.eye(4), labels.shape)
+        read_out = Segmenter.untrained(config).segment(fractions, np.eye(4), labels.shape)
         argmax = tf.gather(tf.constant(ids, tf.int32), tf.argmax(fractions, -1,
                                                                   output_type=tf.int32))
         grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape],
@@ -216,11 +189,8 @@ def run_ceiling(payload: dict, results) -> None:
         box = np.zeros(labels.shape, np.int32)
         region = tuple(slice(s, s + n) for s, n in zip(start, shape))
         box[region] = voted.reshape(shape)[tuple(slice(0, e.stop - e.start) for e in region)]
-        ceiling[subject] = {
-            "interpolated_probabilities": evaluation.mean_dice(evaluation.dice_per_label(
-                read_out, labels, BENCHMARK_LABELS), BENCHMARK_LABELS),
-            "interpolated_argmax": evaluation.mean_dice(evaluation.dice_per_label(
-                box, labels, BENCHMARK_LABELS), BENCHMARK_LABELS)}
+        ceiling[subject] = {"interpolated_probabilities": mean_dice(read_out, labels),
+                            "interpolated_argmax": mean_dice(box, labels)}
         print(f"ceiling {subject}: {ceiling[subject]}", flush=True)
     payload["ceiling_factor_2"] = ceiling
     results()
@@ -228,19 +198,13 @@ def run_ceiling(payload: dict, results) -> None:
 
 def earlier_results(methods, parts) -> dict:
     """What an earlier segmenter.json holds of methods and parts not rerun now."""
-    path = os.path.join(FLAGS.results_dir, "segmenter.json")
-    if not os.path.isfile(path):
+    earlier = harness.read_json(os.path.join(FLAGS.results_dir, "segmenter.json"))
+    if not earlier:
         return {}
-    with open(path) as f:
-        earlier = json.load(f)
-    kept = {"sets": {}, "native": {}}
-    if "dice" in parts:
-        kept["sets"] = {s: {n: e for n, e in per.items() if n not in methods}
-                        for s, per in earlier.get("sets", {}).items()}
-    else:
-        kept["sets"] = earlier.get("sets", {})
-    kept["native"] = {n: e for n, e in earlier.get("native", {}).items()
-                      if "native" not in parts or n not in methods}
+    kept = {"sets": {s: {n: e for n, e in per.items() if "dice" not in parts or n not in methods}
+                     for s, per in earlier.get("sets", {}).items()},
+            "native": {n: e for n, e in earlier.get("native", {}).items()
+                       if "native" not in parts or n not in methods}}
     for key in ("methods", "train_minutes", "training"):
         kept[key] = {n: e for n, e in earlier.get(key, {}).items() if n not in methods}
     if "ceiling" not in parts and "ceiling_factor_2" in earlier:
@@ -248,53 +212,151 @@ def earlier_results(methods, parts) -> dict:
     return kept
 
 
+# ------------------------------------------------------------------------------- segmenter.md
+def _figure(entry, key, digits=3):
+    if entry and entry.get("measured") is False:
+        return "not measured"
+    return "—" if not entry or entry.get(key) is None else f"{entry[key]:.{digits}f}"
+
+
+def targets(payload: dict) -> list:
+    """[(what, measured, met)] of the targets: +0.02 over transfer_1 at <= its seconds;
+    >= jlf_5 at <= 1/3 of its seconds; native CPU <= 2/3 of transfer_1's; training <= 60 min."""
+    rows = []
+    for key, label in SETS.items():
+        per = payload.get("sets", {}).get(key, {})
+        for ours, theirs, gain_target, time_target, time_text in (
+                ("segmenter_1", "transfer_1", 0.02, 1.0, "transfer_1's"),
+                ("segmenter_5", "jlf_5", 0.0, 1 / 3, "1/3 of jlf_5's")):
+            if any(per.get(n, {}).get("mean_dice") is None for n in (ours, theirs)):
+                continue
+            gain = per[ours]["mean_dice"] - per[theirs]["mean_dice"]
+            ratio = per[ours]["seconds_per_scan"] / per[theirs]["seconds_per_scan"]
+            rows += [(f"{label}: {ours} >= {theirs}" + (f" + {gain_target}" if gain_target
+                                                        else ""), f"{gain:+.3f}",
+                      gain >= gain_target),
+                     (f"{label}: {ours} s/scan <= {time_text}", f"x{ratio:.2f}",
+                      ratio <= time_target)]
+    native = payload.get("native", {})
+    if "segmenter_1" in native and "transfer_1" in native:
+        ratio = native["segmenter_1"]["cpu_s"] / native["transfer_1"]["cpu_s"]
+        rows.append(("native scan: segmenter_1 CPU s <= 2/3 of transfer_1's", f"x{ratio:.2f}",
+                     ratio <= 2 / 3))
+    return rows + [(f"{name}: training <= 60 min", f"{minutes:.1f} min", minutes <= 60)
+                   for name, minutes in payload.get("train_minutes", {}).items()
+                   if minutes is not None]
+
+
+def _training_line(name: str, entry: dict) -> str:
+    teacher, examples = entry.get("teacher", {}), entry.get("examples", {})
+    return (f"- {name}: {entry.get('train_minutes', 0):.1f} min wall in all (teacher "
+            f"{teacher.get('minutes', 0):.1f} min, fitting {entry.get('fit_minutes', 0):.1f} "
+            f"min, {entry.get('steps')} steps); teacher atlases "
+            f"{', '.join(teacher.get('atlases', []))}"
+            + (f" fused by {teacher['fusion']}" if teacher.get("fusion") else "")
+            + f"; {len(examples.get('labelled', []))} labelled, "
+            f"{len(examples.get('pseudo', []))} pseudo-labelled scans, "
+            f"{len(examples.get('shapes', []))} shapes; synthesised share "
+            f"{entry['config']['synth_fraction']}")
+
+
+def _loads(values) -> str:
+    return "?" if not values else "/".join(f"{v:.1f}" for v in values)
+
+
+def _runs(sets: dict, native: dict) -> list:
+    measured = {}
+    for per in [*sets.values(), native]:
+        for name, entry in per.items():
+            if "command" in entry:
+                load = entry.get("load_average_1_5_15min", {})
+                measured.setdefault((entry["command"], entry.get("git_commit")), set()).add(
+                    f"{name} (load {_loads(load.get('start'))} -> {_loads(load.get('end'))})")
+    return [f"- `{command}` at `{commit}`: {', '.join(sorted(names))}"
+            for (command, commit), names in measured.items()]
+
+
+def markdown(payload: dict) -> list:
+    sets, native = payload.get("sets", {}), payload.get("native") or {}
+    lines = ["# A segmenter trained from the label transfer, against the label transfer", ""]
+    if sets:
+        lines += ["Dice of the 28 structures on the atlas grid; seconds per scan end to end "
+                  "(read, segment, write; methods interleaved scan by scan).", "", *table(
+                      ["method", *(c for v in SETS.values() for c in (f"Dice {v}", "s/scan"))],
+                      [[label, *(c for key in SETS for entry in [sets.get(key, {}).get(name)]
+                                 for c in (_figure(entry, "mean_dice"),
+                                           _figure(entry, "seconds_per_scan", 2)))]
+                       for name, label in NAMES.items() if any(name in p for p in sets.values())]),
+                  ""]
+    rows = targets(payload)
+    if rows:
+        lines += ["## Targets", "", *table(["target", "measured", "met"], [
+            [what, value, "yes" if met else "**no**"] for what, value, met in rows]), ""]
+    if native:
+        stages = list(next(iter(native.values()))["stages"])
+        lines += ["## A warm native 256³ scan (sub-06, sub-07): CPU seconds per stage", "",
+                  *table(["method", *stages, "**sum CPU s**", "wall s"], [
+                      [name, *(f"{e['stages'][s]['cpu_s']:.2f}" for s in stages),
+                       f"**{e['cpu_s']:.2f}**", f"{e['wall_s']:.2f}"]
+                      for name, e in native.items()]),
+                  ""]
+    if sets:
+        lines += ["## Per structure (mean over the set's subjects)", ""]
+        for key, label in SETS.items():
+            per = {n: e for n, e in sets.get(key, {}).items() if e.get("per_structure")}
+            if sets.get(key):
+                lines += [f"### {label}", "", *harness.per_structure(per), ""]
+    ceiling = payload.get("ceiling_factor_2")
+    if ceiling:
+        lines += ["## What half resolution allows", "", "True labels pooled x2 (label fractions "
+                  "on the working grid), read back on the full grid:", "", *table(
+                      ["subject", "interpolated probabilities (the segmenter's read-out)",
+                       "interpolated argmax only"],
+                      [[s, f"{v['interpolated_probabilities']:.3f}",
+                        f"{v['interpolated_argmax']:.3f}"] for s, v in ceiling.items()]), ""]
+    if payload.get("training"):
+        lines += ["## Training", "", *(_training_line(n, e)
+                                       for n, e in payload["training"].items()), ""]
+    runs = _runs(sets, native)
+    if runs:
+        lines += ["## Runs", "", *runs, ""]
+    load = payload.get("load_average_1_5_15min", {})
+    return lines + [
+        f"Machine: {payload.get('machine')}; load average (1, 5, 15 min) at the start "
+        f"{_loads(load.get('start'))}, at the end {_loads(load.get('end'))} (a shared machine: "
+        "seconds are upper bounds; ratios within this run are fair).", "",
+        f"Command: `{payload.get('command')}` at `{payload.get('git_commit')}`."]
+
+
 def main(argv):
     del argv
-    from bench import segmenter_report
-
-    import tensorflow as tf
-
-    command = command_line()
-    for flag, role in (("seg1", "RUN1"), ("seg5", "RUN5")):
-        folder = getattr(FLAGS, flag)
-        if folder:
-            command = command.replace(os.path.abspath(folder), role).replace(
-                folder.rstrip("/"), role)
-    command = command.replace(FLAGS.work_dir, "WORK")
-    provenance = {"command": command, "git_commit": git_commit(),
-                  "load_average_1_5_15min": {"start": os.getloadavg()}}
+    provenance = harness.provenance({FLAGS.seg1: "RUN1", FLAGS.seg5: "RUN5",
+                                     FLAGS.work_dir: "WORK"})
     payload = earlier_results(FLAGS.methods, FLAGS.parts) if FLAGS.merge else {}
-    payload.update(provenance, provenance=provenance,
-                   machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} "
-                           f"CPUs, TF {tf.__version__}")
-    os.makedirs(FLAGS.results_dir, exist_ok=True)
+    payload.update(provenance, provenance=provenance, machine=harness.machine_line())
 
     def results():
-        provenance["load_average_1_5_15min"]["end"] = os.getloadavg()
+        harness.finished(provenance)
         for per in payload.setdefault("sets", {}).values():  # the schema's every method
             for name in METHODS:
                 per.setdefault(name, {"mean_dice": None, "seconds_per_scan": None,
                                       "measured": False})
         for name in ("segmenter_1", "segmenter_5"):
             payload.setdefault("train_minutes", {}).setdefault(name, None)
-        write_json(payload, os.path.join(FLAGS.results_dir, "segmenter.json"))
-        segmenter_report.write_markdown(payload, os.path.join(FLAGS.results_dir, "segmenter.md"))
+        harness.write_json(payload, os.path.join(FLAGS.results_dir, "segmenter.json"))
+        harness.write_markdown(markdown(payload), os.path.join(FLAGS.results_dir,
+                                                               "segmenter.md"))
 
     if "ceiling" in FLAGS.parts:
         run_ceiling(payload, results)
-    methods = {}
-    for name in FLAGS.methods:
-        methods[name] = make_method(name)
-        print(f"=== {name}: {methods[name].description}; loaded in "
-              f"{methods[name].load_seconds:.1f} s", flush=True)
+    methods = {name: make_method(name) for name in FLAGS.methods}
+    trained = {n: m for n, m in methods.items() if isinstance(m, SegmenterMethod)}
+    for name, method in methods.items():
+        print(f"=== {name}: {method.description}; loaded in {method.load_seconds:.1f} s",
+              flush=True)
     payload.setdefault("methods", {}).update({n: m.description for n, m in methods.items()})
-    payload.setdefault("train_minutes", {}).update({n: m.train_minutes for n, m in methods.items()
-                                                    if isinstance(m, SegmenterMethod)})
-    payload.setdefault("training", {}).update({n: {k: v for k, v in m.segmenter.training.items() if k != "fit"}
-                           | {"steps": m.segmenter.training.get("fit", {}).get("steps"),
-                              "fit_minutes": m.segmenter.training.get("fit", {}).get("minutes"),
-                              "config": m.segmenter.config.to_dict()}
-                           for n, m in methods.items() if isinstance(m, SegmenterMethod)})
+    payload.setdefault("train_minutes", {}).update({n: m.train_minutes for n, m in trained.items()})
+    payload.setdefault("training", {}).update({n: m.training_record() for n, m in trained.items()})
     if "dice" in FLAGS.parts:
         run_dice(methods, payload, results)
     if "native" in FLAGS.parts:
