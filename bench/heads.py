@@ -23,17 +23,17 @@ cores are upper bounds. Writes bench/results/heads.json, .md.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 from ltnet_tf import compat  # noqa: F401
-from bench.harness import DATA_DIR, command_line, git_commit, write_json
 
 import numpy as np
 from absl import app, flags
 
+from bench import harness
 from bench.contrasts import bias_field, remap_contrast
+from bench.harness import table
 from ltnet_tf.config import RefinementSettings
 from ltnet_tf.io import evaluation, volumes as data
 from ltnet_tf.io.labels import BENCHMARK_LABELS
@@ -41,12 +41,10 @@ from ltnet_tf.prediction.predictor import Predictor
 from ltnet_tf.preprocessing.preparation import PreparationOptions, ScanPreparation
 from ltnet_tf.registration.atlases import AtlasSet
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADS = ("sub-01", "sub-02", "sub-04", "sub-05", "sub-06", "sub-07")
 CONTRAST_SCANS = ("sub-06", "sub-07", "1000", "1001", "1002", "1006", "1007", "1008")
-flags.DEFINE_string("data_dir", DATA_DIR, "Benchmark data (default: $LTNET_DATA_DIR, else "
-                    "../shared/data beside the repository).")
-flags.DEFINE_string("results_dir", os.path.join(ROOT, "bench", "results"), "Where results go.")
+CONTRASTS = ("t1", "t2", "flair", "pd")
+harness.define_flags("heads", work=False)
 flags.DEFINE_list("sections", ["brain_mask", "bias", "contrast"], "What to measure (brain_mask "
                   "includes from_head).")
 flags.DEFINE_list("heads", list(HEADS), "Heads to measure.")
@@ -55,6 +53,7 @@ FLAGS = flags.FLAGS
 TARGETS = {"brain_mask_mean_dice": 0.93, "brain_mask_min_dice": 0.90,
            "brain_left_out_pct": 0.5, "seconds_per_head": 15.0, "from_head_difference": -0.01,
            "bias_difference": 0.01, "contrast_difference": 0.03}
+VARIANTS = (("dice_n4", "with N4"), ("dice_no_n4", "without N4"))
 
 
 def cpu_seconds() -> float:
@@ -127,12 +126,12 @@ class Bench:
     def contrasts(self) -> dict:
         found = {}
         for name in FLAGS.contrast_scans:
-            folder = "native" if name.startswith("sub") else "miccai2012"
-            extension = ".mgz" if folder == "native" else ".nii.gz"
+            folder, extension = (("native", ".mgz") if name.startswith("sub")
+                                 else ("miccai2012", ".nii.gz"))
             scan = data.load_scan(self.path(folder, "images", name + extension))
             labels = data.load_label_map(self.path(folder, "labels", name + extension)).data
             entry = {}
-            for contrast in ("t1", "t2", "flair", "pd"):
+            for contrast in CONTRASTS:
                 values = scan.data if contrast == "t1" else remap_contrast(
                     scan.data, labels, contrast, seed=len(found))
                 volume = data.Volume(np.asarray(values, np.float32), scan.affine,
@@ -147,42 +146,38 @@ class Bench:
 
 
 def summarise(results: dict) -> dict:
-    summary = {}
-    heads = results.get("heads")
+    summary, heads = {}, results.get("heads")
+    mean = lambda values, digits=4: round(float(np.mean(list(values))), digits)  # noqa: E731
     if heads:
         figures = [h["head"] for h in heads.values()]
         summary["brain_mask"] = {
-            "mean_dice": round(float(np.mean([f["dice"] for f in figures])), 4),
+            "mean_dice": mean(f["dice"] for f in figures),
             "min_dice": round(float(np.min([f["dice"] for f in figures])), 4),
             "max_brain_left_out_pct": round(float(np.max([f["brain_left_out_pct"]
                                                           for f in figures])), 3),
             "max_extraction_seconds": round(float(np.max([f["extraction_seconds"]
                                                           for f in figures])), 2),
-            "mean_cpu_seconds": round(float(np.mean([f["cpu_seconds"] for f in figures])), 2)}
-        for variant in ("dice_n4", "dice_no_n4"):
-            differences = [h["head"][variant] - h["native_dice"] for h in heads.values()]
+            "mean_cpu_seconds": mean((f["cpu_seconds"] for f in figures), 2)}
+        for variant, _ in VARIANTS:
             summary[f"from_head_{variant}"] = {
-                "mean_head": round(float(np.mean([h["head"][variant] for h in heads.values()])), 4),
-                "mean_native": round(float(np.mean([h["native_dice"] for h in heads.values()])), 4),
-                "mean_difference": round(float(np.mean(differences)), 4)}
-        if all("biased" in h for h in heads.values()):
-            for variant in ("dice_n4", "dice_no_n4"):
+                "mean_head": mean(h["head"][variant] for h in heads.values()),
+                "mean_native": mean(h["native_dice"] for h in heads.values()),
+                "mean_difference": mean(h["head"][variant] - h["native_dice"]
+                                        for h in heads.values())}
+            if all("biased" in h for h in heads.values()):
                 differences = [h["biased"][variant] - h["head"]["dice_n4"] for h in heads.values()]
-                summary[f"bias_{variant}"] = {
-                    "mean_difference": round(float(np.mean(differences)), 4),
-                    "largest_drop": round(float(np.min(differences)), 4)}
-    contrast = results.get("contrast")
-    if contrast:
-        summary["contrast"] = {
-            c: round(float(np.mean([s[c]["dice"] for s in contrast.values()])), 4)
-            for c in ("t1", "t2", "flair", "pd")}
+                summary[f"bias_{variant}"] = {"mean_difference": mean(differences),
+                                              "largest_drop": round(float(np.min(differences)), 4)}
+    if results.get("contrast"):
+        summary["contrast"] = {c: mean(s[c]["dice"] for s in results["contrast"].values())
+                               for c in CONTRASTS}
     return summary
 
 
 def main(argv):
     del argv
     bench = Bench(FLAGS.data_dir)
-    run, measured = {"command": command_line(), "commit": git_commit(),
+    run, measured = {"command": harness.command_line(), "commit": harness.git_commit(),
                      "load_average_1min": {"start": os.getloadavg()[0]}}, {}
     if "brain_mask" in FLAGS.sections or "bias" in FLAGS.sections:
         measured["heads"] = bench.heads(with_bias="bias" in FLAGS.sections)
@@ -191,22 +186,87 @@ def main(argv):
     # A run of some sections keeps the others' results from an earlier run, each with its own
     # command and commit (``runs``).
     path = os.path.join(FLAGS.results_dir, "heads.json")
-    results = json.load(open(path)) if os.path.exists(path) and len(FLAGS.sections) < 3 else {}
+    results = harness.read_json(path, merge=len(FLAGS.sections) < 3)
     run["load_average_1min"]["end"] = os.getloadavg()[0]
     results.update(targets=TARGETS, command=run["command"], commit=run["commit"], **measured)
     results.setdefault("runs", {}).update({part: run for part in measured})
     results["summary"] = summarise(results)
-    write_json(results, os.path.join(FLAGS.results_dir, "heads.json"))
-    write_markdown(results, os.path.join(FLAGS.results_dir, "heads.md"))
+    harness.write_json(results, path)
+    harness.write_markdown(markdown(results), os.path.join(FLAGS.results_dir, "heads.md"))
     print(results["summary"])
 
 
-def write_markdown(results: dict, path: str) -> None:
-    from bench.heads_report import markdown
+# ------------------------------------------------------------------------------- heads.md
+def _load(run: dict) -> str:
+    load = run.get("load_average_1min")
+    return (f" (load {load['start']:.1f} -> {load['end']:.1f})" if load
+            else " (load 9-16: a shared machine)")
 
-    with open(path + ".tmp", "w") as f:
-        f.write(markdown(results))
-    os.replace(path + ".tmp", path)
+
+def _summary(summary: dict, targets: dict) -> list:
+    lines = []
+    if "brain_mask" in summary:
+        mask = summary["brain_mask"]
+        lines.append(
+            f"- brain_mask: mean Dice {mask['mean_dice']:.4f} (target >= "
+            f"{targets['brain_mask_mean_dice']}), min {mask['min_dice']:.4f} (>= "
+            f"{targets['brain_mask_min_dice']}), labelled brain left out at most "
+            f"{mask['max_brain_left_out_pct']:.2f} % (<= {targets['brain_left_out_pct']} %), "
+            f"extraction at most {mask['max_extraction_seconds']:.1f} s wall per head, "
+            f"preparation {mask['mean_cpu_seconds']:.1f} CPU s per head on average "
+            f"(target <= {targets['seconds_per_head']} s)")
+        lines += [f"- from_head ({label}): mean Dice {e['mean_head']:.4f} from the heads, "
+                  f"{e['mean_native']:.4f} from FreeSurfer's stripped scans: difference "
+                  f"{e['mean_difference']:+.4f} (target >= {targets['from_head_difference']})"
+                  for variant, label in VARIANTS for e in [summary[f"from_head_{variant}"]]]
+        lines += [f"- bias (+-25 %, {label}): mean Dice difference {e['mean_difference']:+.4f} "
+                  f"against the head without the field (with N4), largest drop "
+                  f"{e['largest_drop']:+.4f} (target within {targets['bias_difference']})"
+                  for variant, label in VARIANTS for e in [summary.get(f"bias_{variant}")] if e]
+    if "contrast" in summary:
+        e = summary["contrast"]
+        lines.append(f"- contrast: mean Dice T1 {e['t1']:.4f}, T2-like {e['t2']:.4f}, "
+                     f"FLAIR-like {e['flair']:.4f}, PD-like {e['pd']:.4f} (target "
+                     f"within {targets['contrast_difference']} of T1)")
+    return lines
+
+
+def markdown(results: dict) -> list:
+    summary = results["summary"]
+    runs = results.get("runs") or {"all": {"command": results["command"],
+                                            "commit": results["commit"]}}
+    made = "; ".join(f"{part}: `{run['command']}` at commit `{run['commit']}`" + _load(run)
+                     for part, run in runs.items())
+    lines = ["# Whole heads, bias fields, other contrasts", "",
+             f"{made}; on a 2-core CPU (where the load was above 2, other jobs shared the cores: "
+             "wall seconds are upper bounds there; CPU seconds are the process's own). Segmenting "
+             "without a trained network "
+             "(the atlas of ../shared/data, refinement at its defaults), Dice of the 28 benchmark "
+             "structures on each scan's own grid. See `bench/heads.py` for every step and "
+             "`bench/contrasts.py` for how bias fields and contrasts are made.", ""]
+    if "brain_mask" in summary:
+        lines += ["## Summary", ""]
+    lines += _summary(summary, results["targets"])
+    if results.get("heads"):
+        f4 = lambda v: f"{v:.4f}"  # noqa: E731
+        lines += ["", "## Per head", "", *table(
+            ["head", "mask Dice", "brain left out", "mask L", "extraction s", "N4 s",
+             "all CPU s", "Dice from head (N4)", "(no N4)", "from native", "with bias (N4)",
+             "(no N4)"],
+            [[name, f4(h["dice"]), f"{h['brain_left_out_pct']:.2f} %",
+              f"{h['mask']['volume_l']:.2f}", f"{h['extraction_seconds']:.1f}",
+              f"{h['n4_seconds']:.1f}", f"{h['cpu_seconds']:.1f}", f4(h["dice_n4"]),
+              f4(h["dice_no_n4"]), f4(e["native_dice"]),
+              *((f4(e["biased"]["dice_n4"]), f4(e["biased"]["dice_no_n4"])) if e.get("biased")
+                else ("-", "-"))]
+             for name, e in results["heads"].items() for h in [e["head"]]])]
+    if results.get("contrast"):
+        lines += ["", "## Per scan and contrast", "", *table(
+            ["scan", "T1", "T2-like", "FLAIR-like", "PD-like", "similarity (T2/FLAIR/PD)"],
+            [[name, *(f"{e[c]['dice']:.4f}" for c in CONTRASTS),
+              "/".join(str(e[c]["similarity"]) for c in CONTRASTS[1:])]
+             for name, e in results["contrast"].items()])]
+    return lines
 
 
 if __name__ == "__main__":
