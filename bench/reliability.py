@@ -14,10 +14,11 @@ one line. ``predict.py`` run as a user runs it (fresh processes, real scans of $
                   label maps: a reference run uninterrupted, then runs of the same command killed
                   at random moments (SIGKILL, and some SIGTERM / SIGINT) until ``--kills`` kills,
                   each followed by the same command (kill moments uniform from 1 s to half the
-                  uninterrupted run's time, at most 120 s: a resumed run has less to do); after every kill no final-named file may
-                  fail to read; after each finished run every scan must appear exactly once in
-                  volumes.csv, dice.csv, prediction.json and report.html, no temporary file may
-                  be left, and the segmentations and volumes.csv must equal the reference run's
+                  uninterrupted run's time, at most 120 s: a resumed run has less to do); after
+                  every kill no final-named file may fail to read; after each finished run every
+                  scan must appear exactly once in volumes.csv, dice.csv, prediction.json and
+                  report.html, no temporary file may be left, and the segmentations and
+                  volumes.csv must equal the reference run's
     concurrent    two whole-cohort runs started together on one folder: the second is refused
     disk_full     a rerun with other settings under ``ulimit -f`` (segmentations cannot be
                   written): its exit line, then every earlier file compared byte for byte
@@ -25,8 +26,9 @@ one line. ``predict.py`` run as a user runs it (fresh processes, real scans of $
     python -m bench.reliability                # ~25 min on 2 shared CPU cores
     python -m bench.reliability --kills 3      # a smoke test
 
-Writes bench/results/reliability.json and reliability.md. Timings are from a machine shared with
-other jobs (the load averages are recorded): the ratio compares runs interleaved in one session.
+Writes bench/results/reliability.json and reliability.md (``markdown``). Timings are from a
+machine shared with other jobs (the load averages are recorded): the ratio compares runs
+interleaved in one session.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ import time
 
 from absl import app, flags
 
-from bench.harness import DATA_DIR, ROOT, command_line, git_commit, write_json
+from bench import harness
+from bench.harness import DATA_DIR, ROOT, table
 
 FLAGS = flags.FLAGS
 PARTS = ("determinism", "concurrent_writers", "disk_full", "killed_runs")
@@ -72,18 +75,23 @@ def predict_argv(images, output, *extra):
 
 
 def environment(**extra):
-    env = dict(os.environ, PYTHONPATH=ROOT, **extra)
-    return env
+    return dict(os.environ, PYTHONPATH=ROOT, **extra)
+
+
+def start(argv) -> subprocess.Popen:
+    """predict.py in the background, its stderr kept."""
+    return subprocess.Popen(argv, env=environment(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def run(argv, env=None, prefix=None, preexec=None):
-    start = time.time()
+    begin = time.time()
     done = subprocess.run(argv, env=env or environment(), capture_output=True, text=True,
                           preexec_fn=preexec)
     if prefix:
         with open(prefix + ".log", "w") as f:
             f.write(done.stdout + done.stderr)
-    return {"returncode": done.returncode, "seconds": round(time.time() - start, 1),
+    return {"returncode": done.returncode, "seconds": round(time.time() - begin, 1),
             "last_line": (done.stderr.strip().splitlines() or [""])[-1]}
 
 
@@ -98,6 +106,10 @@ def differing_voxels(path_a, path_b) -> int:
 def digest(path) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+def same_file(folder_a, folder_b, name="volumes.csv") -> bool:
+    return digest(os.path.join(folder_a, name)) == digest(os.path.join(folder_b, name))
 
 
 def segmentations(folder) -> dict:
@@ -127,17 +139,14 @@ def determinism(work) -> dict:
                          ("a2.nii.gz", aligned)):
         shutil.copy(source, os.path.join(scans, name))
     out = lambda name: os.path.join(work, name)  # noqa: E731
-    runs = {}
-    rounds = range(1, FLAGS.timing_rounds + 1)
+    runs, rounds = {}, range(1, FLAGS.timing_rounds + 1)
     for name, env in [pair for k in rounds for pair in (
             (f"det{k}", environment()), (f"machine{k}", environment(LTNET_TF_THREADS="machine")))]:
         runs[name] = run(predict_argv(scans, out(name), "--noqc"), env, out(name))
         runs[name]["load"] = os.getloadavg()[0]
     one_core = ["taskset", "-c", "0"] + predict_argv(scans, out("one_core"), "--noqc")
     runs["one_core"] = run(one_core, prefix=out("one_core"))
-    shards = [subprocess.Popen(predict_argv(scans, out("shards"), "--noqc", f"--shard={k}/2"),
-                               env=environment(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    shards = [start(predict_argv(scans, out("shards"), "--noqc", f"--shard={k}/2"))
               for k in (1, 2)]
     shard_codes = [p.wait() for p in shards]
     merged = run([sys.executable, "-m", "ltnet_tf.merge", out("shards")])
@@ -154,17 +163,14 @@ def determinism(work) -> dict:
             "within_run": within(out("det1")) + within(out("det2")),
             "across_runs": compare_runs(out("det1"), out("det2")),
             "one_vs_two_threads": compare_runs(out("det1"), out("one_core")),
-            "across_shards": compare_runs(out("det1"), out("shards")),
-        },
+            "across_shards": compare_runs(out("det1"), out("shards"))},
         "volumes_csv_identical": {
-            "across_runs": digest(out("det1") + "/volumes.csv") == digest(out("det2") + "/volumes.csv"),
-            "one_vs_two_threads": digest(out("det1") + "/volumes.csv") == digest(out("one_core") + "/volumes.csv"),
-            "shards_merged": digest(out("det1") + "/volumes.csv") == digest(out("shards") + "/volumes.csv"),
-        },
+            "across_runs": same_file(out("det1"), out("det2")),
+            "one_vs_two_threads": same_file(out("det1"), out("one_core")),
+            "shards_merged": same_file(out("det1"), out("shards"))},
         "machine_threads_voxels_differ": {
             "within_run": within(out("machine1")) + within(out("machine2")),
-            "across_runs": compare_runs(out("machine1"), out("machine2")),
-        },
+            "across_runs": compare_runs(out("machine1"), out("machine2"))},
         "shard_exit_codes": shard_codes, "merge": merged,
         "warm_seconds_per_scan": {"deterministic": det, "machine": machine},
         "determinism_time_ratio": round((sum(det) / len(det)) / (sum(machine) / len(machine)), 3),
@@ -174,18 +180,18 @@ def determinism(work) -> dict:
 
 # ------------------------------------------------------------------------------- killed runs
 def ten_scan_cohort(work) -> tuple:
+    """aligned sub-01..07 and sub-01 again as sub-08, native sub-06/07; with their labels."""
     images, labels = os.path.join(work, "ten"), os.path.join(work, "ten_labels")
-    os.makedirs(images)
-    os.makedirs(labels)
-    for k in range(1, 9):  # sub-01..07, and sub-01 again as sub-08
-        source = f"sub-0{1 if k == 8 else k}.nii.gz"
-        shutil.copy(os.path.join(DATA_DIR, "images", source), os.path.join(images, f"sub-0{k}.nii.gz"))
-        shutil.copy(os.path.join(DATA_DIR, "labels", source), os.path.join(labels, f"sub-0{k}.nii.gz"))
-    for k in (6, 7):
-        shutil.copy(os.path.join(DATA_DIR, "native", "images", f"sub-0{k}.mgz"),
-                    os.path.join(images, f"native-0{k}.mgz"))
-        shutil.copy(os.path.join(DATA_DIR, "native", "labels", f"sub-0{k}.mgz"),
-                    os.path.join(labels, f"native-0{k}.mgz"))
+    copies = [(os.path.join("images", f"sub-0{1 if k == 8 else k}.nii.gz"), f"sub-0{k}.nii.gz")
+              for k in range(1, 9)]
+    copies += [(os.path.join("native", "images", f"sub-0{k}.mgz"), f"native-0{k}.mgz")
+               for k in (6, 7)]
+    for folder in (images, labels):
+        os.makedirs(folder)
+    for source, name in copies:
+        shutil.copy(os.path.join(DATA_DIR, source), os.path.join(images, name))
+        shutil.copy(os.path.join(DATA_DIR, source.replace("images", "labels")),
+                    os.path.join(labels, name))
     return images, labels
 
 
@@ -223,10 +229,10 @@ def temporary_files(folder) -> list:
 def coverage(folder, names) -> dict:
     """How often each scan appears in each table (1 everywhere when nothing was lost or doubled)."""
     counts = {}
-    for table in ("volumes.csv", "dice.csv"):
-        with open(os.path.join(folder, table)) as f:
-            rows = [r[0] for r in list(csv.reader(f))[1:] if table != "dice.csv" or r[1] == "mean"]
-        counts[table] = {n: rows.count(n) for n in names}  # dice.csv: each scan's mean row
+    for name in ("volumes.csv", "dice.csv"):
+        with open(os.path.join(folder, name)) as f:
+            rows = [r[0] for r in list(csv.reader(f))[1:] if name != "dice.csv" or r[1] == "mean"]
+        counts[name] = {n: rows.count(n) for n in names}  # dice.csv: each scan's mean row
     with open(os.path.join(folder, "prediction.json")) as f:
         record = json.load(f)
     counts["prediction.json"] = {n: int(n in record["scans"]) for n in names}
@@ -257,9 +263,7 @@ def killed_runs(work, kills: int, seed: int) -> dict:
         signum = rng.choice([signal.SIGKILL] * 4 + [signal.SIGTERM, signal.SIGINT])
         delay = rng.uniform(1.0, min(ref["seconds"] * KILL_WINDOW, KILL_WINDOW_MAX_S))
         finished_before = finished_scans(round_folder)
-        process = subprocess.Popen(predict_argv(images, round_folder, "--labels", labels),
-                                   env=environment(), stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True)
+        process = start(predict_argv(images, round_folder, "--labels", labels))
         try:
             process.wait(timeout=delay)
         except subprocess.TimeoutExpired:
@@ -294,24 +298,21 @@ def killed_runs(work, kills: int, seed: int) -> dict:
 
 
 def _finished_round(folder, reference, names, returncode) -> dict:
-    counts = coverage(folder, names)
-    flat = [c for table in counts.values() for c in table.values()]
+    flat = [c for counts in coverage(folder, names).values() for c in counts.values()]
     return {"returncode": returncode, "scans_lost": sum(1 for c in flat if c == 0),
             "scans_duplicated": sum(1 for c in flat if c > 1),
             "temporary_files_left": temporary_files(folder),
             "voxels_differ_from_reference": compare_runs(reference, folder),
-            "volumes_csv_equal_reference": digest(os.path.join(folder, "volumes.csv"))
-            == digest(os.path.join(reference, "volumes.csv"))}
+            "volumes_csv_equal_reference": same_file(folder, reference)}
 
 
 # ------------------------------------------------------------------------------- writers, disk
 def concurrent(work) -> dict:
     scans, folder = os.path.join(work, "four"), os.path.join(work, "concurrent")
-    first = subprocess.Popen(predict_argv(scans, folder, "--noqc"), env=environment(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = start(predict_argv(scans, folder, "--noqc"))
     time.sleep(2.0)
     second = run(predict_argv(scans, folder, "--noqc"))
-    _, err = first.communicate()
+    first.communicate()
     return {"first": {"returncode": first.returncode,
                       "scans_written": len(segmentations(folder))},
             "second": second, "unreadable_final_files": unreadable_final_files(folder)}
@@ -328,11 +329,11 @@ def disk_full(work) -> dict:
 
         resource.setrlimit(resource.RLIMIT_FSIZE, (300 * 1024, 300 * 1024))
 
-    full = run(predict_argv(os.path.join(work, "four"), folder, "--noqc",
-                            "--refine_steps=11"), preexec=limit)
+    argv = predict_argv(os.path.join(work, "four"), folder, "--noqc", "--refine_steps=11")
+    full = run(argv, preexec=limit)
     changed = [os.path.relpath(p, folder) for p, d in before.items()
                if not os.path.isfile(p) or digest(p) != d]
-    again = run(predict_argv(os.path.join(work, "four"), folder, "--noqc", "--refine_steps=11"))
+    again = run(argv)
     return {"limit": "ulimit -f 300 (KiB), rerun with --refine_steps=11 (every scan redone)",
             "run": full, "earlier_files": len(before), "earlier_files_changed": changed,
             "temporary_files_left": temporary_files(folder),
@@ -343,16 +344,15 @@ def main(argv):
     del argv
     with tempfile.TemporaryDirectory(prefix="reliability-") as work:
         result = {}
-        if set(FLAGS.parts) != set(PARTS) and os.path.isfile(FLAGS.results + ".json"):
-            with open(FLAGS.results + ".json") as f:
-                result = json.load(f)  # the parts not run now are kept
+        if set(FLAGS.parts) != set(PARTS):  # the parts not run now are kept
+            result = harness.read_json(FLAGS.results + ".json")
         if "commit" in result:  # a file of one whole run: its commit and minutes were shared
             commit = result.pop("commit")
             result["commits"] = {name: commit for name in PARTS if name in result}
             result.pop("minutes", None)
         result.setdefault("commits", {})
         result.setdefault("minutes", {})
-        result.update(command=command_line(), load_start=os.getloadavg(),
+        result.update(command=harness.command_line(), load_start=os.getloadavg(),
                       machine=f"{os.cpu_count()} CPU cores")  # the load averages say what else ran
         parts = {"determinism": lambda: determinism(work),
                  "concurrent_writers": lambda: concurrent(work),
@@ -363,20 +363,106 @@ def main(argv):
                 determinism(work)  # they start from its scans and outputs
             part_start = time.time()
             try:
-                result[name] = parts[name]()
+                result[name] = json.loads(harness.portable(json.dumps(parts[name]()),
+                                                           {work: "WORK"}))
             except Exception:  # noqa: BLE001  (recorded; the other parts still run)
                 import traceback
 
                 result[name] = {"error": traceback.format_exc()}
-            result["commits"][name] = git_commit()
+            result["commits"][name] = harness.git_commit()
             result["minutes"][name] = round((time.time() - part_start) / 60, 1)
-            write_json(result, FLAGS.results + ".json")  # what is measured so far
+            harness.write_json(result, FLAGS.results + ".json")  # what is measured so far
         result["load_end"] = os.getloadavg()
-    write_json(result, FLAGS.results + ".json")
-    from bench.reliability_report import write_markdown
-
-    write_markdown(result, FLAGS.results + ".md")
+    harness.write_json(result, FLAGS.results + ".json")
+    harness.write_markdown(markdown(result), FLAGS.results + ".md")
     print(json.dumps(result.get("determinism", {}).get("same_scan_voxels_differ")))
+
+
+# ------------------------------------------------------------------------------- reliability.md
+def _kill_moments(kills: list) -> list:
+    """Where the kills landed: how many of the cohort's scans were finished at each kill, and
+    how many the killed run itself had finished (0: killed while starting or in its first scan)."""
+    if not kills or "scans_finished_at_kill" not in kills[0]:
+        return []
+    at = sorted(k["scans_finished_at_kill"] for k in kills)
+    own = [k["scans_finished_at_kill"] - k["scans_finished_before"] for k in kills]
+    return [f"Scans of the cohort finished at each kill: {', '.join(map(str, at))}; kills after "
+            f"the killed run itself had finished at least one scan: {sum(o > 0 for o in own)} of "
+            f"{len(kills)}.", ""]
+
+
+def _determinism(det: dict) -> list:
+    same, machine = det["same_scan_voxels_differ"], det["machine_threads_voxels_differ"]
+    warm = det["warm_seconds_per_scan"]
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    return [
+        "## Same scan, same answer (voxels that differ; 0 = bit-identical)", "",
+        f"Cohort: {det['cohort']}.", "",
+        *table(["comparison", "deterministic (default)", "`LTNET_TF_THREADS=machine`"], [
+            ["within a run (first vs later copy of one scan, two runs)", same["within_run"],
+             machine["within_run"]],
+            ["across runs (two processes)", same["across_runs"], machine["across_runs"]],
+            ["1 core (`taskset -c 0`) vs 2 cores", same["one_vs_two_threads"], ""],
+            ["`--shard 1/2` + `2/2` in one folder + merge vs one run", same["across_shards"],
+             ""]]), "",
+        "volumes.csv byte-identical: " + ", ".join(
+            f"{k.replace('_', ' ')} {'yes' if v else 'NO'}"
+            for k, v in det["volumes_csv_identical"].items()) + ".", "",
+        f"**determinism_time_ratio {det['determinism_time_ratio']}**: warm scans' mean seconds, "
+        f"deterministic {mean(warm['deterministic']):.2f} s over machine thread counts "
+        f"{mean(warm['machine']):.2f} s (runs alternating deterministic and machine, "
+        f"{len(warm['deterministic'])} + {len(warm['machine'])} warm scans).", ""]
+
+
+def _killed(killed: dict) -> list:
+    signals = {}
+    for kill in killed["kills"]:
+        signals[kill["signal"]] = signals.get(kill["signal"], 0) + 1
+    codes = sorted({(k["signal"], k["returncode"]) for k in killed["kills"]})
+    return [
+        "## Killed runs", "",
+        f"Cohort: {killed['cohort']}. An uninterrupted reference run took "
+        f"{killed['reference_run']['seconds']} s; then {killed['killed']} runs of the same "
+        f"command were stopped at a random moment between 1 s and half that time (at most 120 s) "
+        f"({', '.join(f'{n} {s}' for s, n in sorted(signals.items()))}), each followed by the same "
+        f"command, over {len(killed['rounds'])} cohort folders.", "",
+        *_kill_moments(killed["kills"]),
+        *table(["", ""], [
+            ["scans lost (missing from volumes.csv, dice.csv, prediction.json or report.html)",
+             killed["scans_lost"]],
+            ["scans duplicated there", killed["scans_duplicated"]],
+            ["partial files (final names that do not read back after a kill; temporary files "
+             "left after the re-run)", killed["partial_files"]],
+            ["voxels differing from the uninterrupted run",
+             killed["voxels_differ_from_uninterrupted_run"]],
+            ["volumes.csv equal to the uninterrupted run's",
+             all(r["volumes_csv_equal_reference"] for r in killed["rounds"])],
+            ["exit codes (signal, code)", ", ".join(f"{s} {c}" for s, c in codes)]]), ""]
+
+
+def markdown(result: dict) -> list:
+    concurrent, disk = result["concurrent_writers"], result["disk_full"]
+    return [
+        "# Reliability of predict.py: same scan, same answer; killed runs; writers; full disk", "",
+        f"Command `python -m bench.reliability` ({result['machine']}); per part the commit and "
+        f"minutes: " + "; ".join(f"{part} `{commit}` {result['minutes'].get(part)} min"
+                                 for part, commit in result["commits"].items())
+        + f". Load average {result['load_start'][0]:.1f} at the start of the last invocation "
+        f"(`{result['command']}`), {result['load_end'][0]:.1f} at its end.", "",
+        *_determinism(result["determinism"]), *_killed(result["killed_runs"]),
+        "## Two writers on one folder", "",
+        f"Two whole-cohort runs started 2 s apart on one folder: the first exited "
+        f"{concurrent['first']['returncode']} with {concurrent['first']['scans_written']} "
+        f"segmentations; the second exited {concurrent['second']['returncode']} in "
+        f"{concurrent['second']['seconds']} s with: `{concurrent['second']['last_line']}`. "
+        f"Unreadable files afterwards: {len(concurrent['unreadable_final_files'])}.", "",
+        "## Full disk", "",
+        f"{disk['limit']} over a folder holding a finished run: exit {disk['run']['returncode']} "
+        f"with `{disk['run']['last_line']}`; {len(disk['earlier_files_changed'])} of "
+        f"{disk['earlier_files']} earlier files changed, {len(disk['temporary_files_left'])} "
+        f"temporary files left. The same command without the limit then exited "
+        f"{disk['rerun_without_limit']['returncode']} with {disk['segmentations_after_rerun']} "
+        f"segmentations."]
 
 
 if __name__ == "__main__":
