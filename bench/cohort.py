@@ -226,11 +226,12 @@ def stages_part(context: Context) -> dict:
 
 def dice_part(context: Context, stages: dict = None) -> dict:
     """Both versions at equal settings on each set; native reuses the stages' outputs."""
+    from ltnet_tf.io.labels import BENCHMARK_LABELS
+
     sets = {}
-    for name, folder, subjects, ext in (("native", "native", FLAGS.native_scans, "mgz"),
-                                        ("miccai2012", "miccai2012", FLAGS.miccai_subjects,
-                                         "nii.gz")):
-        root = os.path.join(FLAGS.data_dir, folder)
+    for name, subjects, ext in (("native", FLAGS.native_scans, "mgz"),
+                                ("miccai2012", FLAGS.miccai_subjects, "nii.gz")):
+        root = os.path.join(FLAGS.data_dir, name)
         references = {s: os.path.join(root, "labels", f"{s}.{ext}") for s in subjects}
         figures = {}
         for label, version, extra in (("before", context.before, ()),
@@ -247,7 +248,6 @@ def dice_part(context: Context, stages: dict = None) -> dict:
         sets[name] = {"subjects": list(references), **figures, "difference":
                       None if None in (before, after) else round(after - before, 4)}
         print(f"dice {name}: before {before}, after {after}", flush=True)
-    from ltnet_tf.io.labels import BENCHMARK_LABELS
     return {"labels": list(BENCHMARK_LABELS), "sets": sets}
 
 
@@ -346,11 +346,13 @@ def _processes(runs: dict, names: dict) -> list:
                    _load(r), r["returncode"]] for k, r in runs.items()])
 
 
-def _commands(part: dict, runs: dict, names: dict) -> list:
+def _made_by(part: dict, runs: dict = None, names: dict = None) -> list:
+    """The benchmark's command and commit, and the predict.py command of each run."""
     before = part.get("before_commit")
     return (["", f"Benchmark: `{part['command']}` at `{part['git_commit'][:12]}`"
-             + (f", before = `{before[:12]}`" if before else "") + ".", ""]
-            + [f"- {names.get(k, k)}: `{r['command']}`" for k, r in runs.items()])
+             + (f", before = `{before[:12]}`" if before else "") + "."]
+            + ([""] + [f"- {names.get(k, k)}: `{r['command']}`" for k, r in runs.items()]
+               if runs else []))
 
 
 def stages_section(part: dict) -> list:
@@ -358,8 +360,7 @@ def stages_section(part: dict) -> list:
     stages = [s for s in STAGE_ORDER if any(s in r["warm"] or s in r["first"]
                                             for r in runs.values())]
     stages += sorted({s for r in runs.values() for s in r["warm"]} - set(stages))
-    before, after = runs["before"], runs["after"]
-    differing = part["voxels_differing"]
+    before, after, differing = runs["before"], runs["after"], part["voxels_differing"]
     return ["## Seconds per scan, per stage", "",
             f"Cohort: {', '.join(part['cohort'])} (native 256³ scans and renamed copies), one "
             f"fresh predict.py process per version. First: the first scan; warm: the mean of "
@@ -369,10 +370,9 @@ def stages_section(part: dict) -> list:
             "the wait; the old code records align, network, refine, labels and total only).", "",
             *table(["stage", "before first", "before warm", "after first", "after warm",
                     "warm after / before", "after+QC first", "after+QC warm"],
-                   [[s, _s(before["first"].get(s)), _s(before["warm"].get(s)),
-                     _s(after["first"].get(s)), _s(after["warm"].get(s)),
-                     f"{ratio[s]:.2f}" if s in ratio else "–",
-                     _s(runs["after_qc"]["first"].get(s)), _s(runs["after_qc"]["warm"].get(s))]
+                   [[s, *(_s(runs[k][when].get(s)) for k in ("before", "after")
+                          for when in ("first", "warm")), harness.cell(ratio.get(s), ".2f"),
+                     *(_s(runs["after_qc"][when].get(s)) for when in ("first", "warm"))]
                     for s in stages]),
             "", "The processes:", "", *_processes(runs, RUNS), "",
             f"Wall time after / before: {after['wall_s'] / before['wall_s']:.2f}; peak RSS after "
@@ -381,11 +381,10 @@ def stages_section(part: dict) -> list:
             "the same code in two processes (the QC picture is drawn after the segmentation), "
             "so it is the run-to-run variation; before vs after is the change.", "",
             *table(["scan", "after vs after+QC", "before vs after"],
-                   [[scan, f"{same['differ']} of {same['labelled']}",
-                     f"{differing['before_vs_after'][scan]['differ']} of "
-                     f"{differing['before_vs_after'][scan]['labelled']}"]
+                   [[scan, *(f"{d['differ']} of {d['labelled']}" for d in (
+                       same, differing["before_vs_after"][scan]))]
                     for scan, same in differing["after_vs_after_qc"].items()]),
-            *_commands(part, runs, RUNS)]
+            *_made_by(part, runs, RUNS)]
 
 
 def dice_section(part: dict) -> list:
@@ -419,29 +418,26 @@ def memory_section(part: dict) -> list:
                    [[names[k], f"{r['first']['total']:.2f}", _s(r["warm"].get("total")),
                      _s(max(r["totals"][1:]) if r["totals"][1:] else None),
                      f"{r['totals'][-1]:.2f}"] for k, r in runs.items()]),
-            *_commands(part, runs, names)]
+            *_made_by(part, runs, names)]
 
 
 def refusal_section(part: dict) -> list:
-    lines = ["## Refusal of bad inputs", "",
-             "predict.py --model_dir RUN --images BAD --output_dir OUT, as a user runs it. "
-             "Seconds from start to exit; model loaded: whether any weights or graph file of the "
-             "run folder was opened (strace, in a second run).", "",
-             *[f"- {name}: {what}" for name, what in part["inputs"].items()], "", *table(
-                 ["input", "version", "exit", "seconds", "peak RSS MiB", "model loaded",
-                  "stderr lines", "outputs left", "last line on stderr"],
-                 [[r["input"], r["version"], r["returncode"], f"{r['wall_s']:.1f}",
-                   f"{r['peak_rss_mib']:.0f}", {None: "not checked", True: "yes", False: "no"}[
-                       r.get("model_loaded")], r["stderr_lines"],
-                   "no folder" if r["outputs_left"] is None else len(r["outputs_left"]),
-                   f"`{r['message'].replace('|', '/')}`"] for r in part["runs"]])]
     floor = part.get("import_tensorflow")
-    if floor:
-        lines += ["", f"Python importing TensorFlow and exiting (`{floor['command']}`): "
-                  f"{floor['wall_s']:.1f} s, {floor['peak_rss_mib']:.0f} MiB, load "
-                  f"{_load(floor)}."]
-    return lines + ["", f"Benchmark: `{part['command']}` at `{part['git_commit'][:12]}`, before "
-                    f"= `{part['before_commit'][:12]}`."]
+    return ["## Refusal of bad inputs", "",
+            "predict.py --model_dir RUN --images BAD --output_dir OUT, as a user runs it. "
+            "Seconds from start to exit; model loaded: whether any weights or graph file of the "
+            "run folder was opened (strace, in a second run).", "",
+            *[f"- {name}: {what}" for name, what in part["inputs"].items()], "", *table(
+                ["input", "version", "exit", "seconds", "peak RSS MiB", "model loaded",
+                 "stderr lines", "outputs left", "last line on stderr"],
+                [[r["input"], r["version"], r["returncode"], f"{r['wall_s']:.1f}",
+                  f"{r['peak_rss_mib']:.0f}", {None: "not checked", True: "yes", False: "no"}[
+                      r.get("model_loaded")], r["stderr_lines"],
+                  "no folder" if r["outputs_left"] is None else len(r["outputs_left"]),
+                  f"`{r['message'].replace('|', '/')}`"] for r in part["runs"]]),
+            *(["", f"Python importing TensorFlow and exiting (`{floor['command']}`): "
+               f"{floor['wall_s']:.1f} s, {floor['peak_rss_mib']:.0f} MiB, load "
+               f"{_load(floor)}."] if floor else []), *_made_by(part)]
 
 
 def markdown(results: dict) -> list:
