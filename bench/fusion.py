@@ -92,18 +92,7 @@ def parse_config(name: str) -> dict:
 
 
 def atlas_pairs() -> list:
-    """[(image, label map)]: the primary atlas, then the extra atlases; checked."""
-    extras = FLAGS.extra_atlases
-    if set(extras) & set(harness.SHARED_SUBJECTS) or len(set(extras)) != len(extras):
-        raise SystemExit("--extra_atlases: validation subjects can never be atlases, and each "
-                         "is listed once")
-    pairs = [(os.path.join(FLAGS.data_dir, "atlas.nii.gz"),
-              os.path.join(FLAGS.data_dir, "atlas_labels.nii.gz"))]
-    pairs += [(os.path.join(FLAGS.data_dir, "images", f"{s}.nii.gz"),
-               os.path.join(FLAGS.data_dir, "labels", f"{s}.nii.gz")) for s in extras]
-    for path in (p for pair in pairs for p in pair if not os.path.isfile(p)):
-        raise SystemExit(f"{path}: atlas file not found")
-    return pairs
+    return harness.atlas_pairs(FLAGS.data_dir, FLAGS.extra_atlases)
 
 
 def _wanted(values: list, cases=None):
@@ -134,8 +123,13 @@ class Results:
                 self.payload["sets"][s] = kept
                 self.payload["set_info"][s] = earlier.get("set_info", {}).get(s)
         self.payload["set_info"].update(set_info)
+        self.records = {}  # (set, configuration): this run's per-scan records
 
-    def add(self, set_name: str, name: str, entry: dict, records: list, total: int) -> None:
+    def add(self, case, name: str, entry: dict, result: dict, total: int, load: list) -> None:
+        """One more scan of configuration ``name`` (``total`` scans in its set; ``load``: the
+        load average at its start): its figures from every scan so far; fusion.json, .md."""
+        records = self.records.setdefault((case.set_name, name), [])
+        records.append(harness.score(case, result, name))
         figures = harness.dice_figures(records)
         stages = dict.fromkeys(k for r in records for k in r["stages"])
         figures.update(subjects=list(figures["per_subject"]), complete=len(records) == total,
@@ -145,7 +139,9 @@ class Results:
         if records[0]["folding_fractions"] is not None:
             figures["per_subject_atlas_folding"] = {r["subject"]: r["folding_fractions"]
                                                     for r in records}
-        self.payload["sets"].setdefault(set_name, {})[name] = {**entry, **figures}
+        self.payload["sets"].setdefault(case.set_name, {})[name] = {
+            **entry, "command": self.payload["command"], "git_commit": self.payload["git_commit"],
+            "load_average_1_5_15min": {"start": load, "end": os.getloadavg()}, **figures}
         self.write()
 
     def write(self) -> None:
@@ -154,18 +150,8 @@ class Results:
                                os.path.join(FLAGS.results_dir, "fusion.md"))
 
 
-def _output(name: str, case) -> str:
-    return os.path.join(FLAGS.work_dir, "segmentations", name, case.set_name,
-                        f"{case.subject}_seg.nii.gz")
-
-
-def _provenance(results: Results, load_average: list) -> dict:
-    return {"command": results.payload["command"], "git_commit": results.payload["git_commit"],
-            "load_average_1_5_15min": {"start": load_average, "end": os.getloadavg()}}
-
-
 def evaluate_product(name: str, config: dict, cases: list, results: Results) -> None:
-    load_average = os.getloadavg()  # the machine is shared: how busy it was
+    load = os.getloadavg()  # the machine is shared: how busy it was
     pairs, fusion = atlas_pairs()[:config["count"]], config["fusion"] or PRODUCT_FUSION
     segmenter = harness.Product(FLAGS.model_dir, config["refinement"], fusion=fusion, atlases=(
         pairs[1:] or None) if FLAGS.model_dir else pairs)  # a run's atlas is the primary one
@@ -178,19 +164,17 @@ def evaluate_product(name: str, config: dict, cases: list, results: Results) -> 
                          for a in segmenter.predictor.atlases.records()],
              "fusion": config["fusion"], "model_load_s": segmenter.load_seconds,
              "refinement": segmenter.predictor.refinement_record()}
-    records = {}
     for case in cases:
-        result = segmenter.segment(case.image_path, _output(name, case))
-        records.setdefault(case.set_name, []).append(harness.score(case, result, name))
-        results.add(case.set_name, name, {**entry, **_provenance(results, load_average)},
-                    records[case.set_name], sum(c.set_name == case.set_name for c in cases))
+        result = segmenter.segment(case.image_path, case.output(FLAGS.work_dir, name))
+        results.add(case, name, entry, result, sum(c.set_name == case.set_name for c in cases),
+                    load)
     del segmenter
     gc.collect()
 
 
 def evaluate_ants(names: list, cases: list, results: Results) -> None:
     """Every ANTs configuration in ``names`` from one registration of each atlas per scan."""
-    load_average = os.getloadavg()
+    load = os.getloadavg()
     rules = {n: (parse_config(n)["fusion"], parse_config(n)["count"]) for n in names}
     pairs = atlas_pairs()[:max(count for _, count in rules.values())]
     segmenter = anchors.AntsAtlases([p for p, _ in pairs], [p for _, p in pairs], rules,
@@ -199,27 +183,24 @@ def evaluate_ants(names: list, cases: list, results: Results) -> None:
                                     histogram_match=FLAGS.ants_histogram_match)
     print(f"=== {', '.join(names)}: {len(pairs)} atlases registered once per scan, on "
           f"{', '.join(c.subject for c in cases)}", flush=True)
-    set_names = list(dict.fromkeys(c.set_name for c in cases))
-    settings = {"subjects": {s: [c.subject for c in cases if c.set_name == s] for s in set_names},
-                "spacing_mm": FLAGS.ants_spacing, "search_radius": FLAGS.ants_search_radius,
+    subjects = {s: [c.subject for c in cases if c.set_name == s]
+                for s in dict.fromkeys(c.set_name for c in cases)}
+    settings = {"subjects": subjects, "spacing_mm": FLAGS.ants_spacing,
+                "search_radius": FLAGS.ants_search_radius,
                 "histogram_match": FLAGS.ants_histogram_match,
                 "intensity_scale": segmenter.intensity_scale, "registrations_shared_by": names,
                 "seconds_counted": ANTS_SECONDS}
-    records = {name: {} for name in names}
     for case in cases:
-        found = segmenter.segment_all(case.image_path, {n: _output(n, case) for n in names})
-        for name in names:
-            ours = records[name].setdefault(case.set_name, [])
-            ours.append(harness.score(case, found[name], name))
-            rule, count = rules[name]
-            results.add(case.set_name, name, {
+        found = segmenter.segment_all(case.image_path,
+                                      {n: case.output(FLAGS.work_dir, n) for n in names})
+        for name, (rule, count) in rules.items():
+            results.add(case, name, {
                 "kind": "ants", "method": segmenter.descriptions[name],
                 "start": "ANTs affine stage", "fusion": None if rule == "syn" else rule,
                 "atlases": [{"name": volumes.scan_name(p), "image": _portable(p),
                              "labels": _portable(q)} for p, q in pairs[:count]],
-                "model_load_s": segmenter.load_seconds, "ants": settings,
-                **_provenance(results, load_average)},
-                ours, len(settings["subjects"][case.set_name]))
+                "model_load_s": segmenter.load_seconds, "ants": settings},
+                found[name], len(subjects[case.set_name]), load)
     del segmenter
     gc.collect()
 
@@ -297,11 +278,8 @@ def _set_section(set_name: str, entries: dict, info: dict) -> list:
          f"seconds / {reference_name}'s", f"Dice − {ONE_SHOT}", "load s"], rows),
         "", f"Seconds / {reference_name}'s: mean seconds per scan over the subjects both ran "
         f"({', '.join(ants_subjects) or 'none'}). Dice − {ONE_SHOT}: over the configuration's "
-        f"own subjects.", "", "Per subject (Dice / seconds):", "", *table(
-            ["subject", *entries], [[s, *(f"{e['per_subject'][s]:.3f} / "
-                                          f"{e['per_subject_seconds'][s]:.1f} s"
-                                          if s in e["per_subject"] else "–"
-                                          for e in entries.values())] for s in subjects]), ""]
+        f"own subjects.", "", "Per subject (Dice / seconds):", "",
+        *harness.per_subject(entries, subjects), ""]
     stages = list(dict.fromkeys(k for e in entries.values()
                                 for k in e.get("stage_seconds_per_scan", {})))
     lines += ["Seconds per scan by stage (the product: align, network, refine, labels = fusion "

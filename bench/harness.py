@@ -130,6 +130,14 @@ def per_structure(entries: dict) -> list:
                                                  entries.values())] for n in names])
 
 
+def per_subject(entries: dict, subjects) -> list:
+    """The table of Dice / seconds per subject of ``entries`` {column: {'per_subject',
+    'per_subject_seconds'}} ('–' where a column has no such subject)."""
+    return table(["subject", *entries], [[s, *(
+        f"{e['per_subject'][s]:.3f} / {e['per_subject_seconds'][s]:.1f} s"
+        if s in e["per_subject"] else "–" for e in entries.values())] for s in subjects])
+
+
 # ------------------------------------------------------------------------------- timing
 def run_measured(argv: list, log_prefix: str, *, env=None, cwd=None, settle_seconds=0.0) -> dict:
     """``argv`` in a fresh process to its exit, after ``os.sync`` and ``settle_seconds`` of rest;
@@ -186,6 +194,11 @@ class Case:
     subject: str
     image_path: str
     label_path: str
+
+    def output(self, work_dir: str, method: str) -> str:
+        """Where ``method``'s segmentation of this scan goes."""
+        return os.path.join(work_dir, "segmentations", method, self.set_name,
+                            f"{self.subject}_seg.nii.gz")
 
 
 SET_NOTES = {
