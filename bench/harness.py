@@ -336,16 +336,20 @@ class Product:
     """The product's per-scan pipeline (``ltnet_tf.prediction.Predictor``) on a scan file, timed
     end to end (read, segment, write): a run folder's G_F (``model_dir``) or none (identity
     start), refined with ``refinement`` (a ``RefinementSettings``) or not, one atlas or several
-    (``atlases`` [(image, labels)], fused by ``fusion``). Tracing is paid untimed at load."""
+    (``atlases`` [(image, labels)], fused by ``fusion``); or with ``segmenter`` the run folder's
+    trained segmenter (train.py --segmenter) instead of its G_F. Tracing is paid untimed at load."""
 
-    def __init__(self, model_dir: str = None, refinement=None, atlases=None, fusion="jlf"):
+    def __init__(self, model_dir: str = None, refinement=None, atlases=None, fusion="jlf",
+                 segmenter: bool = False):
         from ltnet_tf.prediction import Predictor, cohort, sources
 
         start = time.time()
-        network = None if model_dir is None else sources.RunFolderNetwork(model_dir)
-        atlas_set, _ = cohort.load_atlases(
+        atlas_set, run = cohort.load_atlases(
             model_dir, [p for p, _ in atlases or []] or None, [p for _, p in atlases or []] or None)
-        self.predictor = Predictor(atlas_set, network, refinement=refinement, fusion_method=fusion)
+        network = None if model_dir is None or segmenter else sources.RunFolderNetwork(model_dir)
+        self.segmenter = cohort.load_segmenter(run, atlas_set) if segmenter else None
+        self.predictor = Predictor(atlas_set, network, refinement=refinement, fusion_method=fusion,
+                                   segmenter=self.segmenter)
         self.checkpoint = None if network is None else network.source
         r = refinement
         self.description = (("no network (identity start)" if network is None else f"G_F of a "
@@ -353,6 +357,12 @@ class Product:
             ", network alone" if r is None else f", refined {r.coarse_steps} steps at grid / "
             f"{r.coarse_factor or 'working'}, then {r.steps} at / {r.factor}") + (
             f"; {len(atlas_set)} atlases fused by {fusion}" if len(atlas_set) > 1 else ""))
+        if segmenter:
+            training = self.segmenter.training
+            self.train_minutes = training.get("train_minutes")
+            self.description = (f"segmenter of a run folder ({len(atlas_set)} teacher atlas(es), "
+                                f"{training.get('fit', {}).get('steps')} steps, "
+                                f"{self.train_minutes:.1f} min of training)")
         self.predictor.segment(atlas_set.primary.image)  # tracing, once per process
         self.load_seconds = time.time() - start
 
@@ -365,6 +375,9 @@ class Product:
         result = self.predictor.segment(scan)
         volumes.save_nifti(result["segmentation"], scan.affine, output_path, header=scan.header)
         seconds = time.time() - start
+        if self.segmenter is not None:  # no displacement to fold
+            return {"segmentation": result["segmentation"], "seconds": seconds,
+                    "stage_seconds": dict(result["seconds"])}
         displacement = result["displacement"]
         if displacement is None:  # the network alone segmented in one call: its displacement
             network = self.predictor.network

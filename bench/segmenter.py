@@ -35,7 +35,6 @@ from ltnet_tf import compat  # noqa: F401
 
 import json
 import os
-import time
 
 import numpy as np
 from absl import app, flags
@@ -64,37 +63,11 @@ flags.DEFINE_integer("native_rounds", 2, "Rounds over the two native scans (the 
 FLAGS = flags.FLAGS
 
 
-class SegmenterMethod:
-    """A run folder's segmenter through the product's Predictor, as predict.py --model_dir runs
-    it; timed as ``harness.Product``."""
-
-    def __init__(self, model_dir: str):
-        from ltnet_tf.prediction import cohort, predictor as prediction
-
-        start = time.time()
-        atlases, run = cohort.load_atlases(model_dir)
-        self.segmenter = cohort.load_segmenter(run, atlases)
-        self.predictor = prediction.Predictor(atlases, segmenter=self.segmenter)
-        self.predictor.segment(atlases.primary.image)  # tracing, paid once per process
-        self.load_seconds = time.time() - start
-        training = self.segmenter.training
-        self.train_minutes = training.get("train_minutes")
-        self.description = (f"segmenter of a run folder ({len(atlases)} teacher atlas(es), "
-                            f"{training.get('fit', {}).get('steps')} steps, "
-                            f"{self.train_minutes:.1f} min of training)")
-
-    def segment(self, image_path: str, output_path: str) -> dict:
-        start = time.time()
-        scan = data.load_scan(image_path)
-        result = self.predictor.segment(scan)
-        data.save_nifti(result["segmentation"], scan.affine, output_path, header=scan.header)
-        return {"segmentation": result["segmentation"], "seconds": time.time() - start,
-                "stage_seconds": dict(result["seconds"])}
-
-    def training_record(self) -> dict:
-        training, fit = self.segmenter.training, self.segmenter.training.get("fit", {})
-        return {**{k: v for k, v in training.items() if k != "fit"}, "steps": fit.get("steps"),
-                "fit_minutes": fit.get("minutes"), "config": self.segmenter.config.to_dict()}
+def training_record(segmenter) -> dict:
+    """A trained segmenter's training record, its fit's steps and minutes, and its config."""
+    training, fit = segmenter.training, segmenter.training.get("fit", {})
+    return {**{k: v for k, v in training.items() if k != "fit"}, "steps": fit.get("steps"),
+            "fit_minutes": fit.get("minutes"), "config": segmenter.config.to_dict()}
 
 
 def make_method(name: str):
@@ -105,7 +78,7 @@ def make_method(name: str):
     flag = "seg1" if name == "segmenter_1" else "seg5"
     if not getattr(FLAGS, flag):
         raise SystemExit(f"{name}: give its run folder (--{flag})")
-    return SegmenterMethod(getattr(FLAGS, flag))
+    return harness.Product(getattr(FLAGS, flag), segmenter=True)
 
 
 def run_dice(methods: dict, payload: dict, results) -> None:
@@ -350,13 +323,14 @@ def main(argv):
     if "ceiling" in FLAGS.parts:
         run_ceiling(payload, results)
     methods = {name: make_method(name) for name in FLAGS.methods}
-    trained = {n: m for n, m in methods.items() if isinstance(m, SegmenterMethod)}
+    trained = {n: m for n, m in methods.items() if m.segmenter is not None}
     for name, method in methods.items():
         print(f"=== {name}: {method.description}; loaded in {method.load_seconds:.1f} s",
               flush=True)
     payload.setdefault("methods", {}).update({n: m.description for n, m in methods.items()})
     payload.setdefault("train_minutes", {}).update({n: m.train_minutes for n, m in trained.items()})
-    payload.setdefault("training", {}).update({n: m.training_record() for n, m in trained.items()})
+    payload.setdefault("training", {}).update({n: training_record(m.segmenter)
+                                               for n, m in trained.items()})
     if "dice" in FLAGS.parts:
         run_dice(methods, payload, results)
     if "native" in FLAGS.parts:
