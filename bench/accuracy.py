@@ -307,8 +307,7 @@ def main(argv):
                                           f"({v['seconds_per_scan']:.1f} s/scan)"
                                           for s, v in r["sets"].items()), flush=True)
         # after each configuration, so a long run leaves partial results
-        harness.write_json(results, os.path.join(FLAGS.results_dir, "accuracy.json"))
-        harness.write_markdown(markdown(results), os.path.join(FLAGS.results_dir, "accuracy.md"))
+        harness.write_results(results, markdown, os.path.join(FLAGS.results_dir, "accuracy"))
         plots(results)
 
 

@@ -476,9 +476,8 @@ def main(argv):
                        "dice": lambda c: dice_part(c, stages)}[part](context)
             stages = figures if part == "stages" else stages
             results[part] = {**provenance, **json.loads(context.roles(json.dumps(figures)))}
-            harness.write_json(results, path)  # after each part: a long run leaves what it has
-            harness.write_markdown(markdown(results), os.path.join(FLAGS.results_dir,
-                                                                   "cohort.md"))
+            # after each part: a long run leaves what it has
+            harness.write_results(results, markdown, os.path.join(FLAGS.results_dir, "cohort"))
     finally:
         context.close()
 

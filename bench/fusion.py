@@ -145,9 +145,7 @@ class Results:
         self.write()
 
     def write(self) -> None:
-        harness.write_json(self.payload, self.path)
-        harness.write_markdown(markdown(self.payload),
-                               os.path.join(FLAGS.results_dir, "fusion.md"))
+        harness.write_results(self.payload, markdown, os.path.join(FLAGS.results_dir, "fusion"))
 
 
 def evaluate_product(name: str, config: dict, cases: list, results: Results) -> None:

@@ -105,6 +105,12 @@ def write_json(payload: dict, path: str) -> None:
     write_markdown([json.dumps(payload, indent=2)], path)
 
 
+def write_results(payload: dict, markdown, stem: str) -> None:
+    """``stem``.json holding ``payload`` and ``stem``.md of ``markdown(payload)`` (its lines)."""
+    write_json(payload, stem + ".json")
+    write_markdown(markdown(payload), stem + ".md")
+
+
 def write_markdown(lines: list, path: str, echo: bool = False) -> None:
     from ltnet_tf.files import atomic_write
     with atomic_write(path) as f:

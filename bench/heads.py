@@ -191,8 +191,7 @@ def main(argv):
     results.update(targets=TARGETS, command=run["command"], commit=run["commit"], **measured)
     results.setdefault("runs", {}).update({part: run for part in measured})
     results["summary"] = summarise(results)
-    harness.write_json(results, path)
-    harness.write_markdown(markdown(results), os.path.join(FLAGS.results_dir, "heads.md"))
+    harness.write_results(results, markdown, path[:-len(".json")])
     print(results["summary"])
 
 

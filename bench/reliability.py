@@ -373,8 +373,7 @@ def main(argv):
             result["minutes"][name] = round((time.time() - part_start) / 60, 1)
             harness.write_json(result, FLAGS.results + ".json")  # what is measured so far
         result["load_end"] = os.getloadavg()
-    harness.write_json(result, FLAGS.results + ".json")
-    harness.write_markdown(markdown(result), FLAGS.results + ".md")
+    harness.write_results(result, markdown, FLAGS.results)
     print(json.dumps(result.get("determinism", {}).get("same_scan_voxels_differ")))
 
 

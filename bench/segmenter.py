@@ -316,9 +316,7 @@ def main(argv):
                                       "measured": False})
         for name in ("segmenter_1", "segmenter_5"):
             payload.setdefault("train_minutes", {}).setdefault(name, None)
-        harness.write_json(payload, os.path.join(FLAGS.results_dir, "segmenter.json"))
-        harness.write_markdown(markdown(payload), os.path.join(FLAGS.results_dir,
-                                                               "segmenter.md"))
+        harness.write_results(payload, markdown, os.path.join(FLAGS.results_dir, "segmenter"))
 
     if "ceiling" in FLAGS.parts:
         run_ceiling(payload, results)
