@@ -43,12 +43,11 @@ def define_flags(name: str, work: bool = True, merge: bool = False) -> None:
 
 
 def portable(text, roles: dict = None) -> str:
-    """``text`` with this machine's paths replaced: folders of ``roles`` ({path: role}, absolute
-    or as given) by their role, the data folder by $LTNET_DATA_DIR, the repository by a relative
+    """``text`` with this machine's paths replaced: folders of ``roles`` ({path: role}) by their
+    role, the data folder by $LTNET_DATA_DIR, the repository by a relative
     path. The longest path first: one folder may hold another."""
     text = str(text)
     named = {os.path.abspath(p): r for p, r in (roles or {}).items() if p}
-    named.update({p.rstrip(os.sep): r for p, r in (roles or {}).items() if p})  # as given
     named[os.path.abspath(DATA_DIR)] = "$LTNET_DATA_DIR"
     for path in sorted(named, key=len, reverse=True):
         text = text.replace(path, named[path])
@@ -56,9 +55,17 @@ def portable(text, roles: dict = None) -> str:
 
 
 def command_line(roles: dict = None) -> str:
-    """``python -m bench.<name> <arguments>`` of the running benchmark, portable."""
+    """``python -m bench.<name> <arguments>`` of the running benchmark, portable; an argument (or
+    a flag's value after '=') naming a folder of ``roles`` as given is replaced by its role."""
     module = os.path.splitext(os.path.relpath(os.path.abspath(sys.argv[0]), ROOT))[0]
-    return portable(" ".join(["python", "-m", module.replace(os.sep, "."), *sys.argv[1:]]), roles)
+    given = {p.rstrip(os.sep): r for p, r in (roles or {}).items() if p}
+
+    def named(arg: str) -> str:
+        flag, equals, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
+        return flag + equals + given.get(value.rstrip(os.sep), value)
+
+    return portable(" ".join(["python", "-m", module.replace(os.sep, "."),
+                              *map(named, sys.argv[1:])]), roles)
 
 
 def git_commit() -> str:
