@@ -114,9 +114,8 @@ def evaluate(name: str, cases: list, model_dirs: dict) -> dict:
     segmenter = make_segmenter(name, model_dirs)
     print(f"=== {name}: {segmenter.description}; loaded in {segmenter.load_seconds:.1f} s",
           flush=True)
-    records = [harness.score(case, segmenter.segment(case.image_path, os.path.join(
-        FLAGS.work_dir, "segmentations", name, case.set_name, f"{case.subject}_seg.nii.gz")),
-        name) for case in cases]
+    records = [harness.score(case, segmenter.segment(
+        case.image_path, case.output(FLAGS.work_dir, name)), name) for case in cases]
     sets = {}
     for s in dict.fromkeys(r["set"] for r in records):
         ours = [r for r in records if r["set"] == s]

@@ -86,8 +86,7 @@ def run_dice(methods: dict, payload: dict, results) -> None:
     records = {}
     for case in cases:
         for name, method in methods.items():
-            result = method.segment(case.image_path, os.path.join(
-                FLAGS.work_dir, "segmentations", name, case.set_name, f"{case.subject}_seg.nii.gz"))
+            result = method.segment(case.image_path, case.output(FLAGS.work_dir, name))
             records.setdefault(SET_KEYS[case.set_name], {}).setdefault(name, []).append(
                 harness.score(case, result, name))
         for s, per in records.items():
