@@ -346,10 +346,6 @@ def main(argv):
         result = {}
         if set(FLAGS.parts) != set(PARTS):  # the parts not run now are kept
             result = harness.read_json(FLAGS.results + ".json")
-        if "commit" in result:  # a file of one whole run: its commit and minutes were shared
-            commit = result.pop("commit")
-            result["commits"] = {name: commit for name in PARTS if name in result}
-            result.pop("minutes", None)
         result.setdefault("commits", {})
         result.setdefault("minutes", {})
         result.update(command=harness.command_line(), load_start=os.getloadavg(),

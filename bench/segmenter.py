@@ -9,7 +9,7 @@ run, on both validation sets (never used in training in any form):
 
     shared       sub-06, sub-07 of ../shared/data (FreeSurfer labels, on the atlas grid)
     miccai2012   MICCAI 2012 1000, 1001, 1002, 1006, 1007, 1008 (manual labels of another
-                 protocol), aligned affinely to the atlas once and cached (bench.anchors)
+                 protocol), aligned affinely to the atlas once and cached (harness.validation_sets)
 
 Dice of the 28 structures of Table 1 on the atlas grid (mean and per structure); seconds per scan
 end to end (read the NIfTI, segment, write), the methods interleaved scan by scan so a shared
