@@ -295,15 +295,10 @@ def atlas_pairs(data_dir: str, extras) -> list:
 
 
 def provenance(roles: dict = None) -> dict:
-    """{'command', 'git_commit', 'load_average_1_5_15min': {'start'}} of this run; ``finished``
-    adds the load at its end (the machine is shared: how busy it was)."""
+    """{'command', 'git_commit', 'load_average_1_5_15min': {'start'}} of this run (the machine is
+    shared: the load at the start, and at the end when the caller adds it, say how busy it was)."""
     return {"command": command_line(roles), "git_commit": git_commit(),
             "load_average_1_5_15min": {"start": os.getloadavg()}}
-
-
-def finished(record: dict) -> dict:
-    record["load_average_1_5_15min"]["end"] = os.getloadavg()
-    return record
 
 
 def dice_figures(records: list, folding: bool = True) -> dict:
