@@ -13,8 +13,9 @@ one line. ``predict.py`` run as a user runs it (fresh processes, real scans of $
     killed_runs   a cohort of 10 scans (aligned sub-01..07, native sub-05..07), with reference
                   label maps: a reference run uninterrupted, then runs of the same command killed
                   at random moments (SIGKILL, and some SIGTERM / SIGINT) until ``--kills`` kills,
-                  each followed by the same command (kill moments uniform from 1 s to half the
-                  uninterrupted run's time, at most 120 s: a resumed run has less to do); after
+                  each followed by the same command (kill moments uniform from 1 s to 1.1 x the
+                  time left for the run: start-up + its unfinished scans, as timed uninterrupted);
+                  after
                   every kill no final-named file may fail to read; after each finished run every
                   scan must appear exactly once in volumes.csv, dice.csv, prediction.json and
                   report.html, no temporary file may be left, and the segmentations and
@@ -62,9 +63,11 @@ flags.DEFINE_list("parts", ["determinism", "concurrent_writers", "disk_full", "k
 flags.DEFINE_string("results", os.path.join(ROOT, "bench", "results", "reliability"),
                     "Results path without extension (.json and .md are written).")
 
-# Kill moments: uniform from 1 s to this fraction of the uninterrupted run's time (a resumed run
-# has less to do: later kills land at every stage of the cohort too).
-KILL_WINDOW, KILL_WINDOW_MAX_S = 0.5, 120.0
+# Kill moments: uniform from 1 s to the time the killed process is expected to need for what is
+# left of its cohort (start-up plus the scans not finished yet, from the uninterrupted run), times
+# this factor: a kill lands anywhere from start-up to the last scan; some runs finish first and
+# close their round (a new cohort folder starts).
+KILL_WINDOW = 1.1
 ATLAS = ["--atlas", os.path.join(DATA_DIR, "atlas.nii.gz"),
          "--atlas_labels", os.path.join(DATA_DIR, "atlas_labels.nii.gz")]
 
@@ -249,11 +252,21 @@ def finished_scans(folder) -> int:
         journal) else 0
 
 
+def run_timing(folder, seconds: float, scans: int) -> tuple:
+    """(start-up s, s per scan) of a finished cohort run that took ``seconds``: per-scan totals
+    from its prediction.json, the rest start-up (importing, atlases, tracing)."""
+    with open(os.path.join(folder, "prediction.json")) as f:
+        totals = [scan["seconds"]["total"] for scan in json.load(f)["scans"].values()]
+    per_scan = sum(totals) / max(len(totals), 1)
+    return max(seconds - per_scan * scans, 1.0), per_scan
+
+
 def killed_runs(work, kills: int, seed: int) -> dict:
     images, labels = ten_scan_cohort(work)
     names = sorted(n.split(".")[0] for n in os.listdir(images))
     reference = os.path.join(work, "reference")
     ref = run(predict_argv(images, reference, "--labels", labels), prefix=reference)
+    startup_s, per_scan_s = run_timing(reference, ref["seconds"], len(names))
     rng = random.Random(seed)
     kill_log, rounds, round_folder, killed = [], [], None, 0
     while killed < kills:
@@ -261,8 +274,9 @@ def killed_runs(work, kills: int, seed: int) -> dict:
             round_folder = os.path.join(work, f"killed{len(rounds)}")
             rounds.append({"folder": os.path.basename(round_folder), "kills": 0})
         signum = rng.choice([signal.SIGKILL] * 4 + [signal.SIGTERM, signal.SIGINT])
-        delay = rng.uniform(1.0, min(ref["seconds"] * KILL_WINDOW, KILL_WINDOW_MAX_S))
         finished_before = finished_scans(round_folder)
+        left = startup_s + per_scan_s * (len(names) - finished_before)
+        delay = rng.uniform(1.0, left * KILL_WINDOW)
         process = start(predict_argv(images, round_folder, "--labels", labels))
         try:
             process.wait(timeout=delay)
@@ -287,7 +301,9 @@ def killed_runs(work, kills: int, seed: int) -> dict:
         rounds[-1].update(_finished_round(round_folder, reference, names, final["returncode"]))
     return {"cohort": "aligned sub-01..07 and sub-01 again (as sub-08), native sub-06, sub-07 (as "
                       "native-06, native-07), with their label maps",
-            "reference_run": ref, "kills": kill_log, "rounds": rounds,
+            "reference_run": {**ref, "startup_s": round(startup_s, 1),
+                              "seconds_per_scan": round(per_scan_s, 2)},
+            "kills": kill_log, "rounds": rounds,
             "scans_lost": sum(r["scans_lost"] for r in rounds),
             "scans_duplicated": sum(r["scans_duplicated"] for r in rounds),
             "partial_files": sum(len(k["unreadable_final_files"]) for k in kill_log)
