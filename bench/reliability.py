@@ -15,8 +15,8 @@ one line. ``predict.py`` run as a user runs it (fresh processes, real scans of $
                   at random moments (SIGKILL, and some SIGTERM / SIGINT) until ``--kills`` kills,
                   each followed by the same command (kill moments uniform from 1 s to 1.1 x the
                   time left for the run: start-up + its unfinished scans, as timed uninterrupted);
-                  after every kill no final-named file may fail to read; after each finished run every
-                  scan must appear exactly once in volumes.csv, dice.csv, prediction.json and
+                  after every kill no final-named file may fail to read; after each finished run
+                  every scan must appear exactly once in volumes.csv, dice.csv, prediction.json and
                   report.html, no temporary file may be left, and the segmentations and
                   volumes.csv must equal the reference run's
     concurrent    two whole-cohort runs started together on one folder: the second is refused
