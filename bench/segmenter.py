@@ -16,9 +16,9 @@ end to end (read the NIfTI, segment, write), the methods interleaved scan by sca
 machine slows them alike; the first call of each (tracing) is paid before the clock, on the atlas
 image. ``native`` part: wall and CPU seconds of each stage of a warm native 256³ scan (sub-06,
 sub-07 of native/, by ``ltnet_tf.prediction.predictor.StageClock``: read, align, network,
-refine, labels, write), for every method. ``ceiling`` part: what the working grid's resolution
-allows: the true labels of sub-06/07 pooled x2 (label fractions), read back on the full grid by
-the segmenter's read-out (interpolated probabilities) and by the interpolated argmax alone.
+refine, labels, write), for every method. What the working grid's resolution allows (the true
+labels pooled x2, read back on the full grid), measured by a ``ceiling`` part up to commit
+6c983c5, stays in segmenter.json (``ceiling_factor_2``) and segmenter.md.
 
     python train.py --segmenter --profile cpu --atlas ATLAS --atlas_labels LABELS \\
         --unlabeled <17 training scans> --model_dir RUN1
@@ -42,8 +42,7 @@ from absl import app, flags
 from bench import harness
 from bench.harness import table
 from ltnet_tf.config import RefinementSettings
-from ltnet_tf.io import evaluation, volumes as data
-from ltnet_tf.io.labels import BENCHMARK_LABELS
+from ltnet_tf.io import volumes as data
 
 METHODS = ("transfer_1", "segmenter_1", "jlf_5", "segmenter_5")
 NAMES = {"transfer_1": "label transfer, 1 atlas (predict.py --atlas)",
@@ -57,7 +56,7 @@ harness.define_flags("segmenter", merge=True)
 flags.DEFINE_string("seg1", None, "Run folder of the segmenter trained from one atlas.")
 flags.DEFINE_string("seg5", None, "Run folder of the segmenter trained from five atlases.")
 flags.DEFINE_list("methods", list(METHODS), "Methods, interleaved scan by scan.")
-flags.DEFINE_list("parts", ["dice", "native", "ceiling"], "dice, native, ceiling.")
+flags.DEFINE_list("parts", ["dice", "native"], "dice, native.")
 flags.DEFINE_integer("native_rounds", 2, "Rounds over the two native scans (the first is not "
                      "counted).")
 FLAGS = flags.FLAGS
@@ -127,47 +126,6 @@ def run_native(methods: dict, payload: dict, results) -> None:
     results()
 
 
-def run_ceiling(payload: dict, results) -> None:
-    """True labels pooled x2 and read back on the full grid (see the module docstring)."""
-    import tensorflow as tf
-
-    from ltnet_tf.config import SegmenterConfig
-    from ltnet_tf.registration import transfer
-    from ltnet_tf.segmentation import synthesis
-    from ltnet_tf.segmentation.network import crop_box
-    from ltnet_tf.segmentation.segmenter import Segmenter
-
-    atlas = data.load_scan(os.path.join(FLAGS.data_dir, "atlas.nii.gz"))
-    mean_dice = lambda a, b: evaluation.mean_dice(  # noqa: E731
-        evaluation.dice_per_label(a, b, BENCHMARK_LABELS), BENCHMARK_LABELS)
-    ceiling = {}
-    for subject in harness.SHARED_SUBJECTS:
-        labels = data.load_label_map(os.path.join(FLAGS.data_dir, "labels",
-                                                  f"{subject}.nii.gz")).data
-        ids = [0, *sorted(int(i) for i in np.unique(labels) if i != 0)]
-        config = SegmenterConfig()
-        start, shape = crop_box(np.asarray(atlas.data) != 0, config)
-        config = config.replace(atlas_shape=list(labels.shape), crop_start=start,
-                                crop_shape=shape, label_ids=ids)
-        fractions = tf.constant(synthesis.working_fractions(labels, config), tf.float32) / 255.0
-        read_out = Segmenter.untrained(config).segment(fractions, np.eye(4), labels.shape)
-        argmax = tf.gather(tf.constant(ids, tf.int32), tf.argmax(fractions, -1,
-                                                                  output_type=tf.int32))
-        grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape],
-                                    indexing="ij"), -1).reshape(-1, 3)
-        coarse = (grid + 0.5) / config.downsample - 0.5
-        coarse = np.clip(coarse, 0, np.asarray(config.working_shape) - 1).astype(np.float32)
-        voted = transfer.labels_at_points(argmax, tf.constant(coarse[None]))[0].numpy()
-        box = np.zeros(labels.shape, np.int32)
-        region = tuple(slice(s, s + n) for s, n in zip(start, shape))
-        box[region] = voted.reshape(shape)[tuple(slice(0, e.stop - e.start) for e in region)]
-        ceiling[subject] = {"interpolated_probabilities": mean_dice(read_out, labels),
-                            "interpolated_argmax": mean_dice(box, labels)}
-        print(f"ceiling {subject}: {ceiling[subject]}", flush=True)
-    payload["ceiling_factor_2"] = ceiling
-    results()
-
-
 def earlier_results(methods, parts) -> dict:
     """What an earlier segmenter.json holds of methods and parts not rerun now."""
     earlier = harness.read_json(os.path.join(FLAGS.results_dir, "segmenter.json"))
@@ -179,7 +137,7 @@ def earlier_results(methods, parts) -> dict:
                        if "native" not in parts or n not in methods}}
     for key in ("methods", "train_minutes", "training"):
         kept[key] = {n: e for n, e in earlier.get(key, {}).items() if n not in methods}
-    if "ceiling" not in parts and "ceiling_factor_2" in earlier:
+    if "ceiling_factor_2" in earlier:
         kept["ceiling_factor_2"] = earlier["ceiling_factor_2"]
     return kept
 
@@ -302,6 +260,8 @@ def markdown(payload: dict) -> list:
 
 def main(argv):
     del argv
+    if set(FLAGS.parts) - {"dice", "native"}:
+        raise SystemExit(f"unknown parts: {', '.join(FLAGS.parts)} (dice, native)")
     provenance = harness.provenance({FLAGS.seg1: "RUN1", FLAGS.seg5: "RUN5",
                                      FLAGS.work_dir: "WORK"})
     payload = earlier_results(FLAGS.methods, FLAGS.parts) if FLAGS.merge else {}
@@ -317,8 +277,6 @@ def main(argv):
             payload.setdefault("train_minutes", {}).setdefault(name, None)
         harness.write_results(payload, markdown, os.path.join(FLAGS.results_dir, "segmenter"))
 
-    if "ceiling" in FLAGS.parts:
-        run_ceiling(payload, results)
     methods = {name: make_method(name) for name in FLAGS.methods}
     trained = {n: m for n, m in methods.items() if m.segmenter is not None}
     for name, method in methods.items():
