@@ -8,9 +8,9 @@ put back on the scan's own grid, its largest component kept, its holes filled, a
 voxel. It was chosen
 over BET's deformable surface (``brainextractor``) and over label transfer of a head atlas's mask
 through this product's own registration by measurement on six real heads
-(``python -m bench.brain_extractors``, bench/results/brain_extractors.md); it is an optional extra
-(``pip install "ltnet-tf[heads]"``: PyTorch's CPU build, ~0.75 GB) because skull-stripped scans,
-this product's usual input, do not need it.
+(``python -m bench.brain_extractors`` at commit 6f16678, bench/results/brain_extractors.md); it
+is an optional extra (``pip install "ltnet-tf[heads]"``: PyTorch's CPU build, ~0.75 GB) because
+skull-stripped scans, this product's usual input, do not need it.
 
 A mask is checked before anything is segmented with it (``check_mask``): an adult brain's mask
 (FreeSurfer's keep 1.41-1.89 L on the six heads, deepbet's grown by a voxel 1.33-1.80 L) holds
