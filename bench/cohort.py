@@ -78,21 +78,23 @@ class Cohort:
         return harness.portable(text, {self.work: "WORK", FLAGS.model_dir: "RUN",
                                        sys.executable: "python"})
 
-    def predict(self, images: str, output_dir: str, log: str, extra=(), check=True) -> dict:
-        """predict.py on ``images``, measured (``harness.run_measured``), its command portable;
-        the output folder emptied first. SystemExit if it fails and ``check``."""
-        shutil.rmtree(output_dir, ignore_errors=True)
-        argv = [sys.executable, os.path.join(harness.ROOT, "predict.py"), "--model_dir",
-                os.path.abspath(FLAGS.model_dir), "--images", images, "--output_dir",
-                output_dir, *extra]
+    def measure(self, argv: list, log: str, check: bool = True) -> dict:
+        """``argv`` with this checkout's ltnet_tf, measured (``harness.run_measured``), logs in
+        WORK/logs/``log``.out/.err. SystemExit if it fails and ``check``."""
         run = harness.run_measured(argv, os.path.join(self.logs, log), env=self.env,
                                    cwd=harness.ROOT, settle_seconds=FLAGS.settle_seconds)
         if run["returncode"] != 0 and check:
             raise SystemExit(f"{shlex.join(argv)} exited with {run['returncode']} (log: "
                              f"{run['stderr']})")
-        return {**run, "command": self.roles(f"PYTHONPATH={harness.ROOT} " + shlex.join(argv)),
-                "stdout": self.roles(run["stdout"]), "stderr": self.roles(run["stderr"]),
-                "argv": argv}
+        return {**run, "command": f"PYTHONPATH={harness.ROOT} {shlex.join(argv)}"}
+
+    def predict(self, images: str, output_dir: str, log: str, extra=(), check=True) -> tuple:
+        """predict.py on ``images`` into an emptied ``output_dir``, measured -> (run, argv)."""
+        shutil.rmtree(output_dir, ignore_errors=True)
+        argv = [sys.executable, os.path.join(harness.ROOT, "predict.py"), "--model_dir",
+                os.path.abspath(FLAGS.model_dir), "--images", images, "--output_dir",
+                output_dir, *extra]
+        return self.measure(argv, log, check), argv
 
     def predict_folder(self, scans: dict, label: str, extra) -> dict:
         """predict.py on a fresh folder of ``scans`` {file name: source path} (symlinks), and the
@@ -103,11 +105,10 @@ class Cohort:
         for name, source in scans.items():
             os.symlink(source, os.path.join(folder, name))
         output_dir = os.path.join(self.work, label)
-        run = self.predict(folder, output_dir, label.replace("/", "_"), extra)
+        run, _ = self.predict(folder, output_dir, label.replace("/", "_"), extra)
         with open(os.path.join(output_dir, "prediction.json")) as f:
             seconds = {name: r["seconds"] for name, r in json.load(f)["scans"].items()}
-        return {k: v for k, v in run.items() if k != "argv"} | {"scans": seconds,
-                                                                 **first_and_warm(seconds)}
+        return {**run, "scans": seconds, **first_and_warm(seconds)}
 
 
 def first_and_warm(scans: dict) -> dict:
@@ -129,16 +130,16 @@ def stages_part(cohort: Cohort) -> dict:
               for suffix in ["", *"bcdefghijklmnopqrstuvwxyz"[:FLAGS.copies]]}
     runs = {}
     for label in RUNS:
-        runs[label] = cohort.predict_folder(native, f"stages/{label}", (f"--{label}",))
-        print(f"stages {label}: {runs[label]['wall_s']:.1f} s wall, "
-              f"{runs[label]['peak_rss_mib']:.0f} MiB, warm "
-              f"{runs[label]['warm'].get('total', float('nan')):.1f} s/scan", flush=True)
+        run = runs[label] = cohort.predict_folder(native, f"stages/{label}", (f"--{label}",))
+        print(f"stages {label}: {run['wall_s']:.1f} s wall, {run['peak_rss_mib']:.0f} MiB, warm "
+              f"{run['warm'].get('total', float('nan')):.1f} s/scan", flush=True)
     return {"cohort": list(runs["noqc"]["scans"]), "runs": runs}
 
 
 def memory_part(cohort: Cohort) -> dict:
     """Peak RSS of predict.py (--noqc) on few and on many 2 mm copies of a scan."""
     small = os.path.join(cohort.work, "inputs", f"{FLAGS.memory_scan}_2mm.nii.gz")
+    os.makedirs(os.path.dirname(small), exist_ok=True)
     nib.save(nibabel.processing.conform(
         nib.load(os.path.join(FLAGS.data_dir, "native", "images", f"{FLAGS.memory_scan}.mgz")),
         out_shape=(128, 128, 128), voxel_size=(2.0, 2.0, 2.0), order=1, orientation="LIA",
@@ -148,8 +149,7 @@ def memory_part(cohort: Cohort) -> dict:
         run = cohort.predict_folder({f"scan-{i:0{len(str(count))}d}.nii.gz": small
                                      for i in range(1, count + 1)}, f"memory/{label}",
                                     ("--noqc",))
-        runs[label] = {**{k: v for k, v in run.items() if k not in ("first_scan", "warm_scans")},
-                       "scans": len(run["scans"]),
+        runs[label] = {**run, "scans": len(run["scans"]),
                        "totals": [r["total"] for r in run["scans"].values()]}
         print(f"memory {len(run['scans'])} scans: {run['peak_rss_mib']:.0f} MiB", flush=True)
     return {"scan": f"{FLAGS.memory_scan} resampled to 2 mm voxels, 128³ (NIfTI)", "runs": runs,
@@ -179,31 +179,25 @@ def refusal_part(cohort: Cohort) -> dict:
     rows = []
     for name, path in bad_inputs(os.path.join(cohort.work, "inputs", "bad")).items():
         output_dir = os.path.join(cohort.work, "refusal", name)
-        run = cohort.predict(path, output_dir, f"refusal_{name}", check=False)
-        lines = harness.log_lines(os.path.join(cohort.logs, f"refusal_{name}.err"))
-        row = {"input": name, "what": BAD_INPUTS[name],
-               **{k: v for k, v in run.items() if k != "argv"},
-               "message": cohort.roles(lines[-1] if lines else ""), "stderr_lines": len(lines),
-               "outputs_left": sorted(os.listdir(output_dir)) if os.path.isdir(output_dir)
-               else None}
+        run, argv = cohort.predict(path, output_dir, f"refusal_{name}", check=False)
+        lines = harness.log_lines(run["stderr"])
+        rows.append({"input": name, "what": BAD_INPUTS[name], **run,
+                     "message": lines[-1] if lines else "", "stderr_lines": len(lines),
+                     "outputs_left": sorted(os.listdir(output_dir))
+                     if os.path.isdir(output_dir) else None})
         if FLAGS.trace:
             shutil.rmtree(output_dir, ignore_errors=True)
-            opened = harness.files_opened(run["argv"], FLAGS.model_dir, os.path.join(
+            opened = harness.files_opened(argv, FLAGS.model_dir, os.path.join(
                 cohort.logs, f"refusal_{name}.strace"), env=cohort.env, cwd=harness.ROOT)
-            row.update(run_files_opened=opened, model_loaded=None if opened is None else any(
+            rows[-1].update(run_files_opened=opened, model_loaded=None if opened is None else any(
                 os.path.basename(p) in ("saved_model.pb", "generator.h5")
                 or p.endswith(".index") or ".data-" in p for p in opened))
-        rows.append(row)
         print(f"refusal {name}: exit {run['returncode']} after {run['wall_s']:.1f} s: "
-              f"{row['message']}", flush=True)
-    argv = [sys.executable, "-c", "from ltnet_tf import compat; import tensorflow"]
-    floor = harness.run_measured(argv, os.path.join(cohort.logs, "import_tensorflow"),
-                                 env=cohort.env, cwd=harness.ROOT,
-                                 settle_seconds=FLAGS.settle_seconds)
-    return {"inputs": BAD_INPUTS, "runs": rows, "import_tensorflow": {
-        "command": cohort.roles(f"PYTHONPATH={harness.ROOT} " + shlex.join(argv)),
-        **{k: floor[k] for k in ("returncode", "wall_s", "cpu_s", "peak_rss_mib", "load_start",
-                                 "load_end")}}}
+              f"{rows[-1]['message']}", flush=True)
+    floor = cohort.measure([sys.executable, "-c", "from ltnet_tf import compat; import "
+                            "tensorflow"], "import_tensorflow")
+    return {"inputs": BAD_INPUTS, "runs": rows, "import_tensorflow": {k: floor[k] for k in (
+        "command", "returncode", "wall_s", "cpu_s", "peak_rss_mib", "load_start", "load_end")}}
 
 
 # ------------------------------------------------------------------------------- cohort.md
