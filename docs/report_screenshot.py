@@ -3,8 +3,8 @@ the network), as a user's browser shows it; without a report given, a realistic 
 without running a model (what docs/report_screenshot.png shows). Not a test: it needs a browser
 (Debian: ``apt-get install chromium``).
 
-    python -m bench.report_screenshot --output docs/report_screenshot.png
-    python -m bench.report_screenshot OUT/report.html [--output page.png]
+    python docs/report_screenshot.py --output docs/report_screenshot.png
+    python docs/report_screenshot.py OUT/report.html [--output page.png]
 
 The example's stand-ins, said so on its page: each subject's FreeSurfer aseg (native/labels/)
 shifted by one voxel plays the segmentation of its native scan, scored against the unshifted aseg
@@ -26,7 +26,10 @@ import nibabel as nib
 import numpy as np
 from nibabel import processing
 
-from bench.harness import DATA_DIR, ROOT
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# ../shared/data beside the repository (see its README), or $LTNET_DATA_DIR.
+DATA_DIR = os.environ.get("LTNET_DATA_DIR") or os.path.normpath(
+    os.path.join(ROOT, "..", "shared", "data"))
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -128,7 +131,7 @@ def main(argv=None) -> int:
                         "example, written to --work_dir)")
     parser.add_argument("--output", help="PNG to write (default: next to the report, .png)")
     parser.add_argument("--data_dir", default=DATA_DIR)
-    parser.add_argument("--work_dir", default=os.path.join(ROOT, "bench", "scratch", "report"))
+    parser.add_argument("--work_dir", default=os.path.join(ROOT, "docs", "scratch", "report"))
     args = parser.parse_args(argv)
     report = args.report or example_report(args.data_dir, args.work_dir)
     if not os.path.isfile(report):
