@@ -2,7 +2,7 @@
 reruns it, the commit), timing, results files written whole, markdown tables, and the product's
 segmenter (``Product``: ``ltnet_tf.prediction.Predictor`` as predict.py runs it). Results never name
 a folder of one machine: the data folder is ``$LTNET_DATA_DIR``, the repository ``.``, others their
-role (``RUN``, ``WORK``). Importing this loads no TensorFlow (bench.cohort's process stays small).
+role (``RUN``, ``WORK``). Importing this loads no TensorFlow.
 """
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
-import shutil
 import subprocess
 import sys
 import time
@@ -149,54 +147,6 @@ def per_subject(entries: dict, subjects) -> list:
     return table(["subject", *entries], [[s, *(
         f"{e['per_subject'][s]:.3f} / {e['per_subject_seconds'][s]:.1f} s"
         if s in e["per_subject"] else "–" for e in entries.values())] for s in subjects])
-
-
-# ------------------------------------------------------------------------------- timing
-def run_measured(argv: list, log_prefix: str, *, env=None, cwd=None, settle_seconds=0.0) -> dict:
-    """``argv`` in a fresh process to its exit, after ``os.sync`` and ``settle_seconds`` of rest;
-    stdout/stderr to ``log_prefix``.out/.err. -> {'returncode', 'wall_s', 'cpu_s', 'peak_rss_mib'
-    (its own, ``os.wait4``), 'load_start', 'load_end', 'stdout', 'stderr' (log paths)}."""
-    os.sync()
-    time.sleep(settle_seconds)
-    load_start = [round(v, 2) for v in os.getloadavg()]
-    with open(f"{log_prefix}.out", "w") as out, open(f"{log_prefix}.err", "w") as err:
-        start = time.perf_counter()
-        process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=err)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-    return {"returncode": process.returncode, "wall_s": round(wall, 3),
-            "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # KiB on Linux
-            "load_start": load_start, "load_end": [round(v, 2) for v in os.getloadavg()],
-            "stdout": f"{log_prefix}.out", "stderr": f"{log_prefix}.err"}
-
-
-def log_lines(path: str) -> list:
-    with open(path, errors="replace") as f:
-        return [line.rstrip() for line in f if line.strip()]
-
-
-# openat(AT_FDCWD, "/path", O_RDONLY|O_CLOEXEC) = 3   (strace -f prefixes the thread id)
-_OPEN = re.compile(r'open(?:at)?\((?:AT_FDCWD, )?"(?P<path>[^"]+)", (?P<flags>[A-Z_|0-9]+)'
-                   r'.*\)\s+=\s+(?P<fd>-?\d+)')
-
-
-def files_opened(argv: list, under: str, log_path: str, *, env=None, cwd=None) -> list:
-    """The regular files below ``under`` that ``argv`` opened, relative to it, in first-opened
-    order (``strace``, a separate unmeasured run); None without strace."""
-    if shutil.which("strace") is None:
-        return None
-    subprocess.run(["strace", "-f", "-qq", "-e", "trace=open,openat", "-o", log_path, *argv],
-                   env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    folder, found = os.path.realpath(under) + os.sep, []
-    for line in log_lines(log_path):
-        match = _OPEN.search(line)
-        if match and int(match["fd"]) >= 0 and "O_DIRECTORY" not in match["flags"]:
-            path = os.path.realpath(match["path"])
-            if path.startswith(folder) and os.path.relpath(path, folder) not in found:
-                found.append(os.path.relpath(path, folder))
-    return found
 
 
 # ------------------------------------------------------------------------------- validation sets
