@@ -40,6 +40,14 @@ def _determinism(det: dict) -> list:
         f"{len(warm['deterministic'])} + {len(warm['machine'])} warm scans).", ""]
 
 
+def _window(reference: dict) -> str:
+    if "startup_s" not in reference:  # results of the version that drew from half the run
+        return "between 1 s and half that time (at most 120 s)"
+    return (f"between 1 s and 1.1 x the time the killed run had left (start-up "
+            f"{reference['startup_s']} s + {reference['seconds_per_scan']} s per unfinished scan, "
+            f"as in the uninterrupted run)")
+
+
 def _killed(killed: dict) -> list:
     signals = {}
     for kill in killed["kills"]:
@@ -49,7 +57,7 @@ def _killed(killed: dict) -> list:
         "## Killed runs", "",
         f"Cohort: {killed['cohort']}. An uninterrupted reference run took "
         f"{killed['reference_run']['seconds']} s; then {killed['killed']} runs of the same "
-        f"command were stopped at a random moment between 1 s and half that time (at most 120 s) "
+        f"command were stopped at a random moment {_window(killed['reference_run'])} "
         f"({', '.join(f'{n} {s}' for s, n in sorted(signals.items()))}), each followed by the same "
         f"command, over {len(killed['rounds'])} cohort folders.", "",
         *_kill_moments(killed["kills"]),
