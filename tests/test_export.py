@@ -1,7 +1,8 @@
 """Tests of ltnet_tf.serving.export: the TF Serving SavedModel, its clients, and G_F as a VoxelMorph .h5.
 
 Two tiny run folders are written by hand in the layout of ``ltnet_tf.serving.modeldir`` (downsample 1 and 2,
-grids that are neither cubic nor U-Net divisible) and exported once for the whole module.
+grids that are neither cubic nor U-Net divisible) and exported once for the whole session
+(``phantom_runs``, conftest.py: test_serving_doc uses the downsample-2 one too).
 """
 import json
 import os
@@ -112,11 +113,12 @@ def numpy_outputs(outputs) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(phantom_runs):
+    """The session's two exported phantom runs (conftest.py; shared with test_serving_doc, never
+    changed here), with what the in-process model gives."""
     runs = {}
     for downsample, shape in GRIDS.items():
-        model_dir = make_run(tmp_path_factory.mktemp("runs") / f"RUN{downsample}", downsample)
-        paths = export.export_all(model_dir)
+        model_dir, paths = phantom_runs[downsample]
         config = model_dir.load_config()
         generator = model_dir.restore_forward_generator(config)
         atlas, atlas_labels = model_dir.load_atlas()
