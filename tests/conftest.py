@@ -4,6 +4,7 @@ slow part on CPU: the first worker to need them builds them under a file lock, t
 and read the same folder)."""
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 from types import SimpleNamespace
@@ -74,3 +75,24 @@ def trained_run(dataset, tmp_path_factory):
             assert rc == 0
             mark_built(root)
     return ModelDir(str(model_dir))
+
+
+@pytest.fixture(scope="session")
+def phantom_runs(tmp_path_factory):
+    """test_export's two hand-made run folders (downsample 1 and 2: ``make_run``), exported once
+    per session for test_export and test_serving_doc: {downsample: (ModelDir, export_all's
+    paths)}. Read them; copy one before changing it."""
+    from ltnet_tf.serving import export
+    from test_export import GRIDS, make_run
+
+    with built_once(tmp_path_factory, "phantom_runs") as (root, built):
+        if not built:
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            for downsample in GRIDS:
+                paths = export.export_all(make_run(root / f"RUN{downsample}", downsample))
+                (root / f"RUN{downsample}.json").write_text(json.dumps(paths))
+            mark_built(root)
+    return {downsample: (ModelDir(str(root / f"RUN{downsample}")),
+                         json.loads((root / f"RUN{downsample}.json").read_text()))
+            for downsample in GRIDS}

@@ -1,7 +1,8 @@
 """Tests of ltnet_tf.serving.export: the TF Serving SavedModel, its clients, and G_F as a VoxelMorph .h5.
 
 Two tiny run folders are written by hand in the layout of ``ltnet_tf.serving.modeldir`` (downsample 1 and 2,
-grids that are neither cubic nor U-Net divisible) and exported once for the whole module.
+grids that are neither cubic nor U-Net divisible) and exported once for the whole session
+(``phantom_runs``, conftest.py: test_serving_doc uses the downsample-2 one too).
 """
 import json
 import os
@@ -112,11 +113,12 @@ def numpy_outputs(outputs) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(phantom_runs):
+    """The session's two exported phantom runs (conftest.py; shared with test_serving_doc, never
+    changed here), with what the in-process model gives."""
     runs = {}
     for downsample, shape in GRIDS.items():
-        model_dir = make_run(tmp_path_factory.mktemp("runs") / f"RUN{downsample}", downsample)
-        paths = export.export_all(model_dir)
+        model_dir, paths = phantom_runs[downsample]
         config = model_dir.load_config()
         generator = model_dir.restore_forward_generator(config)
         atlas, atlas_labels = model_dir.load_atlas()
@@ -222,16 +224,19 @@ CHILD = textwrap.dedent("""
     for case in json.loads(sys.argv[1]):
         model = tf.saved_model.load(case["saved_model"])
         inputs = np.load(case["inputs"])
+        refined = {steps: model.signatures["segment_refined"](
+            scan=tf.constant(inputs["scan"]), steps=tf.constant(steps),
+            coarse_steps=tf.constant(0))["segmentation"].numpy()
+            for steps in (0, case["refined_steps"])}
+        if case["refined_only"]:
+            np.savez(case["outputs"], refined_0=refined[0], refined=refined[case["refined_steps"]])
+            continue
         outputs = model.signatures["serving_default"](scan=tf.constant(inputs["scan"]))
         registered = model.signatures["register"](
             atlas=tf.constant(inputs["atlas"]), atlas_labels=tf.constant(inputs["atlas_labels"]),
             scan=tf.constant(inputs["scan"]))
         segmented = model.signatures["segment"](scan=tf.constant(inputs["scan"]))
         displaced = model.signatures["displacement"](scan=tf.constant(inputs["scan"]))
-        refined = {steps: model.signatures["segment_refined"](
-            scan=tf.constant(inputs["scan"]), steps=tf.constant(steps),
-            coarse_steps=tf.constant(0))["segmentation"].numpy()
-            for steps in (0, case["refined_steps"])}
         np.savez(case["outputs"], **{k: v.numpy() for k, v in outputs.items()},
                  **{"register_" + k: v.numpy() for k, v in registered.items()},
                  segment_segmentation=segmented["segmentation"].numpy(),
@@ -244,20 +249,40 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_saved_model_in_clean_process_matches_in_process_model(runs, tmp_path):
-    cases = []
-    for downsample, run in runs.items():
-        inputs = tmp_path / f"inputs{downsample}.npz"
+@pytest.fixture(scope="module")
+def xla_saved_model(runs, tmp_path_factory):
+    """--refine_xla: the downsample-2 run exported again with the XLA-compiled refinement step."""
+    model_dir = ModelDir(tmp_path_factory.mktemp("xla") / "run")
+    shutil.copytree(runs[2].model_dir.path, model_dir.path)
+    shutil.rmtree(model_dir.saved_model_base)
+    return export.export_saved_model(model_dir, refine_xla=True)
+
+
+@pytest.fixture(scope="module")
+def clean_process(runs, xla_saved_model, tmp_path_factory):
+    """Every signature of both runs' SavedModels, and the XLA export's segment_refined, called in
+    ONE fresh process without the project (TensorFlow's start-up paid once): {case: outputs}."""
+    folder = tmp_path_factory.mktemp("clean_process")
+    saved_models = {downsample: run.saved_model for downsample, run in runs.items()}
+    saved_models["xla"] = xla_saved_model
+    cases = {}
+    for key, saved_model in saved_models.items():
+        run = runs[2 if key == "xla" else key]
+        inputs = folder / f"inputs{key}.npz"
         np.savez(inputs, scan=run.scans, atlas=run.other_atlas, atlas_labels=run.other_labels)
-        cases.append({"saved_model": run.saved_model, "inputs": str(inputs),
-                      "outputs": str(tmp_path / f"outputs{downsample}.npz"),
-                      "refined_steps": REFINED_STEPS})
+        cases[key] = {"saved_model": saved_model, "inputs": str(inputs),
+                      "outputs": str(folder / f"outputs{key}.npz"),
+                      "refined_steps": REFINED_STEPS, "refined_only": key == "xla"}
     # cwd outside the repository, no PYTHONPATH: the project cannot even be imported by accident.
-    result = run_quietly([sys.executable, "-c", CHILD, json.dumps(cases)], cwd=tmp_path,
-                         env=serving_environment())
+    result = run_quietly([sys.executable, "-c", CHILD, json.dumps(list(cases.values()))],
+                         cwd=folder, env=serving_environment())
     assert "CHILD_OK" in result.stdout
-    for case, run in zip(cases, runs.values()):
-        outputs = dict(np.load(case["outputs"]))
+    return {key: dict(np.load(case["outputs"])) for key, case in cases.items()}
+
+
+def test_saved_model_in_clean_process_matches_in_process_model(runs, clean_process):
+    for downsample, run in runs.items():
+        outputs = clean_process[downsample]
         assert_outputs_match({k: outputs[k] for k in export.OUTPUTS}, run.expected)
         assert_outputs_match({k: outputs["register_" + k] for k in export.OUTPUTS},
                              run.expected_register)
@@ -275,35 +300,11 @@ def test_saved_model_in_clean_process_matches_in_process_model(runs, tmp_path):
         assert (outputs["refined"] != run.expected_refined).mean() < 1e-3
 
 
-XLA_CHILD = textwrap.dedent("""
-    import sys
-    import numpy as np
-    import tensorflow as tf
-
-    model = tf.saved_model.load(sys.argv[1])
-    scan = tf.constant(np.load(sys.argv[2]))
-    refined = model.signatures["segment_refined"](scan=scan, steps=tf.constant(int(sys.argv[3])),
-                                                  coarse_steps=tf.constant(0))
-    np.save(sys.argv[4], refined["segmentation"].numpy())
-    print("CHILD_OK")
-""")
-
-
-def test_xla_refinement_signature_in_clean_process(runs, tmp_path):
+def test_xla_refinement_signature_in_clean_process(runs, xla_saved_model, clean_process):
     """--refine_xla: the XLA-compiled step loads and runs with plain TensorFlow too."""
-    run = runs[2]
-    model_dir = ModelDir(tmp_path / "run")
-    shutil.copytree(run.model_dir.path, model_dir.path)
-    shutil.rmtree(model_dir.saved_model_base)
-    saved_model = export.export_saved_model(model_dir, refine_xla=True)
-    with open(os.path.join(saved_model, export.METADATA_PATH)) as f:
+    with open(os.path.join(xla_saved_model, export.METADATA_PATH)) as f:
         assert json.load(f)["refinement"]["xla"] is True
-    np.save(tmp_path / "scan.npy", run.scans)
-    result = run_quietly([sys.executable, "-c", XLA_CHILD, saved_model, str(tmp_path / "scan.npy"),
-                          str(REFINED_STEPS), str(tmp_path / "refined.npy")], cwd=tmp_path,
-                         env=serving_environment())
-    assert "CHILD_OK" in result.stdout
-    assert (np.load(tmp_path / "refined.npy") != run.expected_refined).mean() < 1e-3
+    assert (clean_process["xla"]["refined"] != runs[2].expected_refined).mean() < 1e-3
 
 
 def test_register_with_the_baked_in_atlas_equals_serving_default(runs):
@@ -366,8 +367,11 @@ def test_saved_model_cli_show_and_run(runs, tmp_path):
         "flow_working": ("DT_FLOAT", (-1, *run.config.working_shape(), 3))}
     assert "PyFunc" not in shown and "EagerPyFunc" not in shown
 
-    scan_path, out_dir = tmp_path / "scan.npy", tmp_path / "out"
-    np.save(scan_path, run.scans[:1])
+    # One run, fed float64: saved_model_cli's session casts another dtype to the signature's
+    # float32, and every output is the in-process model's. (A float32 scan.npy through
+    # saved_model_cli run is the docs/serving.md block that test_serving_doc runs as written.)
+    scan_path, out_dir = tmp_path / "scan64.npy", tmp_path / "out"
+    np.save(scan_path, run.scans[:1].astype(np.float64))
     run_quietly(saved_model_cli() + ["run", "--dir", run.saved_model, "--tag_set", "serve",
                                      "--signature_def", "serving_default",
                                      "--inputs", f"scan={scan_path}", "--outdir", str(out_dir)],
@@ -470,15 +474,15 @@ def literal(shape) -> str:
 
 def test_wrong_inputs_through_saved_model_cli(runs, tmp_path):
     """``saved_model_cli run`` feeds the graph through a session, as TF Serving does: the shape
-    check is the graph's assertion, not a Python one."""
+    check is the graph's assertion, not a Python one. One run per assertion (the scan's, fed from
+    a file; a refinement budget's, fed as a literal): each process pays TensorFlow's start-up.
+    Every signature's scan check, with every wrong shape, is
+    test_wrong_inputs_are_named_with_the_fix_in_a_clean_process's; another dtype fed through
+    saved_model_cli is test_saved_model_cli_show_and_run's run."""
     run = runs[2]
     native = tmp_path / "native.npy"
     np.save(native, np.zeros([1, 256, 256, 256, 1], np.float32))
     cases = [("segment", ["--inputs", f"scan={native}"], scan_message([1, 256, 256, 256, 1])),
-             ("serving_default", ["--input_exprs", f"scan={literal([1, 20, 18, 16])}"],
-              scan_message([1, 20, 18, 16])),
-             ("displacement", ["--input_exprs", f"scan={literal([20, 18, 16])}"],
-              scan_message([20, 18, 16])),
              ("segment_refined", ["--input_exprs", f"scan={literal([1, 20, 18, 16, 1])};"
                                   f"steps=[3];coarse_steps=0"],
               "steps must be a scalar int32 number of refinement steps, not of shape [1]: "
@@ -488,14 +492,6 @@ def test_wrong_inputs_through_saved_model_cli(runs, tmp_path):
         assert result.returncode != 0, (signature, result.stdout[-2000:])
         assert f"assertion failed: [{message}]" in result.stderr, (signature,
                                                                    result.stderr[-3000:])
-    # Another dtype is cast by saved_model_cli's session to the signature's float32.
-    as_float64 = tmp_path / "scan64.npy"
-    np.save(as_float64, run.scans[:1].astype(np.float64))
-    result = saved_model_cli_run(run.saved_model, "segment", tmp_path / "out64",
-                                 "--inputs", f"scan={as_float64}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    np.testing.assert_array_equal(np.load(tmp_path / "out64" / "segmentation.npy"),
-                                  run.expected["segmentation"][:1])
 
 
 # ------------------------------------------------------------------------------- TF Serving clients

@@ -2,6 +2,7 @@
 two real processes on tiny scans, segmenting without a trained network (atlas and refinement)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -85,10 +86,15 @@ def test_merge_refuses_a_scan_twice(single_and_shards, dataset, capsys):
     assert "\n" not in error
 
 
-def test_merge_refuses_shares_of_other_settings(dataset, tmp_path, capsys):
+def test_merge_refuses_shares_of_other_settings(single_and_shards, dataset, tmp_path, capsys):
+    """Share 1/2 of the module's run beside a share 2/2 made with another refinement budget
+    (one process more: the first share is the fixture's, copied)."""
     out = tmp_path / "out"
-    run_all(predict_argv(dataset, out, "--shard", "1/2", "--noqc"),
-            predict_argv(dataset, out, "--shard", "2/2", "--noqc", "--refine_steps=1"))
+    out.mkdir()
+    for name in os.listdir(single_and_shards / "shared"):  # share 1/2's tables and scans only
+        if "shard-1-of-2" in name or name.startswith(("scan_00", "scan_02")):
+            shutil.copy(single_and_shards / "shared" / name, out)
+    run_all(predict_argv(dataset, out, "--shard", "2/2", "--refine_steps=1"))
     assert merge.main([str(out)]) == 1
     error = capsys.readouterr().err
     assert "made by another model, atlases or settings" in error

@@ -14,6 +14,7 @@ import builtins
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -25,8 +26,9 @@ import pytest
 from ltnet_tf.io import volumes as data
 from ltnet_tf.registration.transfer import LabelTransfer
 from ltnet_tf.serving import export
-from test_export import (AFFINE, GRIDS, SUBPROCESS_TIMEOUT, assert_outputs_match, make_run,
-                         scans_for, serving_environment)
+from ltnet_tf.serving.modeldir import ModelDir
+from test_export import (AFFINE, GRIDS, SUBPROCESS_TIMEOUT, assert_outputs_match, scans_for,
+                         serving_environment)
 
 import tensorflow as tf  # noqa: E402  (after ltnet_tf, which selects Keras 2)
 
@@ -80,11 +82,13 @@ def runnable(language) -> list:
 
 # ------------------------------------------------------------------------------- the folder
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """``models/RUN`` exported, ``scan.nii.gz`` on its atlas grid, and what the model gives."""
+def folder(phantom_runs, tmp_path_factory):
+    """``models/RUN`` exported (a copy of the session's phantom run, conftest.py: the page's
+    export block adds a version to it), ``scan.nii.gz`` on its atlas grid, and what the model
+    gives."""
     root = tmp_path_factory.mktemp("serving_doc")
-    model_dir = make_run(root / "models" / "RUN", DOWNSAMPLE)
-    export.export_all(model_dir)
+    shutil.copytree(phantom_runs[DOWNSAMPLE][0].path, root / "models" / "RUN")
+    model_dir = ModelDir(str(root / "models" / "RUN"))
     scan = scans_for(GRIDS[DOWNSAMPLE])[0, ..., 0]
     data.save_nifti(scan, AFFINE, root / "scan.nii.gz")
     config = model_dir.load_config()
