@@ -106,7 +106,11 @@ def export_segmenter(segmenter, folder: str) -> str:
     staging = tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=base)
     final = os.path.join(base, str(version))
     try:
-        tf.saved_model.save(module, staging, signatures=module.signatures())
+        # Serving runs the signatures forward only: the network's custom gradients are not
+        # saved (tracing them took most of an export's time).
+        tf.saved_model.save(module, staging, signatures=module.signatures(),
+                            options=tf.saved_model.SaveOptions(
+                                experimental_custom_gradients=False))
         os.makedirs(os.path.join(staging, "assets.extra"), exist_ok=True)
         with open(os.path.join(staging, METADATA_PATH), "w") as f:
             json.dump(metadata(segmenter, version), f, indent=2)
