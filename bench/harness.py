@@ -310,17 +310,18 @@ class Product:
                                    segmenter=self.segmenter)
         self.checkpoint = None if network is None else network.source
         r = refinement
-        self.description = (("no network (identity start)" if network is None else f"G_F of a "
-                             f"run folder ({os.path.basename(network.source)})") + (
-            ", network alone" if r is None else f", refined {r.coarse_steps} steps at grid / "
-            f"{r.coarse_factor or 'working'}, then {r.steps} at / {r.factor}") + (
-            f"; {len(atlas_set)} atlases fused by {fusion}" if len(atlas_set) > 1 else ""))
         if segmenter:
             training = self.segmenter.training
             self.train_minutes = training.get("train_minutes")
             self.description = (f"segmenter of a run folder ({len(atlas_set)} teacher atlas(es), "
                                 f"{training.get('fit', {}).get('steps')} steps, "
                                 f"{self.train_minutes:.1f} min of training)")
+        else:
+            self.description = (("no network (identity start)" if network is None else f"G_F of "
+                                 f"a run folder ({os.path.basename(network.source)})") + (
+                ", network alone" if r is None else f", refined {r.coarse_steps} steps at grid / "
+                f"{r.coarse_factor or 'working'}, then {r.steps} at / {r.factor}") + (
+                f"; {len(atlas_set)} atlases fused by {fusion}" if len(atlas_set) > 1 else ""))
         self.predictor.segment(atlas_set.primary.image)  # tracing, once per process
         self.load_seconds = time.time() - start
 

@@ -26,9 +26,9 @@ one line. ``predict.py`` run as a user runs it (fresh processes, real scans of $
     python -m bench.reliability                # ~25 min on 2 shared CPU cores
     python -m bench.reliability --kills 3      # a smoke test
 
-Writes bench/results/reliability.json and reliability.md (``bench.reliability_report``). Timings are from a
-machine shared with other jobs (the load averages are recorded): the ratio compares runs
-interleaved in one session.
+Writes bench/results/reliability.json and reliability.md (``bench.reliability_report``). Timings
+are from a machine shared with other jobs (the load averages are recorded): the ratio compares
+runs interleaved in one session.
 """
 from __future__ import annotations
 

@@ -10,15 +10,15 @@ its files in the run folder.
 
 Labels on a fine grid from probabilities on the coarse working grid, cheaply. Upsampling the
 probabilities of every label to the scan's grid and taking the argmax is what keeps boundaries
-at their sub-voxel place (true labels pooled x2 and brought back reach Dice 0.949 this way, 0.905
-when the pooled argmax alone is interpolated: ``bench/results/segmenter.md``, ``python -m
-bench.segmenter`` at commit 6c983c5), but it costs L
-volumes of the scan's size. Here each fine point's label is the argmax of the trilinearly
-interpolated probabilities computed only where it can differ from the coarse argmax: in a cell
-whose 8 corners share one argmax label, that label wins the interpolation too (it is the largest
-at every corner); in the other cells (near boundaries) the interpolated probability of each of the
-corners' argmax labels is compared (at most 8 candidates, not L). Memory and time are those of
-the label transfer's own pull (``registration.native``).
+at their sub-voxel place (true labels of sub-06/07 pooled x2 and brought back reach Dice 0.951
+this way, 0.909 when the pooled argmax alone is interpolated: ``bench/results/segmenter.md``,
+``python -m bench.segmenter`` at commit 6c983c5), but it costs L volumes of the scan's size.
+Here each fine point's label is the argmax of the trilinearly interpolated probabilities
+computed only where it can differ from the coarse argmax: in a cell whose 8 corners share one
+argmax label, that label wins the interpolation too (it is the largest at every corner); in the
+other cells (near boundaries) the interpolated probability of each of the corners' argmax labels
+is compared (at most 8 candidates, not L). Memory and time are those of the label transfer's own
+pull (``registration.native``).
 """
 from __future__ import annotations
 
