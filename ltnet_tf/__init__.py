@@ -7,6 +7,7 @@ written once, in ``LAYERS``; ``tests/test_layers.py`` enforces it):
     io            reading, writing and describing scans and label maps
     preprocessing brain extraction of whole heads, bias-field correction
     registration  alignment, LT-Net's networks and losses, warping, refinement, label pull, fusion
+    labelling     the transferred labels finished by a per-scan intensity model (EM)
     reporting     QC pictures, report.html, the tables
     serving       the run folder, the SavedModel for TF Serving, generator.h5 for VoxelMorph
     training      the LTNet Keras model, its data, callbacks and ``train()``
@@ -28,7 +29,8 @@ from ltnet_tf import compat  # noqa: F401  (must run before TensorFlow is import
 __version__ = "0.1.0"
 
 LAYERS = ("compat", "errors", "files", "config", "io", "preprocessing", "registration",
-          "reporting", "serving", "training", "segmentation", "prediction", "commands")
+          "labelling", "reporting", "serving", "training", "segmentation", "prediction",
+          "commands")
 
 MOVED = {
     "data": "io.volumes", "headers": "io.headers", "plausibility": "io.plausibility",

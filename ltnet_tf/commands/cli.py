@@ -185,15 +185,26 @@ def _predict_flags() -> flags.FlagValues:
                       "<scan>_aligned.nii.gz (the scan on the atlas grid) and "
                       "<scan>_aligned_seg.nii.gz.", flag_values=fv)
     flags.DEFINE_list("save_probabilities", None, "Also write <scan>_probabilities.nii.gz: the "
-                      "fused probability of each of these label IDs ('all': every structure; a "
-                      "byte per voxel and structure) on the scan's grid.", flag_values=fv)
+                      "probability of each of these label IDs ('all': every structure; a byte per "
+                      "voxel and structure) on the scan's grid: the intensity model's posterior, "
+                      "or with --intensity_model off the fused share.", flag_values=fv)
     flags.DEFINE_bool("qc", True, "Write <scan>_qc.png (three slices with the segmentation's "
                       "outlines) and report.html (every scan, flagged ones first).",
                       flag_values=fv)
     _define_preparation_flags(fv)
     _define_refinement_flags(fv)
+    _define_intensity_model_flag(fv)
     _define_verbose_flag(fv)
     return fv
+
+
+def _define_intensity_model_flag(fv: flags.FlagValues) -> None:
+    flags.DEFINE_enum("intensity_model", "auto", ["auto", "off"],
+                      "auto: the transferred labels are finished by a per-scan intensity model "
+                      "(a Gaussian per structure fitted to the scan by EM, the transfer as its "
+                      "prior; bench/results/intensity.md); off: the label transfer's labels as "
+                      "they are.", flag_values=fv)
+
 
 
 def _define_head_flags(fv: flags.FlagValues, where: str) -> None:
@@ -256,7 +267,7 @@ def _predict(fv: flags.FlagValues) -> int:
         save_aligned=fv.save_aligned, qc=fv.qc, probabilities=fv.save_probabilities,
         shard=parse_shard(fv.shard) if fv.shard else None,
         preparation=_preparation(fv),
-        similarity=fv.similarity)
+        similarity=fv.similarity, intensity_model=fv.intensity_model)
     if hasattr(signal, "SIGXFSZ"):  # a file-size limit: the write raises (one line), no kill
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     from ltnet_tf.training import signals

@@ -52,6 +52,7 @@ class PredictOptions:
     # Whole heads stripped, bias fields corrected (--skull_strip, --bias_correction).
     preparation: PreparationOptions = field(default_factory=PreparationOptions)
     similarity: str = "auto"  # another contrast mapped to the atlas's (registration.contrast)
+    intensity_model: str = "auto"  # the labels finished by the scan's intensities (labelling)
 
 
 def parse_shard(text: str) -> tuple:
@@ -205,7 +206,7 @@ def predict_files(images, output_dir, labels=None, *, model_dir=None, atlas=None
                           refinement=options.refinement if options.refine else None,
                           fusion_method=options.fusion, alignment_settings=alignment_settings,
                           segmenter=segmenter, preparation=preparation,
-                          similarity=options.similarity)
+                          similarity=options.similarity, intensity_model=options.intensity_model)
     output.prepare()
     with OutputLock(output.path, options.shard):  # one writer per folder (or per share)
         run_record = RunRecords(output, predictor, names, options, run, network)

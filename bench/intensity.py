@@ -1,0 +1,155 @@
+"""What the per-scan intensity model adds to the label transfer, measured on real brains: each
+configuration with and without it, on the same registrations' inputs, one scan after the other
+(pairs in alternating order, so a slower moment of the machine weighs on both):
+
+    transfer_1     predict.py --atlas with one atlas, --intensity_model off
+    intensity_1    the same with --intensity_model auto (the default)
+    jlf_5          five atlases (the data's atlas and sub-01..04), joint label fusion, model off
+    intensity_5    the same with the model (its prior: the atlases' votes with their JLF weights)
+
+on sub-06/07 (FreeSurfer labels, on the atlas grid), the six MICCAI 2012 validation subjects
+(manual labels, aligned once by ``harness.validation_sets``) and the native FreeSurfer volumes of
+sub-06/07 (256³ on their own grids: aligned in the run, labels written there). Dice of the 28
+structures of Table 1; seconds per scan end to end (read, segment, write).
+
+    python -m bench.intensity                       # everything (about 10 min on 2 cores)
+    python -m bench.intensity --configs transfer_1,intensity_1 --sets shared
+
+Writes bench/results/intensity.json and intensity.md (the targets checked at the end).
+"""
+from __future__ import annotations
+
+from ltnet_tf import compat  # noqa: F401
+
+import gc
+import os
+
+import numpy as np
+from absl import app, flags
+
+from bench import harness
+from bench.harness import cell, table
+from ltnet_tf.config import RefinementSettings
+
+SETS = ("shared", "miccai2012", "native")
+PAIRS = {"1": ("transfer_1", "intensity_1"), "5": ("jlf_5", "intensity_5")}
+TARGETS = {"intensity_1": ("transfer_1", 0.03), "intensity_5": ("jlf_5", 0.01)}
+MAX_STRUCTURE_LOSS, MAX_TIME_RATIO = 0.01, 1.3
+
+harness.define_flags("intensity")
+flags.DEFINE_list("sets", list(SETS), "Validation sets.")
+flags.DEFINE_list("atlas_counts", list(PAIRS), "1 and/or 5 atlases.")
+flags.DEFINE_list("extra_atlases", ["sub-01", "sub-02", "sub-03", "sub-04"],
+                  "Subjects used as atlases after the primary one, in order.")
+FLAGS = flags.FLAGS
+
+
+def native_cases(data_dir: str) -> list:
+    return [harness.Case("native", s, os.path.join(data_dir, "native", "images", f"{s}.mgz"),
+                         os.path.join(data_dir, "native", "labels", f"{s}.mgz"))
+            for s in harness.SHARED_SUBJECTS]
+
+
+def run_pair(count: str, cases: list, results: dict) -> None:
+    """Both configurations of ``count`` atlases on every case, scan by scan."""
+    pairs = harness.atlas_pairs(FLAGS.data_dir, FLAGS.extra_atlases)[:int(count)]
+    names = PAIRS[count]
+    products = {name: harness.Product(None, RefinementSettings(), atlases=pairs,
+                                      intensity_model="off" if index == 0 else "auto")
+                for index, name in enumerate(names)}
+    records = {name: {} for name in names}
+    for number, case in enumerate(cases):
+        order = names if number % 2 == 0 else names[::-1]
+        for name in order:
+            result = products[name].segment(case.image_path, case.output(FLAGS.work_dir, name))
+            record = harness.score(case, result, name)
+            record["intensity_model"] = result.get("intensity_model")
+            records[name].setdefault(case.set_name, []).append(record)
+    for name in names:
+        for set_name, found in records[name].items():
+            figures = harness.dice_figures(found)
+            figures["intensity_model"] = {r["subject"]: r["intensity_model"] for r in found}
+            figures["stage_seconds_per_scan"] = {
+                stage: float(np.mean([r["stages"].get(stage, 0.0) for r in found]))
+                for stage in dict.fromkeys(k for r in found for k in r["stages"])}
+            results["sets"].setdefault(set_name, {})[name] = {
+                "method": products[name].description,
+                "atlases": [os.path.basename(p) for p, _ in pairs],
+                "model_load_s": products[name].load_seconds, **figures}
+    del products
+    gc.collect()
+
+
+def checks(results: dict) -> list:
+    """[(set, check, value, target, met)] of the targets on every set that has both sides."""
+    found = []
+    for set_name, entries in results["sets"].items():
+        for name, (base, gain) in TARGETS.items():
+            if name not in entries or base not in entries:
+                continue
+            ours, theirs = entries[name], entries[base]
+            difference = ours["mean_dice"] - theirs["mean_dice"]
+            worst = min(ours["per_structure"][k] - theirs["per_structure"][k]
+                        for k in ours["per_structure"])
+            ratio = ours["seconds_per_scan"] / theirs["seconds_per_scan"]
+            found += [(set_name, f"{name} − {base} (mean Dice)", difference, f">= +{gain}",
+                       difference >= gain),
+                      (set_name, f"{name}: worst structure − {base}'s", worst,
+                       f">= −{MAX_STRUCTURE_LOSS}", worst >= -MAX_STRUCTURE_LOSS),
+                      (set_name, f"{name} seconds / {base}'s", ratio, f"<= {MAX_TIME_RATIO}",
+                       ratio <= MAX_TIME_RATIO)]
+    return found
+
+
+def markdown(results: dict) -> list:
+    lines = ["# The per-scan intensity model on the label transfer's prior", "",
+             f"Command: `{results['command']}`, commit `{results['git_commit'][:12]}`; "
+             f"{results['machine']}; load average at the start {results['load_start'][0]:.1f}, "
+             f"at the end {results['load_end'][0]:.1f}.", "",
+             "Dice: the 28 structures of Table 1. Seconds per scan: end to end (read, align when "
+             "native, register, pull the labels, finish them, write), the two configurations of "
+             "a pair run scan by scan in alternating order in one process.", ""]
+    for set_name, entries in results["sets"].items():
+        rows = []
+        for name, e in entries.items():
+            base = TARGETS.get(name, (None,))[0]
+            rows.append([name, f"**{e['mean_dice']:.3f}**", cell(
+                e["mean_dice"] - entries[base]["mean_dice"] if base in entries else None, "+.3f"),
+                f"{e['seconds_per_scan']:.2f}", cell(
+                    e["seconds_per_scan"] / entries[base]["seconds_per_scan"]
+                    if base in entries else None, ".2f"), e["method"]])
+        lines += [f"## {set_name}: {', '.join(next(iter(entries.values()))['per_subject'])}", "",
+                  *table(["config", "Dice", "− without the model", "s/scan", "time ratio",
+                          "method"], rows), "", "Per subject (Dice / seconds):", "",
+                  *harness.per_subject(entries, next(iter(entries.values()))["per_subject"]),
+                  "", "Per structure:", "", *harness.per_structure(entries), ""]
+    lines += ["## Targets", "", *table(["set", "check", "value", "target", "met"], [
+        [s, c, f"{v:+.4f}" if "Dice" in c or "worst" in c else f"{v:.3f}", t,
+         "yes" if m else "**no**"] for s, c, v, t, m in checks(results)]), ""]
+    return lines
+
+
+def main(argv):
+    del argv
+    unknown = (set(FLAGS.sets) - set(SETS)) | (set(FLAGS.atlas_counts) - set(PAIRS))
+    if unknown:
+        raise SystemExit(f"unknown sets or atlas counts: {', '.join(sorted(unknown))}")
+    cases, set_info = harness.validation_sets(FLAGS.data_dir, FLAGS.work_dir,
+                                              [s for s in FLAGS.sets if s != "native"])
+    if "native" in FLAGS.sets:
+        cases += native_cases(FLAGS.data_dir)
+        set_info["native"] = {"subjects": list(harness.SHARED_SUBJECTS),
+                              "note": "FreeSurfer's native 256³ volumes, segmented on their grids"}
+    results = {"command": harness.command_line({FLAGS.work_dir: "WORK"}),
+               "git_commit": harness.git_commit(), "machine": harness.machine_line(),
+               "load_start": os.getloadavg(), "set_info": set_info, "sets": {}}
+    for count in FLAGS.atlas_counts:
+        run_pair(count, cases, results)
+    results["load_end"] = os.getloadavg()
+    results["targets"] = [{"set": s, "check": c, "value": v, "target": t, "met": m}
+                          for s, c, v, t, m in checks(results)]
+    harness.write_results(results, markdown, os.path.join(FLAGS.results_dir, "intensity"))
+
+
+if __name__ == "__main__":
+    app.run(main)
