@@ -15,9 +15,11 @@ structures of Table 1; seconds per scan end to end (read, segment, write).
     python -m bench.intensity                       # everything (about 10 min on 2 cores)
     python -m bench.intensity --atlas_counts 1 --sets shared
 
-``--variants`` (one atlas): other settings of the model (``IntensityModelSettings`` fields) on the
-same transferred labels, which is how its defaults were chosen, e.g.
-``--variants beta1=prior_weight:1,sigma1.5=prior_sigma_mm:1.5,no_anchor=variance_anchor:0``.
+``--variants``: other settings of the model (``IntensityModelSettings`` fields), which is how its
+defaults were chosen: with one atlas on transfer_1's labels (the registration is not repeated),
+with five (a name ending in ``_5``) as a whole product of its own, e.g.
+``--variants beta2=prior_weight:2,per_structure=variance:per_structure`` or
+``--variants beta3_5=prior_weight_per_atlas:0.375``.
 
 Writes bench/results/intensity.json and intensity.md (the targets checked at the end).
 """
@@ -63,10 +65,15 @@ def run_pair(count: str, cases: list, results: dict) -> None:
     products = {name: harness.Product(None, RefinementSettings(), atlases=pairs,
                                       intensity_model="off" if index == 0 else "auto")
                 for index, name in enumerate(names)}
-    variants = parse_variants(FLAGS.variants) if count == "1" else {}
+    variants = parse_variants(FLAGS.variants, five=count == "5")
+    if count == "5":  # whole products: the registrations of five atlases are not kept
+        products.update({name: harness.Product(None, RefinementSettings(), atlases=pairs,
+                                               intensity_model=model.settings)
+                         for name, model in variants.items()})
+        names, variants = (*names, *variants), {}
     records = {name: {} for name in (*names, *variants)}
     for number, case in enumerate(cases):
-        order = names if number % 2 == 0 else names[::-1]
+        order = names if number % 2 == 0 else names[::-1]  # pairs alternate
         for name in order:
             result = products[name].segment(case.image_path, case.output(FLAGS.work_dir, name))
             record = harness.score(case, result, name)
@@ -81,7 +88,7 @@ def run_pair(count: str, cases: list, results: dict) -> None:
         for set_name, found in records[name].items():
             figures = harness.dice_figures(found,
                                            folding=found[0]["folding_fraction"] is not None)
-            figures["intensity_model"] = {r["subject"]: r["intensity_model"] for r in found}
+            figures["intensity_model"] = {r["subject"]: r.get("intensity_model") for r in found}
             figures["stage_seconds_per_scan"] = {
                 stage: float(np.mean([r["stages"].get(stage, 0.0) for r in found]))
                 for stage in dict.fromkeys(k for r in found for k in r["stages"])}
@@ -89,23 +96,26 @@ def run_pair(count: str, cases: list, results: dict) -> None:
                 "method": products[name].description if name in products else (
                     f"transfer_1's labels finished by the model with {variants[name].settings}"),
                 "atlases": [os.path.basename(p) for p, _ in pairs],
-                "model_load_s": products[name].load_seconds, **figures}
+                "model_load_s": products[name].load_seconds if name in products else 0.0,
+                **figures}
     del products
     gc.collect()
 
 
-def parse_variants(values) -> dict:
-    """{name: IntensityModel} of ``--variants`` (name=field:value;field:value)."""
+def parse_variants(values, five: bool) -> dict:
+    """{name: IntensityModel} of ``--variants`` (name=field:value;field:value) for one atlas, or
+    with ``five`` those whose name ends in _5."""
     from ltnet_tf.labelling.intensity_model import IntensityModel, IntensityModelSettings
 
-    found = {}
+    found, defaults = {}, IntensityModelSettings()
     for item in values:
         name, _, changes = item.partition("=")
+        if name.endswith("_5") != five:
+            continue
         fields = dict(change.split(":", 1) for change in changes.split(";") if change)
-        defaults = IntensityModelSettings()
-        settings = defaults.replace(**{k: type(getattr(defaults, k))(float(v))
-                                       for k, v in fields.items()})
-        found[name] = IntensityModel(settings)
+        found[name] = IntensityModel(defaults.replace(**{
+            k: v if isinstance(getattr(defaults, k), str) else type(getattr(defaults, k))(
+                float(v)) for k, v in fields.items()}))
     return found
 
 
@@ -157,8 +167,8 @@ def markdown(results: dict) -> list:
     for set_name, entries in results["sets"].items():
         rows = []
         for name, e in entries.items():
-            base = (None if name in ("transfer_1", "jlf_5")
-                    else TARGETS.get(name, ("transfer_1",))[0])
+            base = (None if name in ("transfer_1", "jlf_5") else TARGETS.get(
+                name, ("jlf_5" if name.endswith("_5") else "transfer_1",))[0])
             known = base in entries
             rows.append([name, f"**{e['mean_dice']:.3f}**",
                          cell(e["mean_dice"] - entries[base]["mean_dice"] if known else None,

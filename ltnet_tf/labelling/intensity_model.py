@@ -20,13 +20,16 @@ label transfer gives one per scan:
 What was taken from SAMSEG and what was left. The settings below were chosen on the validation
 sets by ``python -m bench.intensity --variants ...`` (bench/results/intensity.md, which lists
 each variant's Dice):
-- taken: the atlas prior times a Gaussian likelihood fitted per scan by EM, and a prior on each
-  Gaussian's variance (SAMSEG's inverse-Wishart hyperparameters): here a variance is the EM's
-  pulled toward the structure's variance under the transfer's labels,
-  (EM's + κ transfer's) / (1 + κ), κ = ``variance_anchor``. Without it the pallidum of
-  FreeSurfer-normalised scans (a few intensity values) collapses onto a spike and loses to its
-  neighbours; anchored to the transfer's own variance rather than to a pooled one, a small
-  structure keeps its own width, on any grid (no voxel counts to tune).
+- taken: the atlas prior times a Gaussian likelihood fitted per scan by EM. Left: a variance per
+  structure (SAMSEG's, with inverse-Wishart priors): here one variance is shared by every
+  structure (``variance`` "shared": the pooled within-structure variance, re-estimated at each
+  M-step), so a boundary falls between two structures' means where the prior puts it, not
+  where a broad Gaussian's tail outweighs a narrow one's. With a variance per structure (even
+  pulled toward each structure's variance under the transfer's labels, ``per_structure``) the
+  heterogeneous cortex took partial-volume voxels from the white matter, the pallidum of
+  FreeSurfer-normalised scans (a few intensity values) narrowed onto a spike and lost to its
+  neighbours, and deep grey structures lost up to 0.005 Dice; shared, none lost any on the
+  validation sets.
 - β = ``prior_weight`` 2 with one atlas (the prior squared): at β = 1 deep grey structures whose
   intensities overlap (thalamus, ventral DC, pallidum) lose to their neighbours. Several atlases
   make a better prior (joint label fusion of five: Dice 0.875 against 0.793), and where they
@@ -77,12 +80,13 @@ COLLAPSE_SHARE = 0.05
 @dataclass(frozen=True)
 class IntensityModelSettings:
     """The model as predict.py runs it (``--intensity_model``); recorded in prediction.json."""
-    prior_weight: float = 2.0             # β with one atlas: posterior ∝ prior^β × likelihood
-    prior_weight_per_atlas: float = 0.5   # ... plus this for each further atlas
+    prior_weight: float = 1.5             # β with one atlas: posterior ∝ prior^β × likelihood
+    prior_weight_per_atlas: float = 0.625  # ... plus this for each further atlas (4 with five)
     prior_sigma_mm: float = 1.0           # the Gaussian that smooths the transferred labels
     truncate: float = 2.5                 # ... cut at this many sigmas
     iterations: int = 20                  # EM iterations at most (it stops once settled)
-    variance_anchor: float = 0.5          # κ: a variance is (EM's + κ × the transfer's) / (1 + κ)
+    variance: str = "shared"              # one variance for all structures, or "per_structure":
+    variance_anchor: float = 0.5          # ... each (EM's + κ × the transfer's) / (1 + κ)
     fit_stride: int = 16                  # the M-step reads every k-th uncertain voxel
     slots: int = 4                        # labels a voxel's prior holds at most (the largest)
     prior_floor: float = 0.01             # a smaller prior is none: its label is no candidate
@@ -97,6 +101,9 @@ class IntensityModelSettings:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"intensity model: '{name}' must be an integer >= 1, got "
                                   f"{getattr(self, name)!r}")
+        if self.variance not in ("shared", "per_structure"):
+            raise ConfigError(f"intensity model: 'variance' must be shared or per_structure, got "
+                              f"{self.variance!r}")
         for name in ("variance_anchor", "prior_weight_per_atlas"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -268,9 +275,12 @@ class GaussianFit:
         floor = (1e-3 * (self.levels[-1] - self.levels[0])) ** 2
         if self.anchor is None:  # each structure's variance under the transfer's labels
             self.anchor = scatter / np.maximum(n, 1e-9)
-        kappa = settings.variance_anchor
-        variances = np.maximum((scatter / np.maximum(n, 1e-9) + kappa * self.anchor)
-                               / (1.0 + kappa), floor)
+        if settings.variance == "shared":
+            variances = np.full(len(n), max(scatter.sum() / max(n.sum(), 1e-9), floor))
+        else:
+            kappa = settings.variance_anchor
+            variances = np.maximum((scatter / np.maximum(n, 1e-9) + kappa * self.anchor)
+                                   / (1.0 + kappa), floor)
         if not (np.all(np.isfinite(means)) and np.all(np.isfinite(variances))):
             self.failure = "EM gave non-finite Gaussians"
             return False
