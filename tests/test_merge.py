@@ -1,4 +1,4 @@
-"""A cohort split over processes (predict.py --shard K/N) and merged (python -m ltnet_tf.merge):
+"""A cohort split over processes (predict.py --shard K/N) and merged (ltnet-merge):
 two real processes on tiny scans, segmenting without a trained network (atlas and refinement)."""
 import json
 import os
@@ -82,7 +82,7 @@ def test_merged_outputs_equal_a_single_run(single_and_shards):
 def test_merge_refuses_a_scan_twice(single_and_shards, dataset, capsys):
     assert merge.main([str(single_and_shards / "single"), str(single_and_shards / "shared")]) == 1
     error = capsys.readouterr().err.strip()
-    assert error.startswith("ltnet_tf.merge: error:") and "also in" in error
+    assert error.startswith("ltnet-merge: error:") and "also in" in error
     assert "\n" not in error
 
 

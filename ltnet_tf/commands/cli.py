@@ -166,7 +166,7 @@ def _predict_flags() -> flags.FlagValues:
                       flag_values=fv)
     flags.DEFINE_string("shard", None, "K/N: segment only the K-th of N shares of the sorted scan "
                         "list (for N processes or cluster jobs); the run's tables are written as "
-                        "*.shard-K-of-N.* (join them with python -m ltnet_tf.merge).",
+                        "*.shard-K-of-N.* (join them with ltnet-merge).",
                         flag_values=fv)
     flags.DEFINE_enum("source", "auto", ["auto", "saved_model", "checkpoint"],
                       "Run the exported SavedModel (auto: if present; what TF Serving runs) or "
@@ -286,7 +286,7 @@ def predict_main(argv=None) -> int:
 
 # ------------------------------------------------------------------------------- export
 EXPORT_USAGE = ("Export a run folder for TF Serving (SavedModel) and VoxelMorph (generator.h5).\n"
-                "usage: python -m ltnet_tf.export --model_dir RUN [--checkpoint auto|best|last] "
+                "usage: ltnet-export --model_dir RUN [--checkpoint auto|best|last] "
                 "[--version N] [--refine_factor F] [--[no]refine_xla]")
 
 
@@ -321,8 +321,8 @@ def _export(fv: flags.FlagValues) -> int:
 
 
 def export_main(argv=None) -> int:
-    """``python -m ltnet_tf.export --model_dir RUN``; returns the exit status."""
-    return _run_command(_export, _export_flags(), argv, EXPORT_USAGE, program="ltnet_tf.export")
+    """``ltnet-export --model_dir RUN``; returns the exit status."""
+    return _run_command(_export, _export_flags(), argv, EXPORT_USAGE, program="ltnet-export")
 
 
 def train_entry():  # console script

@@ -176,7 +176,7 @@ def predict_files(images, output_dir, labels=None, *, model_dir=None, atlas=None
     Writes per scan the files listed in ``ltnet_tf.prediction.outputs`` (and ``<scan>_qc.png``), and for the
     run ``volumes.csv``, ``prediction.json``, ``report.html`` and, with reference label maps
     ``labels`` (matched by file name; others ignored), ``dice.csv``/``dice.json`` — with
-    ``options.shard`` (K, N) under names marked ``.shard-K-of-N`` (``python -m ltnet_tf.merge``
+    ``options.shard`` (K, N) under names marked ``.shard-K-of-N`` (``ltnet-merge``
     joins them). Every input is checked before the network is loaded or the output folder written.
     Scans a previous run of the same command finished are kept (``resumable``, ``journal``);
     another process writing to ``output_dir`` (other than another share) is refused (``lock``).
