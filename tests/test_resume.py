@@ -1,5 +1,5 @@
 """Same scan, same answer; a killed prediction run continues; one writer per output folder; a full
-disk; NaN outside the brain; hostile names in report.html; run folders that name files elsewhere.
+disk; hostile names in report.html; run folders that name files elsewhere.
 
 predict.py runs for real: in subprocesses where a process boundary matters (determinism across
 processes, SIGKILL/SIGTERM, a file-size limit), in this process otherwise. Tiny synthetic scans on
@@ -9,7 +9,6 @@ import csv
 import glob
 import json
 import re
-import logging as pylogging
 import os
 import resource
 import shutil
@@ -233,32 +232,6 @@ def test_full_disk_is_one_line_and_keeps_earlier_outputs(dataset, cohort, refere
                      r"again to continue", errors[0]), errors[0]
     assert {p: read_bytes(p) for p in before} == before
     assert temporary_files(output) == []
-
-
-# ------------------------------------------------------------------------------- NaN
-def brain_with_nan(tmp_path, name, inside: bool):
-    grid = np.indices((32, 32, 32)) - 15.5
-    brain = (grid ** 2).sum(axis=0) < 12 ** 2
-    values = np.where(brain, 100.0 + grid[0], np.nan).astype(np.float32)
-    if inside:
-        values[16, 16, 16] = np.nan
-    path = tmp_path / name
-    nib.save(nib.Nifti1Image(values, np.eye(4)), str(path))
-    return path, int((~brain).sum())
-
-
-def test_nan_outside_the_brain_is_background_inside_refused(tmp_path, caplog):
-    path, outside = brain_with_nan(tmp_path, "masked.nii.gz", inside=False)
-    with caplog.at_level(pylogging.WARNING):
-        scan = data.load_scan(path)
-    warnings = [record.getMessage() for record in caplog.records]
-    assert np.isfinite(scan.data).all() and (scan.data == 0).sum() == outside
-    assert any(f"{outside} NaN/Inf voxels outside the brain, taken as background" in w
-               for w in warnings), warnings
-    path, outside = brain_with_nan(tmp_path, "holed.nii.gz", inside=True)
-    with pytest.raises(DataError, match=rf"holed.nii.gz: contains 1 NaN/Inf voxels inside the "
-                                        rf"brain \(and {outside} outside it\)"):
-        data.load_scan(path)
 
 
 def test_same_bits_with_a_trained_network_on_one_and_two_cores(trained_run, cohort, tmp_path):

@@ -21,6 +21,7 @@ from ltnet_tf.files import atomic_path
 import tensorflow as tf  # noqa: E402
 
 from ltnet_tf.io import headers, intensity, nonfinite  # noqa: E402
+from ltnet_tf.io.file_warnings import warn_once  # noqa: E402
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mgz")
 AFFINE_TOLERANCE = 1e-3
@@ -191,17 +192,13 @@ def _check_finite(data: np.ndarray, path: str) -> None:
                         f"set them to 0 (e.g. fslmaths IN -nan OUT) or redo the step that wrote them")
 
 
-_WARNED_CONFLICTS = set()  # files whose sform/qform disagreement was reported already
-
-
 def _header_conflict(image, path: str) -> Optional[headers.HeaderConflict]:
     """The file's sform/qform disagreement, reported in one warning line the first time only (a
-    scan is often read more than once: checked first, then segmented)."""
+    scan is often read more than once: checked first, then segmented; ``file_warnings``)."""
     conflict = headers.find_conflict(image)
-    key = os.path.abspath(path)
-    if conflict is not None and key not in _WARNED_CONFLICTS:
-        _WARNED_CONFLICTS.add(key)
-        logging.warning("%s: %s; %s", path, conflict.describe(), conflict.fix(path))
+    if conflict is not None:
+        warn_once("header_conflict", path, "%s: %s; %s", path, conflict.describe(),
+                  conflict.fix(path))
     return conflict
 
 
