@@ -1,4 +1,5 @@
-"""NaN and Inf in a scan: background outside the brain, a few holes inside it set to 0, more refused.
+"""NaN and Inf in a scan: background outside the brain, a few holes inside it set to 0, more refused
+(and in a label map, refused).
 
 Masking with NaN is common in FSL and AFNI pipelines (``fslmaths -mas`` on a float image, AFNI's
 ``3dcalc`` with a NaN fill): the brain is whole and everything around it is NaN. Those voxels are
@@ -54,6 +55,17 @@ def background_or_refused(values: np.ndarray, path: str) -> np.ndarray:
     cleaned = values.copy()
     cleaned[bad] = 0
     return cleaned
+
+
+def refuse_any(values: np.ndarray, path: str) -> None:
+    """A label map holds no NaN/Inf at all: DataError naming ``path`` and the count."""
+    n_bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if n_bad == values.size:
+        raise DataError(f"{path}: contains {n_bad} NaN/Inf voxels")  # all: nothing to rescue
+    if n_bad:
+        raise DataError(f"{path}: contains {n_bad} NaN/Inf voxels ({100 * n_bad / values.size:.2g}"
+                        f" %): set them to 0 (e.g. fslmaths IN -nan OUT) or redo the step that "
+                        f"wrote them")
 
 
 def _background(empty: np.ndarray) -> np.ndarray:
