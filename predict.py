@@ -12,7 +12,7 @@ def _stopped_while_starting(signum, frame):  # noqa: ARG001
 
 signal.signal(signal.SIGTERM, _stopped_while_starting)
 
-from ltnet_tf.commands.cli import predict_main  # noqa: E402
+from ltnet_tf.commands.cli import predict_entry  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(predict_main(sys.argv))
+    predict_entry()

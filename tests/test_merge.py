@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from helpers import REPO, SUBPROCESS_TIMEOUT
-from ltnet_tf.prediction import cohort, merge
+from ltnet_tf.prediction import cohort, lock, merge
 
 pytestmark = pytest.mark.slow  # predict.py shards in fresh processes (CI runs -m slow too)
 
@@ -112,5 +112,5 @@ def test_a_missing_share_is_named(dataset, tmp_path, capsys):
 def test_shard_flag_is_checked():
     for text in ("0/2", "3/2", "a/b", "2"):
         with pytest.raises(cohort.ConfigError, match="--shard"):
-            cohort.parse_shard(text)
+            lock.parse_shard(text)
     assert cohort.shard_of(["b.nii.gz", "a.nii.gz", "c.nii.gz"], (2, 2)) == ["b.nii.gz"]
