@@ -214,6 +214,8 @@ def _job(work: str, payload: bytes, connection, parent: int) -> None:
     """A spawned job: bound to job 1's life, then ``work`` ('module:function') on the request,
     key and share in ``payload``; job 1 hears of each scan and of how the job ended."""
     _die_with(parent)
+    for signum in (signal.SIGTERM, signal.SIGINT):  # stopped while starting: nothing written yet,
+        signal.signal(signum, _stopped_while_starting)  # and job 1 speaks for the run
     from ltnet_tf.config import ConfigError
     from ltnet_tf.serving.modeldir import ModelDirError
     from ltnet_tf.training import signals
@@ -233,6 +235,10 @@ def _job(work: str, payload: bytes, connection, parent: int) -> None:
             logging.exception("job failed")
         connection.send(("error", _picklable(e), getattr(cause, "errno", None), bug))
         sys.exit(1)
+
+
+def _stopped_while_starting(signum, frame):  # noqa: ARG001
+    os._exit(128 + signum)
 
 
 def _picklable(error: Exception) -> Exception:
