@@ -15,6 +15,7 @@ import sys
 from absl import flags, logging
 
 from ltnet_tf.config import ConfigError
+from ltnet_tf.errors import DataError
 
 
 def parse(flag_values: flags.FlagValues, argv, usage: str):
@@ -37,15 +38,14 @@ def parse(flag_values: flags.FlagValues, argv, usage: str):
 
 def user_error(error: Exception):
     """The one-line message of an error caused by the user's input, or None for a bug."""
-    if isinstance(error, ConfigError):
+    if isinstance(error, (ConfigError, DataError)):  # a busy output folder: said before TF loads
         return str(error)
     # Imported here, not at the top: --helpfull and flag errors must not wait for TensorFlow.
-    from ltnet_tf.io.volumes import DataError
     from ltnet_tf.serving.modeldir import ModelDirError
     from ltnet_tf.training.callbacks import TrainingError
     import tensorflow as tf
 
-    if isinstance(error, (DataError, ModelDirError, TrainingError)):
+    if isinstance(error, (ModelDirError, TrainingError)):
         return str(error)
     if isinstance(error, tf.errors.OpError):
         # A scan that turned bad while tf.data was reading it: TF wraps our DataError in its own

@@ -48,9 +48,10 @@ from ltnet_tf.errors import DataError
 # This module imports no TensorFlow: a job's process imports it first, and is bound to job 1's
 # life (``_die_with``) before it imports anything else.
 
-# Peak resident memory of a job, measured with one atlas on native 256³ scans (python -m
-# bench.cohort: 1.8-2.6 GB; with a trained network 2.6): rounded up; a further atlas adds its
-# image, labels and refinement grids.
+# Peak resident memory of predict.py on two native 256³ scans (/usr/bin/time -v): 2.1 GB with one
+# atlas, 3.6 GB with five (0.37 GB per further atlas); 2.6 GB with one atlas and a trained network
+# (bench/results/cohort.md at commit ecbe0b4). Rounded up: a job should never be what runs the
+# machine out of memory.
 JOB_MEMORY_GB = 3.0
 ATLAS_MEMORY_GB = 0.5
 STOP_SECONDS = 30  # how long stopped jobs may take to end before they are killed

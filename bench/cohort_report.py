@@ -1,0 +1,179 @@
+"""What ``bench.cohort`` compares (outputs byte for byte) and writes (cohort.md from cohort.json)."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+import nibabel as nib
+import numpy as np
+
+from bench.harness import table
+
+SKIPPED = (".predict-journal", ".predict.lock", "report.html", "prediction.json")
+
+
+# ------------------------------------------------------------------------------- comparisons
+def without_time(record, folder: str):
+    """prediction.json's content less what measures time ('seconds'), ``folder`` named OUT."""
+    if isinstance(record, dict):
+        return {k: without_time(v, folder) for k, v in record.items() if k != "seconds"}
+    if isinstance(record, list):
+        return [without_time(v, folder) for v in record]
+    return record.replace(folder, "OUT") if isinstance(record, str) else record
+
+
+def compare_folders(first: str, second: str) -> dict:
+    """Every output of ``first`` against ``second``'s: files byte for byte (report.html, which
+    shows seconds, and predict.py's own bookkeeping aside), prediction.json less its seconds."""
+    names = sorted(n for n in os.listdir(first) if not n.startswith(SKIPPED))
+    differing = []
+    for name in names:
+        path = os.path.join(second, name)
+        if not os.path.isfile(path) or _bytes(os.path.join(first, name)) != _bytes(path):
+            differing.append(name)
+    records = []
+    for folder in (first, second):
+        with open(os.path.join(folder, "prediction.json")) as f:
+            records.append(without_time(json.load(f), folder))
+    return {"files_compared": len(names), "files_differing": differing,
+            "prediction_json_equal_but_seconds": records[0] == records[1]}
+
+
+def compare_runs(runs: dict, scan: str) -> dict:
+    """Each run's segmentation and volumes.csv against the first run's (the code before)."""
+    reference = runs["before"][0]["output"]
+    found = {}
+    for name, repeats in runs.items():
+        for number, run in enumerate(repeats):
+            a = np.asarray(nib.load(os.path.join(reference, f"{scan}_seg.nii.gz")).dataobj)
+            b = np.asarray(nib.load(os.path.join(run["output"], f"{scan}_seg.nii.gz")).dataobj)
+            found[f"{name} {number + 1}"] = {
+                "voxels_differing": int(np.count_nonzero(a != b)),
+                "volumes_csv_identical": _bytes(os.path.join(reference, "volumes.csv"))
+                == _bytes(os.path.join(run["output"], "volumes.csv"))}
+    return found
+
+
+def _bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+# ------------------------------------------------------------------------------- cohort.md
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _cell(value, form=".1f"):
+    return "–" if value is None else format(value, form)
+
+
+def startup_lines(part: dict) -> list:
+    runs = part["runs"]
+    columns = {"before": "before", "after_cold_cache": "after, empty XLA cache",
+               "after_warm_cache": "after, XLA cache kept"}
+    stages = list(runs["before"][0]["stages"])
+    rows = [[stage, *(_cell(_median([r["stages"].get(stage) for r in runs[name]]), ".2f")
+                      for name in columns)] for stage in stages]
+    scan_stages = [s for s in runs["after_warm_cache"][0]["scan_stages"] if s != "total"]
+    scan_rows = [[stage, *(_cell(_median([r["scan_stages"].get(stage) for r in runs[name]]),
+                                 ".2f") for name in columns)] for stage in scan_stages]
+    process_rows = [[columns[name], *(" / ".join(_cell(r[key], form) for r in runs[name])
+                                       for key, form in (("wall_seconds", ".1f"),
+                                                         ("cpu_seconds", ".1f"),
+                                                         ("peak_rss_mib", "d"))),
+                     " / ".join(f"{r['load_1min'][0]:.1f}→{r['load_1min'][1]:.1f}"
+                                for r in runs[name])] for name in columns]
+    same = part["same_outputs"]
+    return [
+        "## One native scan, process start to exit", "",
+        f"`predict.py` with the atlas on native `{part['scan']}.mgz` (256³), one process per run, "
+        f"{len(runs['before'])} round(s), each round running the three in turn. Wall seconds per "
+        "stage, the median over rounds (stages from `bench/cohort_timeline.py`'s events: the same "
+        "in both versions).", "",
+        *table(["stage", *columns.values()], rows), "",
+        "Within the first scan (its record in prediction.json; `wait` is the part of `read` on "
+        "the way):", "",
+        *table(["stage", *columns.values()], scan_rows), "",
+        "Every run (rounds separated by /):", "",
+        *table(["run", "wall s", "CPU s", "peak RSS MiB", "load (1 min) start→end"],
+               process_rows), "",
+        "Segmentation and volumes.csv of every run against the first run of the code before: "
+        + ("identical in every run (0 voxels differ)."
+           if all(v["voxels_differing"] == 0 and v["volumes_csv_identical"]
+                  for v in same.values())
+           else json.dumps(same)), "",
+        *[f"- {columns[name]}: `{runs[name][0]['command']}`" for name in columns], ""]
+
+
+def refusal_lines(part: dict) -> list:
+    rows = [[name, _cell(run["wall_seconds"]), run["exit"], f"`{run['last_line']}`"]
+            for name, run in part.items()]
+    return ["## A second writer on a busy folder", "",
+            "A first `predict.py` (the current code) segments 7 native scans into a folder; once "
+            "it holds the folder's lock, a second one, the same command, is started: seconds "
+            "from its start to its exit.", "",
+            *table(["second writer", "seconds to exit", "exit", "its last line"], rows), "",
+            *[f"- {name}: `{run['command']}`" for name, run in part.items()], ""]
+
+
+def jobs_lines(part: dict) -> list:
+    runs = part["runs"]
+    rows = []
+    for count, run in runs.items():
+        totals = [s["total"] for s in run["scan_seconds"].values()]
+        rows.append([f"--jobs {count}", _cell(run["wall_seconds"]), _cell(run["cpu_seconds"]),
+                     run["peak_rss_mib"], _cell(_median(totals), ".2f"),
+                     f"{run['load_1min'][0]:.1f}→{run['load_1min'][1]:.1f}"])
+    identical = part["identical"]
+    verdict = ("identical" if not identical["files_differing"]
+               and identical["prediction_json_equal_but_seconds"] else "NOT identical")
+    return ["## --jobs 1 and --jobs 2", "",
+            f"{len(part['scans'])} native scans ({', '.join(part['scans'])}), the atlas, the "
+            "current code.", "",
+            *table(["run", "wall s", "CPU s (all jobs)", "peak RSS MiB (largest process)",
+                    "median s per scan (its total)", "load (1 min) start→end"], rows), "",
+            f"Outputs of --jobs 2 against --jobs 1: {verdict} ({identical['files_compared']} "
+            f"files byte for byte, differing: {identical['files_differing'] or 'none'}; "
+            f"prediction.json equal but for its seconds: "
+            f"{identical['prediction_json_equal_but_seconds']}).", "",
+            *[f"- --jobs {count}: `{run['command']}`" for count, run in runs.items()], ""]
+
+
+def training_lines(part: dict) -> list:
+    runs = part["runs"]
+    rows = [[name, " / ".join(_cell(r["first_step_end"]) for r in repeats),
+             " / ".join(_cell(r["fit_to_first_step_end"]) for r in repeats),
+             " / ".join(", ".join(_cell(s, ".2f") for s in r["later_steps"]) for r in repeats),
+             _cell(_median([r["first_step_end"] for r in repeats]))]
+            for name, repeats in runs.items()]
+    return ["## Training: start-up before the first step", "",
+            "`train.py --profile cpu` on the atlas and sub-01..03 (on the atlas grid), 3 steps, "
+            "no export: seconds from process start to the end of the first step (rounds "
+            "separated by /).", "",
+            *table(["code", "process start → first step done", "fit() → first step done",
+                    "later steps (s each)", "median, start → first step"], rows), "",
+            *[f"- {name}: `{repeats[0]['command']}`" for name, repeats in runs.items()], ""]
+
+
+def markdown(results: dict) -> list:
+    machine = results["machine"]
+    load = results["load_average_1_5_15min"]
+    lines = ["# Start-up, a busy folder, --jobs, training's start-up: before and after", "",
+             f"Machine: {machine['cpu']}, {machine['cpus']} CPUs, Python {machine['python']}, "
+             f"TensorFlow {machine['tensorflow']}. Load average (1/5/15 min) at the start "
+             f"{', '.join(f'{v:.1f}' for v in load['start'])}, at the end "
+             f"{', '.join(f'{v:.1f}' for v in load.get('end', []))}: "
+             + ("the machine was shared with other jobs, so seconds are upper bounds."
+                if max(load["start"][0], *(load.get("end") or [0])[:1]) > 1.5 else
+                "a quiet machine."), "",
+             f"Benchmark: `{results['command']}` at `{results['git_commit']}`; before = "
+             f"`{results['before_commit'][:12]}`. Folders of the machine that ran it: WORK "
+             "(scratch), BEFORE (a git worktree of the code before).", ""]
+    for part, lines_of in (("startup", startup_lines), ("refusal", refusal_lines),
+                           ("jobs", jobs_lines), ("training", training_lines)):
+        if part in results:
+            lines += lines_of(results[part])
+    return lines
