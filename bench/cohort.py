@@ -7,8 +7,8 @@ and train.py run as a user runs them, the code before a change and after it, in 
               and the current code, the latter with an empty XLA cache (a machine's first run)
               and with the cache that run left (every later run); --rounds rounds, interleaved;
               the versions' segmentations and volumes.csv compared byte for byte
-    refusal   a second predict.py (before, after) on a folder a first one is writing to: seconds
-              from its start to its exit, and its last line
+    refusal   a second predict.py (before, after) on a folder a first one (current code) is writing
+              the 10 scans of ``jobs`` to: seconds from its start to its exit, and its last line
     jobs      ``--jobs 1`` and ``--jobs 2`` (current code) on 10 native scans (sub-01..07 on their
               256³ grids, MICCAI 2012 1000-1002 on theirs): wall and CPU seconds, and every output
               compared byte for byte (prediction.json less its seconds)
@@ -75,6 +75,7 @@ def measured(argv: list, env: dict, log: str) -> dict:
     """Run ``argv`` to its end: wall seconds from just before the process starts to its exit,
     CPU seconds (its own and its jobs'), peak resident memory, the load before and after."""
     time.sleep(FLAGS.settle_seconds)
+    os.makedirs(os.path.dirname(log), exist_ok=True)
     load_start = os.getloadavg()[0]
     with open(log, "w") as out:
         start = time.time()
@@ -164,8 +165,7 @@ def refusal(context) -> dict:
     data = FLAGS.data_dir
     folder = os.path.join(context.work, "refusal")
     shutil.rmtree(folder, ignore_errors=True)
-    images = _linked(os.path.join(folder, "images"),
-                     [os.path.join(data, "native", "images", f"{s}.mgz") for s in JOBS_NATIVE])
+    images = _linked(os.path.join(folder, "images"), _cohort_scans(data))
     output = os.path.join(folder, "out")
     argv = ["--atlas", os.path.join(data, "atlas.nii.gz"), "--atlas_labels",
             os.path.join(data, "atlas_labels.nii.gz"), "--images", images, "--output_dir", output]
@@ -193,8 +193,7 @@ def jobs(context) -> dict:
     data = FLAGS.data_dir
     folder = os.path.join(context.work, "jobs")
     shutil.rmtree(folder, ignore_errors=True)
-    scans = ([os.path.join(data, "native", "images", f"{s}.mgz") for s in JOBS_NATIVE]
-             + [os.path.join(data, "miccai2012", "images", f"{s}.nii.gz") for s in JOBS_MICCAI])
+    scans = _cohort_scans(data)
     images = _linked(os.path.join(folder, "images"), scans)
     cache = os.path.join(context.work, "jobs_cache")
     runs = {}
@@ -249,6 +248,12 @@ def training(context) -> dict:
                   f"{run['first_step_end']} s after start", flush=True)
             runs[version.name].append(run)
     return {"runs": runs}
+
+
+def _cohort_scans(data: str) -> list:
+    """The 10 native scans of the refusal and jobs parts, each on its own grid."""
+    return ([os.path.join(data, "native", "images", f"{s}.mgz") for s in JOBS_NATIVE]
+            + [os.path.join(data, "miccai2012", "images", f"{s}.nii.gz") for s in JOBS_MICCAI])
 
 
 def _linked(folder: str, paths: list) -> str:

@@ -109,13 +109,14 @@ def startup_lines(part: dict) -> list:
 
 
 def refusal_lines(part: dict) -> list:
-    rows = [[name, _cell(run["wall_seconds"]), run["exit"], f"`{run['last_line']}`"]
-            for name, run in part.items()]
+    rows = [[name, _cell(run["wall_seconds"]), run["exit"], run["first_still_running"],
+             f"`{run['last_line']}`"] for name, run in part.items()]
     return ["## A second writer on a busy folder", "",
-            "A first `predict.py` (the current code) segments 7 native scans into a folder; once "
+            "A first `predict.py` (the current code) segments 10 native scans into a folder; once "
             "it holds the folder's lock, a second one, the same command, is started: seconds "
             "from its start to its exit.", "",
-            *table(["second writer", "seconds to exit", "exit", "its last line"], rows), "",
+            *table(["second writer", "seconds to exit", "exit", "first still writing then",
+                    "its last line"], rows), "",
             *[f"- {name}: `{run['command']}`" for name, run in part.items()], ""]
 
 
