@@ -25,7 +25,7 @@ Writes bench/results/cohort.json and cohort.md (``bench.cohort_report``).
 """
 from __future__ import annotations
 
-import glob
+import fcntl
 import json
 import os
 import shutil
@@ -166,12 +166,13 @@ def refusal(context) -> dict:
     folder = os.path.join(context.work, "refusal")
     shutil.rmtree(folder, ignore_errors=True)
     images = _linked(os.path.join(folder, "images"), _cohort_scans(data))
-    output = os.path.join(folder, "out")
-    argv = ["--atlas", os.path.join(data, "atlas.nii.gz"), "--atlas_labels",
-            os.path.join(data, "atlas_labels.nii.gz"), "--images", images, "--output_dir", output]
     cache = os.path.join(context.work, "refusal_cache")
     found = {}
     for version in (context.before, context.after):
+        output = os.path.join(folder, f"out_{version.name}")
+        argv = ["--atlas", os.path.join(data, "atlas.nii.gz"), "--atlas_labels",
+                os.path.join(data, "atlas_labels.nii.gz"), "--images", images, "--output_dir",
+                output]
         first = subprocess.Popen([sys.executable, os.path.join(context.after.root, "predict.py"),
                                   *argv], env=context.after.env(cache), cwd=ROOT,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -264,11 +265,17 @@ def _linked(folder: str, paths: list) -> str:
 
 
 def _wait_for_holder(output: str, process) -> None:
-    """Until the first predict.py holds the folder's lock (its lock file names it)."""
+    """Until the first predict.py holds the folder's lock (the file may name an earlier holder:
+    the lock itself is asked)."""
     lock = os.path.join(output, ".predict.lock")
     while process.poll() is None:
-        if os.path.isfile(lock) and open(lock).read().startswith("process"):
-            return
+        if os.path.isfile(lock):
+            with open(lock) as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    fcntl.flock(f, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    return
         time.sleep(0.05)
     raise SystemExit("the first predict.py of the refusal part ended before it held the lock")
 
