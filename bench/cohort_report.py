@@ -120,7 +120,19 @@ def refusal_lines(part: dict) -> list:
             *[f"- {name}: `{run['command']}`" for name, run in part.items()], ""]
 
 
-def jobs_lines(part: dict) -> list:
+def per_scan_cost(part: dict, startup=None):
+    """(CPU s, wall s) of a warm scan in one job: the --jobs 1 run's CPU less the one-scan run's
+    (start-up and first scan, the kept XLA cache), over the other scans; its wall, the median
+    total of the scans after the first. None without the start-up part."""
+    one = next(run for count, run in part["runs"].items() if str(count) == "1")
+    totals = [s["total"] for s in one["scan_seconds"].values()][1:]
+    if not startup or not totals:
+        return None
+    single = _median([r["cpu_seconds"] for r in startup["runs"]["after_warm_cache"]])
+    return (one["cpu_seconds"] - single) / len(totals), _median(totals)
+
+
+def jobs_lines(part: dict, startup=None) -> list:
     runs = part["runs"]
     rows = []
     for count, run in runs.items():
@@ -140,7 +152,21 @@ def jobs_lines(part: dict) -> list:
             f"files byte for byte, differing: {identical['files_differing'] or 'none'}; "
             f"prediction.json equal but for its seconds: "
             f"{identical['prediction_json_equal_but_seconds']}).", "",
+            *_projection(per_scan_cost(part, startup)),
             *[f"- --jobs {count}: `{run['command']}`" for count, run in runs.items()], ""]
+
+
+def _projection(cost) -> list:
+    if cost is None:
+        return []
+    cpu, wall = cost
+    return [f"A warm scan in one job: {cpu:.1f} CPU s (the --jobs 1 run's CPU less the one-scan "
+            f"run's, over the scans after the first) in {wall:.1f} s wall (the median of their "
+            f"totals): a job keeps {cpu / wall:.1f} cores busy (on a machine shared with other "
+            f"work the wall time includes waiting for a core, and this understates it). On a "
+            f"machine with 2N free cores (and 3 GB of memory per job), N jobs should segment "
+            f"about N times the scans per hour of one, {3600 / wall:.0f} each at this machine's "
+            f"speed; on 2 cores they share the same two cores and cannot.", ""]
 
 
 def training_lines(part: dict) -> list:
@@ -174,7 +200,8 @@ def markdown(results: dict) -> list:
              f"`{results['before_commit'][:12]}`. Folders of the machine that ran it: WORK "
              "(scratch), BEFORE (a git worktree of the code before).", ""]
     for part, lines_of in (("startup", startup_lines), ("refusal", refusal_lines),
-                           ("jobs", jobs_lines), ("training", training_lines)):
+                           ("jobs", lambda p: jobs_lines(p, results.get("startup"))),
+                           ("training", training_lines)):
         if part in results:
             lines += lines_of(results[part])
     return lines
