@@ -41,7 +41,7 @@ from bench.harness import ROOT
 
 FLAGS = flags.FLAGS
 PARTS = ("startup", "refusal", "jobs", "training")
-harness.define_flags("cohort")
+harness.define_flags("cohort", merge=True)
 flags.DEFINE_list("parts", list(PARTS), "Parts to run.")
 flags.DEFINE_string("before", None, "The commit compared against (default: where this branch "
                     "left main, git merge-base HEAD main).")
@@ -92,36 +92,33 @@ def measured(argv: list, env: dict, log: str) -> dict:
             "load_1min": [round(load_start, 2), round(os.getloadavg()[0], 2)]}
 
 
-def _between(events, first, last, which=("end", "begin")):
-    """Seconds from event ``first`` (its end) to event ``last`` (its begin), or None."""
-    times = {}
-    for name, what, moment in events:
-        times.setdefault((name, what), moment)
-    a, b = times.get((first, which[0])), times.get((last, which[1]))
-    return None if a is None or b is None else b - a
+STAGES = ("python start", "imports, flags", "lock, atlas, checks", "model, predictor",
+          "to the first scan", "first scan", "tables, report", "exit")
 
 
 def predict_stages(run: dict, timeline: str) -> dict:
-    """Wall seconds per stage of a one-scan predict.py, from process start to exit."""
+    """Wall and CPU seconds per stage of a one-scan predict.py, from process start to exit:
+    {'wall': {stage: s}, 'cpu': {stage: s}}, the stages bounded by the timeline's events."""
     with open(timeline) as f:
         recorded = json.load(f)
-    events = [["start", "end", recorded["start"]], *recorded["events"],
-              ["exit", "begin", run["end"]]]
-    first = lambda name: next(t for n, w, t in events if n == name)  # noqa: E731
-    last = lambda name: [t for n, w, t in events if n == name][-1]  # noqa: E731
-    stages = {"python start": recorded["start"] - run["start"],
-              "imports, flags": first("predict_files") - recorded["start"],
-              "lock, atlas, checks": last("check_inputs") - first("predict_files"),
-              "model, predictor": last("predictor") - last("check_inputs"),
-              "to the first scan": first("scan") - last("predictor"),
-              "first scan": last("scan") - first("scan"),
-              "tables, report": last("predict_files") - last("scan"),
-              "exit": run["end"] - last("predict_files")}
-    stages = {k: round(v, 2) for k, v in stages.items()}
-    stages["total"] = round(run["end"] - run["start"], 2)
-    imported = _between(events, "import_tensorflow", "import_tensorflow", ("begin", "end"))
-    stages["import tensorflow (within imports)"] = None if imported is None else round(imported, 2)
-    return stages
+    events = recorded["events"]
+
+    def at(name, what, last=False):
+        found = [(t, cpu) for n, w, t, cpu in events if n == name and w == what]
+        return found[-1] if last else found[0]
+
+    bounds = [(run["start"], 0.0), (recorded["start"], recorded["start_cpu"]),
+              at("predict_files", "begin"), at("check_inputs", "end", last=True),
+              at("predictor", "end", last=True), at("scan", "begin"), at("scan", "end", True),
+              at("predict_files", "end", last=True), (run["end"], run["cpu_seconds"])]
+    found = {"wall": {}, "cpu": {}}
+    for stage, (start, end) in zip(STAGES, zip(bounds, bounds[1:])):
+        found["wall"][stage] = round(end[0] - start[0], 2)
+        found["cpu"][stage] = round(end[1] - start[1], 2)
+    found["wall"]["total"], found["cpu"]["total"] = run["wall_seconds"], run["cpu_seconds"]
+    tensorflow = at("import_tensorflow", "end")[0] - at("import_tensorflow", "begin")[0]
+    found["wall"]["import tensorflow (within imports)"] = round(tensorflow, 2)
+    return found
 
 
 def scan_stages(output: str, scan: str) -> dict:
@@ -186,7 +183,7 @@ def refusal(context) -> dict:
                    command=context.command(version, second))
         print(f"[refusal] {version.name}: {run['wall_seconds']} s, exit {run['exit']}", flush=True)
         found[version.name] = run
-    return found
+    return {"runs": found}
 
 
 def jobs(context) -> dict:
@@ -239,11 +236,13 @@ def training(context) -> dict:
                                  f"{run['last_line']}")
             with open(run_folder + ".timeline.json") as f:
                 recorded = json.load(f)
-            steps = [t for n, w, t in recorded["events"] if n == "step" and w == "end"]
-            fit = next(t for n, w, t in recorded["events"] if n == "fit" and w == "begin")
-            run.update(first_step_end=round(steps[0] - run["start"], 2),
-                       fit_to_first_step_end=round(steps[0] - fit, 2),
-                       later_steps=[round(b - a, 2) for a, b in zip(steps, steps[1:])],
+            steps = [(t, cpu) for n, w, t, cpu in recorded["events"]
+                     if n == "step" and w == "end"]
+            fit = next(t for n, w, t, _ in recorded["events"] if n == "fit" and w == "begin")
+            run.update(first_step_end=round(steps[0][0] - run["start"], 2),
+                       first_step_end_cpu=round(steps[0][1], 2),
+                       fit_to_first_step_end=round(steps[0][0] - fit, 2),
+                       later_steps=[round(b[0] - a[0], 2) for a, b in zip(steps, steps[1:])],
                        command=context.command(version, argv))
             print(f"[training] round {round_number + 1} {version.name}: first step done "
                   f"{run['first_step_end']} s after start", flush=True)
@@ -322,18 +321,21 @@ def main(argv):
     if unknown:
         raise SystemExit(f"--parts: unknown {sorted(unknown)}; choose from {PARTS}")
     context = Context()
-    results = {**harness.provenance({context.work: "WORK"}), "machine": harness.machine(),
+    stem = os.path.join(FLAGS.results_dir, "cohort")
+    kept = harness.read_json(stem + ".json", FLAGS.merge)
+    results = {**{part: kept[part] for part in PARTS if part in kept},
+               **harness.provenance({context.work: "WORK"}), "machine": harness.machine(),
                "before_commit": context.before.commit, "rounds": FLAGS.rounds}
     try:
         for part in PARTS:
             if part in FLAGS.parts:
-                results[part] = globals()[part](context)
+                results[part] = {**globals()[part](context), "command": results["command"],
+                                 "git_commit": results["git_commit"]}
     finally:
         context.close()
     results["load_average_1_5_15min"]["end"] = os.getloadavg()
     results = json.loads(context.roles(json.dumps(results)))  # no folder of this machine
-    harness.write_results(results, cohort_report.markdown,
-                          os.path.join(FLAGS.results_dir, "cohort"))
+    harness.write_results(results, cohort_report.markdown, stem)
 
 
 if __name__ == "__main__":

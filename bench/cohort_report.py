@@ -74,9 +74,12 @@ def startup_lines(part: dict) -> list:
     runs = part["runs"]
     columns = {"before": "before", "after_cold_cache": "after, empty XLA cache",
                "after_warm_cache": "after, XLA cache kept"}
-    stages = list(runs["before"][0]["stages"])
-    rows = [[stage, *(_cell(_median([r["stages"].get(stage) for r in runs[name]]), ".2f")
+    stages = list(runs["before"][0]["stages"]["wall"])
+    rows = [[stage, *(_cell(_median([r["stages"]["wall"].get(stage) for r in runs[name]]), ".2f")
                       for name in columns)] for stage in stages]
+    cpu_rows = [[stage, *(_cell(_median([r["stages"]["cpu"].get(stage) for r in runs[name]]),
+                                ".2f") for name in columns)]
+                for stage in runs["before"][0]["stages"]["cpu"]]
     scan_stages = [s for s in runs["after_warm_cache"][0]["scan_stages"] if s != "total"]
     scan_rows = [[stage, *(_cell(_median([r["scan_stages"].get(stage) for r in runs[name]]),
                                  ".2f") for name in columns)] for stage in scan_stages]
@@ -94,6 +97,9 @@ def startup_lines(part: dict) -> list:
         "stage, the median over rounds (stages from `bench/cohort_timeline.py`'s events: the same "
         "in both versions).", "",
         *table(["stage", *columns.values()], rows), "",
+        "CPU seconds of the same stages (the process's, every thread; a shared machine inflates "
+        "them less than the wall seconds):", "",
+        *table(["stage", *columns.values()], cpu_rows), "",
         "Within the first scan (its record in prediction.json; `wait` is the part of `read` on "
         "the way):", "",
         *table(["stage", *columns.values()], scan_rows), "",
@@ -109,15 +115,16 @@ def startup_lines(part: dict) -> list:
 
 
 def refusal_lines(part: dict) -> list:
+    runs = part["runs"]
     rows = [[name, _cell(run["wall_seconds"]), run["exit"], run["first_still_running"],
-             f"`{run['last_line']}`"] for name, run in part.items()]
+             f"`{run['last_line']}`"] for name, run in runs.items()]
     return ["## A second writer on a busy folder", "",
             "A first `predict.py` (the current code) segments 10 native scans into a folder; once "
             "it holds the folder's lock, a second one, the same command, is started: seconds "
             "from its start to its exit.", "",
             *table(["second writer", "seconds to exit", "exit", "first still writing then",
                     "its last line"], rows), "",
-            *[f"- {name}: `{run['command']}`" for name, run in part.items()], ""]
+            *[f"- {name}: `{run['command']}`" for name, run in runs.items()], ""]
 
 
 def per_scan_cost(part: dict, startup=None):
@@ -172,6 +179,7 @@ def _projection(cost) -> list:
 def training_lines(part: dict) -> list:
     runs = part["runs"]
     rows = [[name, " / ".join(_cell(r["first_step_end"]) for r in repeats),
+             " / ".join(_cell(r["first_step_end_cpu"]) for r in repeats),
              " / ".join(_cell(r["fit_to_first_step_end"]) for r in repeats),
              " / ".join(", ".join(_cell(s, ".2f") for s in r["later_steps"]) for r in repeats),
              _cell(_median([r["first_step_end"] for r in repeats]))]
@@ -180,7 +188,8 @@ def training_lines(part: dict) -> list:
             "`train.py --profile cpu` on the atlas and sub-01..03 (on the atlas grid), 3 steps, "
             "no export: seconds from process start to the end of the first step (rounds "
             "separated by /).", "",
-            *table(["code", "process start → first step done", "fit() → first step done",
+            *table(["code", "process start → first step done", "its CPU s",
+                    "fit() → first step done",
                     "later steps (s each)", "median, start → first step"], rows), "",
             *[f"- {name}: `{repeats[0]['command']}`" for name, repeats in runs.items()], ""]
 
@@ -204,4 +213,7 @@ def markdown(results: dict) -> list:
                            ("training", training_lines)):
         if part in results:
             lines += lines_of(results[part])
+            if results[part].get("git_commit") != results["git_commit"]:
+                lines += [f"(This part: `{results[part]['command']}` at "
+                          f"`{results[part]['git_commit']}`.)", ""]
     return lines

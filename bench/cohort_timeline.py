@@ -8,8 +8,9 @@ worktree of an older commit has no ``bench/cohort_timeline.py``). The library's 
 wrapped when their modules are first imported (a post-import hook: nothing is imported earlier than
 the script itself imports it), and each call's start and end time is recorded; ``import
 tensorflow`` is timed too. The events are written to TIMELINE.json at exit: {'start': time this
-wrapper started, 'events': [[name, 'begin'|'end', time]], 'exit': time of the last exit handler}
-(Unix seconds). Only the standard library is imported here.
+wrapper started, 'start_cpu', 'events': [[name, 'begin'|'end', time, CPU seconds of the process
+so far]], 'exit', 'exit_cpu': at the last exit handler} (Unix seconds; CPU: user + system, all
+threads). Only the standard library is imported here.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import runpy
 import sys
 import time
 
-START = time.time()
+START, START_CPU = time.time(), sum(os.times()[:2])
 EVENTS = []
 # module -> [(attribute path, event name)]: the stages of predict.py and train.py.
 WATCHED = {
@@ -41,7 +42,7 @@ WATCHED = {
 
 
 def _record(name: str, what: str) -> None:
-    EVENTS.append([name, what, time.time()])
+    EVENTS.append([name, what, time.time(), sum(os.times()[:2])])
 
 
 def _timed(function, name):
@@ -102,7 +103,8 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 def _write(path: str) -> None:
-    payload = {"start": START, "events": EVENTS, "exit": time.time(), "pid": os.getpid()}
+    payload = {"start": START, "start_cpu": START_CPU, "events": EVENTS, "exit": time.time(),
+               "exit_cpu": sum(os.times()[:2]), "pid": os.getpid()}
     with open(path + ".tmp", "w") as f:
         json.dump(payload, f)
     os.replace(path + ".tmp", path)
