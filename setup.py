@@ -43,6 +43,7 @@ setup(
             "ltnet-train=ltnet_tf.commands.cli:train_entry",
             "ltnet-predict=ltnet_tf.commands.cli:predict_entry",
             "ltnet-export=ltnet_tf.commands.cli:export_entry",
+            "ltnet-merge=ltnet_tf.prediction.merge:entry",
             "ltnet-demo=ltnet_tf.commands.demo:entry",
         ],
     },

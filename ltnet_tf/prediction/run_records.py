@@ -67,9 +67,10 @@ class RunRecords:
         self.records, self.volumes, self.dice = {}, {}, {}
         self.compute = None  # ``determinism.fix_threads()``'s record, when the caller fixed them
 
-    def keep(self, name: str, record: dict, volumes: dict, dice) -> None:
-        """Take a scan finished by an earlier run (``journal``) as if segmented now."""
-        self.records[name] = {**record, "kept_from_earlier_run": True}
+    def keep(self, name: str, record: dict, volumes: dict, dice, earlier: bool = True) -> None:
+        """Take a scan finished by an earlier run (``journal``) as if segmented now; with
+        ``earlier`` False, one another job of this run segmented (``--jobs N``): as its own."""
+        self.records[name] = {**record, "kept_from_earlier_run": True} if earlier else record
         self.volumes[name] = volumes
         if dice is not None:
             self.dice[name] = dice

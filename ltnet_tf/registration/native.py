@@ -85,12 +85,13 @@ class NativeLabelPull(tf.Module):
                 displaced, 0.0, tf.constant([s - 1 for s in self.atlas_shape], tf.float32))
         return displaced
 
-    @tf.function(reduce_retracing=True)
+    # No AutoGraph (no Python control flow on tensors here): tracing is a first scan's cost.
+    @tf.function(reduce_retracing=True, autograph=False)
     def _labels(self, components, grid_points, grid_shape):
         points = self._atlas_points(components, grid_points, grid_shape)
         return inference.labels_at_points(self.atlas_labels, points[None], self.atlas_cells)[0]
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def _fractions(self, components, grid_points, grid_shape, label_ids):
         """[L, N]: the share of each of ``label_ids`` in the one-hot-linear vote at each point
         (the trilinear weights of the 8 neighbours that carry it)."""

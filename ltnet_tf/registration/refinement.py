@@ -188,9 +188,12 @@ class GridStage:
         self.weight_smooth = weight_smooth
         self.jit_compile = jit_compile
         # XLA fuses the loss's elementwise chains and slices; compiling the whole loop was no
-        # faster than compiling the step (bench/results/refinement.md).
+        # faster than compiling the step (bench/results/refinement.md). No AutoGraph here or in
+        # ``ScanRefiner``: the loop is an explicit ``tf.while_loop`` and every Python ``if`` is
+        # on shapes or settings, so converting the source (2/3 of the tracing, ~2 CPU s of a
+        # process's first scan) would only cost time.
         self._loss_and_gradient = tf.function(self._loss_and_gradient_eager,
-                                              jit_compile=jit_compile)
+                                              jit_compile=jit_compile, autograph=False)
 
     def loss(self, scan_sums: tuple, flow: tf.Tensor) -> tf.Tensor:
         """[B] training objective of displacement ``flow`` on this grid."""
@@ -364,12 +367,13 @@ class ScanRefiner:
         scan_spec = tf.TensorSpec([1, *shape, 1], tf.float32)
         if config is None:
             self._refine = tf.function(lambda scan: self.refinement(scan),
-                                       input_signature=[scan_spec])
+                                       input_signature=[scan_spec], autograph=False)
         else:
             working = tuple(config.working_shape(shape))
             self._refine = tf.function(
                 lambda scan, flow: self.refinement(scan, flow),
-                input_signature=[scan_spec, tf.TensorSpec([count, *working, 3], tf.float32)])
+                input_signature=[scan_spec, tf.TensorSpec([count, *working, 3], tf.float32)],
+                autograph=False)
 
     def settings(self) -> dict:
         return self.refinement.settings_record()
