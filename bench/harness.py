@@ -264,6 +264,8 @@ def dice_figures(records: list, folding: bool = True) -> dict:
                    [r["dice"][label] for r in records])) for label in BENCHMARK_LABELS},
                "seconds_per_scan": float(np.mean([r["seconds"] for r in records])),
                "per_subject_seconds": {r["subject"]: r["seconds"] for r in records}}
+    if all(r.get("cpu_seconds") is not None for r in records):
+        figures["cpu_seconds_per_scan"] = float(np.mean([r["cpu_seconds"] for r in records]))
     if folding:
         figures.update(
             folding_fraction=float(np.mean([r["folding_fraction"] for r in records])),
@@ -283,7 +285,8 @@ def score(case: Case, result: dict, name: str) -> dict:
           f"{evaluation.mean_dice(dice, BENCHMARK_LABELS):.3f}, {result['seconds']:.1f} s ("
           + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()) + ")", flush=True)
     return {"set": case.set_name, "subject": case.subject, "dice": dice, "stages": stages,
-            "seconds": result["seconds"], "folding_fraction": result.get("folding_fraction"),
+            "seconds": result["seconds"], "cpu_seconds": result.get("cpu_seconds"),
+            "folding_fraction": result.get("folding_fraction"),
             "folding_fractions": result.get("folding_fractions"),
             "refine_seconds": stages.get("refine"),
             "refinement_loss": result.get("refinement_loss")}
@@ -292,9 +295,11 @@ def score(case: Case, result: dict, name: str) -> dict:
 # ------------------------------------------------------------------------------- segmenters
 class Product:
     """The product's per-scan pipeline (``ltnet_tf.prediction.Predictor``) on a scan file, timed
-    end to end (read, segment, write): a run folder's G_F (``model_dir``) or none (identity
-    start), refined with ``refinement`` (a ``RefinementSettings``) or not, one atlas or several
-    (``atlases`` [(image, labels)], fused by ``fusion``), the labels finished by the per-scan
+    end to end (read, segment, write), in wall seconds and in the process's CPU seconds (every
+    thread; less inflated than wall seconds when other jobs share the cores): a run folder's G_F
+    (``model_dir``) or none (identity start), refined with ``refinement`` (a
+    ``RefinementSettings``) or not, one atlas or several (``atlases`` [(image, labels)], fused by
+    ``fusion``), the labels finished by the per-scan
     intensity model or not (``intensity_model``: 'auto' or 'off', predict.py's flag); or with
     ``segmenter`` the run folder's trained segmenter (train.py --segmenter) instead of its G_F.
     Tracing is paid untimed at load."""
@@ -333,14 +338,14 @@ class Product:
         from ltnet_tf.io import evaluation, volumes
         from ltnet_tf.registration.transfer import Displacement
 
-        start = time.time()
+        start, cpu_start = time.time(), time.process_time()
         scan = volumes.load_scan(image_path)
         result = self.predictor.segment(scan)
         volumes.save_nifti(result["segmentation"], scan.affine, output_path, header=scan.header)
-        seconds = time.time() - start
+        seconds, cpu_seconds = time.time() - start, time.process_time() - cpu_start
         if self.segmenter is not None:  # no displacement to fold
             return {"segmentation": result["segmentation"], "seconds": seconds,
-                    "stage_seconds": dict(result["seconds"])}
+                    "cpu_seconds": cpu_seconds, "stage_seconds": dict(result["seconds"])}
         model = result.get("intensity_model")
         displacement = result["displacement"]
         if displacement is None:  # the network alone segmented in one call: its displacement
@@ -350,7 +355,7 @@ class Product:
         flow = displacement.full_grid(scan.shape)[0].numpy()
         refinement = result.get("refinement")
         return {"segmentation": result["segmentation"], "seconds": seconds,
-                "stage_seconds": dict(result["seconds"]),
+                "cpu_seconds": cpu_seconds, "stage_seconds": dict(result["seconds"]),
                 "folding_fraction": evaluation.folding_fraction(flow, scan.data > 0),
                 "intensity_model": None if model is None else {
                     k: v for k, v in model.items() if k != "gaussians"},
