@@ -70,6 +70,12 @@ class Example:
             :self.inputs.shape[1], :self.inputs.shape[2], :self.inputs.shape[3]]).astype(np.int32)
         self.brain = self.inputs[0] > 0
 
+    @classmethod
+    def from_arrays(cls, inputs: np.ndarray, truth: np.ndarray) -> "Example":
+        example = cls.__new__(cls)
+        example.inputs, example.truth, example.brain = inputs, truth, inputs[0] > 0
+        return example
+
 
 def build_corrector(channels: int, labels: int):
     """[B, d, h, w, 1 + L] (scan, log posterior) -> Δ [B, d, h, w, L], the last layer zero."""
@@ -161,7 +167,28 @@ def product(pairs):
 
 
 def training_examples(pairs, one, ids_1, ids_5) -> dict:
-    """{source: [Example]} (see the module docstring); never a validation subject."""
+    """{source: [Example]} (see the module docstring); never a validation subject. Kept in
+    ``--work_dir`` (examples.npz), remade when it is removed."""
+    cache = os.path.join(FLAGS.work_dir, "examples.npz")
+    if os.path.isfile(cache):
+        with np.load(cache) as stored:
+            found = {}
+            for key in stored.files:
+                source, number, part = key.split("/")
+                found.setdefault(source, {}).setdefault(int(number), {})[part] = stored[key]
+        return {source: [Example.from_arrays(**parts[n]) for n in sorted(parts)]
+                for source, parts in found.items()}
+    found = _make_examples(pairs, one, ids_1, ids_5)
+    np.savez(cache + ".tmp.npz", **{f"{source}/{n}/{part}": value
+                                    for source, examples in found.items()
+                                    for n, e in enumerate(examples)
+                                    for part, value in (("inputs", e.inputs),
+                                                        ("truth", e.truth))})
+    os.replace(cache + ".tmp.npz", cache)
+    return found
+
+
+def _make_examples(pairs, one, ids_1, ids_5) -> dict:
     from ltnet_tf.io import volumes
     from ltnet_tf.labelling.intensity_model import IntensityModel
     from ltnet_tf.io.intensity import normalize_array
@@ -184,7 +211,8 @@ def training_examples(pairs, one, ids_1, ids_5) -> dict:
     model, mask = IntensityModel(), brain_mask(atlas.data)
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in truth.shape], indexing="ij"))
     for number in range(FLAGS.deformed):
-        field = np.stack([ndimage.gaussian_filter(rng.standard_normal(truth.shape[::4]), 2)
+        field = np.stack([ndimage.gaussian_filter(rng.standard_normal(
+            [-(-n // 4) for n in truth.shape]), 2)
                           for _ in range(3)])
         field = np.stack([ndimage.zoom(f, 4, order=1)[:truth.shape[0], :truth.shape[1],
                                                       :truth.shape[2]] for f in field])
