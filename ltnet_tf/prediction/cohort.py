@@ -52,7 +52,7 @@ class PredictOptions:
     qc: bool = True
     probabilities: Optional[list] = None  # label IDs (or ["all"]) to write probability maps of
     shard: Optional[tuple] = None  # (K, N): this process segments the K-th of N shares
-    segmenter: bool = True  # a run folder's segmenter (RUN/segmenter) makes the labels if it has one
+    segmenter: bool = True  # RUN/segmenter makes the labels if the run folder has one
     # Whole heads stripped, bias fields corrected (--skull_strip, --bias_correction).
     preparation: PreparationOptions = field(default_factory=PreparationOptions)
     similarity: str = "auto"  # another contrast mapped to the atlas's (registration.contrast)
@@ -247,7 +247,7 @@ def predict_files(images, output_dir, labels=None, *, model_dir=None, atlas=None
         if not lock.held:  # a folder made just now: only a run started with this one may race
             lock.acquire()
         request = ShareRequest(output.path, model_dir, atlas, atlas_labels, label_names, options,
-                               file_warnings.given(), logging.get_verbosity())
+                               file_warnings.given(), logging.get_verbosity(), compute)
         jobs = jobs_lib.Jobs(options.jobs or jobs_lib.default_jobs(
             compute["threads"] if compute["deterministic"] else None, len(inputs.atlases)),
             segment_share, request)
@@ -261,8 +261,10 @@ def predict_files(images, output_dir, labels=None, *, model_dir=None, atlas=None
 @dataclass
 class ShareRequest:
     """What a job of ``--jobs N`` needs to build the predictor job 1 built (``predict_files``'s
-    arguments), the warnings job 1 gave about the inputs (``file_warnings``: not given again)
-    and its log verbosity."""
+    arguments), the warnings job 1 gave about the inputs (``file_warnings``: not given again),
+    its log verbosity and its TensorFlow threads (``determinism.fix_threads``'s record: a job
+    computes with job 1's pools, so its scans get job 1's bits even when job 1's TensorFlow
+    had started before the prediction, as in a library caller)."""
     output_dir: str
     model_dir: Optional[str]
     atlas: object
@@ -271,6 +273,7 @@ class ShareRequest:
     options: PredictOptions
     warnings_given: list
     verbosity: int
+    compute: dict
 
 
 def segment_share(request: ShareRequest, key: str, pairs: list, report) -> None:
@@ -279,7 +282,7 @@ def segment_share(request: ShareRequest, key: str, pairs: list, report) -> None:
     ``report(name, record)`` after each scan. Raises as ``predict_files``."""
     logging.set_verbosity(request.verbosity)
     file_warnings.mark_given(request.warnings_given)
-    compute = determinism.fix_threads()
+    compute = determinism.follow_threads(request.compute)
     inputs = load_inputs(request.model_dir, request.atlas, request.atlas_labels,
                          request.label_names, request.options)
     run_record = build_run_records(inputs, OutputFolder(request.output_dir), request.options,

@@ -76,3 +76,17 @@ def fix_threads() -> dict:
     if tf.config.list_physical_devices("GPU"):
         tf.config.experimental.enable_op_determinism()
     return {"threads": threads, "deterministic": True}
+
+
+def follow_threads(compute: dict) -> dict:
+    """A job of ``--jobs N`` (a fresh process) computing with job 1's pools: ``compute`` is what
+    ``fix_threads`` returned in job 1 ('machine': TensorFlow's defaults, kept). Call before any
+    TensorFlow op runs. Returns ``compute``."""
+    import tensorflow as tf
+
+    if compute["threads"] != "machine":
+        tf.config.threading.set_intra_op_parallelism_threads(int(compute["threads"]))
+        tf.config.threading.set_inter_op_parallelism_threads(int(compute["threads"]))
+    if compute["deterministic"] and tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.enable_op_determinism()
+    return dict(compute)
