@@ -26,16 +26,16 @@ each variant's Dice):
   M-step), so a boundary falls between two structures' means where the prior puts it, not
   where a broad Gaussian's tail outweighs a narrow one's. With a variance per structure (even
   pulled toward each structure's variance under the transfer's labels, ``per_structure``) the
-  heterogeneous cortex took partial-volume voxels from the white matter, the pallidum of
-  FreeSurfer-normalised scans (a few intensity values) narrowed onto a spike and lost to its
-  neighbours, and deep grey structures lost up to 0.005 Dice; shared, no structure lost more
-  than 0.01 on the validation sets (bench/results/intensity.md gives each one's change).
-- β = ``prior_weight`` 1.5 with one atlas: at β = 1 deep grey structures whose intensities
-  overlap (thalamus, ventral DC, pallidum) lose to their neighbours; at 2 the cortex and white
-  matter gain less. Several atlases make a better prior (joint label fusion of five: Dice 0.875
-  against 0.793), and where they agree the intensities should move it less: β grows by
-  ``prior_weight_per_atlas`` (0.625) with each further atlas, 4 with five; at 2 the pallidum
-  and 3rd ventricle lost 0.02-0.03 there.
+  mean Dice was 0.001-0.004 lower and the putamen and thalamus lost up to 0.009 to their
+  neighbours (the pallidum of FreeSurfer-normalised scans, a few intensity values, narrows onto
+  a spike); shared, no structure lost more than 0.001.
+- β = ``prior_weight`` 1.5 with one atlas. At β = 1 the mean Dice is 0.003 higher but deep grey
+  structures whose intensities overlap lose to their neighbours (the thalamus 0.007 on the
+  MICCAI scans); at 2 every structure gains but the mean gains 0.003 less. Several atlases make a
+  better prior (joint label fusion of five: Dice 0.875 against 0.793), and where they agree the
+  intensities should move it less: β grows by ``prior_weight_per_atlas`` (0.625) with each
+  further atlas, 4 with five; at 2 with five atlases the pallidum and 3rd ventricle lost
+  0.02-0.03 while the model was designed.
 - left (tried while the model was designed, not kept, so no command reruns them): SAMSEG's classes
   shared by structures named alike (white matter, grey matter, CSF, putamen, pallidum; within a
   class the prior alone decides) and a mixture of three Gaussians for label 0 each moved the mean
