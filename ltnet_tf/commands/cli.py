@@ -194,8 +194,17 @@ def _predict_flags() -> flags.FlagValues:
     _define_preparation_flags(fv)
     _define_refinement_flags(fv)
     _define_intensity_model_flag(fv)
+    _define_quality_flag(fv)
     _define_verbose_flag(fv)
     return fv
+
+
+def _define_quality_flag(fv: flags.FlagValues) -> None:
+    flags.DEFINE_float("min_quality", None, "Flag the scans whose expected Dice (predicted "
+                       "without a reference: prediction.json 'quality', bench/results/quality.md) "
+                       "is below this, as a failed alignment is flagged (default: the model's "
+                       "threshold, chosen on its calibration data).", lower_bound=0.0,
+                       upper_bound=1.0, flag_values=fv)
 
 
 def _define_intensity_model_flag(fv: flags.FlagValues) -> None:
@@ -267,7 +276,8 @@ def _predict(fv: flags.FlagValues) -> int:
         save_aligned=fv.save_aligned, qc=fv.qc, probabilities=fv.save_probabilities,
         shard=parse_shard(fv.shard) if fv.shard else None,
         preparation=_preparation(fv),
-        similarity=fv.similarity, intensity_model=fv.intensity_model)
+        similarity=fv.similarity, intensity_model=fv.intensity_model,
+        min_quality=fv.min_quality)
     if hasattr(signal, "SIGXFSZ"):  # a file-size limit: the write raises (one line), no kill
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     from ltnet_tf.training import signals
