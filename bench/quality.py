@@ -111,20 +111,27 @@ def segment_copy(predictor, subject: str, index: int, name: str, scan, labels) -
     copy = volumes.Volume(made.image, made.affine, f"{subject}_{name}")
     record = {"subject": subject, "group": group_of(subject), "degradation": name,
               "parameters": made.parameters, "shape": list(made.image.shape)}
-    start = time.time()
+    start, cpu = time.time(), _cpu()
     try:
         result = predictor.segment(copy)
     except volumes.DataError as error:  # refused, as predict.py would refuse it
         return {**record, "refused": str(error)}
     record["seconds"] = time.time() - start
+    record["cpu_seconds"] = _cpu() - cpu
     dice = evaluation.dice_per_label(result["segmentation"], made.labels, BENCHMARK_LABELS)
     quality = result.get("quality") or {}
     record.update(
-        stages=dict(result["seconds"]), dice={str(k): float(v) for k, v in dice.items()},
+        stages=dict(result["seconds"]), cpu_stages=dict(result["cpu_seconds"]),
+        dice={str(k): float(v) for k, v in dice.items()},
         mean_dice=evaluation.mean_dice(dice, BENCHMARK_LABELS),
         alignment=result["alignment"].to_dict(), similarity=result["similarity"],
         signals=quality.get("signals"))
     return record
+
+
+def _cpu() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 def collect(config: str, subjects, names, records_dir: str, key: str) -> list:

@@ -3,8 +3,10 @@ structure's Dice on the label transfer's signals (``ltnet_tf.prediction.quality`
 least squares with an L2 penalty, every scan weighing the same; the default threshold chosen on the
 fit group; the figures on the held-out group.
 
-Terms (``TERMS``: a signal, or the product of two) were chosen by measurement on the fit group
-alone (leave-one-subject-out within it; bench/results/quality.md lists them with their weights).
+The terms (signals of the structure or the scan, or a signal's mean over the scan's structures)
+and the penalty are chosen among ``CANDIDATES`` × ``L2_GRID`` by leave-one-subject-out
+cross-validation on the fit group alone (``select``); bench/results/quality.md lists the
+comparison and the chosen terms with their weights.
 """
 from __future__ import annotations
 
@@ -17,14 +19,18 @@ from bench import degradations, harness
 from bench.harness import table
 
 FAILURE, GOOD = 0.70, 0.75  # a scan below FAILURE must be flagged, one at GOOD or above not
-TERMS = (
-    ("ncc",), ("relabelled",), ("separation",), ("intensity_sd",), ("outside",),
-    ("agreement",), ("log_jacobian_sd",), ("log_atlas_volume",), ("boundary_share",),
-    ("log_volume_ratio",), ("brain_overlap",), ("correlation",), ("alignment_ok",),
-    ("loss",), ("fine_correlation",), ("log_voxel_max",), ("rotation_deg",), ("anisotropy",),
-    ("remapped",), ("atlases",), ("model_changed",), ("uncovered",), ("folded",),
-)
-L2 = 1.0  # the penalty on the standardised weights
+# Candidate terms, compared by leave-one-subject-out cross-validation on the fit group.
+STRUCTURE = (("ncc",), ("agreement",), ("relabelled",), ("separation",), ("intensity_sd",),
+             ("edge",), ("outside",), ("log_jacobian_sd",), ("log_atlas_volume",),
+             ("boundary_share",), ("log_volume_ratio",))
+SCAN = (("brain_overlap",), ("correlation",), ("alignment_ok",), ("remapped",), ("loss",),
+        ("loss_start",), ("fine_correlation",), ("log_scale",), ("anisotropy",),
+        ("rotation_deg",), ("log_voxel_max",), ("atlases",), ("uncovered",), ("folded",),
+        ("log_jacobian_sd",), ("noise",), ("model_changed",), ("model_uncertain",))
+MEANS = tuple((f"mean_{name}",) for (name,) in STRUCTURE[:8] + STRUCTURE[10:])
+CANDIDATES = {"structure": STRUCTURE, "structure + scan": STRUCTURE + SCAN,
+              "structure + scan + means": STRUCTURE + SCAN + MEANS}
+L2_GRID = (0.03, 0.1, 0.3, 1.0)  # penalties on the standardised weights
 
 
 def usable(records: list) -> list:
@@ -51,7 +57,7 @@ def structure_rows(records: list, terms) -> tuple:
     return np.asarray(rows, np.float64), np.asarray(dice, np.float64), np.asarray(scan)
 
 
-def fit(records: list, terms=TERMS, l2: float = L2) -> dict:
+def fit(records: list, terms, l2: float) -> dict:
     """The model's numbers ({'terms', 'centre', 'spread', 'weights', 'bias'}) fitted on
     ``records``: least squares of σ(b + w·x) on each structure's Dice, rows weighted so each scan
     counts once, + ``l2`` ‖w‖²."""
@@ -64,13 +70,21 @@ def fit(records: list, terms=TERMS, l2: float = L2) -> dict:
     per_scan = np.bincount(scan)
     row_weight = np.sqrt(1.0 / per_scan[scan])
 
+    design = np.c_[np.ones(len(z)), z]
+    penalty = math.sqrt(l2) * np.eye(len(terms) + 1)[1:]
+
     def residuals(p):
-        predicted = 1.0 / (1.0 + np.exp(-(p[0] + z @ p[1:])))
-        return np.concatenate([row_weight * (predicted - y), math.sqrt(l2) * p[1:]])
+        predicted = 1.0 / (1.0 + np.exp(-(design @ p)))
+        return np.concatenate([row_weight * (predicted - y), penalty @ p])
+
+    def jacobian(p):
+        predicted = 1.0 / (1.0 + np.exp(-(design @ p)))
+        slope = row_weight * predicted * (1.0 - predicted)
+        return np.vstack([design * slope[:, None], penalty])
 
     start = np.zeros(len(terms) + 1)
     start[0] = math.log(y.mean() / (1 - y.mean()))
-    solution = least_squares(residuals, start, method="trf", x_scale="jac")
+    solution = least_squares(residuals, start, jac=jacobian, method="trf", x_scale="jac")
     return {"terms": [list(t) for t in terms], "centre": centre.tolist(),
             "spread": spread.tolist(), "weights": solution.x[1:].tolist(),
             "bias": float(solution.x[0])}
@@ -81,6 +95,41 @@ def scan_predictions(records: list, model) -> np.ndarray:
     from ltnet_tf.io.labels import BENCHMARK_LABELS
     return np.array([model.predict(r["signals"], [0, *BENCHMARK_LABELS])["expected_dice"]
                      for r in records])
+
+
+def cross_validate(records: list, terms, l2: float) -> dict:
+    """Leave-one-subject-out on ``records``: each subject's scans predicted by the model fitted
+    on the others; {'spearman', 'mae_scan'} of those predictions."""
+    from scipy.stats import spearmanr
+
+    from ltnet_tf.prediction.quality import QualityModel
+
+    expected, true = [], []
+    for subject in sorted({r["subject"] for r in records}):
+        held = [r for r in records if r["subject"] == subject]
+        model = QualityModel({**fit([r for r in records if r["subject"] != subject], terms, l2),
+                              "min_quality": 0.0})
+        expected += list(scan_predictions(held, model))
+        true += [r["mean_dice"] for r in held]
+    expected, true = np.array(expected), np.array(true)
+    return {"spearman": float(spearmanr(expected, true).correlation),
+            "mae_scan": float(np.mean(np.abs(expected - true)))}
+
+
+def select(records: list) -> tuple:
+    """(terms, l2, the cross-validation table): the candidate (``CANDIDATES`` × ``L2_GRID``)
+    with the best leave-one-subject-out rank correlation on ``records`` (the fit group)."""
+    table_, best = [], None
+    for name, terms in CANDIDATES.items():
+        for l2 in L2_GRID:
+            scores = cross_validate(records, terms, l2)
+            table_.append({"terms": name, "l2": l2, **scores})
+            print(f"cross-validation: {name}, l2 {l2}: Spearman {scores['spearman']:.3f}, "
+                  f"MAE {scores['mae_scan']:.4f}", flush=True)
+            key = (round(scores["spearman"], 3), -scores["mae_scan"])
+            if best is None or key > best[0]:
+                best = (key, terms, l2)
+    return best[1], best[2], table_
 
 
 def choose_threshold(expected: np.ndarray, true: np.ndarray) -> float:
@@ -103,7 +152,8 @@ def fit_and_save(records: list, fit_subjects, provenance: dict, path: str = None
     from ltnet_tf.prediction.quality import MODEL_FILE, QualityModel
 
     fit_records = [r for r in usable(records) if r["subject"] in fit_subjects]
-    spec = fit(fit_records)
+    terms, l2, selection = select(fit_records)
+    spec = fit(fit_records, terms, l2)
     spec["min_quality"] = 0.0
     true = np.array([r["mean_dice"] for r in fit_records])
     spec["min_quality"] = choose_threshold(scan_predictions(fit_records, QualityModel(spec)), true)
@@ -113,7 +163,7 @@ def fit_and_save(records: list, fit_subjects, provenance: dict, path: str = None
                            "min_quality: the default threshold of predict.py --min_quality.",
             "fitted_by": provenance["command"], "git_commit": provenance["git_commit"],
             "fit_subjects": list(fit_subjects),
-            "fit_scans": len(fit_records), "l2": L2,
+            "fit_scans": len(fit_records), "l2": l2, "selection": selection,
             "threshold_rule": f"maximises the share of fit scans with true Dice < {FAILURE} "
                               f"below it minus the share of those with true Dice >= {GOOD} "
                               f"below it (the middle of the best range)",
@@ -145,6 +195,8 @@ def figures(records: list, model, threshold: float) -> dict:
                 errors[structure_name(label)].append(abs(values.get(label, 0.0) - dice))
     quality_seconds = np.array([r["stages"].get("quality", 0.0) for r in records])
     total_seconds = np.array([r["seconds"] for r in records])
+    quality_cpu = np.array([r["cpu_stages"].get("quality", 0.0) for r in records])
+    total_cpu = np.array([r["cpu_seconds"] for r in records])
     return {
         "n_scans": len(records), "n_failures": int(failures.sum()), "n_good": int(good.sum()),
         "spearman": float(spearmanr(expected, true).correlation) if len(records) > 2 else None,
@@ -157,6 +209,8 @@ def figures(records: list, model, threshold: float) -> dict:
         "mae_per_structure": {k: float(np.mean(v)) for k, v in errors.items() if v},
         "seconds_added_per_scan": float(quality_seconds.mean()),
         "share_of_scan_seconds": float(np.mean(quality_seconds / total_seconds)),
+        "cpu_seconds_added_per_scan": float(quality_cpu.mean()),
+        "share_of_scan_cpu_seconds": float(np.mean(quality_cpu / total_cpu)),
         "scans": [{"config": r["config"], "subject": r["subject"],
                    "degradation": r["degradation"], "true": float(t), "expected": float(e),
                    "parameters": r["parameters"]} for r, t, e in zip(records, true, expected)]}
@@ -196,7 +250,8 @@ def score_and_write(records: list, results_dir: str, fit_subjects, held_out, pro
                "fit_subjects": list(fit_subjects), "held_out_subjects": list(held_out),
                "configs": list(configs), "degradations": list(degradations.DEGRADATIONS),
                "model": {k: model.spec[k] for k in ("terms", "weights", "bias", "min_quality",
-                                                    "fit_scans", "l2", "threshold_rule")},
+                                                    "fit_scans", "l2", "threshold_rule",
+                                                    "selection")},
                "refused": [{"config": r["config"], "subject": r["subject"],
                             "degradation": r["degradation"], "why": r["refused"]}
                            for r in records if "refused" in r]}
@@ -250,9 +305,10 @@ def markdown(results: dict) -> list:
                                               for e in held["per_config"].values())]
             for name in ("n_scans", "n_failures", "n_good", "spearman", "failure_recall",
                          "false_alarm_rate", "mae_scan", "mae_structure",
-                         "seconds_added_per_scan", "share_of_scan_seconds")]), "",
-        f"Default threshold (`--min_quality`): **{model['min_quality']}**, {model['threshold_rule']}; "
-        f"failures: true mean Dice < {FAILURE}, good: ≥ {GOOD}.", "",
+                         "seconds_added_per_scan", "share_of_scan_seconds",
+                         "cpu_seconds_added_per_scan", "share_of_scan_cpu_seconds")]), "",
+        f"Default threshold (`--min_quality`): **{model['min_quality']}**, "
+        f"{model['threshold_rule']}; failures: true mean Dice < {FAILURE}, good: ≥ {GOOD}.", "",
         "Per degradation (held out; n, true mean Dice (range), expected, mean absolute error, "
         "scans below the threshold):", "",
         *table(["copy", "n", "true Dice", "expected", "MAE", "flagged"], by_degradation(held)),
@@ -262,13 +318,18 @@ def markdown(results: dict) -> list:
         *table(["copy", "n", "true Dice", "expected", "MAE", "flagged"],
                by_degradation(results["undetectable"])), "",
         "Mean absolute error per structure (held out):", "",
-        *table(["structure", "MAE"], [[k, f"{v:.3f}"] for k, v in
-                                     held["mae_per_structure"].items()]), "",
+        *table(["structure", "MAE"], [[k, f"{v:.3f}"]
+                                      for k, v in held["mae_per_structure"].items()]), "",
         "## The fit group (in-sample, for reference)", "",
         *table(["figure", "value"], [[name, _format(fitted.get(name))] for name in (
             "n_scans", "spearman", "failure_recall", "false_alarm_rate", "mae_scan",
             "mae_structure")]), "",
         "## The model", "",
+        "Chosen by leave-one-subject-out cross-validation on the fit group (the held-out "
+        "subjects play no part): the candidate with the best rank correlation.", "",
+        *table(["terms", "L2", "Spearman (CV)", "MAE per scan (CV)"], [
+            [c["terms"], c["l2"], f"{c['spearman']:.3f}", f"{c['mae_scan']:.4f}"]
+            for c in model["selection"]]), "",
         f"Logistic link, least squares with an L2 penalty of {model['l2']} on the standardised "
         f"weights; bias {model['bias']:.3f}.", "",
         *table(["term", "weight (per spread)"], [
