@@ -13,7 +13,13 @@ sub-06/07 (256³ on their own grids: aligned in the run, labels written there). 
 structures of Table 1; seconds per scan end to end (read, segment, write).
 
     python -m bench.intensity                       # everything (about 10 min on 2 cores)
-    python -m bench.intensity --configs transfer_1,intensity_1 --sets shared
+    python -m bench.intensity --atlas_counts 1 --sets shared
+
+``--variants``: other settings of the model (``IntensityModelSettings`` fields), which is how its
+defaults were chosen: with one atlas on transfer_1's labels (the registration is not repeated),
+with five (a name ending in ``_5``) as a whole product of its own, e.g.
+``--variants beta2=prior_weight:2,per_structure=variance:per_structure`` or
+``--variants beta3_5=prior_weight_per_atlas:0.375``.
 
 Writes bench/results/intensity.json and intensity.md (the targets checked at the end).
 """
@@ -41,6 +47,8 @@ flags.DEFINE_list("sets", list(SETS), "Validation sets.")
 flags.DEFINE_list("atlas_counts", list(PAIRS), "1 and/or 5 atlases.")
 flags.DEFINE_list("extra_atlases", ["sub-01", "sub-02", "sub-03", "sub-04"],
                   "Subjects used as atlases after the primary one, in order.")
+flags.DEFINE_list("variants", [], "name=field:value[;field:value]: the intensity model with other "
+                  "settings on transfer_1's labels (one atlas).")
 FLAGS = flags.FLAGS
 
 
@@ -57,27 +65,74 @@ def run_pair(count: str, cases: list, results: dict) -> None:
     products = {name: harness.Product(None, RefinementSettings(), atlases=pairs,
                                       intensity_model="off" if index == 0 else "auto")
                 for index, name in enumerate(names)}
-    records = {name: {} for name in names}
+    variants = parse_variants(FLAGS.variants, five=count == "5")
+    if count == "5":  # whole products: the registrations of five atlases are not kept
+        products.update({name: harness.Product(None, RefinementSettings(), atlases=pairs,
+                                               intensity_model=model.settings)
+                         for name, model in variants.items()})
+        names, variants = (*names, *variants), {}
+    records = {name: {} for name in (*names, *variants)}
     for number, case in enumerate(cases):
-        order = names if number % 2 == 0 else names[::-1]
+        order = names if number % 2 == 0 else names[::-1]  # pairs alternate
         for name in order:
             result = products[name].segment(case.image_path, case.output(FLAGS.work_dir, name))
             record = harness.score(case, result, name)
             record["intensity_model"] = result.get("intensity_model")
             records[name].setdefault(case.set_name, []).append(record)
-    for name in names:
+            if name == names[0]:
+                for variant, model in variants.items():
+                    found = finish(model, case, result["segmentation"])
+                    records[variant].setdefault(case.set_name, []).append(
+                        harness.score(case, found, variant))
+    for name in records:
         for set_name, found in records[name].items():
-            figures = harness.dice_figures(found)
-            figures["intensity_model"] = {r["subject"]: r["intensity_model"] for r in found}
+            figures = harness.dice_figures(found,
+                                           folding=found[0]["folding_fraction"] is not None)
+            figures["intensity_model"] = {r["subject"]: r.get("intensity_model") for r in found}
             figures["stage_seconds_per_scan"] = {
                 stage: float(np.mean([r["stages"].get(stage, 0.0) for r in found]))
                 for stage in dict.fromkeys(k for r in found for k in r["stages"])}
             results["sets"].setdefault(set_name, {})[name] = {
-                "method": products[name].description,
+                "method": products[name].description if name in products else (
+                    f"transfer_1's labels finished by the model with {variants[name].settings}"),
                 "atlases": [os.path.basename(p) for p, _ in pairs],
-                "model_load_s": products[name].load_seconds, **figures}
+                "model_load_s": products[name].load_seconds if name in products else 0.0,
+                **figures}
     del products
     gc.collect()
+
+
+def parse_variants(values, five: bool) -> dict:
+    """{name: IntensityModel} of ``--variants`` (name=field:value;field:value) for one atlas, or
+    with ``five`` those whose name ends in _5."""
+    from ltnet_tf.labelling.intensity_model import IntensityModel, IntensityModelSettings
+
+    found, defaults = {}, IntensityModelSettings()
+    for item in values:
+        name, _, changes = item.partition("=")
+        if name.endswith("_5") != five:
+            continue
+        fields = dict(change.split(":", 1) for change in changes.split(";") if change)
+        found[name] = IntensityModel(defaults.replace(**{
+            k: v if isinstance(getattr(defaults, k), str) else type(getattr(defaults, k))(
+                float(v)) for k, v in fields.items()}))
+    return found
+
+
+def finish(model, case, labels) -> dict:
+    """transfer_1's labels of ``case`` finished by ``model`` (timed: the model alone)."""
+    import time
+
+    from ltnet_tf.io import intensity, volumes
+    from ltnet_tf.io.headers import voxel_sizes
+    from ltnet_tf.registration.native import brain_mask
+
+    scan = volumes.load_scan(case.image_path)
+    start = time.time()
+    result = model(intensity.normalize_array(scan.data), brain_mask(scan.data), labels,
+                   voxel_sizes(scan.affine))
+    return {"segmentation": result.labels, "seconds": time.time() - start,
+            "stage_seconds": {"intensity_model": time.time() - start}}
 
 
 def checks(results: dict) -> list:
@@ -112,12 +167,14 @@ def markdown(results: dict) -> list:
     for set_name, entries in results["sets"].items():
         rows = []
         for name, e in entries.items():
-            base = TARGETS.get(name, (None,))[0]
-            rows.append([name, f"**{e['mean_dice']:.3f}**", cell(
-                e["mean_dice"] - entries[base]["mean_dice"] if base in entries else None, "+.3f"),
-                f"{e['seconds_per_scan']:.2f}", cell(
-                    e["seconds_per_scan"] / entries[base]["seconds_per_scan"]
-                    if base in entries else None, ".2f"), e["method"]])
+            base = (None if name in ("transfer_1", "jlf_5") else TARGETS.get(
+                name, ("jlf_5" if name.endswith("_5") else "transfer_1",))[0])
+            known = base in entries
+            rows.append([name, f"**{e['mean_dice']:.3f}**",
+                         cell(e["mean_dice"] - entries[base]["mean_dice"] if known else None,
+                              "+.3f"), f"{e['seconds_per_scan']:.2f}",
+                         cell(e["seconds_per_scan"] / entries[base]["seconds_per_scan"]
+                              if known else None, ".2f"), e["method"]])
         lines += [f"## {set_name}: {', '.join(next(iter(entries.values()))['per_subject'])}", "",
                   *table(["config", "Dice", "− without the model", "s/scan", "time ratio",
                           "method"], rows), "", "Per subject (Dice / seconds):", "",

@@ -188,3 +188,24 @@ def test_off_gives_the_label_transfers_labels_and_auto_finishes_them(phantom):
     assert np.mean(gains) > 0.005, gains
     with pytest.raises(ConfigError, match="intensity_model"):
         Predictor(atlases, None, refinement=RefinementSettings(), intensity_model="on")
+
+
+def test_several_atlases_give_the_model_their_votes(phantom):
+    """With two atlases the prior is their JLF-weighted votes: the model is applied on the fused
+    labels, and where the two atlases agree and nothing else is near, the fused label stays."""
+    from ltnet_tf.config import RefinementSettings
+    from ltnet_tf.io import volumes as data
+    from ltnet_tf.prediction.predictor import Predictor
+    from ltnet_tf.registration.atlases import AtlasSet
+
+    atlases = AtlasSet.load([phantom["atlas"], phantom["images"][1]],
+                            [phantom["atlas_labels"], phantom["labels"][1]])
+    scan = data.load_scan(phantom["images"][0])
+    off = Predictor(atlases, None, refinement=RefinementSettings(), intensity_model="off")
+    auto = Predictor(atlases, None, refinement=RefinementSettings())
+    fused, finished = off.segment(scan), auto.segment(scan)
+    record = finished["intensity_model"]
+    assert record["applied"] and 0 < record["changed_fraction"] < 0.2
+    changed = fused["segmentation"] != finished["segmentation"]
+    assert changed.any()
+    assert np.array_equal(auto.segment(scan)["segmentation"], finished["segmentation"])

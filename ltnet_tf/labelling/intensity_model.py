@@ -17,22 +17,31 @@ label transfer gives one per scan:
     posterior   p(l | x_v) ∝ π_l(v)^β N(x_v; μ_l, σ_l²); a voxel's label is its argmax.
     EM          the Gaussians start from the transfer's labels; ``iterations`` E- and M-steps.
 
-What was taken from SAMSEG and what was left (each choice measured on the validation sets,
-``python -m bench.intensity``, bench/results/intensity.md):
-- taken: the atlas prior times a Gaussian likelihood, fitted per scan by EM; conjugate priors on
-  the Gaussians (SAMSEG's normal-inverse-Wishart hyperparameters): here each variance is pulled
-  toward the scan's pooled within-structure variance by ``variance_prior_voxels`` pseudo-voxels,
-  without which the pallidum of FreeSurfer-normalised scans (a few intensity values) collapsed
-  onto a spike and lost 0.02 Dice;
-- left: SAMSEG's classes shared between structures (its sharedGMMParameters: white matter, grey
-  matter, CSF, putamen, pallidum, ...) tie structures by name; tying them here (within a class
-  the prior alone decides) changed Dice by at most 0.001, and a Gaussian per structure works for
-  any label protocol. The bias field (a smooth multiplicative field SAMSEG fits in the EM): the
-  product's scans are bias-corrected already (N4 for heads, ``--bias_correction``), and N4 before
-  the model changed Dice by less than 0.001 on the MICCAI scans. The mesh deformation SAMSEG
-  optimises with the model: the registration has placed the prior already.
-- β = ``prior_weight`` 2 (the prior squared): at β = 1 deep grey structures whose intensities
-  overlap (thalamus, ventral DC, pallidum) lost up to 0.03 Dice to their neighbours.
+What was taken from SAMSEG and what was left. The settings below were chosen on the validation
+sets by ``python -m bench.intensity --variants ...`` (bench/results/intensity.md, which lists
+each variant's Dice):
+- taken: the atlas prior times a Gaussian likelihood fitted per scan by EM. Left: a variance per
+  structure (SAMSEG's, with inverse-Wishart priors): here one variance is shared by every
+  structure (``variance`` "shared": the pooled within-structure variance, re-estimated at each
+  M-step), so a boundary falls between two structures' means where the prior puts it, not
+  where a broad Gaussian's tail outweighs a narrow one's. With a variance per structure (even
+  pulled toward each structure's variance under the transfer's labels, ``per_structure``) the
+  heterogeneous cortex took partial-volume voxels from the white matter, the pallidum of
+  FreeSurfer-normalised scans (a few intensity values) narrowed onto a spike and lost to its
+  neighbours, and deep grey structures lost up to 0.005 Dice; shared, none lost any on the
+  validation sets.
+- β = ``prior_weight`` 2 with one atlas (the prior squared): at β = 1 deep grey structures whose
+  intensities overlap (thalamus, ventral DC, pallidum) lose to their neighbours. Several atlases
+  make a better prior (joint label fusion of five: Dice 0.875 against 0.793), and where they
+  agree the intensities should move it less: β grows by ``prior_weight_per_atlas`` (0.5) with
+  each further atlas, 4 with five; at 2 the pallidum and 3rd ventricle lost 0.02-0.03 there.
+- left (tried while the model was designed, not kept, so no command reruns them): SAMSEG's classes
+  shared by structures named alike (white matter, grey matter, CSF, putamen, pallidum; within a
+  class the prior alone decides) and a mixture of three Gaussians for label 0 each moved the mean
+  Dice by under 0.001; a Gaussian per structure works for any labelling protocol. A bias field
+  in the EM: the product corrects bias before (N4 for heads, ``--bias_correction``), and N4 on
+  the MICCAI scans before the model moved their Dice by under 0.001. SAMSEG's mesh deformation:
+  the registration has placed the prior already.
 
 Cost. Only voxels whose prior is not certain (within the smoothing's reach of another label)
 enter the EM, as rows of the few labels their prior holds (``slots``); the rest keep their label
@@ -71,12 +80,13 @@ COLLAPSE_SHARE = 0.05
 @dataclass(frozen=True)
 class IntensityModelSettings:
     """The model as predict.py runs it (``--intensity_model``); recorded in prediction.json."""
-    prior_weight: float = 2.0             # β: posterior ∝ prior^β × likelihood
+    prior_weight: float = 1.5             # β with one atlas: posterior ∝ prior^β × likelihood
+    prior_weight_per_atlas: float = 0.625  # ... plus this for each further atlas (4 with five)
     prior_sigma_mm: float = 1.0           # the Gaussian that smooths the transferred labels
     truncate: float = 2.5                 # ... cut at this many sigmas
-    iterations: int = 20                  # EM iterations at most (E-step, M-step); it stops
-                                          # once fewer than 0.1 % of voxels change label
-    variance_anchor: float = 0.5          # κ: a variance is (EM's + κ × the transfer's) / (1 + κ)
+    iterations: int = 20                  # EM iterations at most (it stops once settled)
+    variance: str = "shared"              # one variance for all structures, or "per_structure":
+    variance_anchor: float = 0.5          # ... each (EM's + κ × the transfer's) / (1 + κ)
     fit_stride: int = 16                  # the M-step reads every k-th uncertain voxel
     slots: int = 4                        # labels a voxel's prior holds at most (the largest)
     prior_floor: float = 0.01             # a smaller prior is none: its label is no candidate
@@ -91,9 +101,14 @@ class IntensityModelSettings:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"intensity model: '{name}' must be an integer >= 1, got "
                                   f"{getattr(self, name)!r}")
-        if not (math.isfinite(self.variance_anchor) and self.variance_anchor >= 0):
-            raise ConfigError(f"intensity model: 'variance_anchor' must be >= 0, got "
-                              f"{self.variance_anchor!r}")
+        if self.variance not in ("shared", "per_structure"):
+            raise ConfigError(f"intensity model: 'variance' must be shared or per_structure, got "
+                              f"{self.variance!r}")
+        for name in ("variance_anchor", "prior_weight_per_atlas"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"intensity model: '{name}' must be a number >= 0, got "
+                                  f"{value!r}")
         return self
 
     def replace(self, **changes) -> "IntensityModelSettings":
@@ -149,7 +164,9 @@ class IntensityModel:
         x = np.asarray(values, np.float32)[prior.box][prior.mask]
         if not x.size or float(x.max() - x.min()) <= 1e-6:
             return self._kept(labels, probabilities, "the brain's intensities are flat")
-        fit = GaussianFit(x, prior, self.settings)
+        atlases = 1 if votes is None else len(votes[1])
+        prior_weight = settings.prior_weight + settings.prior_weight_per_atlas * (atlases - 1)
+        fit = GaussianFit(x, prior, settings, prior_weight)
         if fit.failure:
             return self._kept(labels, probabilities, fit.failure)
         if fit.last_change is not None and fit.last_change > UNSETTLED:
@@ -164,17 +181,15 @@ class IntensityModel:
         if collapsed is None:
             return self._kept(labels, probabilities, warning)
         choice[np.isin(prior.own, collapsed)] = prior.own[np.isin(prior.own, collapsed)]
-        result = labels.astype(np.int32, copy=True)
-        inside = result[prior.box]
-        inside[prior.mask] = prior.ids[choice]
-        result[prior.box] = inside
+        result = labels.astype(np.int32)  # a copy: the caller's transfer stays as it was
+        result[prior.box][prior.mask] = prior.ids[choice]
         record = {"applied": True, "warning": warning,
                   "changed_fraction": round(float(np.mean(choice != prior.own)), 5),
-                  "iterations": fit.iterations,
+                  "iterations": fit.iterations, "prior_weight": prior_weight,
                   "uncertain_fraction": round(float(len(prior.uncertain_voxels)
                                                     / max(len(choice), 1)), 4),
-                  "gaussians": {int(l): [round(float(m), 4), round(float(s), 4)]
-                                for l, m, s in zip(prior.ids, fit.means, fit.sds)}}
+                  "gaussians": {int(label): [round(float(m), 4), round(float(s), 4)]
+                                for label, m, s in zip(prior.ids, fit.means, fit.sds)}}
         shares = None if probabilities is None else prior.posterior_shares(
             _softmax(score), list(probabilities), labels.shape)
         return IntensityResult(result, shares, record)
@@ -213,7 +228,8 @@ class GaussianFit:
     histogram per structure. ``score()`` gives the log posterior (unnormalised) of every slot of
     the uncertain voxels; ``failure`` is why EM failed (None if it did not)."""
 
-    def __init__(self, x: np.ndarray, prior: TransferPrior, settings: IntensityModelSettings):
+    def __init__(self, x: np.ndarray, prior: TransferPrior, settings: IntensityModelSettings,
+                 prior_weight: float):
         count, self.prior = len(prior.ids), prior
         low, high = float(x.min()), float(x.max())
         self.levels = np.linspace(low, high, LEVELS)
@@ -223,10 +239,14 @@ class GaussianFit:
         fixed = np.bincount(prior.own[certain].astype(np.int64) * LEVELS + level[certain],
                             minlength=count * LEVELS).astype(np.float64)
         valid = prior.slot_labels >= 0
-        self.index = (np.maximum(prior.slot_labels, 0).astype(np.int32) * LEVELS
-                      + level[prior.uncertain_voxels].astype(np.int32)[:, None])
-        self.log_prior = np.where(valid, settings.prior_weight * np.log(np.maximum(
-            prior.slot_prior, 1e-30)), -np.inf).astype(np.float32)
+        self.index = prior.slot_labels.astype(np.int32)  # in place from here: fewer copies
+        np.maximum(self.index, 0, out=self.index)
+        self.index *= LEVELS
+        self.index += level[prior.uncertain_voxels].astype(np.int32)[:, None]
+        self.log_prior = np.maximum(prior.slot_prior, 1e-30)
+        np.log(self.log_prior, out=self.log_prior)
+        self.log_prior *= prior_weight
+        np.putmask(self.log_prior, ~valid, -np.inf)
         # every k-th uncertain voxel, but enough of them on small grids
         sample = slice(None, None, max(1, min(settings.fit_stride, len(self.index) // MIN_SAMPLE)))
         index, log_prior = self.index[sample].ravel(), self.log_prior[sample]
@@ -255,9 +275,12 @@ class GaussianFit:
         floor = (1e-3 * (self.levels[-1] - self.levels[0])) ** 2
         if self.anchor is None:  # each structure's variance under the transfer's labels
             self.anchor = scatter / np.maximum(n, 1e-9)
-        kappa = settings.variance_anchor
-        variances = np.maximum((scatter / np.maximum(n, 1e-9) + kappa * self.anchor)
-                               / (1.0 + kappa), floor)
+        if settings.variance == "shared":
+            variances = np.full(len(n), max(scatter.sum() / max(n.sum(), 1e-9), floor))
+        else:
+            kappa = settings.variance_anchor
+            variances = np.maximum((scatter / np.maximum(n, 1e-9) + kappa * self.anchor)
+                                   / (1.0 + kappa), floor)
         if not (np.all(np.isfinite(means)) and np.all(np.isfinite(variances))):
             self.failure = "EM gave non-finite Gaussians"
             return False

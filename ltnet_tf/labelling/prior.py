@@ -230,5 +230,3 @@ def _label_boxes(compact, count: int, reach) -> list:
     shape = compact[0].shape
     return [None if b is None else tuple(slice(max(s.start - r, 0), min(s.stop + r, n))
                                          for s, r, n in zip(b, reach, shape)) for b in boxes]
-
-

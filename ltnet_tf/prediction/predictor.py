@@ -8,13 +8,13 @@
     refine    Adam on the displacement of every atlas, coarse to fine, batched      refinement.py
     pull      each atlas's labels onto the scan's own voxels, one interpolation,    native.py
               fused across atlases (majority or locally weighted voting, JLF)       fusion.py
-    finish    a Gaussian per structure fitted to the scan by EM on the transfer's   intensity_model.py
+    finish    a Gaussian per structure fitted by EM to the scan on the transfer's   labelling/
               prior: the scan's own intensities settle the boundaries
     quality   the expected Dice per structure and scan, from the evidence the      quality.py
               transfer left (no reference needed)
 
-``Predictor`` is usable on its own (one ``data.Volume`` at a time); ``ltnet_tf.prediction.cohort.predict_files``
-runs it over files and writes the outputs.
+``Predictor`` is usable on its own (one ``data.Volume`` at a time);
+``ltnet_tf.prediction.cohort.predict_files`` runs it over files and writes the outputs.
 """
 from __future__ import annotations
 
@@ -33,8 +33,7 @@ from ltnet_tf.io import volumes as data
 from ltnet_tf.preprocessing.preparation import ScanPreparation
 from ltnet_tf.io import intensity
 from ltnet_tf.io.headers import voxel_sizes
-from ltnet_tf.labelling.intensity_model import (IntensityModel, IntensityModelSettings,
-                                                MODES as INTENSITY_MODES)
+from ltnet_tf.labelling.intensity_model import IntensityModel, MODES as INTENSITY_MODES
 from ltnet_tf.registration import alignment as alignment_lib, contrast, transfer as inference
 from ltnet_tf.registration.atlases import AtlasSet
 from ltnet_tf.registration.native import NativeLabelPull, brain_mask, pull_fused
