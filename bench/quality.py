@@ -1,24 +1,25 @@
 """The quality estimate (``ltnet_tf.prediction.quality``): its calibration data, its fit and its
 scores, from one command.
 
-    python -m bench.quality            # collect (hours on 2 shared cores), fit, score
+    python -m bench.quality            # collect (about an hour on 2 shared cores), fit, score
 
-Calibration data: every subject of the shared data on its own grid (FreeSurfer's 256³ volumes of
-sub-01..07, the 18 MICCAI 2012 scans) as a target, clean and in each degraded copy of
-``bench.degradations`` (thick slices, noise, motion ghosts, a cropped field of view, a lesion, a
-bias field, another contrast, a mislabelled header orientation, a wrong voxel size), segmented by
-predict.py's default label transfer (refinement, the intensity model, ``--similarity auto``):
+Calibration data: ten subjects of the shared data on their own grids as fit targets and four as
+held-out ones (FreeSurfer's 256³ volumes of sub-01..07, MICCAI 2012 scans), clean and in each
+degraded copy of ``bench.degradations`` (thick slices, noise, motion ghosts, a cropped field of
+view, a lesion, a bias field, another contrast, a mislabelled header orientation, a wrong voxel
+size, two combined), segmented by predict.py's default label transfer (refinement, the intensity
+model, ``--similarity auto``):
 
-    atlases_1   the data's atlas
+    atlases_1   the data's atlas (the default)
     atlases_3   the data's atlas, sub-01 and sub-02, joint label fusion (sub-01/02 are then no
                 targets; three atlases, not five, to keep the run within hours on 2 cores)
 
 The true Dice of the 28 structures of Table 1 against each copy's reference labels (moved with
-it) is what the model predicts. Fit: sub-01..05 and the twelve MICCAI subjects outside the
-project's validation split. Scored on: sub-06/07 and the six MICCAI validation subjects (1000,
-1001, 1002, 1006, 1007, 1008), never used for the fit. The left-right flipped header (a mirrored
-brain, which no check without a reference can see) is made for the held-out subjects only and
-scored apart.
+it) is what the model predicts. Fit: sub-01..05 and MICCAI 1009..1013 (outside the project's
+validation split). Scored on: sub-06/07 and MICCAI 1000/1001 (of the validation split), never
+used for the fit or for choosing its terms. The left-right flipped header (a mirrored brain, which
+no check without a reference can see) is made for the held-out subjects only and scored apart.
+Held-out subjects are collected first.
 
 Stages (``--stages``): collect (each scan's record kept in WORK/records, reused when the
 product's code is unchanged), fit (writes ltnet_tf/prediction/quality_model.json), score (writes
@@ -38,16 +39,18 @@ from absl import app, flags
 
 from bench import degradations, harness, quality_fit
 
-FIT_SUBJECTS = ("sub-01", "sub-02", "sub-03", "sub-04", "sub-05", "1009", "1010", "1011", "1012",
-                "1013", "1014", "1015", "1017", "1107", "1113", "1119", "1125")
-HELD_OUT = ("sub-06", "sub-07", *harness.MICCAI_SUBJECTS)
+# Interleaved (FreeSurfer's, MICCAI's) so that a shorter run still holds both kinds of scan.
+FIT_SUBJECTS = ("sub-01", "1009", "sub-02", "1010", "sub-03", "1011", "sub-04", "1012", "sub-05",
+                "1013")
+HELD_OUT = ("sub-06", "1000", "sub-07", "1001")
 EXTRA_ATLASES = ("sub-01", "sub-02")
 CONFIGS = {"atlases_1": 1, "atlases_3": 3}
 
 harness.define_flags("quality")
 flags.DEFINE_list("stages", ["collect", "fit", "score"], "collect, fit, score.")
-flags.DEFINE_list("configs", list(CONFIGS), "Atlas configurations.")
-flags.DEFINE_list("subjects", list(FIT_SUBJECTS + HELD_OUT), "Target subjects.")
+flags.DEFINE_list("configs", ["atlases_1"], f"Atlas configurations ({', '.join(CONFIGS)}).")
+flags.DEFINE_list("subjects", list(HELD_OUT + FIT_SUBJECTS),
+                  "Target subjects (of FIT_SUBJECTS and HELD_OUT).")
 flags.DEFINE_list("degradations", list(degradations.DEGRADATIONS + degradations.UNDETECTABLE),
                   "Copies of each subject.")
 flags.DEFINE_bool("reuse", True, "Reuse the records of WORK/records made by the same code.")

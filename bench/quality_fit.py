@@ -162,7 +162,7 @@ def fit_and_save(records: list, fit_subjects, provenance: dict, path: str = None
                            "the product of two; per scan the mean over its structures. "
                            "min_quality: the default threshold of predict.py --min_quality.",
             "fitted_by": provenance["command"], "git_commit": provenance["git_commit"],
-            "fit_subjects": list(fit_subjects),
+            "fit_subjects": present(fit_subjects, fit_records),
             "fit_scans": len(fit_records), "l2": l2, "selection": selection,
             "threshold_rule": f"maximises the share of fit scans with true Dice < {FAILURE} "
                               f"below it minus the share of those with true Dice >= {GOOD} "
@@ -172,6 +172,11 @@ def fit_and_save(records: list, fit_subjects, provenance: dict, path: str = None
     print(f"wrote {harness.portable(path or MODEL_FILE)} ({len(fit_records)} fit scans, "
           f"default threshold {spec['min_quality']})", flush=True)
     return spec
+
+
+def present(subjects, records: list) -> list:
+    """The subjects of ``subjects`` that have records (a shorter run names only those)."""
+    return [s for s in subjects if any(r["subject"] == s for r in records)]
 
 
 # ------------------------------------------------------------------------------ scores
@@ -247,7 +252,8 @@ def score_and_write(records: list, results_dir: str, fit_subjects, held_out, pro
               "fit_group": [r for r in segmented if r["subject"] in fit_subjects]}
     threshold = model.min_quality
     results = {**provenance, "machine": harness.machine_line(),
-               "fit_subjects": list(fit_subjects), "held_out_subjects": list(held_out),
+               "fit_subjects": present(fit_subjects, groups["fit_group"]),
+               "held_out_subjects": present(held_out, groups["held_out"]),
                "configs": list(configs), "degradations": list(degradations.DEGRADATIONS),
                "model": {k: model.spec[k] for k in ("terms", "weights", "bias", "min_quality",
                                                     "fit_scans", "l2", "threshold_rule",
