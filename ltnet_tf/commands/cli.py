@@ -162,8 +162,7 @@ def _predict_flags() -> flags.FlagValues:
     flags.DEFINE_enum("fusion", "jlf", ["majority", "local", "jlf"], "Label fusion of several "
                       "atlases: joint label fusion (Wang et al. 2013; the most accurate on both "
                       "validation sets, bench/results/fusion.md), majority vote, or locally "
-                      "weighted voting.",
-                      flag_values=fv)
+                      "weighted voting.", flag_values=fv)
     flags.DEFINE_string("shard", None, "K/N: segment only the K-th of N shares of the sorted scan "
                         "list (for N processes or cluster jobs); the run's tables are written as "
                         "*.shard-K-of-N.* (join them with python -m ltnet_tf.merge).",
