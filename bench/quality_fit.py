@@ -18,6 +18,7 @@ import numpy as np
 from bench import degradations, harness
 from bench.harness import table
 
+CONFIG_TEXT = {"atlases_1": "one atlas", "atlases_3": "three atlases fused by joint label fusion"}
 FAILURE, GOOD = 0.70, 0.75  # a scan below FAILURE must be flagged, one at GOOD or above not
 # Candidate terms, compared by leave-one-subject-out cross-validation on the fit group.
 STRUCTURE = (("ncc",), ("agreement",), ("relabelled",), ("separation",), ("intensity_sd",),
@@ -295,10 +296,11 @@ def markdown(results: dict) -> list:
         f"{results['load_average_1_5_15min']['start'][0]:.1f}, at the end "
         f"{results['load_average_1_5_15min']['end'][0]:.1f} (a shared machine: seconds are "
         f"upper bounds).", "",
-        "Targets: every subject of the shared data on its own grid, clean and in each degraded "
+        "Targets: subjects of the shared data on their own grids, clean and in each degraded "
         "copy of `bench/degradations.py`, segmented by predict.py's default label transfer "
-        f"with one atlas and with three fused by joint label fusion "
-        f"({', '.join(results['configs'])}). "
+        "(refinement, the intensity model) with "
+        + " and with ".join(CONFIG_TEXT.get(c, c) for c in results["configs"])
+        + f" ({', '.join(results['configs'])}). "
         f"Fitted on {', '.join(results['fit_subjects'])} "
         f"({model['fit_scans']} scans); scored on {', '.join(results['held_out_subjects'])}, "
         "never used for the fit or for choosing its terms. Dice: the 28 structures of Table 1 "
