@@ -59,7 +59,8 @@ def structure_rows(records: list, terms) -> tuple:
 
 
 def fit(records: list, terms, l2: float) -> dict:
-    """The model's numbers ({'terms', 'centre', 'spread', 'weights', 'bias'}) fitted on
+    """The model's numbers ({'terms', 'centre', 'spread', 'low', 'high', 'weights', 'bias'};
+    low/high: each term's range in ``records``, which the product clips to) fitted on
     ``records``: least squares of σ(b + w·x) on each structure's Dice, rows weighted so each scan
     counts once, + ``l2`` ‖w‖²."""
     from scipy.optimize import least_squares
@@ -87,7 +88,8 @@ def fit(records: list, terms, l2: float) -> dict:
     start[0] = math.log(y.mean() / (1 - y.mean()))
     solution = least_squares(residuals, start, jac=jacobian, method="trf", x_scale="jac")
     return {"terms": [list(t) for t in terms], "centre": centre.tolist(),
-            "spread": spread.tolist(), "weights": solution.x[1:].tolist(),
+            "spread": spread.tolist(), "low": x.min(0).tolist(), "high": x.max(0).tolist(),
+            "weights": solution.x[1:].tolist(),
             "bias": float(solution.x[0])}
 
 
@@ -158,8 +160,8 @@ def fit_and_save(records: list, fit_subjects, provenance: dict, path: str = None
     spec["min_quality"] = 0.0
     true = np.array([r["mean_dice"] for r in fit_records])
     spec["min_quality"] = choose_threshold(scan_predictions(fit_records, QualityModel(spec)), true)
-    spec = {"description": "Expected Dice per structure: σ(bias + Σ weights · (term − centre) / "
-                           "spread), a term a signal of ltnet_tf.prediction.quality_signals or "
+    spec = {"description": "Expected Dice per structure: σ(bias + Σ weights · (term clipped "
+                           "to [low, high] − centre) / spread), a term a signal of ltnet_tf.prediction.quality_signals or "
                            "the product of two; per scan the mean over its structures. "
                            "min_quality: the default threshold of predict.py --min_quality.",
             "fitted_by": provenance["command"], "git_commit": provenance["git_commit"],

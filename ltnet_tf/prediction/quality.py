@@ -9,8 +9,10 @@ fitted model:
 
     per structure   expected Dice = σ(b + Σ_k w_k · (t_k − c_k) / s_k)
                     t_k: a term, one signal or the product of two (``quality_signals``: the scan's
-                    or the structure's), c_k, s_k its centre and spread in the fit data; σ the
-                    logistic function, so every value lies in (0, 1)
+                    or the structure's), clipped to the range it spans in the fit data (a scan
+                    unlike any of the calibration's is not extrapolated to ±∞), c_k, s_k its
+                    centre and spread in the fit data; σ the logistic function, so every value
+                    lies in (0, 1)
     per scan        the mean of its structures' expected Dice over the structures a mean Dice is
                     taken over (the 28 of the benchmark when the atlas has them, else all)
 
@@ -51,14 +53,18 @@ class QualityModel:
             self.terms = [list(t) for t in spec["terms"]]
             self.centre = np.asarray(spec["centre"], np.float64)
             self.spread = np.asarray(spec["spread"], np.float64)
+            self.low = np.asarray(spec["low"], np.float64)
+            self.high = np.asarray(spec["high"], np.float64)
             self.weights = np.asarray(spec["weights"], np.float64)
             self.bias = float(spec["bias"])
             self.min_quality = float(spec["min_quality"])
         except (KeyError, TypeError, ValueError) as e:
             raise QualityModelError(f"{path}: not a quality model ({e})") from None
-        sizes = {len(self.terms), len(self.centre), len(self.spread), len(self.weights)}
+        sizes = {len(self.terms), len(self.centre), len(self.spread), len(self.weights),
+                 len(self.low), len(self.high)}
         if len(sizes) != 1:
-            raise QualityModelError(f"{path}: terms, centre, spread and weights differ in length")
+            raise QualityModelError(f"{path}: terms, centre, spread, low, high and weights differ "
+                                    f"in length")
         self.spec, self.path = spec, path
 
     @classmethod
@@ -74,7 +80,8 @@ class QualityModel:
         the atlas's, which decide the structures a scan's means are taken over)."""
         found = {}
         for label, values in term_values(self.terms, signals, label_ids).items():
-            z = self.bias + float(np.dot(self.weights, (values - self.centre) / self.spread))
+            clipped = np.clip(values, self.low, self.high)
+            z = self.bias + float(np.dot(self.weights, (clipped - self.centre) / self.spread))
             found[label] = 1.0 / (1.0 + math.exp(-max(min(z, 40.0), -40.0)))
         return found
 
