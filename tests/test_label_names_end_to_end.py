@@ -63,12 +63,15 @@ def read_csv(path):
         return list(csv.reader(f))
 
 
-def check_tables(out, names: dict, label_ids):
+def check_tables(out, names: dict, label_ids, expected_dice: bool = False):
     """volumes.csv's columns, dice.csv's structure column, dice.json's and prediction.json's names
-    are ``names`` (ID -> name) for every foreground atlas ID, in ID order."""
+    are ``names`` (ID -> name) for every foreground atlas ID, in ID order; with
+    ``expected_dice`` (a refined label transfer) that column before the last, values in [0, 1]."""
     foreground = [i for i in label_ids if i != 0]
     header, *rows = read_csv(out / "volumes.csv")
-    assert header == ["scan", *[names[i] for i in foreground], "labels_by"]
+    assert header == ["scan", *[names[i] for i in foreground],
+                      *(["expected_dice"] if expected_dice else []), "labels_by"]
+    assert not expected_dice or all(0.0 <= float(row[-2]) <= 1.0 for row in rows)
     assert {row[-1] for row in rows} <= {"label transfer", "label transfer + intensity model"}
     assert rows and all(len(row) == len(header) for row in rows)
     dice_rows = [row for row in read_csv(out / "dice.csv")[1:] if row[1] != "mean"]
@@ -164,7 +167,7 @@ def test_predict_with_atlases_and_label_names_in_a_real_process(dataset, label_f
          "--refine_steps=2", "--refine_coarse_steps=3", "--noqc"],
         capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert process.returncode == 0, process.stderr
-    prediction = check_tables(out, DSEG, dataset.label_ids)
+    prediction = check_tables(out, DSEG, dataset.label_ids, expected_dice=True)
     assert prediction["label_names"] == label_files["dseg"] and prediction["network"] is False
 
 

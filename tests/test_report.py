@@ -123,6 +123,28 @@ def test_flagged_scans_come_first(run):
     assert "volume of <b>Left-Hippocampus</b> is odd" in text  # the warning, shown as text
 
 
+def test_scans_are_sorted_worst_expected_dice_first_with_their_low_structures(run):
+    """Within the flagged and the unflagged scans, the lowest expected Dice first; a scan below
+    --min_quality is flagged; the summary names each scan's lowest structures."""
+    folder, prediction = run
+
+    def quality(value, below=False):
+        return {"expected_dice": value, "min_quality": 0.7, "below_min_quality": below,
+                "structures": {"Left-Hippocampus": value - 0.1, "Right-Hippocampus": value},
+                "low": [{"structure": "Left-Hippocampus", "expected_dice": value - 0.1}]}
+
+    scans = prediction["scans"]
+    scans["fine-1"]["quality"], scans["fine-2"]["quality"] = quality(0.81), quality(0.74)
+    scans["bad-alignment"]["quality"], scans[HOSTILE]["quality"] = quality(0.3, True), quality(0.6)
+    prediction["quality"], prediction["quality_flagged"] = {"min_quality": 0.7}, ["bad-alignment"]
+    page = Page(report.render_report_html(str(folder), prediction))
+    text = "\n".join(page.text)
+    order = sorted(("bad-alignment", HOSTILE, "fine-1", "fine-2"), key=text.index)
+    assert order == ["bad-alignment", HOSTILE, "fine-2", "fine-1"]
+    assert "expected Dice 0.30 below 0.70" in text and "Left-Hippocampus 0.64" in text
+    assert "expected Dice below 0.70 flagged: 1 scan" in text
+
+
 def test_user_strings_are_escaped(run):
     folder, prediction = run
     source = report.render_report_html(str(folder), prediction)

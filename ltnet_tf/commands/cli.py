@@ -192,8 +192,17 @@ def _predict_flags() -> flags.FlagValues:
     _define_refinement_flags(fv)
     _define_intensity_model_flag(fv)
     _define_cohort_flags(fv)
+    _define_quality_flag(fv)
     _define_verbose_flag(fv)
     return fv
+
+
+def _define_quality_flag(fv: flags.FlagValues) -> None:
+    flags.DEFINE_float("min_quality", None, "Flag the scans whose expected Dice (predicted "
+                       "without a reference: prediction.json 'quality', bench/results/quality.md) "
+                       "is below this, as a failed alignment is flagged (default: the model's "
+                       "threshold, chosen on its calibration data).", lower_bound=0.0,
+                       upper_bound=1.0, flag_values=fv)
 
 
 def _define_intensity_model_flag(fv: flags.FlagValues) -> None:
@@ -278,7 +287,7 @@ def _predict(fv: flags.FlagValues) -> int:
         fusion=fv.fusion, save_warped_atlas=fv.save_warped_atlas, save_flow=fv.save_flow,
         save_aligned=fv.save_aligned, qc=fv.qc, probabilities=fv.save_probabilities,
         shard=shard, preparation=_preparation(fv), similarity=fv.similarity, jobs=fv.jobs,
-        intensity_model=fv.intensity_model)
+        intensity_model=fv.intensity_model, min_quality=fv.min_quality)
     if hasattr(signal, "SIGXFSZ"):  # a file-size limit: the write raises (one line), no kill
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     from ltnet_tf.training import signals

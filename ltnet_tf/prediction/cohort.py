@@ -30,6 +30,7 @@ from ltnet_tf.prediction.lock import OutputLock
 from ltnet_tf.preprocessing.preparation import PreparationOptions, ScanPreparation
 from ltnet_tf.prediction.outputs import OutputFolder
 from ltnet_tf.prediction.predictor import Predictor, check_scan
+from ltnet_tf.prediction.quality import describe as describe_quality
 from ltnet_tf.prediction.run_records import RunRecords, timed_load
 from ltnet_tf.registration import alignment as alignment_lib
 from ltnet_tf.registration.atlases import AtlasSet, atlas_files
@@ -58,6 +59,7 @@ class PredictOptions:
     similarity: str = "auto"  # another contrast mapped to the atlas's (registration.contrast)
     intensity_model: str = "auto"  # the labels finished by the scan's intensities (labelling)
     jobs: Optional[int] = None  # processes (--jobs); None: as many as cores and memory allow
+    min_quality: Optional[float] = None  # flag scans expected below this Dice (None: the model's)
 
 
 def shard_of(paths: list, shard) -> list:
@@ -320,8 +322,13 @@ def _progress_line(number: int, total: int, name: str, record: dict) -> str:
     line = f"[{number}/{total}] {name}_seg.nii.gz ({where}; {seconds['total']:.1f} s)"
     if "brain_mask" in record and record["brain_mask"]:
         line += f"; brain mask {record['brain_mask']['volume_l']:.2f} L"
+    quality = record.get("quality")
+    if quality:
+        line += f"; {describe_quality(quality)}"
     if not record["alignment_ok"]:
         line += " ALIGNMENT LOOKS WRONG: check this scan"
+    if quality and quality["below_min_quality"]:
+        line += f" QUALITY BELOW {quality['min_quality']:.2f}: check this scan"
     if not record.get("brain_mask_ok", True):
         line += f" BRAIN MASK LOOKS WRONG: check {name}_brainmask.nii.gz"
     if "mean_dice" in record:

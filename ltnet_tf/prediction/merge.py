@@ -135,6 +135,8 @@ def merge(folders, destination: str = None) -> dict:
               "images": sorted(p for r in records for p in r.get("images", [])),
               "outputs": {n: s["output"] for n, s in scans.items()},
               "alignment_failed": sorted(n for n, s in scans.items() if not s["alignment_ok"]),
+              "quality_flagged": sorted(n for n, s in scans.items()
+                                        if (s.get("quality") or {}).get("below_min_quality")),
               "scans": scans, "mean_dice": None if dice is None else dice["mean_dice"]}
     if any(r.get("labels") for r in records):
         merged["labels"] = sorted(p for r in records for p in (r.get("labels") or []) if p)

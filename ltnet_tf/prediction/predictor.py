@@ -10,6 +10,8 @@
               fused across atlases (majority or locally weighted voting, JLF)       fusion.py
     finish    a Gaussian per structure fitted by EM to the scan on the transfer's   labelling/
               prior: the scan's own intensities settle the boundaries
+    quality   the expected Dice per structure and scan, from the evidence the      quality.py
+              transfer left (no reference needed)
 
 ``Predictor`` is usable on its own (one ``data.Volume`` at a time);
 ``ltnet_tf.prediction.cohort.predict_files`` runs it over files and writes the outputs.
@@ -36,6 +38,8 @@ from ltnet_tf.registration import alignment as alignment_lib, contrast, transfer
 from ltnet_tf.registration.atlases import AtlasSet
 from ltnet_tf.registration.native import NativeLabelPull, brain_mask, pull_fused
 from ltnet_tf.registration.refinement import ScanRefiner
+from ltnet_tf.prediction.quality import QualityEstimator
+from ltnet_tf.prediction.quality_evidence import TransferEvidence
 
 FUSION_METHODS = ("majority", "local", "jlf")
 
@@ -132,6 +136,9 @@ class Predictor:
         self.pulls = [NativeLabelPull(a.labels.data, a.labels_from_grid) for a in atlases.atlases]
         self.refiner = (None if refinement is None else
                         ScanRefiner(self.config, atlases.images_on_grid(), refinement))
+        # The expected Dice (``quality``) needs the refinement's outputs.
+        self.quality = (None if self.refiner is None else
+                        QualityEstimator(atlases, self.refiner.refinement.factor))
 
     @property
     def label_ids(self) -> list:
@@ -164,14 +171,15 @@ class Predictor:
         'cpu_seconds' {stage: s} is the CPU time of each stage of 'seconds'; 'prepared' the
         ``preparation.PreparedScan`` (its brain mask, N4's record) or None without preparation;
         'intensity_model' what the intensity model did (``IntensityResult.record``; None when
-        it is off). With the model on, 'probabilities' are its posterior."""
+        it is off); 'quality' the expected Dice and its evidence (``quality.QualityEstimator``;
+        None without refinement). With the model on, 'probabilities' are its posterior."""
         clock = StageClock()
         prepared, scan = self._prepare(scan, clock)
         alignment, aligned_scan, aligned, similarity = self._align(scan, prepared, clock)
         result = {"alignment": alignment, "seconds": clock.seconds, "prepared": prepared,
                   "similarity": similarity,
                   "cpu_seconds": clock.cpu_seconds, "refinement": None, "displacement": None,
-                  "intensity_model": None}
+                  "intensity_model": None, "quality": None}
         if self.segmenter is not None:
             result.update(self._segmenter_labels(scan, alignment, aligned, clock, keep_aligned,
                                                  probabilities))
@@ -228,11 +236,17 @@ class Predictor:
             mask = brain_mask(scan.data)
             labels, shares, votes = self._labels(displacement, native_to_grid, scan.shape,
                                                  weights, mask, probabilities)
+        transferred = labels
         if self.intensity_model is not None:
             with clock("intensity_model"):
                 fitted = self._finish(scan, mask, labels, votes, probabilities)
             labels, shares = fitted.labels, fitted.probabilities
             result["intensity_model"] = fitted.record
+        if self.quality is not None:
+            with clock("quality"):
+                result["quality"] = self.quality(TransferEvidence(
+                    scan.affine, alignment, self._similarity(alignment), refined, displacement,
+                    transferred, labels, result.get("intensity_model")))
         result["segmentation"] = labels
         if probabilities:
             result["probabilities"] = shares

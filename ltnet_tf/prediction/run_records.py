@@ -16,6 +16,7 @@ from ltnet_tf.config import ConfigError
 from ltnet_tf.files import file_digest
 from ltnet_tf.io import evaluation, volumes as data
 from ltnet_tf.io.label_names import LabelNames
+from ltnet_tf.prediction import quality as quality_lib
 from ltnet_tf.registration.native import structure_volumes_mm3
 from ltnet_tf.reporting import tables as reports
 from ltnet_tf.serving.modeldir import ModelDir
@@ -65,11 +66,18 @@ class RunRecords:
         self.over = reports.mean_labels(self.label_ids)
         self.probability_labels = probability_labels(options.probabilities, self.label_ids)
         self.records, self.volumes, self.dice = {}, {}, {}
+        self.quality_model = getattr(getattr(predictor, "quality", None), "model", None)
+        # scans expected below this Dice are flagged (--min_quality; default: the model's)
+        self.min_quality = (options.min_quality if options.min_quality is not None else
+                            None if self.quality_model is None else self.quality_model.min_quality)
         self.compute = None  # ``determinism.fix_threads()``'s record, when the caller fixed them
 
     def keep(self, name: str, record: dict, volumes: dict, dice, earlier: bool = True) -> None:
         """Take a scan finished by an earlier run (``journal``) as if segmented now; with
-        ``earlier`` False, one another job of this run segmented (``--jobs N``): as its own."""
+        ``earlier`` False, one another job of this run segmented (``--jobs N``): as its own. Its
+        quality is flagged against this run's threshold."""
+        record = {**record, "quality": quality_lib.with_threshold(record.get("quality"),
+                                                                  self.min_quality)}
         self.records[name] = {**record, "kept_from_earlier_run": True} if earlier else record
         self.volumes[name] = volumes
         if dice is not None:
@@ -134,7 +142,9 @@ class RunRecords:
                   "volumes_mm3": {self.names.name(label): round(value, 1)
                                   for label, value in self.volumes[name].items()},
                   "warnings": list(warnings), "similarity": result.get("similarity", "ncc"),
-                  "intensity_model": result.get("intensity_model")}
+                  "intensity_model": result.get("intensity_model"),
+                  "quality": quality_lib.scan_record(result.get("quality"), self.names.name,
+                                                     self.min_quality)}
         prepared = result.get("prepared")
         if prepared is not None and prepared.changed:
             record.update(prepared.to_dict())
@@ -186,6 +196,22 @@ class RunRecords:
                 "steps": training.get("fit", {}).get("steps"),
                 "train_minutes": training.get("train_minutes")}
 
+    def _expected_dice(self):
+        """volumes.csv's ``expected_dice`` column (None: no estimate for any scan, no column)."""
+        found = {name: (self.records[name].get("quality") or {}).get("expected_dice")
+                 for name in self.volumes}
+        return None if all(value is None for value in found.values()) else found
+
+    def _quality_record(self):
+        """prediction.json's account of the quality model (None without one)."""
+        model = self.quality_model
+        if model is None:
+            return None
+        return {"model": os.path.basename(model.path), "sha256": file_digest(model.path),
+                "fitted_by": model.spec.get("fitted_by"), "min_quality": self.min_quality,
+                "note": "expected Dice of the 28 structures of the benchmark (or every "
+                        "structure), predicted without a reference: bench/results/quality.md"}
+
     def write(self, images: list, references) -> dict:
         """The run's tables and report, rows in the order of ``images``; -> predict_files'
         result."""
@@ -200,7 +226,8 @@ class RunRecords:
         if report is None:
             reports.remove_earlier_dice_reports(self.output.path, suffix)
         reports.write_volumes_csv(self.volumes, self.label_ids, self.output.path, self.names,
-                                  suffix, labels_by=self._labels_by())
+                                  suffix, labels_by=self._labels_by(),
+                                  expected_dice=self._expected_dice())
         outputs = {name: record["output"] for name, record in self.records.items()}
         prediction = self._prediction(images, references, outputs, report)
         reports.write_prediction_json(self.output.path, prediction, suffix)
@@ -232,6 +259,8 @@ class RunRecords:
                 "fusion": options.fusion if len(predictor.atlases) > 1 else None,
                 "preparation": options.preparation.to_dict(), "similarity": options.similarity,
                 "intensity_model": predictor.intensity_model_record(),
+                "quality_model": None if self.quality_model is None else file_digest(
+                    self.quality_model.path),
                 "label_names": self.names.to_dict(),
                 "compute_threads": None if self.compute is None else self.compute["threads"]}
 
@@ -269,6 +298,9 @@ class RunRecords:
             "preparation": options.preparation.to_dict(),
             "brain_mask_flagged": [n for n, r in self.records.items()
                                    if not r.get("brain_mask_ok", True)],
+            "quality": self._quality_record(),
+            "quality_flagged": [n for n, r in self.records.items()
+                                if (r.get("quality") or {}).get("below_min_quality")],
             "scans": self.records,
             "mean_dice": report["mean_dice"] if report else None}
 

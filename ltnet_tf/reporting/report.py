@@ -93,10 +93,15 @@ def _scans(prediction: dict) -> dict:
 
 
 def flag_reasons(name: str, record: dict, alignment_failed=()) -> list:
-    """Why a scan needs a look: its alignment looked wrong, or it has warnings ([] if neither)."""
+    """Why a scan needs a look: its alignment looked wrong, its expected Dice is below the run's
+    ``--min_quality``, or it has warnings ([] if none)."""
     reasons = []
     if record.get("alignment_ok") is False or name in alignment_failed:
         reasons.append("alignment looks wrong")
+    quality = _quality(record)
+    if quality.get("below_min_quality"):
+        reasons.append(f"expected Dice {_number(quality.get('expected_dice'), 2)} below "
+                       f"{_number(quality.get('min_quality'), 2)}")
     warnings = record.get("warnings") or []
     if warnings:
         reasons.append(f"{len(warnings)} warning{'s' if len(warnings) > 1 else ''}")
@@ -104,11 +109,28 @@ def flag_reasons(name: str, record: dict, alignment_failed=()) -> list:
 
 
 def flagged_first(prediction: dict) -> list:
-    """[(name, record, reasons)] with flagged scans first, each group in the record's order."""
+    """[(name, record, reasons)] with flagged scans first, each group worst first (by expected
+    Dice; scans without one after the others, in the record's order)."""
     failed = set(prediction.get("alignment_failed") or [])
     entries = [(name, record, flag_reasons(name, record, failed))
                for name, record in _scans(prediction).items()]
-    return sorted(entries, key=lambda entry: not entry[2])
+    return sorted(entries, key=lambda entry: (not entry[2], _expected(entry[1])))
+
+
+def _quality(record: dict) -> dict:
+    quality = record.get("quality")
+    return quality if isinstance(quality, dict) else {}
+
+
+def _expected(record: dict) -> float:
+    value = _quality(record).get("expected_dice")
+    return float(value) if _number(value) != "n/a" else math.inf
+
+
+def _low_structures(record: dict) -> str:
+    low = _quality(record).get("low") or []
+    return ", ".join(f"{entry.get('structure')} {_number(entry.get('expected_dice'), 2)}"
+                     for entry in low if isinstance(entry, dict))
 
 
 def _total_volume_ml(record: dict):
@@ -152,12 +174,23 @@ def _header(prediction: dict, entries: list) -> str:
             ("intensity model", _settings(prediction.get("intensity_model"))
              if "intensity_model" in prediction else None),
             ("alignment", prediction.get("align")),
+            ("quality check", _quality_check(prediction)),
             ("mean Dice", _number(prediction.get("mean_dice"), 4)
              if prediction.get("mean_dice") is not None else None),
             ("scans", f"{len(entries)} ({n_flagged} flagged)"),
             ("written", f"{written} by ltnet_tf {ltnet_tf.__version__}")]
     table = _table(None, [[(_e(k), "th"), _e(v)] for k, v in rows if v is not None], "meta")
     return f"<h1>ltnet-tf segmentation report</h1>{table}"
+
+
+def _quality_check(prediction: dict):
+    """'expected Dice below 0.72: 3 scans flagged' (None when no quality was estimated)."""
+    quality = prediction.get("quality")
+    if not isinstance(quality, dict) or _number(quality.get("min_quality")) == "n/a":
+        return None
+    flagged = prediction.get("quality_flagged") or []
+    return (f"expected Dice below {_number(quality['min_quality'], 2)} flagged: {len(flagged)} "
+            f"scan{'s' if len(flagged) != 1 else ''}")
 
 
 def _summary(entries: list) -> str:
@@ -167,6 +200,8 @@ def _summary(entries: list) -> str:
         status = (f'<span class="badge flagged">FLAGGED</span> {_e("; ".join(reasons))}' if reasons
                   else '<span class="badge">ok</span>')
         rows.append([f'<a href="#scan-{index}">{_e(name)}</a>', status,
+                     (_number(_quality(record).get("expected_dice")), "num"),
+                     _e(_low_structures(record)),
                      (_number(record.get("mean_dice")), "num"),
                      (_number(alignment.get("brain_overlap")), "num"),
                      (_number(alignment.get("correlation")), "num"),
@@ -174,11 +209,14 @@ def _summary(entries: list) -> str:
                      (_number((record.get("seconds") or {}).get("total"), 1), "num")])
         if reasons:
             row_classes[index] = "flagged"
-    header = ["scan", "status", "mean Dice", "brain overlap", "correlation",
-              "labelled volume (mL)", "seconds"]
+    header = ["scan", "status", "expected Dice", "lowest structures (expected Dice)", "mean Dice",
+              "brain overlap", "correlation", "labelled volume (mL)", "seconds"]
     if not rows:
         return "<h2>Scans</h2><p>This run has no scans.</p>"
-    return f"<h2>Scans (flagged first)</h2>{_table(header, rows, row_classes=row_classes)}"
+    return (f"<h2>Scans (flagged first, then worst expected Dice first)</h2>"
+            f'<p class="note">Expected Dice: predicted without a reference from what the label '
+            f"transfer left (its fit and calibration: bench/results/quality.md).</p>"
+            f"{_table(header, rows, row_classes=row_classes)}")
 
 
 def _qc_picture(output_dir: str, name: str, record: dict) -> str:
@@ -268,13 +306,17 @@ def _swatch(structure: str, colours: dict = None) -> str:
 def _structures(record: dict, colours: dict = None) -> str:
     volumes = record.get("volumes_mm3") or {}
     dice = record.get("dice") or {}
+    expected = _quality(record).get("structures") or {}
     if not volumes and not dice:
         return ""
     names = list(volumes) + [name for name in dice if name not in volumes]
-    header = ["", "structure", "volume (mm&sup3;)"] + (["Dice", ""] if dice else [])
+    header = (["", "structure", "volume (mm&sup3;)"] + (["expected Dice"] if expected else [])
+              + (["Dice", ""] if dice else []))
     rows = []
     for name in names:
         row = [_swatch(str(name), colours), _e(name), (_number(volumes.get(name), 1), "num")]
+        if expected:
+            row.append((_number(expected.get(name)), "num"))
         if dice:
             value = dice.get(name)
             width = int(round(80 * value)) if _number(value) != "n/a" else 0
@@ -282,7 +324,9 @@ def _structures(record: dict, colours: dict = None) -> str:
                     f'<span class="bar" style="width: {max(0, min(width, 80))}px"></span>']
         rows.append(row)
     title = "Structures" + (f" (mean Dice {_e(_number(record.get('mean_dice')))})"
-                            if dice else "")
+                            if dice else "") + (
+        f" (expected Dice {_e(_number(_quality(record).get('expected_dice')))})"
+        if expected else "")
     return f"<h3>{title}</h3>{_table(header, rows)}"
 
 

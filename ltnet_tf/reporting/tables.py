@@ -84,20 +84,26 @@ def remove_earlier_dice_reports(output_dir: str, suffix: str = "") -> None:
 
 
 def write_volumes_csv(volumes: dict, label_ids, output_dir: str, names=None,
-                      suffix: str = "", labels_by: dict = None) -> str:
+                      suffix: str = "", labels_by: dict = None,
+                      expected_dice: dict = None) -> str:
     """``volumes<suffix>.csv``: one row per scan, one column per structure (by ``names``, default
     FreeSurfer's), mm³ on the scan's own grid — the table FastSurfer and SynthSeg users expect;
     with ``labels_by`` ({scan: e.g. "segmenter"}) a last column of that name saying what made
-    each scan's labels. Returns its path."""
+    each scan's labels; with ``expected_dice`` ({scan: value or None}) a column of that name, the
+    segmentation's expected mean Dice (``prediction.quality``; empty where none). Returns its
+    path."""
     name = (names or LabelNames.freesurfer()).name
     labels = [int(i) for i in label_ids if int(i) != 0]
     path = os.path.join(output_dir, f"volumes{suffix}.csv")
     with atomic_write(path, newline="") as f:
         writer = csv.writer(f)
-        extra = [] if labels_by is None else ["labels_by"]
+        extra = (["expected_dice"] if expected_dice is not None else []) + (
+            ["labels_by"] if labels_by is not None else [])
         writer.writerow(["scan", *[name(label) for label in labels], *extra])
         for scan, per_label in volumes.items():
-            writer.writerow([scan, *[f"{per_label[label]:.1f}" for label in labels],
+            expected = [] if expected_dice is None else [
+                "" if expected_dice.get(scan) is None else f"{expected_dice[scan]:.4f}"]
+            writer.writerow([scan, *[f"{per_label[label]:.1f}" for label in labels], *expected,
                              *([labels_by[scan]] if labels_by else [])])
     return path
 
