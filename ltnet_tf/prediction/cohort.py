@@ -29,6 +29,7 @@ from ltnet_tf.prediction.predictor import Predictor, check_scan
 from ltnet_tf.prediction.run_records import RunRecords, timed_load
 from ltnet_tf.registration import alignment as alignment_lib
 from ltnet_tf.registration.atlases import AtlasSet, atlas_files
+from ltnet_tf.reporting.report import alignment_verdict
 from ltnet_tf.segmentation.segmenter import has_segmenter
 from ltnet_tf.serving.modeldir import ModelDir, ModelDirError
 
@@ -240,6 +241,8 @@ def _progress_line(number: int, total: int, name: str, record: dict) -> str:
         line += f"; brain mask {record['brain_mask']['volume_l']:.2f} L"
     if not record["alignment_ok"]:
         line += " ALIGNMENT LOOKS WRONG: check this scan"
+    elif record["alignment"].get("diagnosis") == "contrast":
+        line += f"; {alignment_verdict(record)}"
     if not record.get("brain_mask_ok", True):
         line += f" BRAIN MASK LOOKS WRONG: check {name}_brainmask.nii.gz"
     if "mean_dice" in record:
