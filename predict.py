@@ -10,9 +10,8 @@ def _stopped_while_starting(signum, frame):  # noqa: ARG001
     sys.exit(128 + signum)
 
 
-signal.signal(signal.SIGTERM, _stopped_while_starting)
+if __name__ == "__main__":  # not in the jobs of --jobs N (spawned, they import this file too)
+    signal.signal(signal.SIGTERM, _stopped_while_starting)
+    from ltnet_tf.commands.cli import predict_entry
 
-from ltnet_tf.commands.cli import predict_main  # noqa: E402
-
-if __name__ == "__main__":
-    sys.exit(predict_main(sys.argv))
+    predict_entry()

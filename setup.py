@@ -31,8 +31,9 @@ setup(
         # The tests run deepbet's real networks on a synthetic head (the heads extra).
         "test": ["pytest>=7", "pytest-xdist>=3.5", "tensorflow-serving-api==2.21.0",
                  "deepbet==1.0.2", "torch==2.13.0"],
-        # The benchmarks' classical anchor (ANTs SyN); the package itself does not need it.
-        "bench": ["antspyx==0.6.3"],
+        # The benchmarks' anchors (ANTs SyN, ConvexAdam on the CPU build of PyTorch); the package
+        # itself does not need them.
+        "bench": ["antspyx==0.6.3", "convexAdam==0.2.0", "torch==2.13.0"],
         # Brain extraction of whole heads (predict.py --skull_strip): deepbet's networks run in
         # PyTorch; its CPU build is enough (the U-Net runs once per head).
         "heads": ["deepbet==1.0.2", "torch==2.13.0"],
@@ -42,6 +43,7 @@ setup(
             "ltnet-train=ltnet_tf.commands.cli:train_entry",
             "ltnet-predict=ltnet_tf.commands.cli:predict_entry",
             "ltnet-export=ltnet_tf.commands.cli:export_entry",
+            "ltnet-merge=ltnet_tf.prediction.merge:entry",
             "ltnet-demo=ltnet_tf.commands.demo:entry",
         ],
     },

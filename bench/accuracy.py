@@ -4,6 +4,7 @@ of the paper's Table 1 on the atlas grid, on sub-06/07 and six MICCAI 2012 subje
 
     affine                    the atlas labels as they are (no registration): the floor
     ants_syn, ants_syn_half   ANTs SyN with antspyx's defaults, on the full grid / on 2 mm grids
+    convexadam                ConvexAdam's MIND-SSC registration with its package defaults
     ltnet, vxm_half, ...      a trained run folder's G_F alone (``--model_dirs``: train.py's
                               README recipe on the atlas and 17 unlabelled scans)
     <start>_refined           the same G_F (or ``identity``: no network) + predict.py's refinement
@@ -34,7 +35,7 @@ from ltnet_tf.io.labels import BENCHMARK_LABELS
 
 TRAINED = ("voxelmorph", "voxelmorph_gan", "voxelmorph_cycle", "ltnet")
 STARTS = ["identity", *TRAINED]  # and the names given to --model_dirs (main)
-FIXED = ("affine", "ants_syn_half", "ants_syn")
+FIXED = ("affine", "ants_syn_half", "ants_syn", "convexadam")
 BUDGET = re.compile(r"^(?P<start>[a-z_]+?)_c(?P<coarse>\d+)(?:_f(?P<fine>\d+))?$")
 SETS = ("shared", "miccai2012")
 SWEEP = ((10, 0), (25, 0), (25, 10), (50, 25), (100, 25))  # (coarse, fine) steps
@@ -98,6 +99,8 @@ def make_segmenter(name: str, model_dirs: dict):
     atlas_labels = os.path.join(FLAGS.data_dir, "atlas_labels.nii.gz")
     if name == "affine":
         return anchors.AtlasLabels(atlas_labels)
+    if name == "convexadam":
+        return anchors.ConvexAdam(atlas, atlas_labels)
     if name.startswith("ants_syn"):
         return anchors.AntsAtlases([atlas], [atlas_labels], {"syn": ("syn", 1)},
                                    spacing=2.0 if name.endswith("_half") else None)

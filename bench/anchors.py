@@ -1,6 +1,7 @@
-"""The anchors the product is measured against, in one place: no registration (the floor) and ANTs
-(antspyx). Each turns a scan file on the atlas grid into a segmentation file, timed end to end;
-reading the atlases is ``load_seconds``; after the clock, the folding fraction (brain voxels where
+"""The anchors the product is measured against, in one place: no registration (the floor), ANTs
+(antspyx) and ConvexAdam (``convexAdam`` on PyPI). Each turns a scan file on the atlas grid into
+a segmentation file, timed end to end; reading the atlases is ``load_seconds``; after the clock,
+the folding fraction (brain voxels where
 the Jacobian determinant of the whole map is <= 0).
 """
 from __future__ import annotations
@@ -184,3 +185,41 @@ class AntsAtlases:
         (name,) = self.rules
         return self.segment_all(image_path, {name: output_path})[name]
 
+
+class ConvexAdam:
+    """ConvexAdam (Siebert, Hansen & Heinrich, "Fast 3D registration with accurate optimisation and
+    little learning for Learn2Reg 2021"; the ``convexAdam`` package, ``convex_adam_pt`` with its
+    defaults: MIND-SSC features, a coupled convex search on a 6-voxel grid, 80 Adam steps on a
+    2-voxel grid) registers the atlas to each scan, whose labels are then read at the displaced
+    voxels by nearest neighbour (as the package's ``apply_convex`` reads images, order 0). On the
+    CPU with ``threads`` PyTorch threads (the 2 of the product's fixed pools)."""
+
+    def __init__(self, atlas_path: str, atlas_labels_path: str, threads: int = 2):
+        import torch
+        from convexAdam.convex_adam_MIND import convex_adam_pt
+        torch.set_num_threads(threads)
+        self.register = convex_adam_pt
+        start = time.time()
+        self.atlas = volumes.load_scan(atlas_path).data.astype(np.float32)
+        self.atlas_labels = volumes.load_label_map(atlas_labels_path).data
+        self.load_seconds = time.time() - start
+        import convexAdam
+        self.description = (f"ConvexAdam (convexAdam {getattr(convexAdam, '__version__', '0.2.0')}"
+                            f", convex_adam_pt defaults, MIND-SSC, CPU, {threads} threads); "
+                            f"atlas labels warped by nearest neighbour")
+
+    def segment(self, image_path: str, output_path: str) -> dict:
+        from scipy.ndimage import map_coordinates
+        start = time.time()
+        scan = volumes.load_scan(image_path)
+        displacement = self.register(img_fixed=scan.data.astype(np.float32),
+                                     img_moving=self.atlas)  # [D, H, W, 3], voxels
+        grid = np.meshgrid(*(np.arange(n) for n in scan.shape), indexing="ij")
+        points = np.moveaxis(displacement, -1, 0) + grid
+        segmentation = map_coordinates(self.atlas_labels, points, order=0, mode="nearest")
+        _write(segmentation, image_path, output_path)
+        seconds = time.time() - start
+        from ltnet_tf.io import evaluation
+        return {"segmentation": segmentation.astype(np.int32), "seconds": seconds,
+                "folding_fraction": evaluation.folding_fraction(displacement.astype(np.float32),
+                                                                scan.data > 0)}

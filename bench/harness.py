@@ -294,11 +294,13 @@ class Product:
     """The product's per-scan pipeline (``ltnet_tf.prediction.Predictor``) on a scan file, timed
     end to end (read, segment, write): a run folder's G_F (``model_dir``) or none (identity
     start), refined with ``refinement`` (a ``RefinementSettings``) or not, one atlas or several
-    (``atlases`` [(image, labels)], fused by ``fusion``); or with ``segmenter`` the run folder's
-    trained segmenter (train.py --segmenter) instead of its G_F. Tracing is paid untimed at load."""
+    (``atlases`` [(image, labels)], fused by ``fusion``), the labels finished by the per-scan
+    intensity model or not (``intensity_model``: 'auto' or 'off', predict.py's flag); or with
+    ``segmenter`` the run folder's trained segmenter (train.py --segmenter) instead of its G_F.
+    Tracing is paid untimed at load."""
 
     def __init__(self, model_dir: str = None, refinement=None, atlases=None, fusion="jlf",
-                 segmenter: bool = False):
+                 segmenter: bool = False, intensity_model: str = "auto"):
         from ltnet_tf.prediction import Predictor, cohort, sources
 
         start = time.time()
@@ -307,7 +309,7 @@ class Product:
         network = None if model_dir is None or segmenter else sources.RunFolderNetwork(model_dir)
         self.segmenter = cohort.load_segmenter(run, atlas_set) if segmenter else None
         self.predictor = Predictor(atlas_set, network, refinement=refinement, fusion_method=fusion,
-                                   segmenter=self.segmenter)
+                                   segmenter=self.segmenter, intensity_model=intensity_model)
         self.checkpoint = None if network is None else network.source
         r = refinement
         if segmenter:
@@ -321,7 +323,9 @@ class Product:
                                  f"a run folder ({os.path.basename(network.source)})") + (
                 ", network alone" if r is None else f", refined {r.coarse_steps} steps at grid / "
                 f"{r.coarse_factor or 'working'}, then {r.steps} at / {r.factor}") + (
-                f"; {len(atlas_set)} atlases fused by {fusion}" if len(atlas_set) > 1 else ""))
+                f"; {len(atlas_set)} atlases fused by {fusion}" if len(atlas_set) > 1 else "")
+                + ("; labels finished by the intensity model"
+                   if self.predictor.intensity_model is not None else ""))
         self.predictor.segment(atlas_set.primary.image)  # tracing, once per process
         self.load_seconds = time.time() - start
 
@@ -337,6 +341,7 @@ class Product:
         if self.segmenter is not None:  # no displacement to fold
             return {"segmentation": result["segmentation"], "seconds": seconds,
                     "stage_seconds": dict(result["seconds"])}
+        model = result.get("intensity_model")
         displacement = result["displacement"]
         if displacement is None:  # the network alone segmented in one call: its displacement
             network = self.predictor.network
@@ -347,5 +352,7 @@ class Product:
         return {"segmentation": result["segmentation"], "seconds": seconds,
                 "stage_seconds": dict(result["seconds"]),
                 "folding_fraction": evaluation.folding_fraction(flow, scan.data > 0),
+                "intensity_model": None if model is None else {
+                    k: v for k, v in model.items() if k != "gaussians"},
                 **({"refinement_loss": {"loss_start": refinement["loss_start"][0],
                                         "loss": refinement["loss"][0]}} if refinement else {})}

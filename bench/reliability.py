@@ -5,7 +5,7 @@ one line. ``predict.py`` run as a user runs it (fresh processes, real scans of $
                   scan of one process) and aligned sub-06 twice. Voxels that differ between the
                   two copies within a run, between two runs, between ``taskset -c 0`` (1 core)
                   and 2 cores, and between the whole run and ``--shard 1/2`` + ``2/2`` (run side
-                  by side in one folder) + ``python -m ltnet_tf.merge``; volumes.csv compared
+                  by side in one folder) + ``ltnet-merge``; volumes.csv compared
                   byte for byte. The same with ``LTNET_TF_THREADS=machine`` (TensorFlow's and
                   ITK's own thread counts: the code as it was) for comparison, interleaved with
                   the deterministic runs: ``determinism_time_ratio`` is the warm scans' mean
@@ -151,7 +151,7 @@ def determinism(work) -> dict:
     shards = [start(predict_argv(scans, out("shards"), "--noqc", f"--shard={k}/2"))
               for k in (1, 2)]
     shard_codes = [p.wait() for p in shards]
-    merged = run([sys.executable, "-m", "ltnet_tf.merge", out("shards")])
+    merged = run([sys.executable, "-m", "ltnet_tf.prediction.merge", out("shards")])
 
     def within(folder):
         s = segmentations(folder)

@@ -12,6 +12,13 @@ import json
 import os
 
 
+def cache_dir() -> str:
+    """What the package keeps between runs (aligned training scans, compiled code):
+    ``$LTNET_CACHE_DIR`` or ``~/.cache/ltnet_tf``."""
+    return os.environ.get("LTNET_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "ltnet_tf")
+
+
 def temporary_name(path: str) -> str:
     """A hidden name beside ``path``, unique to this process, with the same extension (libraries
     such as nibabel and matplotlib choose the format from it)."""

@@ -147,8 +147,8 @@ def _bad_predict_input(case, trained_run, dataset, tmp_path):
     if case == "4d_scan":
         return bad_scan("series.nii.gz", np.stack([scan] * 3, -1))
     if case == "nan_scan":
-        array = scan.copy()
-        array[3, 4, 5] = np.nan
+        array = scan.copy()  # more NaN holes than the 0.5 % of the brain set to 0
+        array[6:10, 8:12, 10:14] = np.nan
         return bad_scan("nan.nii.gz", array)
     if case == "scan_other_grid":
         changes, path = bad_scan("other_grid.nii.gz", np.pad(scan, 2))
@@ -203,7 +203,7 @@ PREDICT_CASES = {
     "corrupt_nifti": "not a NIfTI/MGZ image",
     "2d_scan": "is 2D",
     "4d_scan": "is 4D with 3 frames",
-    "nan_scan": "contains 1 NaN/Inf voxels",
+    "nan_scan": "contains 64 NaN/Inf voxels",
     "scan_other_grid": f"differs from the atlas grid {SHAPE}",
     "single_slice": "a 2D image or a single slice",
     "not_a_brain": "does not look like a brain scan",

@@ -240,8 +240,8 @@ def _bad_train_input(case, dataset, tmp_path):
     if case == "4d_scan":
         return bad_scan("frames.nii.gz", np.stack([scan, scan], -1))
     if case == "nan_scan":
-        holed = scan.astype(np.float32).copy()  # NaN inside the tissue (outside: background)
-        centre = tuple(slice(s // 2 - 1, s // 2 + 2) for s in holed.shape)
+        holed = scan.astype(np.float32).copy()  # NaN inside the tissue (outside: background),
+        centre = tuple(slice(s // 2 - 2, s // 2 + 2) for s in holed.shape)  # over 0.5 % of it
         holed[centre] = np.nan
         return bad_scan("nan.nii.gz", holed)
     if case == "inf_atlas":

@@ -1,4 +1,5 @@
 """Tests of ltnet_tf.io.volumes on tiny NIfTI files written with nibabel."""
+import logging as pylogging
 import os
 
 import nibabel as nib
@@ -77,10 +78,10 @@ def test_4d_multi_frame_image(tmp_path):
 
 
 def test_nan_voxels(tmp_path):
-    scan = random_scan()
+    scan = random_scan()  # 720 voxels of tissue: 0.5 % is 3.6
     scan[0, 0, :2] = np.nan
-    scan[1, 1, 1] = np.inf
-    with pytest.raises(DataError, match="nan.nii.gz: contains 3 NaN/Inf voxels"):
+    scan[1, 1, 1:3] = np.inf
+    with pytest.raises(DataError, match="nan.nii.gz: contains 4 NaN/Inf voxels"):
         data.load_scan(write(tmp_path / "nan.nii.gz", scan))
 
 
@@ -114,9 +115,9 @@ def test_messages_name_the_likely_cause(tmp_path):
     with pytest.raises(DataError, match=r"scan.nrrd: not a NIfTI/MGZ .*NRRD: convert"):
         data.list_images(tmp_path / "scan.nrrd")
     scan = random_scan()
-    scan[0, 0, 0] = np.nan
-    with pytest.raises(DataError, match=r"contains 1 NaN/Inf voxels \(0.14 %\): set them to 0"):
-        data.load_scan(write(tmp_path / "nan1.nii.gz", scan))
+    scan[0, 0, :5] = np.nan
+    with pytest.raises(DataError, match=r"contains 5 NaN/Inf voxels \(0.69 %\): set them to 0"):
+        data.load_scan(write(tmp_path / "nan5.nii.gz", scan))
 
 
 def test_error_message_is_one_line(tmp_path):
@@ -508,3 +509,47 @@ def test_load_validation_pairs_matches_by_name(tmp_path):
     write(tmp_path / "images" / "sub-03.nii.gz", random_scan())
     with pytest.raises(DataError, match="sub-03.nii.gz: no label map"):
         pairs.load_validation_pairs(tmp_path / "images", tmp_path / "labels")
+
+
+# ------------------------------------------------------------------------------- NaN in a brain
+def brain_with_nan(tmp_path, name, hole: int = 0):
+    """A ball of tissue (7,208 voxels: 0.5 % is 36) in NaN, with ``hole`` NaN voxels inside it
+    (a row through its centre); -> (path, voxels outside the brain)."""
+    grid = np.indices((32, 32, 32)) - 15.5
+    brain = (grid ** 2).sum(axis=0) < 12 ** 2
+    values = np.where(brain, 100.0 + grid[0], np.nan).astype(np.float32)
+    values[16, 16, 8:8 + hole] = np.nan
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(values, np.eye(4)), str(path))
+    return path, int((~brain).sum())
+
+
+def test_nan_outside_the_brain_is_background(tmp_path, caplog):
+    path, outside = brain_with_nan(tmp_path, "masked.nii.gz")
+    with caplog.at_level(pylogging.WARNING):
+        scan = data.load_scan(path)
+        data.load_scan(path)  # read again (checked, then segmented): said once
+    warnings = [record.getMessage() for record in caplog.records]
+    assert np.isfinite(scan.data).all() and (scan.data == 0).sum() == outside
+    assert [w for w in warnings if "NaN" in w] == [
+        f"{path}: {outside} NaN/Inf voxels outside the brain, taken as background (0)"]
+
+
+def test_a_few_nan_holes_inside_the_brain_are_set_to_0(tmp_path, caplog):
+    """As a division or a NaN-masking step leaves a brain's interior zeros: up to 0.5 % of the
+    brain's voxels become 0 with a warning giving their count; more are refused as before."""
+    path, outside = brain_with_nan(tmp_path, "holed.nii.gz", hole=16)
+    with caplog.at_level(pylogging.WARNING):
+        scan = data.load_scan(path)
+    assert np.isfinite(scan.data).all() and (scan.data[16, 16, 8:24] == 0).all()
+    assert (scan.data == 0).sum() == outside + 16
+    assert [r.getMessage() for r in caplog.records if "NaN" in r.getMessage()] == [
+        f"{path}: 16 NaN/Inf voxels inside the brain (0.22 % of its voxels) set to 0, and "
+        f"{outside} outside it taken as background"]
+    path, outside = brain_with_nan(tmp_path, "broken.nii.gz", hole=8)
+    values = nib.load(str(path)).get_fdata(dtype=np.float32)
+    values[14:18, 14:18, 18:23] = np.nan  # 80 voxels more: 88 of 7,208 (1.2 %)
+    nib.save(nib.Nifti1Image(values, np.eye(4)), str(path))
+    with pytest.raises(DataError, match=rf"broken.nii.gz: contains 88 NaN/Inf voxels inside the "
+                                        rf"brain \(and {outside} outside it\): set them to 0"):
+        data.load_scan(path)

@@ -730,7 +730,7 @@ def test_versions_and_command_line(run_copy, capsys):
                  ["--model_dir", run_copy.path, "--checkpoint", "best"]):
         assert cli.export_main(["ltnet-export", *argv]) == 1, argv
         stderr = capsys.readouterr().err.strip()
-        assert stderr.startswith("ltnet_tf.export: error:") and "\n" not in stderr, stderr
+        assert stderr.startswith("ltnet-export: error:") and "\n" not in stderr, stderr
 
 
 def test_bad_atlas_copy_is_a_one_line_error(run_copy, capsys):

@@ -107,13 +107,20 @@ def test_the_package_never_runs_code_from_files():
     read as JSON, NIfTI, checkpoints (tensors) and SavedModels (TensorFlow graphs)."""
     forbidden = re.compile(r"\bpickle\b|allow_pickle\s*=\s*True|load_model\(|\bLambda\(|"
                            r"\beval\(|\bexec\(|yaml\.load\(|model_from_(json|yaml)\(")
+    # --jobs N hands job 1's request to the jobs it spawned through a pipe (bytes made by this
+    # run's own process, never read from a file): the one place the package unpickles.
+    between_processes = {"ltnet_tf/prediction/jobs.py": {
+        "import pickle", "payload = pickle.dumps((self.request, key, share))",
+        "request, key, pairs = pickle.loads(payload)"}}
     found = []
     for path in glob.glob(os.path.join(REPO, "ltnet_tf", "**", "*.py"), recursive=True):
+        relative = os.path.relpath(path, REPO)
         with open(path) as f:
             for number, line in enumerate(f, start=1):
                 code = line.split("#", 1)[0]
-                if forbidden.search(code):
-                    found.append(f"{os.path.relpath(path, REPO)}:{number}: {line.strip()}")
+                if forbidden.search(code) and \
+                        code.strip() not in between_processes.get(relative, ()):
+                    found.append(f"{relative}:{number}: {line.strip()}")
     assert found == []
     # ...and the check itself finds what it looks for.
     assert forbidden.search("values = np.load(path, allow_pickle=True)")

@@ -68,7 +68,8 @@ def check_tables(out, names: dict, label_ids):
     are ``names`` (ID -> name) for every foreground atlas ID, in ID order."""
     foreground = [i for i in label_ids if i != 0]
     header, *rows = read_csv(out / "volumes.csv")
-    assert header == ["scan", *[names[i] for i in foreground]]
+    assert header == ["scan", *[names[i] for i in foreground], "labels_by"]
+    assert {row[-1] for row in rows} <= {"label transfer", "label transfer + intensity model"}
     assert rows and all(len(row) == len(header) for row in rows)
     dice_rows = [row for row in read_csv(out / "dice.csv")[1:] if row[1] != "mean"]
     assert dice_rows and all(row[2] == names[int(row[1])] for row in dice_rows)

@@ -1,4 +1,4 @@
-"""A cohort split over processes (predict.py --shard K/N) and merged (python -m ltnet_tf.merge):
+"""A cohort split over processes (predict.py --shard K/N) and merged (ltnet-merge):
 two real processes on tiny scans, segmenting without a trained network (atlas and refinement)."""
 import json
 import os
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from helpers import REPO, SUBPROCESS_TIMEOUT
-from ltnet_tf.prediction import cohort, merge
+from ltnet_tf.prediction import cohort, lock, merge
 
 pytestmark = pytest.mark.slow  # predict.py shards in fresh processes (CI runs -m slow too)
 
@@ -82,7 +82,7 @@ def test_merged_outputs_equal_a_single_run(single_and_shards):
 def test_merge_refuses_a_scan_twice(single_and_shards, dataset, capsys):
     assert merge.main([str(single_and_shards / "single"), str(single_and_shards / "shared")]) == 1
     error = capsys.readouterr().err.strip()
-    assert error.startswith("ltnet_tf.merge: error:") and "also in" in error
+    assert error.startswith("ltnet-merge: error:") and "also in" in error
     assert "\n" not in error
 
 
@@ -112,5 +112,5 @@ def test_a_missing_share_is_named(dataset, tmp_path, capsys):
 def test_shard_flag_is_checked():
     for text in ("0/2", "3/2", "a/b", "2"):
         with pytest.raises(cohort.ConfigError, match="--shard"):
-            cohort.parse_shard(text)
+            lock.parse_shard(text)
     assert cohort.shard_of(["b.nii.gz", "a.nii.gz", "c.nii.gz"], (2, 2)) == ["b.nii.gz"]

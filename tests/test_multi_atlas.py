@@ -31,7 +31,9 @@ from ltnet_tf.registration.atlases import AtlasSet
 pytestmark = pytest.mark.slow  # trains runs with several atlases; predict.py in fresh processes (CI runs -m slow too)
 
 REFINE = RefinementSettings(steps=2, coarse_steps=3)
-REFINE_FLAGS = ["--refine_steps=2", "--refine_coarse_steps=3", "--noqc"]
+# Fusion's exact relations hold for the fused labels as the transfer makes them: the intensity
+# model that finishes them (tests/test_intensity_model.py) is off here.
+REFINE_FLAGS = ["--refine_steps=2", "--refine_coarse_steps=3", "--noqc", "--intensity_model=off"]
 
 
 def segmentations(out, names) -> dict:
@@ -57,7 +59,8 @@ class Runs:
         key = (atlases, fusion)
         if key not in self._done:
             out = self.root / f"{'+'.join(atlases)}-{fusion}"
-            options = cohort.PredictOptions(refinement=REFINE, qc=False, fusion=fusion)
+            options = cohort.PredictOptions(refinement=REFINE, qc=False, fusion=fusion,
+                                            intensity_model="off")
             result = cohort.predict_files(self.dataset.images_dir, str(out),
                                           self.dataset.labels_dir,
                                           atlas=",".join(self.files[a] for a in atlases),
@@ -209,7 +212,8 @@ def test_folders_of_atlases_are_matched_by_name(runs, dataset, atlas_files, tmp_
     out = tmp_path / "out"
     cohort.predict_files(dataset.images_dir, str(out), dataset.labels_dir, atlas=str(images),
                          atlas_labels=str(labels),
-                         options=cohort.PredictOptions(refinement=REFINE, qc=False))
+                         options=cohort.PredictOptions(refinement=REFINE, qc=False,
+                                                       intensity_model="off"))
     record = json.loads((out / "prediction.json").read_text())
     assert [(a["name"], a["image"], a["labels"]) for a in record["atlases"]] == [
         (name, str(images / f"{name}.nii.gz"), str(labels / f"{name}.nii.gz"))
@@ -356,7 +360,8 @@ def test_atlases_on_another_grid_are_aligned_once_and_fused(head_sized, tmp_path
         return align(self, scan, *args, **kwargs)
 
     monkeypatch.setattr(alignment.AtlasAligner, "align", counted)
-    options = cohort.PredictOptions(refinement=REFINE, qc=False, fusion="majority")
+    options = cohort.PredictOptions(refinement=REFINE, qc=False, fusion="majority",
+                                    intensity_model="off")
     outputs = {}
     for key, atlas in (("primary", head_sized.atlas),
                        ("fused", ",".join([head_sized.atlas, *head_sized.oblique.values()]))):

@@ -356,7 +356,8 @@ def test_reference_labels_of_another_protocol_are_warned_about(run, dataset, tmp
 def test_tensorflow_start_up_lines_only_when_asked(tmp_path):
     """A CPU user sees the one error line, not TensorFlow's CUDA and oneDNN notices; they come
     back with the user's own TF_CPP_MIN_LOG_LEVEL."""
-    command = [sys.executable, "-m", "ltnet_tf.export", "--model_dir", str(tmp_path / "none")]
+    command = [sys.executable, "-m", "ltnet_tf.commands.export_command",
+               "--model_dir", str(tmp_path / "none")]
     environ = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     environ["PYTHONPATH"] = REPO
     quiet = subprocess.Popen(command, env=environ, stderr=subprocess.PIPE, text=True)
@@ -365,6 +366,6 @@ def test_tensorflow_start_up_lines_only_when_asked(tmp_path):
     quiet_err = quiet.communicate(timeout=SUBPROCESS_TIMEOUT)[1]
     loud_err = loud.communicate(timeout=SUBPROCESS_TIMEOUT)[1]
     assert quiet.returncode == loud.returncode == 1
-    assert quiet_err.splitlines() == [f"ltnet_tf.export: error: {tmp_path / 'none'}: model folder "
+    assert quiet_err.splitlines() == [f"ltnet-export: error: {tmp_path / 'none'}: model folder "
                                       f"not found"], quiet_err
     assert "oneDNN" in loud_err or "InitializeLog" in loud_err, loud_err

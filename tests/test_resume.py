@@ -1,5 +1,6 @@
-"""Same scan, same answer; a killed prediction run continues; one writer per output folder; a full
-disk; NaN outside the brain; hostile names in report.html; run folders that name files elsewhere.
+"""Same scan, same answer; a killed prediction run continues; --jobs N gives one process's files; one
+writer per output folder; a full disk; hostile names in report.html; run folders that name files
+elsewhere.
 
 predict.py runs for real: in subprocesses where a process boundary matters (determinism across
 processes, SIGKILL/SIGTERM, a file-size limit), in this process otherwise. Tiny synthetic scans on
@@ -9,7 +10,6 @@ import csv
 import glob
 import json
 import re
-import logging as pylogging
 import os
 import resource
 import shutil
@@ -26,6 +26,7 @@ from helpers import REPO, the_error_line
 from ltnet_tf.commands import cli
 from ltnet_tf.errors import DataError
 from ltnet_tf.io import volumes as data
+from ltnet_tf.prediction import cohort as cohort_lib, sources
 from ltnet_tf.prediction.journal import JOURNAL_FOLDER
 from ltnet_tf.prediction.lock import OutputLock
 
@@ -91,10 +92,11 @@ def temporary_files(folder):
 
 @pytest.fixture(scope="module")
 def reference(dataset, cohort, tmp_path_factory):
-    """An uninterrupted run in its own process."""
+    """An uninterrupted run in its own process, one job."""
     images, labels = cohort
     output = tmp_path_factory.mktemp("reference")
-    code, _, err = finish(start(predict_argv(dataset, images, output, "--labels", str(labels))))
+    code, _, err = finish(start(predict_argv(dataset, images, output, "--labels", str(labels),
+                                             "--jobs=1")))
     assert code == 0, err
     return output
 
@@ -177,6 +179,94 @@ def test_killed_run_continues_without_losing_or_redoing_scans(dataset, cohort, r
     assert temporary_files(output) == []
 
 
+# ------------------------------------------------------------------------------- --jobs N
+def without_time(record, folder):
+    """prediction.json's content less what measures time ('seconds'), the output folder's path
+    replaced by OUT."""
+    if isinstance(record, dict):
+        return {k: without_time(v, folder) for k, v in record.items() if k != "seconds"}
+    if isinstance(record, list):
+        return [without_time(v, folder) for v in record]
+    return record.replace(str(folder), "OUT") if isinstance(record, str) else record
+
+
+def assert_same_outputs(folder, reference, names, tables=("volumes.csv", "dice.csv", "dice.json"),
+                        kept=False):
+    """Every scan's files and the tables byte for byte, prediction.json but for time."""
+    for name in names:
+        for suffix in ("_seg.nii.gz", "_qc.png"):
+            assert read_bytes(folder / f"{name}{suffix}") == read_bytes(
+                reference / f"{name}{suffix}"), name + suffix
+    for table in tables:
+        assert read_bytes(folder / table) == read_bytes(reference / table), table
+    with open(folder / "prediction.json") as f, open(reference / "prediction.json") as g:
+        ours, theirs = without_time(json.load(f), folder), without_time(json.load(g), reference)
+    for record in ours["scans"].values() if kept else ():
+        record.pop("kept_from_earlier_run", None)
+    assert ours == theirs
+    assert temporary_files(folder) == []
+
+
+def test_two_jobs_write_what_one_process_writes(dataset, cohort, reference, tmp_path, capsys):
+    """Two processes (this one, and one spawned on every other scan): the same bytes."""
+    images, labels = cohort
+    output = tmp_path / "out"
+    assert cli.predict_main(predict_argv(dataset, images, output, "--labels", str(labels),
+                                         "--jobs=2")) == 0
+    out = capsys.readouterr().out
+    assert "2 jobs segment the 8 scans to do" in out
+    assert [f"[{k}/{SCAN_COPIES}]" in out for k in range(1, SCAN_COPIES + 1)] == [True] * 8
+    assert_same_outputs(output, reference, [f"scan{k}" for k in range(SCAN_COPIES)])
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (ended, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_killed_two_job_run_continues(dataset, cohort, reference, tmp_path):
+    """SIGKILL to the first job: the other dies with it (the kernel's doing); the same command
+    again finishes the cohort, and its files are one process's."""
+    images, labels = cohort
+    output = tmp_path / "out"
+    argv = predict_argv(dataset, images, output, "--labels", str(labels), "--jobs=2")
+    process = start(argv)
+    wait_for_journal(output, 1, process)
+    with open(f"/proc/{process.pid}/task/{process.pid}/children") as f:
+        children = [int(pid) for pid in f.read().split()]
+    process.send_signal(signal.SIGKILL)
+    assert finish(process)[0] == -signal.SIGKILL
+    deadline = time.time() + 10
+    while any(map(running, children)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert children and not any(map(running, children))
+    kept = len(glob.glob(str(output / JOURNAL_FOLDER / "*.json")))
+    assert 1 <= kept < SCAN_COPIES and not (output / "prediction.json").exists()
+    code, out, err = finish(start(argv))
+    assert code == 0, err
+    assert f"{kept} of {SCAN_COPIES} scans were finished by an earlier run" in out
+    assert_same_outputs(output, reference, [f"scan{k}" for k in range(SCAN_COPIES)], kept=True)
+
+
+def test_jobs_share_a_shard(dataset, cohort, reference, tmp_path):
+    """--shard 1/2 --jobs 2: the share's scans, files and table rows as in the whole run."""
+    images, labels = cohort
+    output = tmp_path / "out"
+    assert cli.predict_main(predict_argv(dataset, images, output, "--labels", str(labels),
+                                         "--shard=1/2", "--jobs=2")) == 0
+    names = [f"scan{k}" for k in range(0, SCAN_COPIES, 2)]
+    for name in names:
+        assert read_bytes(output / f"{name}_seg.nii.gz") == read_bytes(
+            reference / f"{name}_seg.nii.gz")
+    with open(output / "volumes.shard-1-of-2.csv") as f, open(reference / "volumes.csv") as g:
+        share, whole = list(csv.reader(f)), list(csv.reader(g))
+    assert share == [whole[0], *[row for row in whole[1:] if row[0] in names]]
+
+
 def test_other_settings_redo_the_scans(dataset, cohort, reference, tmp_path):
     output = tmp_path / "out"
     shutil.copytree(reference, output)
@@ -190,14 +280,30 @@ def test_other_settings_redo_the_scans(dataset, cohort, reference, tmp_path):
 
 
 # ------------------------------------------------------------------------------- writers, disk
-def test_a_second_writer_is_refused_shares_are_not(dataset, cohort, tmp_path, capsys):
+def test_a_second_writer_is_refused_shares_are_not(dataset, cohort, tmp_path, capsys,
+                                                   monkeypatch):
+    """Refused before anything is read or loaded: the atlases, the network and the checks of the
+    scans would fail this test if they were reached."""
     images, _ = cohort
     output = tmp_path / "out"
     output.mkdir()
-    with OutputLock(str(output)):
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the lock was not the first thing the run did")
+
+    with monkeypatch.context() as patched, OutputLock(str(output)):
+        for name in ("load_atlases", "check_inputs", "build_run_records"):
+            patched.setattr(cohort_lib, name, reached)
+        patched.setattr(sources.RunFolderNetwork, "__init__", reached)
         assert cli.predict_main(predict_argv(dataset, images, output, "--noqc")) == 1
         the_error_line(capsys, "another predict.py is writing to this folder",
                        f"process {os.getpid()}", "whole cohort")
+        assert cli.predict_main(["predict.py", "--model_dir", str(tmp_path / "run"), "--images",
+                                 str(images), "--output_dir", str(output)]) == 1
+        the_error_line(capsys, "another predict.py is writing to this folder")
+        with pytest.raises(DataError, match="another predict.py is writing"):  # the library
+            cohort_lib.predict_files(images, output, atlas=dataset.atlas,
+                                     atlas_labels=dataset.atlas_labels)
         assert cli.predict_main(predict_argv(dataset, images, output, "--shard=1/2")) == 1
         the_error_line(capsys, "another predict.py is writing to this folder")
     assert not glob.glob(str(output / "*_seg.nii.gz"))
@@ -233,32 +339,6 @@ def test_full_disk_is_one_line_and_keeps_earlier_outputs(dataset, cohort, refere
                      r"again to continue", errors[0]), errors[0]
     assert {p: read_bytes(p) for p in before} == before
     assert temporary_files(output) == []
-
-
-# ------------------------------------------------------------------------------- NaN
-def brain_with_nan(tmp_path, name, inside: bool):
-    grid = np.indices((32, 32, 32)) - 15.5
-    brain = (grid ** 2).sum(axis=0) < 12 ** 2
-    values = np.where(brain, 100.0 + grid[0], np.nan).astype(np.float32)
-    if inside:
-        values[16, 16, 16] = np.nan
-    path = tmp_path / name
-    nib.save(nib.Nifti1Image(values, np.eye(4)), str(path))
-    return path, int((~brain).sum())
-
-
-def test_nan_outside_the_brain_is_background_inside_refused(tmp_path, caplog):
-    path, outside = brain_with_nan(tmp_path, "masked.nii.gz", inside=False)
-    with caplog.at_level(pylogging.WARNING):
-        scan = data.load_scan(path)
-    warnings = [record.getMessage() for record in caplog.records]
-    assert np.isfinite(scan.data).all() and (scan.data == 0).sum() == outside
-    assert any(f"{outside} NaN/Inf voxels outside the brain, taken as background" in w
-               for w in warnings), warnings
-    path, outside = brain_with_nan(tmp_path, "holed.nii.gz", inside=True)
-    with pytest.raises(DataError, match=rf"holed.nii.gz: contains 1 NaN/Inf voxels inside the "
-                                        rf"brain \(and {outside} outside it\)"):
-        data.load_scan(path)
 
 
 def test_same_bits_with_a_trained_network_on_one_and_two_cores(trained_run, cohort, tmp_path):

@@ -18,6 +18,7 @@ from ltnet_tf.commands.config_flags import config_from_flags as _config_from_fla
 from ltnet_tf.commands.config_flags import define_config_flags as _define_config_flags
 from ltnet_tf.commands.config_flags import given_fields as _given_fields
 from ltnet_tf.commands.runner import define_verbose_flag as _define_verbose_flag
+from ltnet_tf.commands.runner import exit_now as _exit_now
 from ltnet_tf.commands.runner import run_command as _run_command
 from ltnet_tf.commands.runner import user_error as _user_error  # noqa: F401  (tests)
 from ltnet_tf.commands.segmenter_command import define_segmenter_flags, train_segmenter_command
@@ -164,10 +165,6 @@ def _predict_flags() -> flags.FlagValues:
                       "validation sets, bench/results/fusion.md), majority vote, or locally "
                       "weighted voting.",
                       flag_values=fv)
-    flags.DEFINE_string("shard", None, "K/N: segment only the K-th of N shares of the sorted scan "
-                        "list (for N processes or cluster jobs); the run's tables are written as "
-                        "*.shard-K-of-N.* (join them with python -m ltnet_tf.merge).",
-                        flag_values=fv)
     flags.DEFINE_enum("source", "auto", ["auto", "saved_model", "checkpoint"],
                       "Run the exported SavedModel (auto: if present; what TF Serving runs) or "
                       "rebuild G_F from a checkpoint.", flag_values=fv)
@@ -185,15 +182,38 @@ def _predict_flags() -> flags.FlagValues:
                       "<scan>_aligned.nii.gz (the scan on the atlas grid) and "
                       "<scan>_aligned_seg.nii.gz.", flag_values=fv)
     flags.DEFINE_list("save_probabilities", None, "Also write <scan>_probabilities.nii.gz: the "
-                      "fused probability of each of these label IDs ('all': every structure; a "
-                      "byte per voxel and structure) on the scan's grid.", flag_values=fv)
+                      "probability of each of these label IDs ('all': every structure; a byte per "
+                      "voxel and structure) on the scan's grid: the intensity model's posterior, "
+                      "or with --intensity_model off the fused share.", flag_values=fv)
     flags.DEFINE_bool("qc", True, "Write <scan>_qc.png (three slices with the segmentation's "
                       "outlines) and report.html (every scan, flagged ones first).",
                       flag_values=fv)
     _define_preparation_flags(fv)
     _define_refinement_flags(fv)
+    _define_intensity_model_flag(fv)
+    _define_cohort_flags(fv)
     _define_verbose_flag(fv)
     return fv
+
+
+def _define_intensity_model_flag(fv: flags.FlagValues) -> None:
+    flags.DEFINE_enum("intensity_model", "auto", ["auto", "off"],
+                      "auto: the transferred labels are finished by a per-scan intensity model "
+                      "(a Gaussian per structure fitted to the scan by EM, the transfer as its "
+                      "prior; bench/results/intensity.md); off: the label transfer's labels as "
+                      "they are.", flag_values=fv)
+
+
+def _define_cohort_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("shard", None, "K/N: segment only the K-th of N shares of the sorted scan "
+                        "list (for N processes or cluster jobs); the run's tables are written as "
+                        "*.shard-K-of-N.* (join them with ltnet-merge).",
+                        flag_values=fv)
+    flags.DEFINE_integer("jobs", None, "Processes that segment the scans side by side, each with "
+                         "TensorFlow's 2 fixed threads (the same bits as one process); default: "
+                         "one per 2 cores this process may use, as far as the memory holds ~3 GB "
+                         "each (1 on 2 cores). Combines with --shard.", lower_bound=1,
+                         flag_values=fv)
 
 
 def _define_head_flags(fv: flags.FlagValues, where: str) -> None:
@@ -241,7 +261,7 @@ def _define_refinement_flags(fv: flags.FlagValues) -> None:
 
 
 def _predict(fv: flags.FlagValues) -> int:
-    from ltnet_tf.prediction.cohort import PredictOptions, parse_shard, predict_files
+    from ltnet_tf.prediction.lock import parse_shard, refuse_if_taken
 
     if not fv.model_dir and not fv.atlas:
         raise ConfigError("--model_dir is required, or --atlas (with --atlas_labels) to segment "
@@ -249,6 +269,9 @@ def _predict(fv: flags.FlagValues) -> int:
     for name in ("images", "output_dir"):
         if not fv[name].value:
             raise ConfigError(f"--{name} is required (see --helpfull)")
+    shard = parse_shard(fv.shard) if fv.shard else None
+    refuse_if_taken(fv.output_dir, shard)  # a busy folder: refused before TensorFlow loads
+    from ltnet_tf.prediction.cohort import PredictOptions, predict_files
     refine = fv.refine and not (fv.refine_steps == 0 and fv.refine_coarse_steps == 0)
     options = PredictOptions(
         source=fv.source, checkpoint=fv.checkpoint, align=fv.align, refine=refine,
@@ -257,9 +280,8 @@ def _predict(fv: flags.FlagValues) -> int:
                                                 factor=fv.refine_factor),
         fusion=fv.fusion, save_warped_atlas=fv.save_warped_atlas, save_flow=fv.save_flow,
         save_aligned=fv.save_aligned, qc=fv.qc, probabilities=fv.save_probabilities,
-        shard=parse_shard(fv.shard) if fv.shard else None,
-        preparation=_preparation(fv),
-        similarity=fv.similarity)
+        shard=shard, preparation=_preparation(fv), similarity=fv.similarity, jobs=fv.jobs,
+        intensity_model=fv.intensity_model)
     if hasattr(signal, "SIGXFSZ"):  # a file-size limit: the write raises (one line), no kill
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     from ltnet_tf.training import signals
@@ -289,7 +311,7 @@ def predict_main(argv=None) -> int:
 
 # ------------------------------------------------------------------------------- export
 EXPORT_USAGE = ("Export a run folder for TF Serving (SavedModel) and VoxelMorph (generator.h5).\n"
-                "usage: python -m ltnet_tf.export --model_dir RUN [--checkpoint auto|best|last] "
+                "usage: ltnet-export --model_dir RUN [--checkpoint auto|best|last] "
                 "[--version N] [--refine_factor F] [--[no]refine_xla]")
 
 
@@ -324,16 +346,16 @@ def _export(fv: flags.FlagValues) -> int:
 
 
 def export_main(argv=None) -> int:
-    """``python -m ltnet_tf.export --model_dir RUN``; returns the exit status."""
-    return _run_command(_export, _export_flags(), argv, EXPORT_USAGE, program="ltnet_tf.export")
+    """``ltnet-export --model_dir RUN``; returns the exit status."""
+    return _run_command(_export, _export_flags(), argv, EXPORT_USAGE, program="ltnet-export")
 
 
 def train_entry():  # console script
     sys.exit(train_main(sys.argv))
 
 
-def predict_entry():  # console script
-    sys.exit(predict_main(sys.argv))
+def predict_entry():  # console script and predict.py
+    _exit_now(predict_main(sys.argv))
 
 
 def export_entry():  # console script

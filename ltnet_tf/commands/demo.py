@@ -2,7 +2,7 @@
 train LT-Net on CPU and segment them with it; print the Dice of each against the Dice of no
 registration (the atlas labels as they are).
 
-    python -m ltnet_tf.demo            # 2-7 minutes on a 2-core CPU
+    ltnet-demo            # or python -m ltnet_tf.commands.demo; 2-7 minutes on a 2-core CPU
 """
 from __future__ import annotations
 

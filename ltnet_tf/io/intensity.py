@@ -117,7 +117,10 @@ def normalize(scan: tf.Tensor) -> tf.Tensor:
     return tf.where(not_tissue, tf.zeros_like(scaled), tf.clip_by_value(scaled, 0.0, 1.0))
 
 
-_normalize_graph = tf.function(normalize, reduce_retracing=True)
+# One trace for every shape (each scan's grid is its own), and no AutoGraph (no control flow).
+_normalize_graph = tf.function(
+    normalize, input_signature=[tf.TensorSpec([None, None, None, None, 1], tf.float32)],
+    autograph=False)
 
 
 def normalize_array(values: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ltnet_tf.io import intensity, volumes as data
+from ltnet_tf.io import volumes as data
 from ltnet_tf.io.headers import format_mm, voxel_sizes
 
 # Adult heads span at most about 250 mm along any axis (neck included); a brain at least 140 mm
@@ -38,7 +38,7 @@ def tissue_mask(values: np.ndarray) -> np.ndarray:
 
 def tissue_volume_ml(volume: data.Volume, values=None, affine=None) -> float:
     """Tissue volume in ml of ``volume``, or of normalised ``values`` on the grid ``affine``."""
-    values = intensity.normalize_array(volume.data) if values is None else values
+    values = volume.normalized_data() if values is None else values
     affine = volume.affine if affine is None else affine
     return float(tissue_mask(values).sum()) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
 
@@ -57,7 +57,7 @@ def check_brain_size(scan: data.Volume, min_ml: float, max_ml: float, values=Non
     (default: the whole scan). Raises ``data.DataError`` naming the likeliest cause when it is not
     between ``min_ml`` and ``max_ml``."""
     if values is None:
-        values, affine = intensity.normalize_array(scan.data), scan.affine
+        values, affine = scan.normalized_data(), scan.affine
     volume_ml = tissue_volume_ml(scan, values, affine)
     if min_ml <= volume_ml <= max_ml:
         return volume_ml
@@ -100,7 +100,7 @@ def looks_like_head(scan: data.Volume, values=None, affine=None) -> bool:
     more than a head (``MAX_HEAD_ML``), within a head's extent, on a brain-sized field of view and
     with a header whose sform and qform agree. ``values``, ``affine``: as ``check_brain_size``."""
     if values is None:
-        values, affine = intensity.normalize_array(scan.data), scan.affine
+        values, affine = scan.normalized_data(), scan.affine
     volume_ml = tissue_volume_ml(scan, values, affine)
     field = np.asarray(scan.shape, float) * voxel_sizes(scan.affine)
     return (scan.header_conflict is None and MIN_HEAD_ML < volume_ml <= MAX_HEAD_ML

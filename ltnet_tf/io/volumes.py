@@ -8,7 +8,7 @@ tensors because they run inside training, inference and the exported SavedModel.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import nibabel as nib
@@ -21,6 +21,7 @@ from ltnet_tf.files import atomic_path
 import tensorflow as tf  # noqa: E402
 
 from ltnet_tf.io import headers, intensity, nonfinite  # noqa: E402
+from ltnet_tf.io.file_warnings import warn_once  # noqa: E402
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mgz")
 AFFINE_TOLERANCE = 1e-3
@@ -34,10 +35,18 @@ class Volume:
     path: str
     header: Any = None  # the source header, so outputs can be written with the scan's own header
     header_conflict: Optional[headers.HeaderConflict] = None  # the file's sform and qform disagree
+    _normalized: Optional[np.ndarray] = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple:
         return tuple(self.data.shape)
+
+    def normalized_data(self) -> np.ndarray:
+        """``intensity.normalize_array(self.data)`` once per Volume (checks, head test, alignment
+        each use it; data is never changed in place: a changed scan is a new Volume)."""
+        if self._normalized is None:
+            self._normalized = intensity.normalize_array(self.data)
+        return self._normalized
 
 
 # --------------------------------------------------------------------------------------- file names
@@ -182,26 +191,13 @@ def _read_data(image, path: str, dtype=np.float32) -> np.ndarray:
         raise DataError(_unreadable(path, e)) from None
 
 
-def _check_finite(data: np.ndarray, path: str) -> None:
-    n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
-    if n_bad == data.size:
-        raise DataError(f"{path}: contains {n_bad} NaN/Inf voxels")  # all: nothing to rescue
-    if n_bad:
-        raise DataError(f"{path}: contains {n_bad} NaN/Inf voxels ({100 * n_bad / data.size:.2g} %): "
-                        f"set them to 0 (e.g. fslmaths IN -nan OUT) or redo the step that wrote them")
-
-
-_WARNED_CONFLICTS = set()  # files whose sform/qform disagreement was reported already
-
-
 def _header_conflict(image, path: str) -> Optional[headers.HeaderConflict]:
     """The file's sform/qform disagreement, reported in one warning line the first time only (a
-    scan is often read more than once: checked first, then segmented)."""
+    scan is often read more than once: checked first, then segmented; ``file_warnings``)."""
     conflict = headers.find_conflict(image)
-    key = os.path.abspath(path)
-    if conflict is not None and key not in _WARNED_CONFLICTS:
-        _WARNED_CONFLICTS.add(key)
-        logging.warning("%s: %s; %s", path, conflict.describe(), conflict.fix(path))
+    if conflict is not None:
+        warn_once("header_conflict", path, "%s: %s; %s", path, conflict.describe(),
+                  conflict.fix(path))
     return conflict
 
 
@@ -233,7 +229,7 @@ def load_label_map(path) -> Volume:
         raise DataError(f"{path}: is empty (it has no voxels, shape {raw.shape})")
     if raw.dtype.kind not in "iub":
         raw = raw.astype(np.float64, copy=False)
-        _check_finite(raw, path)
+        nonfinite.refuse_any(raw, path)
         n_fractional = int(np.count_nonzero(raw != np.round(raw)))
         if n_fractional:
             raise DataError(f"{path}: label values are not integers ({n_fractional} voxels have "

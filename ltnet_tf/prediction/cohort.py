@@ -1,10 +1,12 @@
 """Segmenting a cohort of scan files: ``predict.py`` is a thin layer on ``predict_files``.
 
+    lock       one writer per output folder: an existing folder's lock taken before anything is read
     sources    a trained run folder (G_F + its atlas), or atlases given as files (no network)
     checks     every scan and reference read once, before the network is loaded or anything written
     shard      this process's share of the sorted scan list (``--shard K/N``)
     per scan   ``prediction.Predictor.segment``, then the scan's files (``outputs``), its QC
-               picture (``qc``), volumes, Dice, warnings
+               picture (``qc``), volumes, Dice, warnings; with ``--jobs N`` in N processes
+               (``jobs``), each building the same predictor (``segment_share``)
     reports    volumes.csv, dice.csv/json, prediction.json, report.html (``reports``, ``report``)
 """
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 from ltnet_tf import compat  # noqa: F401
 
 import concurrent.futures
+import functools
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -19,9 +23,9 @@ from typing import Optional
 from absl import logging
 
 from ltnet_tf.config import ConfigError, RefinementSettings
-from ltnet_tf.io import volumes as data
+from ltnet_tf.io import file_warnings, volumes as data
 from ltnet_tf.io.label_names import LabelNames
-from ltnet_tf.prediction import determinism, resumable
+from ltnet_tf.prediction import determinism, jobs as jobs_lib, resumable, xla_cache
 from ltnet_tf.prediction.lock import OutputLock
 from ltnet_tf.preprocessing.preparation import PreparationOptions, ScanPreparation
 from ltnet_tf.prediction.outputs import OutputFolder
@@ -53,17 +57,8 @@ class PredictOptions:
     # Whole heads stripped, bias fields corrected (--skull_strip, --bias_correction).
     preparation: PreparationOptions = field(default_factory=PreparationOptions)
     similarity: str = "auto"  # another contrast mapped to the atlas's (registration.contrast)
-
-
-def parse_shard(text: str) -> tuple:
-    """'K/N' (1 <= K <= N) -> (K, N); ConfigError otherwise."""
-    try:
-        k, n = (int(part) for part in str(text).split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard must be K/N (e.g. 3/10), got {text!r}") from None
-    if not 1 <= k <= n:
-        raise ConfigError(f"--shard {text}: K must be between 1 and N")
-    return k, n
+    intensity_model: str = "auto"  # the labels finished by the scan's intensities (labelling)
+    jobs: Optional[int] = None  # processes (--jobs); None: as many as cores and memory allow
 
 
 def shard_of(paths: list, shard) -> list:
@@ -101,11 +96,13 @@ def _pairs(images, labels, output: OutputFolder, shard) -> list:
 
 
 def check_inputs(pairs, aligner: alignment_lib.AtlasAligner, align: str,
-                 preparation: ScanPreparation = None) -> None:
+                 preparation: ScanPreparation = None):
     """Read every scan and reference once before anything is loaded or written, so a bad file
-    stops the run at once with its own message. Raises DataError naming the file, ConfigError
-    when a head is to be stripped and the extractor is not installed."""
-    names = {}
+    stops the run at once with its own message; -> the first scan as read (a ``data.Volume``, or
+    None without scans), for the first to be segmented (``_read_ahead``: not read twice).
+    Raises DataError naming the file, ConfigError when a head is to be stripped and the
+    extractor is not installed."""
+    names, first = {}, None
     for image_path, label_path in pairs:
         name = data.scan_name(image_path)
         if name in names:
@@ -116,6 +113,8 @@ def check_inputs(pairs, aligner: alignment_lib.AtlasAligner, align: str,
         check_scan(scan, aligner, align, preparation)
         if label_path:
             data.check_same_grid(scan, data.load_label_map(label_path), strict=False)
+        first = first or scan
+    return first
 
 
 def load_atlases(model_dir=None, atlas=None, atlas_labels=None) -> tuple:
@@ -167,6 +166,53 @@ def load_segmenter(run: ModelDir, atlases: AtlasSet):
     return segmenter
 
 
+@dataclass
+class Inputs:
+    """What a run reads before it segments: the atlases (``AtlasSet``) and the run folder
+    (``ModelDir`` or None), the structures' names, the alignment to the primary atlas and each
+    scan's preparation (brain extraction, bias correction)."""
+    atlases: AtlasSet
+    run: Optional[ModelDir]
+    names: LabelNames
+    alignment_settings: alignment_lib.AlignmentSettings
+    aligner: alignment_lib.AtlasAligner
+    preparation: ScanPreparation
+
+
+def load_inputs(model_dir, atlas, atlas_labels, label_names, options: PredictOptions) -> Inputs:
+    """The atlases, names, aligner and preparation of a run (see ``predict_files``). Raises
+    DataError, ModelDirError, ConfigError."""
+    atlases, run = load_atlases(model_dir, atlas, atlas_labels)
+    names = load_label_names(label_names, run, atlases.label_ids)
+    alignment_settings = alignment_lib.AlignmentSettings(
+        registration_threads=determinism.registration_threads())
+    aligner = alignment_lib.AtlasAligner(atlases.primary.image, alignment_settings)
+    preparation = ScanPreparation(options.preparation, aligner.settings.min_tissue_ml)
+    return Inputs(atlases, run, names, alignment_settings, aligner, preparation)
+
+
+def build_run_records(inputs: Inputs, output: OutputFolder, options: PredictOptions,
+                      compute: dict) -> RunRecords:
+    """The model loaded (G_F, or the run folder's segmenter, or none), the ``Predictor`` made,
+    and the ``RunRecords`` of the run around it. Raises ModelDirError naming the run folder."""
+    run, network, segmenter = inputs.run, None, None
+    if run is not None and options.segmenter and has_segmenter(run.path):
+        segmenter = load_segmenter(run, inputs.atlases)  # labels by the segmenter: no G_F
+    elif run is not None:
+        from ltnet_tf.prediction.sources import RunFolderNetwork  # the slow part: after every check
+
+        network = RunFolderNetwork(run.path, source=options.source, checkpoint=options.checkpoint)
+    predictor = Predictor(inputs.atlases, network, align=options.align,
+                          refinement=options.refinement if options.refine else None,
+                          fusion_method=options.fusion,
+                          alignment_settings=inputs.alignment_settings, segmenter=segmenter,
+                          preparation=inputs.preparation, similarity=options.similarity,
+                          intensity_model=options.intensity_model)
+    run_record = RunRecords(output, predictor, inputs.names, options, run, network)
+    run_record.compute = compute
+    return run_record
+
+
 def predict_files(images, output_dir, labels=None, *, model_dir=None, atlas=None,
                   atlas_labels=None, label_names=None, options: PredictOptions = None) -> dict:
     """Segment ``images`` (a folder, files, or comma-separated files; any grid) into
@@ -174,58 +220,91 @@ def predict_files(images, output_dir, labels=None, *, model_dir=None, atlas=None
     (``atlas``, ``atlas_labels``; several are fused); returns {'outputs': {scan: path}, 'dice':
     dice.json's content or None, 'scans': {scan: record}}.
 
-    Writes per scan the files listed in ``ltnet_tf.prediction.outputs`` (and ``<scan>_qc.png``), and for the
-    run ``volumes.csv``, ``prediction.json``, ``report.html`` and, with reference label maps
-    ``labels`` (matched by file name; others ignored), ``dice.csv``/``dice.json`` — with
-    ``options.shard`` (K, N) under names marked ``.shard-K-of-N`` (``python -m ltnet_tf.merge``
-    joins them). Every input is checked before the network is loaded or the output folder written.
-    Scans a previous run of the same command finished are kept (``resumable``, ``journal``);
-    another process writing to ``output_dir`` (other than another share) is refused (``lock``).
+    Writes per scan the files listed in ``ltnet_tf.prediction.outputs`` (and ``<scan>_qc.png``),
+    and for the run ``volumes.csv``, ``prediction.json``, ``report.html`` and, with reference
+    label maps ``labels`` (matched by file name; others ignored), ``dice.csv``/``dice.json`` —
+    with ``options.shard`` (K, N) under names marked ``.shard-K-of-N`` (``ltnet-merge`` joins
+    them). Another process writing to ``output_dir`` (other than another share) is refused
+    before anything is read (``lock``); every input is checked before any model is loaded, and
+    nothing is written before the model is loaded and the flags agree. Scans a previous run of
+    the same command finished are kept (``resumable``, ``journal``); ``options.jobs`` processes
+    share the others (``jobs``).
     Raises DataError (a scan, a label map, an atlas, the output folder), ModelDirError (the run
     folder), ConfigError (flags that do not go together).
     """
     options = options or PredictOptions()
-    compute = determinism.fix_threads()  # before any TensorFlow op: same scan, same bits
     output = OutputFolder(output_dir)
-    pairs = _pairs(images, labels, output, options.shard)
-    atlases, run = load_atlases(model_dir, atlas, atlas_labels)
-    names = load_label_names(label_names, run, atlases.label_ids)
-    alignment_settings = alignment_lib.AlignmentSettings(
-        registration_threads=determinism.registration_threads())
-    aligner = alignment_lib.AtlasAligner(atlases.primary.image, alignment_settings)
-    preparation = ScanPreparation(options.preparation, aligner.settings.min_tissue_ml)
-    check_inputs(pairs, aligner, options.align, preparation)
-    network, segmenter = None, None
-    if run is not None and options.segmenter and has_segmenter(run.path):
-        segmenter = load_segmenter(run, atlases)  # labels by the segmenter: no G_F needed
-    elif run is not None:
-        from ltnet_tf.prediction.sources import RunFolderNetwork  # the slow part: after every check
-
-        network = RunFolderNetwork(run.path, source=options.source, checkpoint=options.checkpoint)
-    predictor = Predictor(atlases, network, align=options.align,
-                          refinement=options.refinement if options.refine else None,
-                          fusion_method=options.fusion, alignment_settings=alignment_settings,
-                          segmenter=segmenter, preparation=preparation,
-                          similarity=options.similarity)
-    output.prepare()
-    with OutputLock(output.path, options.shard):  # one writer per folder (or per share)
-        run_record = RunRecords(output, predictor, names, options, run, network)
-        run_record.compute = compute
-        return resumable.run_cohort(run_record, pairs, bool(labels), _read_ahead,
-                                    _progress_line)
+    lock = OutputLock(output.path, options.shard)
+    if os.path.isdir(output.path) and os.access(output.path, os.W_OK | os.X_OK):
+        lock.acquire()  # a second writer is refused at once, before anything is read
+    try:
+        xla_cache.keep_compiled_code()  # before TensorFlow's runtime starts (it reads the flag)
+        compute = determinism.fix_threads()  # before any TensorFlow op: same scan, same bits
+        pairs = _pairs(images, labels, output, options.shard)
+        inputs = load_inputs(model_dir, atlas, atlas_labels, label_names, options)
+        first = check_inputs(pairs, inputs.aligner, options.align, inputs.preparation)
+        run_record = build_run_records(inputs, output, options, compute)  # nothing written yet
+        output.prepare()
+        if not lock.held:  # a folder made just now: only a run started with this one may race
+            lock.acquire()
+        request = ShareRequest(output.path, model_dir, atlas, atlas_labels, label_names, options,
+                               file_warnings.given(), logging.get_verbosity())
+        jobs = jobs_lib.Jobs(options.jobs or jobs_lib.default_jobs(
+            compute["threads"] if compute["deterministic"] else None, len(inputs.atlases)),
+            segment_share, request)
+        read_ahead = functools.partial(_read_ahead, ready={first.path: first} if first else {})
+        return resumable.run_cohort(run_record, pairs, bool(labels), read_ahead,
+                                    _progress_line, jobs)
+    finally:
+        lock.release()
 
 
-def _read_ahead(pairs):
+@dataclass
+class ShareRequest:
+    """What a job of ``--jobs N`` needs to build the predictor job 1 built (``predict_files``'s
+    arguments), the warnings job 1 gave about the inputs (``file_warnings``: not given again)
+    and its log verbosity."""
+    output_dir: str
+    model_dir: Optional[str]
+    atlas: object
+    atlas_labels: object
+    label_names: Optional[str]
+    options: PredictOptions
+    warnings_given: list
+    verbosity: int
+
+
+def segment_share(request: ShareRequest, key: str, pairs: list, report) -> None:
+    """Jobs 2..N of ``--jobs N`` (in their own processes): segment ``pairs`` with the model and
+    settings of ``request``, records in the journal of ``key`` (job 1's: the same producer),
+    ``report(name, record)`` after each scan. Raises as ``predict_files``."""
+    logging.set_verbosity(request.verbosity)
+    file_warnings.mark_given(request.warnings_given)
+    compute = determinism.fix_threads()
+    inputs = load_inputs(request.model_dir, request.atlas, request.atlas_labels,
+                         request.label_names, request.options)
+    run_record = build_run_records(inputs, OutputFolder(request.output_dir), request.options,
+                                   compute)
+    resumable.segment_share(run_record, key, pairs, _read_ahead, report)
+
+
+def _read_ahead(pairs, ready=None):
     """(scan path, reference path, the scan read, {'read': s, 'wait': s}) in order: the next scan
     is read (decompressed) in a thread while the current one is segmented, so only the wait for
-    it is on the way. A read error is raised at that scan's turn."""
+    it is on the way; scans in ``ready`` ({path: Volume}, read by the checks) are not read
+    again. A read error is raised at that scan's turn."""
+    ready = ready or {}
+
+    def load(path):
+        return (ready.pop(path), 0.0) if path in ready else timed_load(path)
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
-        upcoming = reader.submit(timed_load, pairs[0][0]) if pairs else None
+        upcoming = reader.submit(load, pairs[0][0]) if pairs else None
         for index, (image_path, label_path) in enumerate(pairs):
             start = time.time()
             scan, seconds = upcoming.result()
             reading = {"read": seconds, "wait": time.time() - start}
-            upcoming = (reader.submit(timed_load, pairs[index + 1][0])
+            upcoming = (reader.submit(load, pairs[index + 1][0])
                         if index + 1 < len(pairs) else None)
             yield image_path, label_path, scan, reading
 

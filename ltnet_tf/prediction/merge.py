@@ -1,6 +1,6 @@
 """Joining the shares of a cohort segmented by several processes (``predict.py --shard K/N``).
 
-    python -m ltnet_tf.merge OUT [OUT2 ...] [--output_dir DEST]
+    ltnet-merge OUT [OUT2 ...] [--output_dir DEST]      (or python -m ltnet_tf.prediction.merge)
 
 Each ``predict.py --shard K/N`` writes its scans' files and its tables under names marked
 ``.shard-K-of-N`` (``prediction.shard-K-of-N.json``, ``volumes...csv``, ``dice...csv/json``), so
@@ -169,7 +169,7 @@ def _merge_dice(shares, destination):
 
 
 def main(argv=None) -> int:
-    """``python -m ltnet_tf.merge OUT [OUT2 ...] [--output_dir DEST]``; the exit status."""
+    """``ltnet-merge OUT [OUT2 ...] [--output_dir DEST]``; the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "--helpfull"):
         print(__doc__)
@@ -178,14 +178,14 @@ def main(argv=None) -> int:
     if "--output_dir" in argv:
         index = argv.index("--output_dir")
         if index + 1 >= len(argv):
-            print("ltnet_tf.merge: error: --output_dir needs a folder", file=sys.stderr)
+            print("ltnet-merge: error: --output_dir needs a folder", file=sys.stderr)
             return 1
         destination = argv[index + 1]
         del argv[index:index + 2]
     try:
         merged = merge(argv, destination)
     except (MergeError, ConfigError, OSError) as e:
-        print(f"ltnet_tf.merge: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"ltnet-merge: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
     mean = merged["mean_dice"]
     print(f"{len(merged['scans'])} scans merged into {os.path.abspath(destination or argv[0])}"
@@ -193,5 +193,9 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def entry():  # console script
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -8,9 +8,11 @@
     refine    Adam on the displacement of every atlas, coarse to fine, batched      refinement.py
     pull      each atlas's labels onto the scan's own voxels, one interpolation,    native.py
               fused across atlases (majority or locally weighted voting, JLF)       fusion.py
+    finish    a Gaussian per structure fitted by EM to the scan on the transfer's   labelling/
+              prior: the scan's own intensities settle the boundaries
 
-``Predictor`` is usable on its own (one ``data.Volume`` at a time); ``ltnet_tf.prediction.cohort.predict_files``
-runs it over files and writes the outputs.
+``Predictor`` is usable on its own (one ``data.Volume`` at a time);
+``ltnet_tf.prediction.cohort.predict_files`` runs it over files and writes the outputs.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from ltnet_tf.config import ConfigError, RefinementSettings
 from ltnet_tf.io import volumes as data
 from ltnet_tf.preprocessing.preparation import ScanPreparation
 from ltnet_tf.io import intensity
+from ltnet_tf.io.headers import voxel_sizes
+from ltnet_tf.labelling.intensity_model import IntensityModel, MODES as INTENSITY_MODES
 from ltnet_tf.registration import alignment as alignment_lib, contrast, transfer as inference
 from ltnet_tf.registration.atlases import AtlasSet
 from ltnet_tf.registration.native import NativeLabelPull, brain_mask, pull_fused
@@ -84,13 +88,17 @@ class Predictor:
     ``segmentation.segmenter.Segmenter`` that makes the labels instead of the label transfer
     (alignment and the scan's own grid as without it; no registration, network or refinement);
     ``preparation``: a ``ScanPreparation`` (brain extraction, bias correction) or None (scans
-    used as they are). Raises ConfigError for an impossible combination.
+    used as they are); ``intensity_model``: 'auto' (the transferred labels finished by the
+    per-scan intensity model, ``labelling.intensity_model``, with its measured defaults), 'off',
+    or ``IntensityModelSettings``; a segmenter's labels are its own. Raises ConfigError for an
+    impossible combination.
     """
 
     def __init__(self, atlases: AtlasSet, network=None, *, align: str = "auto",
                  refinement: RefinementSettings = None, fusion_method: str = "jlf",
                  alignment_settings: alignment_lib.AlignmentSettings = None, segmenter=None,
-                 preparation: ScanPreparation = None, similarity: str = "auto"):
+                 preparation: ScanPreparation = None, similarity: str = "auto",
+                 intensity_model="auto"):
         if align not in ("auto", "never"):
             raise ValueError(f"align must be auto or never, got {align!r}")
         if fusion_method not in FUSION_METHODS:
@@ -113,6 +121,11 @@ class Predictor:
             raise ConfigError(f"--similarity must be one of {', '.join(contrast.SIMILARITIES)}, "
                               f"got {similarity!r}")
         self.similarity = similarity
+        if isinstance(intensity_model, str) and intensity_model not in INTENSITY_MODES:
+            raise ConfigError(f"--intensity_model must be one of {', '.join(INTENSITY_MODES)}, "
+                              f"got {intensity_model!r}")
+        self.intensity_model = None if intensity_model == "off" or segmenter is not None else (
+            IntensityModel(None if intensity_model == "auto" else intensity_model))
         self._atlas_normalized = None
         self.aligner = alignment_lib.AtlasAligner(
             self.atlas, alignment_settings or alignment_lib.AlignmentSettings())
@@ -129,6 +142,10 @@ class Predictor:
     def refinement_record(self):
         """The refinement's settings for prediction.json, or None without refinement."""
         return None if self.refiner is None else self.refiner.settings()
+
+    def intensity_model_record(self):
+        """The intensity model's settings for prediction.json, or None when it is off."""
+        return None if self.intensity_model is None else self.intensity_model.settings.to_dict()
 
     def needs_alignment(self, scan: data.Volume) -> bool:
         return self.align_mode == "auto" and not alignment_lib.on_atlas_grid(self.atlas, scan)
@@ -147,19 +164,26 @@ class Predictor:
         'flow' [D, H, W, 3] and 'warped_atlas' [D, H, W, 1] (atlas grid); with ``probabilities``
         (label IDs) 'probabilities' [L, *scan grid] uint8 (x 255), each label's fused share;
         'cpu_seconds' {stage: s} is the CPU time of each stage of 'seconds'; 'prepared' the
-        ``preparation.PreparedScan`` (its brain mask, N4's record) or None without preparation."""
+        ``preparation.PreparedScan`` (its brain mask, N4's record) or None without preparation;
+        'intensity_model' what the intensity model did (``IntensityResult.record``; None when
+        it is off). With the model on, 'probabilities' are its posterior."""
         clock = StageClock()
         prepared, scan = self._prepare(scan, clock)
         alignment, aligned_scan, aligned, similarity = self._align(scan, prepared, clock)
         result = {"alignment": alignment, "seconds": clock.seconds, "prepared": prepared,
                   "similarity": similarity,
-                  "cpu_seconds": clock.cpu_seconds, "refinement": None, "displacement": None}
+                  "cpu_seconds": clock.cpu_seconds, "refinement": None, "displacement": None,
+                  "intensity_model": None}
         if self.segmenter is not None:
             result.update(self._segmenter_labels(scan, alignment, aligned, clock, keep_aligned,
                                                  probabilities))
         elif alignment.skipped and self.refiner is None and not (keep_aligned or probabilities):
             with clock("network_and_labels"):  # network and label warp in one call (one graph)
                 result.update(self.network.segment(aligned, extras=extras))
+            if self.intensity_model is not None:
+                with clock("intensity_model"):
+                    fitted = self._finish(scan, brain_mask(scan.data), result["segmentation"])
+                result.update(segmentation=fitted.labels, intensity_model=fitted.record)
         else:
             result.update(self._transferred_labels(scan, alignment, aligned, aligned_scan, clock,
                                                    keep_aligned, extras, probabilities,
@@ -203,17 +227,28 @@ class Predictor:
             weights = self._fusion_weights(refined, similarity)
             native_to_grid = (np.eye(4) if alignment.skipped
                               else alignment.scan_voxel_to_atlas_voxel)
-            labels = self._labels(displacement, native_to_grid, scan.shape, weights,
-                                  brain_mask(scan.data), probabilities)
-            if probabilities:
-                labels, result["probabilities"] = labels
-            result["segmentation"] = labels
+            mask = brain_mask(scan.data)
+            labels, shares, votes = self._labels(displacement, native_to_grid, scan.shape,
+                                                 weights, mask, probabilities)
+        if self.intensity_model is not None:
+            with clock("intensity_model"):
+                fitted = self._finish(scan, mask, labels, votes, probabilities)
+            labels, shares = fitted.labels, fitted.probabilities
+            result["intensity_model"] = fitted.record
+        result["segmentation"] = labels
+        if probabilities:
+            result["probabilities"] = shares
         if refined is not None:
             result["refinement"] = {"loss_start": refined["loss_start"].tolist(),
                                     "loss": refined["loss"].tolist()}
         if keep_aligned:
-            atlas_grid = labels if alignment.skipped else self._labels(
-                displacement, np.eye(4), self.atlas.shape, weights, brain_mask(aligned.data))
+            atlas_grid = labels
+            if not alignment.skipped:
+                grid_mask = brain_mask(aligned_scan.data)
+                atlas_grid, _, votes = self._labels(displacement, np.eye(4), self.atlas.shape,
+                                                    weights, grid_mask)
+                if self.intensity_model is not None:
+                    atlas_grid = self._finish(aligned_scan, grid_mask, atlas_grid, votes).labels
             result.update(aligned_scan=aligned_scan, aligned_segmentation=atlas_grid)
         if extras:
             primary = inference.Displacement([(values[:1], factor)
@@ -313,16 +348,32 @@ class Predictor:
         return contrast.atlas_like_array(scan, refined["warped_atlas"][0])
 
     def _labels(self, displacement, native_to_grid: np.ndarray, native_shape, weights,
-                mask, probabilities=None):
-        """The (fused) labels of every atlas pulled onto the ``native_shape`` voxels of ``mask``
-        (and with ``probabilities``, the wanted labels' fused shares: see ``native.pull_fused``)."""
-        if len(self.pulls) == 1 and not probabilities:
+                mask, probabilities=None) -> tuple:
+        """(the (fused) labels of every atlas pulled onto the ``native_shape`` voxels of ``mask``,
+        the wanted labels' fused shares or None (``native.pull_fused``), what several atlases
+        voted or None): the shares are left to the intensity model when it is on, the votes are
+        its prior."""
+        finish = self.intensity_model is not None
+        if len(self.pulls) == 1 and (finish or not probabilities):
             return self.pulls[0](displacement.element(0), native_to_grid, native_shape,
-                                 grid_shape=self.atlas.shape, mask=mask)
+                                 grid_shape=self.atlas.shape, mask=mask), None, None
         return pull_fused(self.pulls, displacement, native_to_grid, native_shape,
                           self.atlas.shape, weights,
                           None if weights is None else self.refiner.refinement.factor, mask,
-                          probabilities or None)
+                          None if finish else (probabilities or None),
+                          votes=finish and len(self.pulls) > 1)
+
+    def _finish(self, volume: data.Volume, mask, labels, votes=None, probabilities=None):
+        """The intensity model on ``volume``'s grid (an ``IntensityResult``); a scan it could not
+        model keeps the transfer's labels, with a warning naming the reason."""
+        fitted = self.intensity_model(intensity.normalize_array(volume.data), mask, labels,
+                                      voxel_sizes(volume.affine), votes, probabilities)
+        if fitted.record["warning"] and not fitted.record["applied"]:
+            logging.warning("%s: the intensity model was not applied (%s): the label transfer's "
+                            "labels are kept", volume.path, fitted.record["warning"])
+        elif fitted.record["warning"]:
+            logging.warning("%s: intensity model: %s", volume.path, fitted.record["warning"])
+        return fitted
 
     def _warped_atlas(self, flow: np.ndarray) -> np.ndarray:
         atlas = data.normalize_intensity(tf.constant(

@@ -21,6 +21,11 @@ from ltnet_tf.reporting import tables as reports
 from ltnet_tf.serving.modeldir import ModelDir
 
 
+# What made a scan's labels, as volumes.csv and prediction.json say it.
+LABELS_BY = {"transfer": "label transfer",
+             "intensity_model": "label transfer + intensity model"}
+
+
 def timed_load(path: str) -> tuple:
     """(scan Volume, seconds to read it)."""
     start = time.time()
@@ -62,9 +67,10 @@ class RunRecords:
         self.records, self.volumes, self.dice = {}, {}, {}
         self.compute = None  # ``determinism.fix_threads()``'s record, when the caller fixed them
 
-    def keep(self, name: str, record: dict, volumes: dict, dice) -> None:
-        """Take a scan finished by an earlier run (``journal``) as if segmented now."""
-        self.records[name] = {**record, "kept_from_earlier_run": True}
+    def keep(self, name: str, record: dict, volumes: dict, dice, earlier: bool = True) -> None:
+        """Take a scan finished by an earlier run (``journal``) as if segmented now; with
+        ``earlier`` False, one another job of this run segmented (``--jobs N``): as its own."""
+        self.records[name] = {**record, "kept_from_earlier_run": True} if earlier else record
         self.volumes[name] = volumes
         if dice is not None:
             self.dice[name] = dice
@@ -127,7 +133,8 @@ class RunRecords:
                   "refinement": _refinement_figures(result["refinement"]),
                   "volumes_mm3": {self.names.name(label): round(value, 1)
                                   for label, value in self.volumes[name].items()},
-                  "warnings": list(warnings), "similarity": result.get("similarity", "ncc")}
+                  "warnings": list(warnings), "similarity": result.get("similarity", "ncc"),
+                  "intensity_model": result.get("intensity_model")}
         prepared = result.get("prepared")
         if prepared is not None and prepared.changed:
             record.update(prepared.to_dict())
@@ -151,6 +158,17 @@ class RunRecords:
     @property
     def _segmenter(self):
         return getattr(self.predictor, "segmenter", None)
+
+    def _labels_by(self):
+        """volumes.csv's last column, per scan: what made its labels (None: the label transfer
+        alone, for every scan, and no column)."""
+        if self._segmenter:
+            return {name: "segmenter" for name in self.volumes}
+        if self.predictor.intensity_model is None:
+            return None
+        return {name: LABELS_BY["intensity_model"] if (self.records[name].get(
+            "intensity_model") or {}).get("applied") else LABELS_BY["transfer"]
+            for name in self.volumes}
 
     def _segmenter_record(self):
         """prediction.json's account of the segmenter (None without one)."""
@@ -182,7 +200,7 @@ class RunRecords:
         if report is None:
             reports.remove_earlier_dice_reports(self.output.path, suffix)
         reports.write_volumes_csv(self.volumes, self.label_ids, self.output.path, self.names,
-                                  suffix, labels_by="segmenter" if self._segmenter else None)
+                                  suffix, labels_by=self._labels_by())
         outputs = {name: record["output"] for name, record in self.records.items()}
         prediction = self._prediction(images, references, outputs, report)
         reports.write_prediction_json(self.output.path, prediction, suffix)
@@ -213,6 +231,7 @@ class RunRecords:
                 "refinement": predictor.refinement_record(),
                 "fusion": options.fusion if len(predictor.atlases) > 1 else None,
                 "preparation": options.preparation.to_dict(), "similarity": options.similarity,
+                "intensity_model": predictor.intensity_model_record(),
                 "label_names": self.names.to_dict(),
                 "compute_threads": None if self.compute is None else self.compute["threads"]}
 
@@ -224,7 +243,12 @@ class RunRecords:
             "source": None if self.network is None else self.network.source,
             "network": self.network is not None,
             "labels_by": ("segmenter (RUN/segmenter, trained from the label transfer)"
-                          if self._segmenter else "label transfer"),
+                          if self._segmenter else LABELS_BY["intensity_model"]
+                          if predictor.intensity_model is not None else LABELS_BY["transfer"]),
+            "intensity_model": predictor.intensity_model_record(),
+            "intensity_model_not_applied": [
+                n for n, r in self.records.items()
+                if r.get("intensity_model") and not r["intensity_model"]["applied"]],
             "segmenter": self._segmenter_record(),
             "atlases": predictor.atlases.records(),
             "fusion": options.fusion if len(predictor.atlases) > 1 else None,

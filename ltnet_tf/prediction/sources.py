@@ -31,7 +31,7 @@ def load_serving_signatures(saved_model: str, fall_back: bool):
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if not fall_back:
             raise ModelDirError(f"{saved_model}: damaged SavedModel, cannot be loaded ({reason}); "
-                                f"re-export it with python -m ltnet_tf.export") from None
+                                f"re-export it with ltnet-export --model_dir") from None
         logging.warning("%s: damaged SavedModel, using the checkpoint instead (%s)", saved_model,
                         reason)
         return None
@@ -55,7 +55,7 @@ class RunFolderNetwork:
         saved_model = self.model_dir.latest_saved_model()
         if source == "saved_model" and saved_model is None:
             raise ModelDirError(f"{self.model_dir.path}: no SavedModel in saved_model/ "
-                                f"(run python -m ltnet_tf.export --model_dir {self.model_dir.path})")
+                                f"(run ltnet-export --model_dir {self.model_dir.path})")
         signatures = None
         if source != "checkpoint" and saved_model is not None:
             signatures = load_serving_signatures(saved_model, fall_back=source == "auto")

@@ -163,6 +163,7 @@ def train_segmenter(model_dir: str, unlabeled, config: SegmenterConfig, *, atlas
     pseudo, shapes, records = teacher_examples(predictor, scan_paths, config, log, preparation)
     teacher_minutes = (time.time() - start) / 60.0
     teacher_start = "G_F of the run" if network is not None else "identity"
+    intensity_model = predictor.intensity_model_record()  # the pseudo-labels were finished by it
     del predictor, network  # memory for the fitting
     shape_statistics = synthesis.appearance_statistics(real[0].image, real[0].fractions)
     sampler = ExampleSampler(real + pseudo, shapes, shape_statistics, config)
@@ -177,6 +178,7 @@ def train_segmenter(model_dir: str, unlabeled, config: SegmenterConfig, *, atlas
                             "fusion": config.teacher_fusion,
                             "start": teacher_start,
                             "refinement": (refinement or RefinementSettings()).to_dict(),
+                            "intensity_model": intensity_model,
                             "scans": records, "minutes": teacher_minutes},
                 "examples": {"labelled": [e.name for e in real],
                              "pseudo": [e.name for e in pseudo],

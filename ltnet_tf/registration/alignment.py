@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 from scipy import ndimage
 
-from ltnet_tf.io import intensity, plausibility, volumes as data
+from ltnet_tf.io import plausibility, volumes as data
 from ltnet_tf.registration import contrast, resampling
 from ltnet_tf.io.plausibility import tissue_mask, tissue_volume_ml  # noqa: F401  (public here too)
 
@@ -241,7 +241,7 @@ def normalized(volume: data.Volume) -> data.Volume:
     """The volume with robustly normalised intensities (``ltnet_tf.io.intensity``): the registration
     metric, the tissue masks and the correlation see [0, 1] with the background at 0, so a few
     extreme voxels cannot squeeze the brain into one or two histogram bins."""
-    return dataclasses.replace(volume, data=intensity.normalize_array(volume.data))
+    return dataclasses.replace(volume, data=volume.normalized_data())
 
 
 class AtlasAligner:

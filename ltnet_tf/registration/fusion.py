@@ -144,7 +144,7 @@ def label_probability(candidates, weights, label_id: int,
     return probability
 
 
-@tf.function(reduce_retracing=True)
+@tf.function(reduce_retracing=True, autograph=False)
 def _sample(weight_maps_last: tf.Tensor, points: tf.Tensor) -> tf.Tensor:
     shape = weight_maps_last.shape.as_list()[:3]
     limit = tf.constant([s - 1 for s in shape], tf.float32)

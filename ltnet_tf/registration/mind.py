@@ -121,7 +121,7 @@ class DescriptorGrids:
             raise ValueError(f"grid factors {self.factors} must be multiples of {image_factor}")
         self.radius, self.dilation = int(radius), int(dilation)
         self.calls = 0
-        self._describe = tf.function(self._describe_eager)
+        self._describe = tf.function(self._describe_eager, autograph=False)
 
     def _describe_eager(self, images):
         features = mind_ssc(to_grid(images[..., None], self.image_factor), self.radius,

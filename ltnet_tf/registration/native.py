@@ -85,12 +85,13 @@ class NativeLabelPull(tf.Module):
                 displaced, 0.0, tf.constant([s - 1 for s in self.atlas_shape], tf.float32))
         return displaced
 
-    @tf.function(reduce_retracing=True)
+    # No AutoGraph (no Python control flow on tensors here): tracing is a first scan's cost.
+    @tf.function(reduce_retracing=True, autograph=False)
     def _labels(self, components, grid_points, grid_shape):
         points = self._atlas_points(components, grid_points, grid_shape)
         return inference.labels_at_points(self.atlas_labels, points[None], self.atlas_cells)[0]
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def _fractions(self, components, grid_points, grid_shape, label_ids):
         """[L, N]: the share of each of ``label_ids`` in the one-hot-linear vote at each point
         (the trilinear weights of the 8 neighbours that carry it)."""
@@ -120,7 +121,7 @@ def merged_components(components) -> tuple:
 
 def pull_fused(pulls: list, displacement, native_to_grid: np.ndarray, native_shape, grid_shape,
                weights: np.ndarray = None, weights_factor: int = None,
-               mask: np.ndarray = None, probabilities=None):
+               mask: np.ndarray = None, probabilities=None, votes: bool = False) -> tuple:
     """Several atlases' labels pulled onto ``native_shape`` voxels and fused (``fusion.fuse_labels``).
 
     ``pulls``: one ``NativeLabelPull`` per atlas; ``displacement``: an ``inference.Displacement``
@@ -131,8 +132,10 @@ def pull_fused(pulls: list, displacement, native_to_grid: np.ndarray, native_sha
     linear shares, averaged with their weights). Native voxels are done a chunk at a time, so
     memory is A labels and weights per voxel of a chunk, never per voxel of the scan.
 
-    Returns label IDs [*native_shape] int32, or with ``probabilities`` (that, [L, *native_shape]
-    uint8 probabilities x 255).
+    Returns (label IDs [*native_shape] int32, with ``probabilities`` their [L, *native_shape]
+    uint8 probabilities x 255 else None, with ``votes`` what was fused else None: (flat native
+    indices [N] of the voxels in reach, each atlas's label there [A, N] int32, its weight there
+    [A, N] float32 or None for a majority vote), the prior of ``labelling.intensity_model``).
     """
     from ltnet_tf.registration import fusion
 
@@ -140,15 +143,15 @@ def pull_fused(pulls: list, displacement, native_to_grid: np.ndarray, native_sha
     segmentation = np.zeros(int(np.prod(native_shape)), np.int32)
     wanted = None if probabilities is None else tf.constant(list(probabilities), tf.int32)
     shares = None if wanted is None else np.zeros((len(probabilities), segmentation.size), np.uint8)
+    found = _Votes(len(pulls), weights is not None) if votes else None
     boxes = [p.label_box for p in pulls if p.label_box is not None]
-    if not boxes:
-        return segmentation.reshape(native_shape) if shares is None else (
-            segmentation.reshape(native_shape), shares.reshape(-1, *native_shape))
-    box = (np.min([b[0] for b in boxes], 0), np.max([b[1] for b in boxes], 0))
-    elements = [merged_components(displacement.element(k)) for k in range(len(pulls))]
-    reach = max(sum(float(tf.reduce_max(tf.abs(v))) * f for v, f in element)
-                for element in elements) + 1.0
-    points = native_points_in_reach(native_to_grid, native_shape, box, reach, mask)
+    points = (np.zeros(0, np.int64), np.zeros((0, 3), np.float32))
+    if boxes:
+        box = (np.min([b[0] for b in boxes], 0), np.max([b[1] for b in boxes], 0))
+        elements = [merged_components(displacement.element(k)) for k in range(len(pulls))]
+        reach = max(sum(float(tf.reduce_max(tf.abs(v))) * f for v, f in element)
+                    for element in elements) + 1.0
+        points = native_points_in_reach(native_to_grid, native_shape, box, reach, mask)
     grid_shape = tuple(int(s) for s in grid_shape)
     weight_maps = None if weights is None else tf.constant(
         np.moveaxis(np.asarray(weights, np.float32), 0, -1))  # [*grid, A]
@@ -165,9 +168,32 @@ def pull_fused(pulls: list, displacement, native_to_grid: np.ndarray, native_sha
         if shares is not None:
             shares[:, flat_index] = _fused_shares(pulls, elements, grid_points, grid_shape,
                                                   wanted, chunk_weights)
-    if shares is None:
-        return segmentation.reshape(native_shape)
-    return segmentation.reshape(native_shape), shares.reshape(-1, *native_shape)
+        if found is not None:
+            found.add(flat_index, candidates, chunk_weights)
+    return (segmentation.reshape(native_shape),
+            None if shares is None else shares.reshape(-1, *native_shape),
+            None if found is None else found.arrays())
+
+
+class _Votes:
+    """What a fusion voted, chunk by chunk: voxel indices, each atlas's label and weight there."""
+
+    def __init__(self, atlases: int, weighted: bool):
+        self.atlases, self.weighted = atlases, weighted
+        self.index, self.labels, self.weights = [], [], []
+
+    def add(self, flat_index, candidates, weights) -> None:
+        self.index.append(flat_index)
+        self.labels.append(candidates)
+        if self.weighted:
+            self.weights.append(np.asarray(weights, np.float32))
+
+    def arrays(self) -> tuple:
+        if not self.index:
+            return (np.zeros(0, np.int64), np.zeros((self.atlases, 0), np.int32),
+                    np.zeros((self.atlases, 0), np.float32) if self.weighted else None)
+        return (np.concatenate(self.index), np.concatenate(self.labels, 1),
+                np.concatenate(self.weights, 1) if self.weighted else None)
 
 
 def _fused_shares(pulls, elements, grid_points, grid_shape, wanted, weights) -> np.ndarray:

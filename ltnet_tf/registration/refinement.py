@@ -61,9 +61,12 @@ class GridStage:
         self.weight_smooth = weight_smooth
         self.jit_compile = jit_compile
         # XLA fuses the loss's elementwise chains and slices; compiling the whole loop was no
-        # faster than compiling the step (bench/results/refinement.md).
+        # faster than compiling the step (bench/results/refinement.md). No AutoGraph here or in
+        # ``ScanRefiner``: the loop is an explicit ``tf.while_loop`` and every Python ``if`` is
+        # on shapes or settings, so converting the source (2/3 of the tracing, ~2 CPU s of a
+        # process's first scan) would only cost time.
         self._loss_and_gradient = tf.function(self._loss_and_gradient_eager,
-                                              jit_compile=jit_compile)
+                                              jit_compile=jit_compile, autograph=False)
 
     def scan_terms(self, scan_normalized: tf.Tensor, scan_features: dict = None) -> tuple:
         """What the loss needs of the scan, made once per scan: (the scan on this grid [B, *grid],
@@ -310,7 +313,7 @@ class ScanRefiner:
         if config is not None:
             working = tuple(config.working_shape(shape))
             specs.append(tf.TensorSpec([count, *working, 3], tf.float32))
-        self._refine = tf.function(self._refine_eager, input_signature=specs)
+        self._refine = tf.function(self._refine_eager, input_signature=specs, autograph=False)
 
     def _refine_eager(self, scan, *inputs):
         features = inputs[0] if self.refinement.descriptors is not None else None

@@ -149,6 +149,8 @@ def _header(prediction: dict, entries: list) -> str:
             ("atlases", "; ".join(_atlases(prediction)) or None),
             ("label fusion", prediction.get("fusion") or "none (one atlas)"),
             ("refinement", _settings(prediction.get("refinement"))),
+            ("intensity model", _settings(prediction.get("intensity_model"))
+             if "intensity_model" in prediction else None),
             ("alignment", prediction.get("align")),
             ("mean Dice", _number(prediction.get("mean_dice"), 4)
              if prediction.get("mean_dice") is not None else None),
@@ -252,6 +254,12 @@ def _timings_and_refinement(record: dict) -> str:
             change = f" ({100.0 * (end - start) / abs(start):+.1f}%)"
         parts.append(f"<h3>Refinement</h3><p>loss {_e(_number(start, 4))} &rarr; "
                      f"{_e(_number(end, 4))}{_e(change)}</p>")
+    model = record.get("intensity_model")
+    if isinstance(model, dict):
+        text = (f"applied: {_number(100.0 * (model.get('changed_fraction') or 0.0), 2)}% of the "
+                f"brain's voxels relabelled by the scan's intensities" if model.get("applied")
+                else f"not applied ({model.get('warning')}): the label transfer's labels")
+        parts.append(f"<h3>Intensity model</h3><p>{_e(text)}</p>")
     seconds = record.get("seconds")
     if isinstance(seconds, dict) and seconds:
         rows = [[_e(stage), (_number(value, 1), "num")] for stage, value in seconds.items()]

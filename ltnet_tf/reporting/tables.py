@@ -84,11 +84,11 @@ def remove_earlier_dice_reports(output_dir: str, suffix: str = "") -> None:
 
 
 def write_volumes_csv(volumes: dict, label_ids, output_dir: str, names=None,
-                      suffix: str = "", labels_by: str = None) -> str:
+                      suffix: str = "", labels_by: dict = None) -> str:
     """``volumes<suffix>.csv``: one row per scan, one column per structure (by ``names``, default
     FreeSurfer's), mm³ on the scan's own grid — the table FastSurfer and SynthSeg users expect;
-    with ``labels_by`` (e.g. "segmenter") a last column of that name saying what made the labels.
-    Returns its path."""
+    with ``labels_by`` ({scan: e.g. "segmenter"}) a last column of that name saying what made
+    each scan's labels. Returns its path."""
     name = (names or LabelNames.freesurfer()).name
     labels = [int(i) for i in label_ids if int(i) != 0]
     path = os.path.join(output_dir, f"volumes{suffix}.csv")
@@ -98,7 +98,7 @@ def write_volumes_csv(volumes: dict, label_ids, output_dir: str, names=None,
         writer.writerow(["scan", *[name(label) for label in labels], *extra])
         for scan, per_label in volumes.items():
             writer.writerow([scan, *[f"{per_label[label]:.1f}" for label in labels],
-                             *([labels_by] if labels_by else [])])
+                             *([labels_by[scan]] if labels_by else [])])
     return path
 
 

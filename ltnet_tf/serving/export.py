@@ -29,7 +29,7 @@ fix, in TF Serving and ``saved_model_cli`` too. Library functions raise ``ModelD
 ``DataError`` with a one-line message; the command line (``ltnet_tf.commands.cli.export_main``) prints it
 and exits with status 1:
 
-    python -m ltnet_tf.export --model_dir models/RUN [--checkpoint best] [--version 3]
+    ltnet-export --model_dir models/RUN [--checkpoint best] [--version 3]
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ from ltnet_tf.serving.signatures import (  # noqa: F401  (clients' names, also r
 # None exports no segment_refined) and recommends its step counts in the metadata.
 # XLA makes a refinement step 3x cheaper on CPU (bench/results/refinement.md), but TF Serving runs
 # XLA-compiled functions only when started with --xla_cpu_compilation_enabled=true (experimental),
-# so the default export runs everywhere and XLA is asked for (python -m ltnet_tf.export --refine_xla).
+# so the default export runs everywhere and XLA is asked for (ltnet-export --refine_xla).
 REFINE_XLA = False
 SCAN_INPUT = "scan"
 OUTPUTS = ("segmentation", "flow", "warped_atlas")

@@ -30,7 +30,6 @@ from absl import logging
 from ltnet_tf.config import RESUME_CHANGEABLE, ConfigError, LTNetConfig, resume_config
 from ltnet_tf.files import atomic_write
 from ltnet_tf.io import volumes as data
-from ltnet_tf.registration.networks import ForwardGenerator
 
 # TF Serving ignores assets.extra/, so metadata there travels with the version without being served.
 SAVED_MODEL_METADATA = os.path.join("assets.extra", "ltnet_serving.json")
@@ -234,6 +233,10 @@ class ModelDir:
 
     def restore_forward_generator(self, config: LTNetConfig = None, which: str = "auto"):
         """G_F rebuilt from the config with the chosen checkpoint's weights; loud on mismatch."""
+        # VoxelMorph (with neurite, scikit-learn, pandas) only where G_F is built: a prediction
+        # without a network, or from the SavedModel, never imports it (~0.7 s of start-up).
+        from ltnet_tf.registration.networks import ForwardGenerator
+
         config = config or self.load_config()
         generator = ForwardGenerator.from_ltnet_config(config)
         path = self.checkpoint(which)

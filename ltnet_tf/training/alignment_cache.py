@@ -14,16 +14,10 @@ import time
 import numpy as np
 from absl import logging
 
-from ltnet_tf.files import atomic_write, file_digest
+from ltnet_tf.files import atomic_write, cache_dir, file_digest
 from ltnet_tf.io import volumes as data
 from ltnet_tf.preprocessing.preparation import ScanPreparation
 from ltnet_tf.registration.alignment import AlignmentSettings, AtlasAligner, on_atlas_grid
-
-
-def cache_dir() -> str:
-    """Where aligned training scans are kept: ``$LTNET_CACHE_DIR`` or ``~/.cache/ltnet_tf``."""
-    return os.environ.get("LTNET_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "ltnet_tf")
 
 
 def aligned_copy(aligner: AtlasAligner, path: str, atlas_digest: str, folder: str,

@@ -91,6 +91,12 @@ class LTNet(tf.keras.Model):
         if self.discriminator is not None:
             self.d_optimizer = self._loss_scaled(
                 d_optimizer or tf.keras.optimizers.Adam(config.d_learning_rate))
+        # Adam's moments made now rather than in the first train step: a tf.function that makes
+        # variables on its first call is traced twice (with and without making them), and tracing
+        # the train step is most of what a run spends before its first step.
+        self.g_optimizer.build(self.generator_variables)
+        if self.d_optimizer is not None:
+            self.d_optimizer.build(self.discriminator.trainable_variables)
 
     @staticmethod
     def _loss_scaled(optimizer):
