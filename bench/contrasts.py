@@ -13,8 +13,9 @@ benchmark structures.
 Sections (``--sections``):
 
 - ``segmentation``: one atlas (the data's), the product's configuration (``--similarity auto``,
-  plus ``--predictor_options``) and, with ``--compare``, each similarity forced (``ncc``,
-  ``remap``, ``mind``; ``ngf``: normalised gradient fields in the refinement). Per scan: Dice, wall
+  plus ``--predictor_options``) and, with ``--compare``, the product without the per-scan
+  intensity model (``intensity_off``) or each similarity forced (``ncc``, ``remap``, ``mind``;
+  ``ngf``: normalised gradient fields in the refinement). Per scan: Dice, wall
   and CPU seconds (read to labels, the scan in memory), the similarity used, the contrast named,
   the diagnosis line the product prints.
 - ``fusion``: five atlases (the data's and sub-01..04), joint label fusion, the product's
@@ -51,7 +52,7 @@ from bench.contrasts_report import markdown, summarise
 
 CONTRASTS = ("t1", "t2", "flair", "pd")
 CONFIGS = ("product",)
-COMPARE = ("ncc", "remap", "mind", "ngf")
+COMPARE = ("intensity_off", "ncc", "remap", "mind", "ngf")
 FUSION_COMPARE = ("jlf_raw", "majority")
 SECTIONS = ("diagnosis", "segmentation", "fusion", "alignment")
 BROKEN_FROM = ("sub-06", "sub-07", "1000", "1001")
@@ -269,7 +270,9 @@ def main(argv):
         from ltnet_tf.config import RefinementSettings
         configs = {"product": Segmenter(one, **options)}
         for name in FLAGS.compare:
-            if name in COMPARE:
+            if name == "intensity_off":  # the product without the per-scan intensity model
+                configs[name] = Segmenter(one, **{**options, "intensity_model": "off"})
+            elif name in COMPARE:
                 configs[name] = (Segmenter(one, "ncc", RefinementSettings(similarity="ngf"))
                                  if name == "ngf" else Segmenter(one, name))
         found = results.setdefault("segmentation", {})
