@@ -165,7 +165,6 @@ def segment_all(configs: dict, kinds, scans, found: dict, save) -> None:
             entry = found.setdefault(config, {}).setdefault(name, {})
             for (kind, contrast), volume in cases.items():
                 figures = segmenter(volume, labels)
-                figures.pop("alignment")
                 (entry.setdefault(kind, {}) if kind != "t1" else entry)[contrast] = figures
                 print(f"[{config}] {name} {kind} {contrast}: Dice {figures['dice']:.4f}, "
                       f"{figures['seconds']:.1f} s, {figures['similarity']}, "
