@@ -134,6 +134,28 @@ def _scan_table(entries: dict, kind: str) -> list:
                   "diagnosis line"], rows)
 
 
+def _coverage(results: dict) -> list:
+    """Lines saying which scans each section holds, and whether that is a subset of the full
+    command's (a run stopped early, or run with fewer ``--scans``)."""
+    from bench.harness import MICCAI_SUBJECTS, SHARED_SUBJECTS
+
+    full = list(SHARED_SUBJECTS + MICCAI_SUBJECTS)
+    lines = []
+    for section in ("segmentation", "fusion", "alignment"):
+        found = results.get(section) or {}
+        scans = sorted({s for entries in found.values() for s in entries})
+        if scans:
+            part = "all" if set(full) <= set(scans) else "**a subset**:"
+            lines.append(f"- {section}: {part} {len(scans)} of the {len(full)} scans "
+                         f"({', '.join(scans)})")
+    if results.get("diagnosis"):
+        native = len(results["diagnosis"].get("correct", {}))
+        part = "all" if native >= 25 else "**a subset**:"
+        lines.append(f"- diagnosis: {part} {native} of the 25 native scans, broken inputs from "
+                     f"{len(results['diagnosis'].get('broken', {}))} of 4")
+    return (["Scans measured:", "", *lines, ""]) if lines else []
+
+
 def markdown(results: dict) -> list:
     summary, targets = results.get("summary", {}), results["targets"]
     runs = "; ".join(f"{section}: `{run['command']}` at commit `{run['git_commit'][:12]}` "
@@ -148,6 +170,7 @@ def markdown(results: dict) -> list:
              "process (tracing) excluded. How each contrast is made: `bench/synthetic_contrasts.py`"
              " (two kinds: " + "; ".join(f"`{k}`: {v}" for k, v in KIND_NAMES.items()) + ").",
              ""]
+    lines += _coverage(results)
     if results.get("predictor_options"):
         lines += [f"Product configuration: `--similarity auto` with Predictor options "
                   f"`{results['predictor_options']}`.", ""]
