@@ -15,10 +15,17 @@ alignment check once took for a failed alignment. Named (``contrast_name``): by 
 scan's median intensities over the atlas's dark, middle and bright tissue (for a T1 atlas: CSF,
 grey, white matter; the classes from a 3-class k-means of the atlas's intensities):
 
-    T1-like     dark < middle < bright          (the atlas's order)
-    T2-like     bright darkest, dark brightest, spread (dark - bright) / dark >= 0.4
+    T1-like     dark < middle < bright, bright at least 10 % above middle (the atlas's order)
+    T2-like     bright darkest, spread (max(dark, middle) - bright) / max(dark, middle) >= 0.4
     PD-like     bright darkest, spread below 0.4 (little contrast)
-    FLAIR-like  dark darkest, middle brightest  (fluid suppressed, grey above white)
+    FLAIR-like  dark darkest, middle brightest or within 10 % of bright (fluid suppressed, grey
+                as bright as white or brighter)
+
+Thresholds from the medians of sub-06/07 and MICCAI 1000/1001 after the alignment
+(``bench.contrasts``' recipes): T1s' bright tissue 16-31 % above the middle one, a FLAIR-like
+scan's 6 % (the rest below it); spreads 0.17-0.30 for PD-like scans, 0.45-0.51 for T2-like ones
+(the atlas's dark class, CSF, overlaps grey matter after an affine alignment alone, so its median
+can fall below the middle one's even in a T2).
 
 Mapped (``atlas_like``, ``--similarity remap``): each voxel's intensity replaced by E[atlas |
 scan], the correlation ratio's regression, through the joint histogram of the aligned scan and the
@@ -44,6 +51,7 @@ HISTOGRAM_BINS = 64
 RELATION_BINS = 32
 CONTRAST_NAMES = ("T1-like", "T2-like", "FLAIR-like", "PD-like", "other")
 PD_SPREAD = 0.4
+FLAIR_GAP = 0.1
 
 
 def atlas_like(aligned: data.Volume, atlas_normalized: np.ndarray,
@@ -155,12 +163,12 @@ def contrast_name(means) -> str:
     """``CONTRAST_NAMES`` entry of the scan's median intensities over the atlas's dark, middle and
     bright tissue (see the module docstring)."""
     dark, middle, bright = (float(m) for m in means)
-    if dark < middle < bright:
+    if dark < middle < bright and bright - middle >= FLAIR_GAP * bright:
         return "T1-like"
     if bright < min(dark, middle):
         spread = (max(dark, middle) - bright) / max(dark, middle, 1e-6)
-        return "T2-like" if dark > middle and spread >= PD_SPREAD else "PD-like"
-    if dark < bright < middle:
+        return "T2-like" if spread >= PD_SPREAD else "PD-like"
+    if dark < min(middle, bright):
         return "FLAIR-like"
     return "other"
 
