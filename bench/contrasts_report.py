@@ -31,14 +31,16 @@ def _by_kind(entries: dict) -> dict:
         dice = {c: _mean(f["dice"] for f in v) for c, v in figure.items()}
         seconds = {c: _mean((f["seconds"] for f in v), 2) for c, v in figure.items()}
         others = [f for c in OTHERS for f in figure[c]]
+        cpu = {c: _mean((f["cpu_seconds"] for f in v), 2) for c, v in figure.items()}
         found[kind] = {
             "scans": scans, "mean_dice": dice, "seconds_per_scan": seconds,
-            "cpu_seconds_per_scan": {c: _mean((f["cpu_seconds"] for f in v), 2)
-                                     for c, v in figure.items()},
+            "cpu_seconds_per_scan": cpu,
             "gap": {c: None if dice[c] is None or dice["t1"] is None
                     else round(dice[c] - dice["t1"], 4) for c in OTHERS},
             "seconds_ratio": {c: None if not seconds["t1"] or seconds[c] is None
                               else round(seconds[c] / seconds["t1"], 2) for c in OTHERS},
+            "cpu_seconds_ratio": {c: None if not cpu["t1"] or cpu[c] is None
+                                  else round(cpu[c] / cpu["t1"], 2) for c in OTHERS},
             "handled": f"{sum(f['diagnosis'] == 'contrast' for f in others)}/{len(others)}",
             "similarities": sorted({f["similarity"] for f in others}),
         }
@@ -101,9 +103,12 @@ def _targets(summary: dict, targets: dict) -> list:
             checks = [f"{NAMES[c]} {_f(e['gap'][c], '+.4f')} (target >= -{targets[c]})"
                       for c in OTHERS]
             ratio = max((r for r in e["seconds_ratio"].values() if r is not None), default=None)
+            cpu = max((r for r in e.get("cpu_seconds_ratio", {}).values() if r is not None),
+                      default=None)
             lines.append(f"- {label}, {kind}: T1 {_f(e['mean_dice']['t1'])}; gaps to it "
                          + ", ".join(checks) + f"; seconds at most {_f(ratio, '.2f')}x the "
-                         f"T1's (target <= {targets['seconds_ratio']}); handled as another "
+                         f"T1's (target <= {targets['seconds_ratio']}; CPU seconds {_f(cpu, '.2f')}x: "
+                         f"less changed by other jobs); handled as another "
                          f"contrast: {e['handled']}")
     return lines
 
