@@ -115,6 +115,16 @@ def from_intensities(t1: np.ndarray, contrast: str) -> tuple:
     return np.where(brain, mapped, 0.0).astype(np.float32), landmarks
 
 
+def remap_contrast(t1: np.ndarray, labels: np.ndarray, contrast: str, seed: int = 0) -> np.ndarray:
+    """The label-made ``contrast`` of ``from_labels`` with Gaussian noise of sigma ``NOISE`` and no
+    bias field, float32, 0 outside the brain: the recipe of ``bench.heads``'s contrast part and
+    of ``bench.degradations``' contrast copies (their committed results were made with it)."""
+    brain = np.asarray(t1) > 0
+    noise = np.random.default_rng(seed).normal(0.0, NOISE, brain.shape).astype(np.float32)
+    clean = from_labels(t1, labels, contrast)
+    return np.where(brain, np.maximum(clean + noise, 0.0), 0.0).astype(np.float32)
+
+
 def acquired(clean: np.ndarray, brain: np.ndarray, seed: int) -> np.ndarray:
     """``clean`` times a bias field of +-``BIAS``, with Rician noise of sigma ``NOISE`` (of the
     brightest level, 1), 0 outside ``brain``."""

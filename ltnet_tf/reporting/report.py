@@ -143,13 +143,8 @@ def _atlases(prediction: dict) -> list:
     atlases = prediction.get("atlases")
     if atlases is None and prediction.get("atlas") is not None:
         atlases = [prediction["atlas"]]
-    described = []
-    for atlas in atlases or []:
-        if isinstance(atlas, dict):
-            described.append(" + ".join(str(atlas[k]) for k in ("image", "labels") if atlas.get(k)))
-        else:
-            described.append(str(atlas))
-    return described
+    return [" + ".join(str(atlas[k]) for k in ("image", "labels") if atlas.get(k))
+            if isinstance(atlas, dict) else str(atlas) for atlas in atlases or []]
 
 
 def _settings(settings) -> str:
