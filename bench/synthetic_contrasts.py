@@ -77,16 +77,10 @@ def tissue_classes(labels: np.ndarray, brain: np.ndarray) -> dict:
 
 def tissue_landmarks(values: np.ndarray, iterations: int = 50) -> tuple:
     """(CSF, grey, white) centres of a 3-class k-means of ``values`` (1-D, normalised T1
-    intensities of the brain), started at their 10th, 50th and 90th percentiles."""
-    centres = np.percentile(values, [10, 50, 90]).astype(np.float64)
-    for _ in range(iterations):
-        nearest = np.argmin(np.abs(values[:, None] - centres[None]), axis=1)
-        updated = np.array([values[nearest == k].mean() if np.any(nearest == k) else centres[k]
-                            for k in range(3)])
-        if np.allclose(updated, centres):
-            break
-        centres = updated
-    return tuple(float(c) for c in np.sort(centres))
+    intensities of the brain): the product's own (``registration.contrast.tissue_centres``)."""
+    from ltnet_tf.registration.contrast import tissue_centres
+
+    return tuple(float(c) for c in tissue_centres(values, iterations))
 
 
 def from_labels(t1: np.ndarray, labels: np.ndarray, contrast: str) -> np.ndarray:
