@@ -9,13 +9,17 @@ and atlas (a label pull's one-hot vote is not needed for a structure's mean).
 """
 from __future__ import annotations
 
+from ltnet_tf import compat  # noqa: F401
+
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import tensorflow as tf
 from scipy import ndimage
 
 from ltnet_tf.registration.native import merged_components
+from ltnet_tf.registration.transfer import resample_displacement
 
 
 @dataclass
@@ -83,11 +87,14 @@ def fine_flow(element, factor: int, shape) -> np.ndarray:
     """One atlas's refined displacement (``Displacement.element``) on the fine grid of ``shape``,
     in atlas-grid voxels [*shape, 3] float32."""
     ((values, finest),) = merged_components(element)
+    if finest != factor:  # G_F's displacement on a finer grid than the refinement's: onto it
+        values = resample_displacement(tf.convert_to_tensor(values)[None], finest / factor,
+                                       shape)[0]
     values = np.asarray(values, np.float32)[:shape[0], :shape[1], :shape[2]]
-    if finest != factor or values.shape[:3] != tuple(shape):
-        raise ValueError(f"the displacement's finest grid (factor {finest}, "
-                         f"{values.shape[:3]}) is not the refinement's ({factor}, {shape})")
-    return values * float(finest)
+    if values.shape[:3] != tuple(shape):
+        raise ValueError(f"the displacement's grid (factor {factor}, {values.shape[:3]}) does "
+                         f"not cover the refinement's ({shape})")
+    return values * float(factor)
 
 
 class FineGrid:
