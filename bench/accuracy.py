@@ -301,6 +301,9 @@ def main(argv):
     if kept:  # only entries measured the same way (per-set figures) can share a table
         results["configs"] = {name: r for name, r in kept["configs"].items()
                               if name not in FLAGS.configs and "sets" in r}
+        # the run folders of kept configurations were named by an earlier --model_dirs
+        STARTS.extend(name for name in results["configs"] if name not in (*FIXED, *STARTS)
+                      and not name.endswith("_refined") and not BUDGET.match(name))
         results["sets"] = {**kept.get("sets", {}), **sets}
     for name in FLAGS.configs:
         r = results["configs"][name] = evaluate(name, cases, model_dirs)
