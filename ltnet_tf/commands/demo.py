@@ -95,8 +95,18 @@ def run_demo(workdir: str, steps: int, preset: str = "ltnet", seed: int = 0) -> 
 
 
 def main(argv=None) -> int:
+    """The demo; 0 when done, 2 (with the flags' help on stderr) for unknown flags. --help
+    prints the flags."""
     fv = _flags()
-    fv(list(argv if argv is not None else sys.argv))
+    argv = list(argv if argv is not None else sys.argv)
+    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
+        print(f"usage: ltnet-demo [flags]\n{fv.get_help()}")
+        return 0
+    try:
+        fv(argv)
+    except flags.Error as e:
+        print(f"error: {e}\nusage: ltnet-demo [flags]\n{fv.get_help()}", file=sys.stderr)
+        return 2
     run_demo(fv.workdir, fv.steps, fv.preset, fv.seed)
     return 0
 
