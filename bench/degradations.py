@@ -14,11 +14,9 @@ mode, made on the scan's own grid so that the reference labels follow every chan
                    the grid (image and labels)
     lesion         a T1-hypointense ellipsoid (radii 8-30 mm, soft edge, textured) in the cerebral
                    white matter; the labels are kept (the anatomy is there, its appearance changed)
-    bias           a smooth multiplicative field of ±20-60 %
-                   (``synthetic_contrasts.bias_field``), not corrected (predict.py corrects
-                   whole heads only, by default)
-    contrast       T2-, FLAIR- or PD-like (``synthetic_contrasts.remap_contrast``), by subject
-                   in turn
+    bias           a smooth multiplicative field of ±20-60 % (``contrasts.bias_field``), not
+                   corrected (predict.py corrects whole heads only, by default)
+    contrast       T2-, FLAIR- or PD-like (``contrasts.remap_contrast``), by subject in turn
     orientation    a mislabelled header orientation: the superior-inferior or anterior-posterior
                    axis flipped, those two axes swapped, or the header rotated 20-60° about the
                    left-right axis (an oblique acquisition recorded as straight); the voxels
@@ -42,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from bench import synthetic_contrasts
+from bench import contrasts
 
 DEGRADATIONS = ("clean", "thick_slices", "noise", "ghosts", "crop", "lesion", "bias", "contrast",
                 "orientation", "voxel_size", "combined")
@@ -222,13 +220,13 @@ def lesion(image, labels, affine, radius_mm: float, rng) -> Copy:
 
 def bias(image, labels, affine, amplitude: float, seed: int) -> Copy:
     brain = image > 0
-    field_ = synthetic_contrasts.bias_field(image.shape, brain, amplitude, seed)
+    field_ = contrasts.bias_field(image.shape, brain, amplitude, seed)
     return Copy((image * field_).astype(np.float32), labels, affine,
                 parameters={"amplitude": round(amplitude, 3)})
 
 
 def contrast(image, labels, affine, name: str, seed: int) -> Copy:
-    return Copy(synthetic_contrasts.remap_contrast(image, labels, name, seed), labels, affine,
+    return Copy(contrasts.remap_contrast(image, labels, name, seed), labels, affine,
                 parameters={"contrast": name})
 
 

@@ -11,12 +11,12 @@ refinement at its defaults), each scan on its own grid, Dice of the 28 benchmark
 - ``from_head``: per head, Dice from the head (stripped and N4-corrected as above; and stripped
   without N4) against Dice from FreeSurfer's own skull-stripped scan of the same subject on the
   same grid (native/images), same settings.
-- ``bias``: each head times a smooth field of +-25 % (``bench.synthetic_contrasts.bias_field``,
-  seed = the subject's number), through the same pipeline (with and without N4): Dice against the
-  head's without the field.
+- ``bias``: each head times a smooth field of +-25 % (``bench.contrasts.bias_field``, seed = the
+  subject's number), through the same pipeline (with and without N4): Dice against the head's
+  without the field.
 - ``contrast``: sub-06/07 (native) and the six MICCAI validation scans, as they are (T1) and
-  remapped to T2-, FLAIR- and PD-like contrasts (``bench.synthetic_contrasts.remap_contrast``),
-  segmented with the similarity the product picks for them (``--similarity auto``).
+  remapped to T2-, FLAIR- and PD-like contrasts (``bench.contrasts.remap_contrast``), segmented
+  with the similarity the product picks for them (``--similarity auto``).
 
 Each part records the load average at its start and end: timings taken while other jobs share the
 cores are upper bounds. Writes bench/results/heads.json, .md.
@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags
 
 from bench import harness
-from bench.synthetic_contrasts import bias_field, remap_contrast
+from bench.contrasts import bias_field, remap_contrast
 from bench.harness import table
 from ltnet_tf.config import RefinementSettings
 from ltnet_tf.io import evaluation, volumes as data

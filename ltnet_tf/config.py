@@ -267,16 +267,15 @@ class RefinementSettings:
     learning_rate: float = 0.2
     weight_smooth: float = 4.0
     jit_compile: bool = True
-    # 'ncc': 1 - local NCC (LT-Net's objective); for scans of another contrast than the atlas's,
-    # 'mind': MIND-SSC descriptors made once per image (``registration.mind``), 'ngf': 1 -
-    # normalised gradient fields (``registration.gradient_fields``; measured, not used).
+    # 'ncc': 1 - local NCC (LT-Net's objective); 'ngf': 1 - normalised gradient fields, for scans
+    # of another contrast than the atlas's (``refinement.FixedScanNGF``).
     similarity: str = "ncc"
 
     def __post_init__(self):
-        if self.similarity not in ("ncc", "mind", "ngf"):
-            raise ConfigError(f"refinement 'similarity' must be ncc, mind or ngf, got "
+        if self.similarity not in ("ncc", "ngf"):
+            raise ConfigError(f"refinement 'similarity' must be ncc or ngf, got "
                               f"{self.similarity!r}")
-        for name in ("steps", "coarse_steps", "mind_coarse_steps", "mind_steps"):
+        for name in ("steps", "coarse_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"refinement '{name}' must be an integer >= 0, got {value!r}")
@@ -286,25 +285,11 @@ class RefinementSettings:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"refinement '{name}' must be a positive integer, got {value!r}")
-        for name in ("learning_rate", "weight_smooth", "mind_learning_rate"):
+        for name in ("learning_rate", "weight_smooth"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"refinement '{name}' must be a finite number >= 0, "
                                   f"got {value!r}")
-
-    # With similarity 'mind': MIND-SSC's steps on the coarse and the fine grid and its learning
-    # rate, before the scan is mapped to the atlas's contrast and ``steps`` of local NCC run on the
-    # fine grid (bench/results/contrasts.md). A fine-grid step costs 1.5x an NCC one (12 channels
-    # at the ~430k voxels near the brain: 0.53 against 0.34 s on 2 busy cores, a coarse one
-    # 0.04 s); 10 fine steps instead of 20 lost 0.001-0.002 Dice on sub-06's T2-, FLAIR- and
-    # PD-like scans (from the labels) and save ~5 s a scan.
-    mind_coarse_steps: int = 50
-    mind_steps: int = 10
-    mind_learning_rate: float = 0.4
-
-    def for_mind(self) -> "RefinementSettings":
-        """These settings with MIND-SSC as the similarity."""
-        return dataclasses.replace(self, similarity="mind")
 
     def replace(self, **changes) -> "RefinementSettings":
         """A copy with the given fields changed; None values keep the current ones."""

@@ -78,14 +78,3 @@ def test_an_inverted_scan_is_segmented_through_the_contrast_mapping(tmp_path, si
     inverted_dice, result = dice(chosen, inverted)
     assert result["similarity"] == similarity
     assert inverted_dice > t1_dice - 0.05, (inverted_dice, t1_dice)
-
-
-def test_contrasts_are_named_by_the_order_and_spread_of_the_tissue_medians():
-    """Medians over the atlas's dark, middle and bright tissue (CSF, grey, white matter) measured
-    on aligned scans of bench.contrasts (sub-06, MICCAI 1000)."""
-    named = {(0.4361, 0.6945, 0.8224): "T1-like", (0.2867, 0.5131, 0.7406): "T1-like",
-             (0.3226, 0.3549, 0.194): "T2-like", (0.3622, 0.3296, 0.1939): "T2-like",
-             (0.3306, 0.412, 0.2018): "T2-like", (0.4962, 0.551, 0.4559): "PD-like",
-             (0.4255, 0.5094, 0.3643): "PD-like", (0.4644, 0.7241, 0.7018): "FLAIR-like",
-             (0.3652, 0.6211, 0.6587): "FLAIR-like", (0.8, 0.5, 0.6): "other"}
-    assert {m: contrast.contrast_name(m) for m in named} == named

@@ -25,7 +25,7 @@ from ltnet_tf.config import RefinementSettings
 from ltnet_tf.io import volumes as data
 from ltnet_tf.io.labels import structure_name
 from ltnet_tf.prediction import cohort
-from ltnet_tf.registration import alignment, native, resampling
+from ltnet_tf.registration import alignment, native
 from ltnet_tf.registration.atlases import AtlasSet
 
 pytestmark = pytest.mark.slow  # trains runs with several atlases; predict.py in fresh processes (CI runs -m slow too)
@@ -321,7 +321,7 @@ def head_sized(tmp_path_factory):
         for path, suffix, order, loader in ((demo["atlas"], "", 1, data.load_scan),
                                             (demo["atlas_labels"], "_labels", 0,
                                              data.load_label_map)):
-            volume = resampling.resample_onto(loader(path), affine, shape, order=order,
+            volume = alignment.resample_onto(loader(path), affine, shape, order=order,
                                              world_transform=np.linalg.inv(moved))
             data.save_nifti(volume.data, volume.affine, str(root / f"{name}{suffix}.nii.gz"))
         oblique[name] = str(root / f"{name}.nii.gz")

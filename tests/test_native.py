@@ -88,7 +88,7 @@ def test_train_and_predict_on_scans_on_their_own_grids(tmp_path, monkeypatch, ca
 
     from ltnet_tf.commands import cli, synthetic
     from ltnet_tf.io import volumes as data
-    from ltnet_tf.registration import resampling
+    from ltnet_tf.registration import alignment
 
     monkeypatch.setenv("LTNET_CACHE_DIR", str(tmp_path / "cache"))
     shape, voxel_mm = (24, 28, 32), 6.0  # a head-sized phantom in world units
@@ -108,7 +108,7 @@ def test_train_and_predict_on_scans_on_their_own_grids(tmp_path, monkeypatch, ca
         name = os.path.basename(image_path)
         for path, folder, order, loader in ((image_path, folders["images"], 1, data.load_scan),
                                             (label_path, folders["labels"], 0, data.load_label_map)):
-            moved = resampling.resample_onto(loader(path), grid_affine, grid_shape, order=order,
+            moved = alignment.resample_onto(loader(path), grid_affine, grid_shape, order=order,
                                             world_transform=np.linalg.inv(tilt))
             data.save_nifti(moved.data, moved.affine, str(folder / name))
 

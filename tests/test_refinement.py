@@ -6,9 +6,8 @@ import pytest
 from ltnet_tf.config import LTNetConfig
 from ltnet_tf.registration import losses, transfer as inference
 from ltnet_tf.registration.networks import ForwardGenerator
-from ltnet_tf.registration.refinement import Refinement
-from ltnet_tf.registration.refinement_terms import (AtlasSampler, FixedScanNCC, WindowSums,
-                                                    smoothness, to_grid)
+from ltnet_tf.registration.refinement import (AtlasSampler, FixedScanNCC, Refinement, WindowSums,
+                                              smoothness, to_grid)
 from ltnet_tf.registration.transfer import LabelTransfer
 
 import tensorflow as tf  # noqa: E402  (after ltnet_tf, which selects Keras 2)

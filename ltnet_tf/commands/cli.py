@@ -245,13 +245,10 @@ def _preparation(fv: flags.FlagValues):
 def _define_preparation_flags(fv: flags.FlagValues) -> None:
     _define_head_flags(fv, "The mask is written as <scan>_brainmask.nii.gz and drawn on the QC "
                            "picture.")
-    flags.DEFINE_enum("similarity", "auto", ["auto", "ncc", "mind", "remap"],
-                      "What refinement compares: ncc: the scan as it is (local NCC); mind: "
-                      "MIND-SSC descriptors first, then local NCC on the scan mapped to the "
-                      "atlas's contrast through the registered atlas (T2-, FLAIR-, PD-weighted "
-                      "scans); remap: local NCC on the scan mapped to the atlas's contrast after "
-                      "the alignment alone (measured, not used by auto); auto: mind for a scan "
-                      "the alignment check finds in another contrast, else ncc.",
+    flags.DEFINE_enum("similarity", "auto", ["auto", "ncc", "remap"],
+                      "What refinement compares: ncc: the scan as it is (local NCC); remap: the "
+                      "scan mapped to the atlas's contrast first (T2-, FLAIR-, PD-weighted "
+                      "scans); auto: remap when the alignment check flags a contrast mismatch.",
                       flag_values=fv)
 
 

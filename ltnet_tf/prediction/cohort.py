@@ -34,7 +34,6 @@ from ltnet_tf.prediction.quality import describe as describe_quality
 from ltnet_tf.prediction.run_records import RunRecords, timed_load
 from ltnet_tf.registration import alignment as alignment_lib
 from ltnet_tf.registration.atlases import AtlasSet, atlas_files
-from ltnet_tf.reporting.report import alignment_verdict
 from ltnet_tf.segmentation.segmenter import has_segmenter
 from ltnet_tf.serving.modeldir import ModelDir, ModelDirError
 
@@ -328,8 +327,6 @@ def _progress_line(number: int, total: int, name: str, record: dict) -> str:
         line += f"; {describe_quality(quality)}"
     if not record["alignment_ok"]:
         line += " ALIGNMENT LOOKS WRONG: check this scan"
-    elif record["alignment"].get("diagnosis") == "contrast":
-        line += f"; {alignment_verdict(record)}"
     if quality and quality["below_min_quality"]:
         line += f" QUALITY BELOW {quality['min_quality']:.2f}: check this scan"
     if not record.get("brain_mask_ok", True):

@@ -134,13 +134,11 @@ class Predictor:
         self.aligner = alignment_lib.AtlasAligner(
             self.atlas, alignment_settings or alignment_lib.AlignmentSettings())
         self.pulls = [NativeLabelPull(a.labels.data, a.labels_from_grid) for a in atlases.atlases]
-        self.refinement = refinement
         self.refiner = (None if refinement is None else
                         ScanRefiner(self.config, atlases.images_on_grid(), refinement))
         # The expected Dice (``quality``) needs the refinement's outputs.
         self.quality = (None if self.refiner is None else
                         QualityEstimator(atlases, self.refiner.refinement.factor))
-        self._refiners = {refinement.similarity: self.refiner} if refinement else {}
 
     @property
     def label_ids(self) -> list:
@@ -194,8 +192,7 @@ class Predictor:
                 result.update(segmentation=fitted.labels, intensity_model=fitted.record)
         else:
             result.update(self._transferred_labels(scan, alignment, aligned, aligned_scan, clock,
-                                                   keep_aligned, extras, probabilities,
-                                                   similarity))
+                                                   keep_aligned, extras, probabilities))
         return result
 
     def _prepare(self, scan: data.Volume, clock: StageClock) -> tuple:
@@ -216,7 +213,8 @@ class Predictor:
             # A stripped scan's size was checked on its mask (flagged, not refused, if wrong).
             stripped = prepared is not None and prepared.brain_mask is not None
             alignment = (self.aligner.align(scan, check_size=not stripped)
-                         if self.needs_alignment(scan) else self.aligner.on_grid(scan))
+                         if self.needs_alignment(scan)
+                         else alignment_lib.identity(self.atlas, scan))
             aligned_scan = alignment.resample_scan(scan)
         similarity, aligned = self._similarity(alignment), aligned_scan
         if similarity == "remap":
@@ -225,14 +223,14 @@ class Predictor:
         return alignment, aligned_scan, aligned, similarity
 
     def _transferred_labels(self, scan, alignment, aligned, aligned_scan, clock, keep_aligned,
-                            extras, probabilities, similarity="ncc") -> dict:
+                            extras, probabilities) -> dict:
         """The label transfer (``segment`` without a segmenter): displacement(s), refinement,
         labels pulled onto the scan's own voxels and fused."""
         result = {}
-        displacement, refined = self._displacement(aligned, clock, similarity)
+        displacement, refined = self._displacement(aligned, clock)
         result["displacement"] = displacement
         with clock("labels"):
-            weights = self._fusion_weights(refined, similarity)
+            weights = self._fusion_weights(aligned, refined)
             native_to_grid = (np.eye(4) if alignment.skipped
                               else alignment.scan_voxel_to_atlas_voxel)
             mask = brain_mask(scan.data)
@@ -293,33 +291,19 @@ class Predictor:
         return found
 
     def _similarity(self, alignment) -> str:
-        """The similarity of this scan's refinement: the one asked for, or with 'auto' local NCC
-        for a scan in the atlas's contrast and ``contrast.AUTO_OTHER_CONTRAST`` (MIND-SSC) for
-        one the alignment's check finds in another (or fails)."""
-        if self.similarity != "auto":
-            return self.similarity
-        if self.refiner is None or alignment.diagnosis == "ok":
-            return "ncc"
-        return contrast.AUTO_OTHER_CONTRAST
-
-    def refiner_for(self, similarity: str) -> ScanRefiner:
-        """The refinement of a similarity ('ncc', 'remap': local NCC as set; 'mind': MIND-SSC
-        with ``RefinementSettings.for_mind``), made at its first use (MIND-SSC: the atlases'
-        descriptors, once per process)."""
-        settings = (self.refinement.for_mind() if similarity == "mind"
-                    else self.refinement)
-        if settings.similarity not in self._refiners:
-            self._refiners[settings.similarity] = ScanRefiner(
-                self.config, self.atlases.images_on_grid(), settings)
-        return self._refiners[settings.similarity]
+        """'remap' (the scan mapped to the atlas's contrast before refinement: ``contrast``) when
+        asked, or with 'auto' when the alignment's check flags the scan (its intensities do not
+        correlate with the atlas's: another contrast); else 'ncc' (the scan as it is)."""
+        if self.similarity == "auto":
+            return "ncc" if alignment.ok or self.refiner is None else "remap"
+        return self.similarity
 
     def _atlas_like(self, aligned: data.Volume) -> data.Volume:
         if self._atlas_normalized is None:
             self._atlas_normalized = intensity.normalize_array(self.atlas.data)
         return contrast.atlas_like(aligned, self._atlas_normalized)
 
-    def _displacement(self, aligned: data.Volume, clock: StageClock,
-                      similarity: str = "ncc") -> tuple:
+    def _displacement(self, aligned: data.Volume, clock: StageClock) -> tuple:
         """(``inference.Displacement`` with one element per atlas, the refinement's numpy outputs
         or None)."""
         flow_working = None
@@ -332,34 +316,21 @@ class Predictor:
                                                 np.float32)])
         if self.refiner is None:
             return inference.Displacement([(flow_working, self.config.downsample)]), None
-        refiner = self.refiner_for(similarity)
         with clock("refine"):
-            return refiner(aligned, flow_working)
+            return self.refiner(aligned, flow_working)
 
-    def _fusion_weights(self, refined, similarity: str = "ncc"):
+    def _fusion_weights(self, aligned: data.Volume, refined):
         """Per-atlas weight maps on the refinement's fine grid [A, *grid], or None (one atlas,
-        or majority voting). Their intensity similarity compares the warped atlases with the
-        scan in the atlas's contrast (``_fusion_scan``)."""
+        or majority voting)."""
         if len(self.atlases) == 1 or self.fusion_method == "majority":
             return None
         from ltnet_tf.registration import fusion
 
-        scan, warped = self._fusion_scan(refined, similarity), refined["warped_atlas"]
+        scan, warped = refined["scan"], refined["warped_atlas"]
         if self.fusion_method == "local":
             return np.asarray(fusion.locally_weighted_voting_weights(scan, warped), np.float32)
         return np.asarray(fusion.joint_label_fusion_weights(scan, warped, mask=scan > 0),
                           np.float32)
-
-    @staticmethod
-    def _fusion_scan(refined, similarity: str) -> np.ndarray:
-        """The scan on the fine grid as fusion compares it with the warped atlases: as it is
-        (local NCC; 'remap': mapped already), or for MIND-SSC mapped to the atlas's contrast
-        through its joint histogram with the registered primary atlas (``contrast.atlas_like``:
-        the tissues overlap now, as they did not before registration)."""
-        scan = refined["scan"]
-        if similarity != "mind":
-            return scan
-        return contrast.atlas_like_array(scan, refined["warped_atlas"][0])
 
     def _labels(self, displacement, native_to_grid: np.ndarray, native_shape, weights,
                 mask, probabilities=None) -> tuple:

@@ -29,7 +29,6 @@ from absl import logging
 from scipy import ndimage
 
 from ltnet_tf.io import plausibility, volumes as data
-from ltnet_tf.registration import contrast, resampling
 from ltnet_tf.io.plausibility import tissue_mask, tissue_volume_ml  # noqa: F401  (public here too)
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -54,11 +53,12 @@ class AlignmentSettings:
     # misplacement.
     min_brain_overlap: float = 0.85
     min_correlation: float = 0.58
-    # A good overlap with a correlation below ``min_correlation`` but a local correlation (squared,
-    # so neither the sign of a tissue's contrast nor a bias field changes it:
-    # ``contrast.local_correlation``) of at least this is another contrast, aligned; less is
-    # misplaced anatomy. Calibrated in bench/results/contrasts.md (section "Diagnosis").
-    min_local_correlation: float = 0.255
+    # A good overlap with a correlation below this is a contrast mismatch, not a misalignment: MI
+    # aligns an inverted (T2-like) or FLAIR-like scan as well as a T1 one, and its intensities then
+    # correlate with the atlas's at -0.46 to 0.18 (the 25 brains in those contrasts), while broken
+    # orientations reach 0.49-0.50 and noise volumes 0.28-0.30 (bench/results/alignment.md): the
+    # threshold sits halfway between 0.18 and 0.28.
+    max_contrast_correlation: float = 0.23
     # Skull-stripped adult brains (with the CSF inside the mask) hold 1.0-1.9 litres of tissue; a
     # whole head is 3-5 litres, a single organ or a phantom far less.
     min_tissue_ml: float = 500.0
@@ -79,35 +79,27 @@ class Alignment:
     brain_overlap: float = 1.0            # Dice of the atlas's and the aligned scan's brain masks
     mutual_information: Optional[float] = None
     correlation: Optional[float] = None   # of the aligned scan's and the atlas's intensities
-    correlation_ratio: Optional[float] = None  # eta of the atlas's intensities given the scan's
-    local_correlation: Optional[float] = None  # mean squared local correlation (contrast.py)
-    contrast: Optional[str] = None        # contrast.CONTRAST_NAMES: the scan's, by tissue order
     seconds: float = 0.0
     skipped: bool = False                 # the scan was on the atlas grid already
     min_brain_overlap: float = 0.0
     min_correlation: float = 0.0
-    min_local_correlation: float = 0.0
+    max_contrast_correlation: float = 0.0
 
     @property
     def ok(self) -> bool:
-        """The alignment looks right: the scan in the atlas's contrast or another one."""
-        return self.diagnosis != "orientation"
+        return self.skipped or (self.brain_overlap >= self.min_brain_overlap
+                                and (self.correlation or 0.0) >= self.min_correlation)
 
     @property
     def diagnosis(self) -> str:
-        """'ok'; 'contrast' when the brain outlines match and the intensities correlate locally
-        (``local_correlation``) but not globally with the atlas's: another contrast (T2-, FLAIR-
-        or PD-like), aligned; else 'orientation' (misaligned: a wrong or disagreeing header
-        orientation, swapped axes, or not a brain). On the atlas grid already (``skipped``):
-        'contrast' or 'ok' by the correlation alone."""
-        if self.skipped:  # on the atlas grid already: only the contrast is checked
-            return ("contrast" if self.correlation is not None
-                    and self.correlation < self.min_correlation else "ok")
-        if self.brain_overlap >= self.min_brain_overlap:
-            if (self.correlation or 0.0) >= self.min_correlation:
-                return "ok"
-            if (self.local_correlation or 0.0) >= self.min_local_correlation:
-                return "contrast"
+        """'ok'; 'contrast' when the brain outlines match but the intensities do not correlate
+        with the atlas's (another contrast, e.g. T2); else 'orientation' (misaligned: a wrong or
+        disagreeing header orientation, swapped axes, or not a brain)."""
+        if self.ok:
+            return "ok"
+        if (self.brain_overlap >= self.min_brain_overlap
+                and (self.correlation or 0.0) < self.max_contrast_correlation):
+            return "contrast"
         return "orientation"
 
     @property
@@ -139,18 +131,13 @@ class Alignment:
             raise data.DataError(f"{path}: shape {values.shape} is not that of the scan this "
                                  f"alignment was found for ({self.scan_shape}); pair each label "
                                  f"map with its own scan")
-        return resampling.resample_voxels(values, self.atlas_voxel_to_scan_voxel, self.atlas_shape, order)
+        return resample_voxels(values, self.atlas_voxel_to_scan_voxel, self.atlas_shape, order)
 
     # ------------------------------------------------------------------ records
     def to_dict(self) -> dict:
         return {"atlas_to_scan_world_ras": np.round(self.atlas_to_scan_world, 8).tolist(),
                 "brain_overlap": round(float(self.brain_overlap), 4),
                 "correlation": None if self.correlation is None else round(float(self.correlation), 4),
-                "correlation_ratio": (None if self.correlation_ratio is None
-                                      else round(float(self.correlation_ratio), 4)),
-                "local_correlation": (None if self.local_correlation is None
-                                      else round(float(self.local_correlation), 4)),
-                "contrast": self.contrast,
                 "mutual_information": (None if self.mutual_information is None
                                        else round(float(self.mutual_information), 4)),
                 "seconds": round(float(self.seconds), 3), "skipped": bool(self.skipped),
@@ -172,9 +159,14 @@ def failure_message(scan: data.Volume, alignment: Alignment) -> str:
     scan's header."""
     figures = (f"brain overlap {alignment.brain_overlap:.2f}, min "
                f"{alignment.min_brain_overlap:.2f}; intensity correlation "
-               f"{alignment.correlation or 0.0:.2f}, min {alignment.min_correlation:.2f}, or "
-               f"local correlation {alignment.local_correlation or 0.0:.2f}, min "
-               f"{alignment.min_local_correlation:.2f} for another contrast")
+               f"{alignment.correlation or 0.0:.2f}, min {alignment.min_correlation:.2f}")
+    if alignment.diagnosis == "contrast":
+        relation = "anti-correlated" if (alignment.correlation or 0.0) <= -0.1 else "uncorrelated"
+        return (f"{scan.path}: intensities {relation} with the atlas (r = "
+                f"{alignment.correlation or 0.0:.2f}) although the brain outlines match (overlap "
+                f"{alignment.brain_overlap:.2f}): a T2-weighted or inverted-contrast scan? LT-Net "
+                f"expects the atlas's contrast (T1-weighted); the alignment is likely right, the "
+                f"segmentation less accurate (flagged: diagnosis 'contrast')")
     if scan.header_conflict is not None:
         cause = (f"{scan.header_conflict.describe()}, the likeliest cause; "
                  f"{scan.header_conflict.fix(scan.path)}")
@@ -185,6 +177,54 @@ def failure_message(scan: data.Volume, alignment: Alignment) -> str:
         cause = "check the header orientation (and that the scan is a whole, skull-stripped brain)"
     return (f"{scan.path}: alignment to the atlas looks wrong ({figures}): {cause}; its "
             f"segmentation is likely bad (flagged: diagnosis 'orientation')")
+
+
+def resample_voxels(values: np.ndarray, output_to_input: np.ndarray, output_shape,
+                    order: int) -> np.ndarray:
+    """``values`` read at ``output_to_input`` (4x4, output voxel -> input voxel) of every voxel of
+    an ``output_shape`` grid: linear (``order`` 1) or nearest (0), 0 outside the input. ITK's
+    resampler (SimpleITK), threaded: the same values as ``scipy.ndimage.affine_transform`` with
+    ``prefilter=False`` at a ninth of its time for a 256³ scan. The result has the input's memory
+    order (C or Fortran), so that neither way pays a transposing copy."""
+    import SimpleITK as sitk
+
+    values = np.asarray(values)
+    matrix = np.asarray(output_to_input, float)
+    # SimpleITK's index (x, y, z) runs over a C-ordered array's axes in reverse. A Fortran-ordered
+    # array, transposed (a view), is C-ordered with its axes reversed: the map applies as it is. A
+    # C-ordered one goes in as it is, with the map's axes reversed. Neither is copied.
+    fortran = values.flags["F_CONTIGUOUS"] and not values.flags["C_CONTIGUOUS"]
+    if fortran:
+        values, size = values.T, tuple(output_shape)
+    else:
+        values, size = np.ascontiguousarray(values), tuple(output_shape)[::-1]
+        matrix = _REVERSED_AXES @ matrix @ _REVERSED_AXES
+    image = sitk.GetImageFromArray(values)
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix([float(v) for v in matrix[:3, :3].ravel()])
+    transform.SetTranslation([float(v) for v in matrix[:3, 3]])
+    reference = sitk.Image([int(s) for s in size], image.GetPixelID())
+    resampled = sitk.Resample(image, reference, transform,
+                              sitk.sitkLinear if order == 1 else sitk.sitkNearestNeighbor, 0)
+    resampled = sitk.GetArrayFromImage(resampled)
+    return resampled.T if fortran else resampled
+
+
+_REVERSED_AXES = np.eye(4)[[2, 1, 0, 3]]  # voxel (i, j, k) <-> (k, j, i)
+
+
+def resample_onto(volume: data.Volume, affine: np.ndarray, shape, order: int,
+                  world_transform: np.ndarray = None) -> data.Volume:
+    """``volume`` resampled onto the grid (``affine``, ``shape``), optionally moved by the RAS
+    ``world_transform`` (new world point -> old world point): linear (``order=1``) for scans,
+    nearest (``order=0``) for label maps. Used to make scanner-like variants of a scan."""
+    world_transform = np.eye(4) if world_transform is None else np.asarray(world_transform, float)
+    matrix = np.linalg.inv(volume.affine) @ world_transform @ np.asarray(affine, float)
+    values = ndimage.affine_transform(volume.data, matrix[:3, :3], offset=matrix[:3, 3],
+                                      output_shape=tuple(int(s) for s in shape), order=order,
+                                      mode="constant", cval=0, prefilter=False)
+    return data.Volume(data=values.astype(volume.data.dtype), affine=np.asarray(affine, float),
+                       path=volume.path)
 
 
 def on_atlas_grid(atlas: data.Volume, scan: data.Volume) -> bool:
@@ -253,19 +293,6 @@ class AtlasAligner:
         self._atlas_values, self._atlas_coarse_affine = coarse_grid(normalized(atlas),
                                                                     settings.spacing_mm)
         self._atlas_mask = tissue_mask(self._atlas_values)
-        self._atlas_classes = contrast.tissue_classes(self._atlas_values, self._atlas_mask)
-
-    def on_grid(self, scan: data.Volume) -> Alignment:
-        """The identity alignment of a scan on the atlas grid, with its intensity figures (its
-        contrast is checked; the alignment is the user's)."""
-        found = identity(self.atlas, scan)
-        scan_values, scan_coarse_affine = coarse_grid(normalized(scan), self.settings.spacing_mm)
-        found.brain_overlap, relation = self._quality(found, scan_values, scan_coarse_affine)
-        found.min_correlation = self.settings.min_correlation
-        found.correlation, found.contrast = relation.correlation, relation.contrast
-        found.correlation_ratio = relation.correlation_ratio
-        found.local_correlation = relation.local_correlation
-        return found
 
     def check_brain(self, scan: data.Volume, values=None, affine=None) -> float:
         """The scan's tissue volume in ml; a ``data.DataError`` naming the likeliest cause when it
@@ -313,13 +340,9 @@ class AtlasAligner:
                               mutual_information=-float(metric),
                               min_brain_overlap=settings.min_brain_overlap,
                               min_correlation=settings.min_correlation,
-                              min_local_correlation=settings.min_local_correlation)
-        alignment.brain_overlap, relation = self._quality(alignment, scan_values,
-                                                          scan_coarse_affine)
-        alignment.correlation = relation.correlation
-        alignment.correlation_ratio = relation.correlation_ratio
-        alignment.local_correlation = relation.local_correlation
-        alignment.contrast = relation.contrast
+                              max_contrast_correlation=settings.max_contrast_correlation)
+        alignment.brain_overlap, alignment.correlation = self._quality(alignment, scan_values,
+                                                                       scan_coarse_affine)
         alignment.seconds = time.time() - start
         if not alignment.ok:
             logging.warning("%s", failure_message(scan, alignment))
@@ -353,8 +376,8 @@ class AtlasAligner:
         return transform, method.GetMetricValue()
 
     def _quality(self, alignment: Alignment, scan_values, scan_coarse_affine) -> tuple:
-        """(brain overlap, ``contrast.IntensityRelation``) of the aligned scan with the atlas on
-        the coarse atlas grid: the Dice of the tissue masks; how the intensities relate inside
+        """(brain overlap, intensity correlation) of the aligned scan with the atlas on the coarse
+        atlas grid: the Dice of the tissue masks, and the correlation of the intensities inside
         the atlas's mask."""
         coarse_to_coarse = (np.linalg.inv(scan_coarse_affine) @ alignment.atlas_to_scan_world
                             @ self._atlas_coarse_affine)
@@ -367,6 +390,6 @@ class AtlasAligner:
         moved_mask = moved(tissue_mask(scan_values).astype(np.float32)) > 0.5
         total = int(moved_mask.sum()) + int(self._atlas_mask.sum())
         overlap = 2.0 * float(np.logical_and(moved_mask, self._atlas_mask).sum()) / total
-        return overlap, contrast.IntensityRelation.measure(
-            moved(scan_values), self._atlas_values, self._atlas_mask, self._atlas_classes)
-
+        inside = self._atlas_mask
+        correlation = float(np.corrcoef(moved(scan_values)[inside], self._atlas_values[inside])[0, 1])
+        return overlap, (correlation if np.isfinite(correlation) else 0.0)

@@ -52,7 +52,7 @@ from ltnet_tf.registration import transfer as inference
 
 # Points fused at a time: the vote holds a few [K, chunk] arrays (K = 10: ~40 bytes per point each).
 
-from ltnet_tf.registration import refinement_terms
+from ltnet_tf.registration import refinement
 POINTS_PER_CHUNK = 1 << 20
 # Joint errors (K² per voxel) held at a time in joint label fusion, which works in slabs of whole
 # slices: 64 MB of float32, ~300 MB of numpy arrays in all (bench.fusion at f140299).
@@ -199,10 +199,10 @@ def fuse_at_points(candidates, weight_maps=None, points=None,
 # ------------------------------------------------------------------------------ local windows
 def _window_sums(volumes: np.ndarray, size: int) -> np.ndarray:
     """Sums over the size³ window around each voxel of volumes [C, D, H, W], voxels outside the
-    grid counting 0: three banded matrix products (``refinement_terms.WindowSums``), 3× faster than
+    grid counting 0: three banded matrix products (``refinement.WindowSums``), 3× faster than
     scipy's uniform_filter on 2 cores."""
     volumes = tf.constant(volumes, tf.float32)
-    return refinement_terms.WindowSums(volumes.shape[1:], size)(volumes).numpy()
+    return refinement.WindowSums(volumes.shape[1:], size)(volumes).numpy()
 
 
 def _inside_count(shape, size: int) -> np.ndarray:

@@ -12,8 +12,13 @@ are transferred as without refinement (``inference.warp_labels``).
 
 What a step costs decides whether refinement is worth it, so a step is one traced loop of plain ops:
 
-- the loss terms of ``refinement_terms``: NCC window sums as banded matrix products, the scan's
-  computed once per scan; the atlas sampled through a table of each cell's 8 corners;
+- NCC window sums are banded matrix products along each axis (``WindowSums``): the n-voxel box sum
+  along an axis of length L is a product with an L×L band matrix, which is what a CPU does fastest,
+  and it needs neither the transposes nor the 1-channel 3D convolutions of ``losses.LocalNCC``. The
+  scan's own sums are computed once per scan, so a step sums 3 volumes instead of 5. Same loss as
+  ``losses.LocalNCC`` (tests/test_refinement.py checks it).
+- The atlas is sampled through a table of each cell's 8 corner values (one gather per point instead
+  of eight); same values as ``inference.warp_image``.
 - Adam is written out on the displacement (no Keras optimiser, model or variable).
 
 Measured at 80×96×112 on 2 CPU cores: see bench/results/refinement.md.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 from ltnet_tf import compat  # noqa: F401  (before TensorFlow)
 
+import itertools
 import math
 
 import numpy as np
@@ -29,32 +35,153 @@ import tensorflow as tf
 
 from ltnet_tf.config import LTNetConfig, RefinementSettings
 from ltnet_tf.io import volumes as data
-from ltnet_tf.registration import contrast, mind
 from ltnet_tf.registration.gradient_fields import FixedScanNGF
-from ltnet_tf.registration.refinement_terms import (AtlasSampler, FixedScanNCC, smoothness,
-                                                    to_grid)
 from ltnet_tf.registration.transfer import Displacement, resample_displacement
+
+
+# ------------------------------------------------------------------------------- the loss terms
+def _band(size: int, window: int) -> tf.Tensor:
+    """[size, size] 0/1 matrix: row i sums the ``window`` voxels centred on i (zero beyond the ends)."""
+    index = np.arange(size)
+    return tf.constant((np.abs(index[:, None] - index[None]) <= window // 2).astype(np.float32))
+
+
+class WindowSums:
+    """Sum over the n³ window around each voxel (zero padding), as ``losses.LocalNCC`` takes it.
+
+    Volumes are [N, D, H, W] (no channel axis), so each axis's box sum is one matrix product with
+    no transpose: W as [N·D·H, W] @ band, H and D as band @ [.., H, W] and band @ [N, D, H·W].
+    """
+
+    def __init__(self, shape, window: int):
+        self.shape = tuple(int(s) for s in shape)
+        self.bands = [_band(size, window) for size in self.shape]
+
+    def __call__(self, volumes: tf.Tensor) -> tf.Tensor:
+        depth, height, width = self.shape
+        band_d, band_h, band_w = self.bands
+        count = tf.shape(volumes)[0]
+        sums = tf.matmul(tf.reshape(volumes, [-1, width]), band_w)  # band is symmetric
+        sums = tf.matmul(band_h, tf.reshape(sums, [count * depth, height, width]))
+        sums = tf.matmul(band_d, tf.reshape(sums, [count, depth, height * width]))
+        return tf.reshape(sums, [count, depth, height, width])
+
+
+class FixedScanNCC:
+    """1 - local NCC (Eq. 1 of the supplementary, ``losses.LocalNCC``) against one fixed scan.
+
+    ``scan_sums`` is computed once per scan; ``__call__`` then needs the window sums of the moving
+    image only (3 volumes per step instead of 5). Same formula and eps as ``losses.LocalNCC``.
+    """
+
+    def __init__(self, shape, window: int = 9, eps: float = 1e-5):
+        self.window_sums = WindowSums(shape, window)
+        self.window_size = float(window ** 3)
+        self.eps = eps
+
+    def scan_sums(self, scan: tf.Tensor) -> tuple:
+        """scan [B, D, H, W] -> (scan, its window sum, window sum of its square)."""
+        count = tf.shape(scan)[0]
+        sums = self.window_sums(tf.concat([scan, scan * scan], 0))
+        return scan, sums[:count], sums[count:]
+
+    def __call__(self, scan_sums: tuple, moved: tf.Tensor) -> tf.Tensor:
+        """moved [B, D, H, W] -> [B] loss."""
+        target, t_sum, t2_sum = scan_sums
+        count = tf.shape(moved)[0]
+        sums = self.window_sums(tf.concat([moved, moved * moved, target * moved], 0))
+        m_sum, m2_sum, tm_sum = sums[:count], sums[count:2 * count], sums[2 * count:]
+        window_size = self.window_size
+        t_mean, m_mean = t_sum / window_size, m_sum / window_size
+        cross = tm_sum - m_mean * t_sum - t_mean * m_sum + t_mean * m_mean * window_size
+        t_var = tf.maximum(t2_sum - 2 * t_mean * t_sum + t_mean * t_mean * window_size, 0.0)
+        m_var = tf.maximum(m2_sum - 2 * m_mean * m_sum + m_mean * m_mean * window_size, 0.0)
+        correlation = cross * cross / (t_var * m_var + self.eps)
+        return 1.0 - tf.reduce_mean(tf.reshape(correlation, [count, -1]), axis=-1)
+
+
+def smoothness(displacement: tf.Tensor, for_xla: bool = True) -> tf.Tensor:
+    """L_smooth as ``losses.smoothness`` (VoxelMorph's Grad('l2')), without its transposes.
+
+    The forward differences are slices (``for_xla``: XLA fuses them, 5x faster than the
+    transposes) or gathers (without XLA, where TensorFlow's strided-slice gradient is as slow as
+    the transposes and a gather's is 5x faster).
+    """
+    count = tf.shape(displacement)[0]
+    if for_xla:
+        differences = (displacement[:, 1:] - displacement[:, :-1],
+                       displacement[:, :, 1:] - displacement[:, :, :-1],
+                       displacement[:, :, :, 1:] - displacement[:, :, :, :-1])
+    else:
+        size = displacement.shape
+        differences = [tf.gather(displacement, tf.range(1, size[axis]), axis=axis)
+                       - tf.gather(displacement, tf.range(size[axis] - 1), axis=axis)
+                       for axis in (1, 2, 3)]
+    terms = [tf.reduce_mean(tf.reshape(tf.square(d), [count, -1]), axis=-1) for d in differences]
+    return tf.add_n(terms) / 3.0
+
+
+class AtlasSampler:
+    """Trilinear pull-warping of fixed images [A, D, H, W] (A atlases), as ``inference.warp_image``.
+
+    Each voxel's cell (itself and its 7 upper neighbours, the last voxel repeated at the far edges)
+    is stored as one row of 8 values, so sampling a point is a single gather of its lower corner's
+    row. Points are clipped to the volume (VoxelMorph's ``fill_value=None``). A flow batch of B
+    displacements is pulled through atlas b when A == B, through the one atlas when A == 1.
+    """
+
+    def __init__(self, images):
+        images = tf.convert_to_tensor(images, tf.float32)
+        if images.shape.rank == 3:
+            images = images[None]
+        self.count = int(images.shape[0])
+        self.shape = tuple(images.shape.as_list()[1:])
+        depth, height, width = self.shape
+        padded = tf.pad(images, [[0, 0]] + [[0, 1]] * 3, mode="SYMMETRIC")  # repeats the last voxel
+        corners = [padded[:, dz:dz + depth, dy:dy + height, dx:dx + width]
+                   for dz, dy, dx in itertools.product((0, 1), repeat=3)]
+        self.cells = tf.reshape(tf.stack(corners, -1), [self.count, -1, 8])
+        self.grid = tf.stack(tf.meshgrid(*[tf.range(s, dtype=tf.float32) for s in self.shape],
+                                         indexing="ij"), -1)
+        self.last = tf.constant([s - 1 for s in self.shape], tf.float32)
+
+    def __call__(self, flow: tf.Tensor) -> tf.Tensor:
+        """flow [B, D, H, W, 3] (voxels) -> images pulled by it, [B, D, H, W]."""
+        points = tf.clip_by_value(self.grid[None] + flow, 0.0, self.last)
+        lower = tf.floor(points)
+        fz, fy, fx = tf.unstack(points - lower, axis=-1)
+        z, y, x = tf.unstack(tf.cast(lower, tf.int32), axis=-1)
+        index = (z * self.shape[1] + y) * self.shape[2] + x
+        if self.count == 1:
+            cell = tf.gather(self.cells[0], index)
+        else:
+            cell = tf.gather(self.cells, index, batch_dims=1)
+        c = tf.unstack(cell, axis=-1)  # corner (dz, dy, dx) is c[4 dz + 2 dy + dx]
+        along_x = [c[i] + fx * (c[i + 1] - c[i]) for i in (0, 2, 4, 6)]
+        along_y = [along_x[i] + fy * (along_x[i + 1] - along_x[i]) for i in (0, 2)]
+        return along_y[0] + fz * (along_y[1] - along_y[0])
+
+
+# ------------------------------------------------------------------------------- grids
+def to_grid(volume: tf.Tensor, factor: int) -> tf.Tensor:
+    """[B, D, H, W, 1] full grid -> [B, ⌈D/f⌉, ⌈H/f⌉, ⌈W/f⌉] by zero padding and average pooling."""
+    shape = volume.shape[1:4].as_list()
+    padded = data.pad_to_shape(volume, [int(math.ceil(s / factor)) * factor for s in shape])
+    if factor > 1:
+        padded = tf.nn.avg_pool3d(padded, ksize=factor, strides=factor, padding="VALID")
+    return padded[..., 0]
 
 
 # ------------------------------------------------------------------------------- the optimiser
 class GridStage:
     """Adam on a correction of the displacement at one grid (the atlas grid shrunk ``factor``
-    times): the atlases there, the loss, and the traced loop. ``similarity`` 'ncc' or 'ngf'
-    compare the warped atlas image with the scan; 'mind' compares the atlas's MIND-SSC
-    descriptors ``atlas_features`` [A, *grid, 12] (made once, ``mind.DescriptorGrids``), warped,
-    with the scan's."""
+    times): the atlases there, the loss, and the traced loop."""
 
     def __init__(self, atlases_full: tf.Tensor, factor: int, window: int, learning_rate: float,
-                 weight_smooth: float, jit_compile: bool, similarity: str = "ncc",
-                 atlas_features: tf.Tensor = None):
+                 weight_smooth: float, jit_compile: bool, similarity: str = "ncc"):
         self.factor = factor
         self.grid_shape = tuple(int(math.ceil(s / factor)) for s in atlases_full.shape[1:4])
-        atlases = to_grid(atlases_full[..., None], factor)
-        self.atlas_sampler = AtlasSampler(atlases)
-        self.similarity = similarity
-        if similarity == "mind":
-            points = mind.brain_points(atlases.numpy(), mind.margin_voxels(factor))
-            self.feature_sampler = mind.FeatureSampler(atlas_features, points)
+        self.atlas_sampler = AtlasSampler(to_grid(atlases_full[..., None], factor))
         self.ncc = (FixedScanNGF(self.grid_shape) if similarity == "ngf"
                     else FixedScanNCC(self.grid_shape, window))
         self.learning_rate = learning_rate
@@ -68,23 +195,11 @@ class GridStage:
         self._loss_and_gradient = tf.function(self._loss_and_gradient_eager,
                                               jit_compile=jit_compile, autograph=False)
 
-    def scan_terms(self, scan_normalized: tf.Tensor, scan_features: dict = None) -> tuple:
-        """What the loss needs of the scan, made once per scan: (the scan on this grid [B, *grid],
-        ...): NCC's window sums, NGF's normalised gradient, or the scan's MIND-SSC descriptors
-        on this grid (``scan_features`` {factor: [B, *grid, 12]})."""
-        scan = to_grid(scan_normalized, self.factor)
-        if self.similarity == "mind":
-            return scan, self.feature_sampler.at_points(scan_features[self.factor])
-        return self.ncc.scan_sums(scan)
-
-    def loss(self, scan_terms: tuple, flow: tf.Tensor) -> tf.Tensor:
+    def loss(self, scan_sums: tuple, flow: tf.Tensor) -> tf.Tensor:
         """[B] training objective of displacement ``flow`` on this grid."""
-        if self.similarity == "mind":
-            data_term = mind.descriptor_distance(scan_terms[1], self.feature_sampler(flow),
-                                                 int(np.prod(self.grid_shape)))
-        else:
-            data_term = self.ncc(scan_terms, self.atlas_sampler(flow))
-        return data_term + self.weight_smooth * smoothness(flow, for_xla=self.jit_compile)
+        warped_atlas = self.atlas_sampler(flow)
+        return (self.ncc(scan_sums, warped_atlas)
+                + self.weight_smooth * smoothness(flow, for_xla=self.jit_compile))
 
     def _loss_and_gradient_eager(self, scan_sums, flow_start, correction):
         """One step's [B] loss and its gradient with respect to the correction."""
@@ -160,29 +275,14 @@ class Refinement(tf.Module):
         self.weight_smooth = float(settings.weight_smooth)
         self.jit_compile = bool(settings.jit_compile)
         self.similarity = settings.similarity
-        stage = lambda f, similarity, rate, **kw: GridStage(  # noqa: E731
-            atlases, f, window, rate, self.weight_smooth, self.jit_compile, similarity, **kw)
-        # With MIND-SSC the coarse-to-fine stages compare its descriptors, then the fine stage
-        # runs local NCC on the scan mapped to the atlas's contrast.
-        ncc = "ncc" if self.similarity == "mind" else self.similarity
-        self.fine = stage(self.factor, ncc, self.learning_rate)
+        stage = lambda f: GridStage(atlases, f, window, self.learning_rate,  # noqa: E731
+                                    self.weight_smooth, self.jit_compile, self.similarity)
+        self.fine = stage(self.factor)
         self.grid_shape = self.fine.grid_shape
         # A coarse stage only where it is coarser than the fine grid.
-        self.coarse = (stage(coarse_factor, ncc, self.learning_rate)
-                       if coarse_factor > self.factor else None)
+        self.coarse = stage(coarse_factor) if coarse_factor > self.factor else None
         self.coarse_factor = coarse_factor if self.coarse else None
         self.coarse_steps = settings.coarse_steps if self.coarse else 0
-        self.descriptors, self.mind_stages = None, []
-        if self.similarity == "mind":
-            factors = [self.factor] + ([coarse_factor] if self.coarse else [])
-            self.descriptors = mind.DescriptorGrids(factors)
-            atlas_features = self.descriptors(atlases)  # once (per process)
-            self.mind_learning_rate = float(settings.mind_learning_rate)
-            self.mind_stages = [(stage(f, "mind", self.mind_learning_rate,
-                                       atlas_features=atlas_features[f]), steps)
-                                for f, steps in ((coarse_factor, settings.mind_coarse_steps),
-                                                 (self.factor, settings.mind_steps))
-                                if f in factors]
 
     def settings_record(self) -> dict:
         """What ran, for prediction.json and the export metadata."""
@@ -190,79 +290,38 @@ class Refinement(tf.Module):
                 "coarse_steps": self.coarse_steps, "coarse_factor": self.coarse_factor,
                 "learning_rate": self.learning_rate, "weight_smooth": self.weight_smooth,
                 "jit_compile": self.jit_compile, "similarity": self.similarity,
-                "start": "network" if self.start_factor else "identity",
-                **({"mind_steps": {stage.factor: steps for stage, steps in self.mind_stages},
-                    "mind_learning_rate": self.mind_learning_rate} if self.mind_stages else {})}
+                "start": "network" if self.start_factor else "identity"}
 
     def __call__(self, scan_normalized: tf.Tensor, flow_working: tf.Tensor = None, steps=None,
-                 coarse_steps=None, full_grid: bool = False, scan_features: dict = None) -> dict:
+                 coarse_steps=None, full_grid: bool = False) -> dict:
         """See the class docstring; ``steps``, ``coarse_steps`` override the constructor's
-        (tensors are fine). ``scan_features``: with MIND-SSC, the scan's descriptors
-        (``describe_scan``), else they are made here."""
+        (tensors are fine)."""
         steps = tf.convert_to_tensor(self.steps if steps is None else steps, tf.int32)
         coarse_steps = tf.convert_to_tensor(
             self.coarse_steps if coarse_steps is None else coarse_steps, tf.int32)
         scan_normalized = tf.cast(scan_normalized, tf.float32)
-        if self.descriptors is not None and scan_features is None:
-            scan_features = self.describe_scan(scan_normalized)
         if self.atlas_count > 1 and scan_normalized.shape[0] == 1:
             scan_normalized = tf.repeat(scan_normalized, self.atlas_count, axis=0)
-            if scan_features is not None:
-                scan_features = {f: tf.repeat(v, self.atlas_count, axis=0)
-                                 for f, v in scan_features.items()}
         count = tf.shape(scan_normalized)[0]
         start = self._start(flow_working, self.fine, count)
-        corrections, terms = {}, {}
-        if self.mind_stages:
-            self._run(self.mind_stages, lambda stage: stage.scan_terms(scan_normalized,
-                                                                       scan_features),
-                      corrections, flow_working, count)
-            # The scan in each atlas's contrast, through their joint histogram with the atlas
-            # registered so far (the tissues overlap now).
-            warped = self.fine.atlas_sampler(start + self._found(corrections, self.fine))
-            scan_normalized = contrast.atlas_like_tensor(
-                scan_normalized, to_grid(scan_normalized, self.factor), warped)
-            stages = [(self.fine, steps)]
-        else:
-            stages = [(self.coarse, coarse_steps)] if self.coarse else []
-            stages.append((self.fine, steps))
-        self._run(stages, lambda stage: terms.setdefault(stage.factor,
-                                                         stage.scan_terms(scan_normalized)),
-                  corrections, flow_working, count)
-        grid_flow = start + self._found(corrections, self.fine)
-        result = {"fine_correction": corrections[self.factor]}
+        fine_start, result = start, {}
         if self.coarse is not None:
-            result["coarse_correction"] = corrections[self.coarse_factor]
-        scan_terms = terms[self.factor]
-        result.update(warped_atlas=self.fine.atlas_sampler(grid_flow), scan=scan_terms[0],
-                      loss=self.fine.loss(scan_terms, grid_flow),
-                      loss_start=self.fine.loss(scan_terms, start))
+            coarse = self.coarse
+            scan_sums = coarse.ncc.scan_sums(to_grid(scan_normalized, coarse.factor))
+            result["coarse_correction"] = coarse.optimise(
+                scan_sums, self._start(flow_working, coarse, count), coarse_steps)
+            fine_start = start + resample_displacement(
+                result["coarse_correction"], coarse.factor / self.factor, self.grid_shape)
+        scan_sums = self.fine.ncc.scan_sums(to_grid(scan_normalized, self.factor))
+        result["fine_correction"] = self.fine.optimise(scan_sums, fine_start, steps)
+        grid_flow = fine_start + result["fine_correction"]
+        result.update(warped_atlas=self.fine.atlas_sampler(grid_flow), scan=scan_sums[0],
+                      loss=self.fine.loss(scan_sums, grid_flow),
+                      loss_start=self.fine.loss(scan_sums, start))
         if full_grid:
             result["flow"] = Displacement(self.components(flow_working, result)).full_grid(
                 self.full_shape, count)
         return result
-
-    def _run(self, stages, terms_of, corrections: dict, flow_working, count) -> None:
-        """Adam at each (``GridStage``, steps) in turn, coarse to fine, each from the start plus
-        what the stages before it found; ``corrections`` {grid factor: [B, *grid, 3]} sums each
-        grid's corrections."""
-        for stage, steps in stages:
-            begin = self._start(flow_working, stage, count) + self._found(corrections, stage)
-            found = stage.optimise(terms_of(stage), begin, steps)
-            corrections[stage.factor] = corrections.get(stage.factor, 0.0) + found
-
-    @staticmethod
-    def _found(corrections: dict, stage: "GridStage"):
-        """The sum of ``corrections`` on ``stage``'s grid (in its voxels), or 0."""
-        return sum((resample_displacement(values, factor / stage.factor, stage.grid_shape)
-                    for factor, values in corrections.items()), 0.0)
-
-    def describe_scan(self, scan_normalized) -> dict:
-        """With MIND-SSC, the scan's descriptors {grid factor: [B, *grid, 12]} (once per scan);
-        None for the other similarities."""
-        if self.descriptors is None:
-            return None
-        return self.descriptors(tf.cast(scan_normalized, tf.float32)[..., 0])
 
     def components(self, flow_working, outputs: dict) -> list:
         """The refined displacement as [(values [B, *grid, 3] in that grid's voxels, grid
@@ -305,20 +364,16 @@ class ScanRefiner:
         normalized = data.normalize_intensity(tf.constant(atlases[..., None]))[..., 0]
         self.refinement = Refinement(config, normalized, settings)
         count, shape = len(atlases), tuple(atlases.shape[1:])
-        specs = [tf.TensorSpec([1, *shape, 1], tf.float32)]
-        if self.refinement.descriptors is not None:  # MIND-SSC: the scan's, made before the call
-            specs.append({stage.factor: tf.TensorSpec([1, *stage.grid_shape, mind.CHANNELS],
-                                                      tf.float32)
-                          for stage, _ in self.refinement.mind_stages})
-        if config is not None:
+        scan_spec = tf.TensorSpec([1, *shape, 1], tf.float32)
+        if config is None:
+            self._refine = tf.function(lambda scan: self.refinement(scan),
+                                       input_signature=[scan_spec], autograph=False)
+        else:
             working = tuple(config.working_shape(shape))
-            specs.append(tf.TensorSpec([count, *working, 3], tf.float32))
-        self._refine = tf.function(self._refine_eager, input_signature=specs, autograph=False)
-
-    def _refine_eager(self, scan, *inputs):
-        features = inputs[0] if self.refinement.descriptors is not None else None
-        flow = inputs[-1] if self.refinement.start_factor is not None else None
-        return self.refinement(scan, flow, scan_features=features)
+            self._refine = tf.function(
+                lambda scan, flow: self.refinement(scan, flow),
+                input_signature=[scan_spec, tf.TensorSpec([count, *working, 3], tf.float32)],
+                autograph=False)
 
     def settings(self) -> dict:
         return self.refinement.settings_record()
@@ -329,13 +384,12 @@ class ScanRefiner:
         [A, *grid] and "scan" [*grid] on the fine grid, "loss" [A], "loss_start" [A]})."""
         scan_normalized = data.normalize_intensity(
             tf.constant(np.asarray(scan.data, np.float32)[None, ..., None]))
-        inputs = [scan_normalized]
-        if self.refinement.descriptors is not None:
-            inputs.append(self.refinement.describe_scan(scan_normalized))
-        if self.refinement.start_factor is not None:
+        if flow_working is None:
+            outputs = self._refine(scan_normalized)
+        else:
             flow_working = np.asarray(flow_working, np.float32)
-            inputs.append(flow_working[None] if flow_working.ndim == 4 else flow_working)
-        outputs = self._refine(*inputs)
+            flow_working = flow_working[None] if flow_working.ndim == 4 else flow_working
+            outputs = self._refine(scan_normalized, flow_working)
         displacement = Displacement(self.refinement.components(flow_working, outputs))
         refined = {name: outputs[name].numpy() for name in ("warped_atlas", "loss", "loss_start")}
         refined["scan"] = outputs["scan"][0].numpy()

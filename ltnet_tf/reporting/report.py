@@ -143,8 +143,13 @@ def _atlases(prediction: dict) -> list:
     atlases = prediction.get("atlases")
     if atlases is None and prediction.get("atlas") is not None:
         atlases = [prediction["atlas"]]
-    return [" + ".join(str(atlas[k]) for k in ("image", "labels") if atlas.get(k))
-            if isinstance(atlas, dict) else str(atlas) for atlas in atlases or []]
+    described = []
+    for atlas in atlases or []:
+        if isinstance(atlas, dict):
+            described.append(" + ".join(str(atlas[k]) for k in ("image", "labels") if atlas.get(k)))
+        else:
+            described.append(str(atlas))
+    return described
 
 
 def _settings(settings) -> str:
@@ -232,36 +237,16 @@ def _qc_picture(output_dir: str, name: str, record: dict) -> str:
             f'alt="QC picture of {_e(name)}: slices with segmentation outlines">')
 
 
-SIMILARITY_NAMES = {"ncc": "local NCC", "mind": "MIND-SSC", "remap": "joint-histogram remap",
-                    "ngf": "normalised gradient fields"}
-
-
-def alignment_verdict(record: dict) -> str:
-    """What a scan's record says of its alignment and contrast, in a few words: 'alignment
-    LOOKS WRONG: check this scan', '<T2-like> contrast: <similarity>' (another contrast than the
-    atlas's, aligned, and registered with that similarity), 'alignment looks right' or 'alignment
-    not checked'."""
-    ok = record.get("alignment_ok")
-    alignment = record.get("alignment") if isinstance(record.get("alignment"), dict) else {}
-    if ok is False:
-        return "alignment LOOKS WRONG: check this scan"
-    if alignment.get("diagnosis") == "contrast":
-        similarity = record.get("similarity") or "ncc"
-        return (f"{alignment.get('contrast') or 'other'} contrast: "
-                f"{SIMILARITY_NAMES.get(similarity, similarity)}")
-    return "alignment looks right" if ok else "alignment not checked"
-
-
 def _alignment(record: dict) -> str:
     alignment = record.get("alignment")
-    verdict = alignment_verdict(record)
+    ok = record.get("alignment_ok")
+    verdict = {True: "looks right", False: "LOOKS WRONG: check this scan"}.get(ok, "not checked")
     if not isinstance(alignment, dict):
         return f"<h3>Alignment to the atlas</h3><p>{_e(verdict)}; no figures recorded.</p>"
-    if alignment.get("skipped") and alignment.get("diagnosis") != "contrast":
+    if alignment.get("skipped"):
         return "<h3>Alignment to the atlas</h3><p>Not needed: the scan is on the atlas grid.</p>"
     figures = (("brain overlap (Dice of brain masks)", "brain_overlap", 3),
                ("intensity correlation", "correlation", 3),
-               ("local correlation (squared, contrast-free)", "local_correlation", 3),
                ("mutual information", "mutual_information", 4), ("seconds", "seconds", 1))
     rows = [[(_e(label), "th"), (_number(alignment.get(key), digits), "num")]
             for label, key, digits in figures]
