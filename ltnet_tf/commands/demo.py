@@ -14,7 +14,8 @@ import time
 
 from absl import flags
 
-from ltnet_tf.commands import cli, synthetic
+from ltnet_tf.commands import cli, runner, synthetic
+from ltnet_tf.config import ConfigError
 from ltnet_tf.io import evaluation, volumes as data
 from ltnet_tf.prediction import cohort
 
@@ -98,13 +99,10 @@ def main(argv=None) -> int:
     """The demo; 0 when done, 2 (with the flags' help on stderr) for unknown flags. --help
     prints the flags."""
     fv = _flags()
-    argv = list(argv if argv is not None else sys.argv)
-    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
-        print(f"usage: ltnet-demo [flags]\n{fv.get_help()}")
-        return 0
     try:
-        fv(argv)
-    except flags.Error as e:
+        if runner.parse(fv, argv, "usage: ltnet-demo [flags]") is None:  # --help: printed
+            return 0
+    except ConfigError as e:
         print(f"error: {e}\nusage: ltnet-demo [flags]\n{fv.get_help()}", file=sys.stderr)
         return 2
     run_demo(fv.workdir, fv.steps, fv.preset, fv.seed)
